@@ -1,0 +1,1 @@
+"""Measurements: one metric per module, plain functions."""

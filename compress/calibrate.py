@@ -1,0 +1,216 @@
+"""The ONE layer-by-layer driver shared by every method that observes data (GPTQ now; Wanda and
+SparseGPT use the same capture and hooks).
+
+Memory stays at one block: the inputs of the first block are captured once (the model runs only
+up to it), then each block in turn is moved to the device, observed, changed, and run forward once
+more with its changed weights to produce the next block's inputs.
+
+Inside a block the linear layers are processed in groups, in the order the forward pass calls them
+(q/k/v together, then o, then gate/up, then down for a Llama): a group is the run of layers that
+read the same input tensor. Each group is observed after the groups before it were changed, so it
+sees the inputs the quantized model will really give it ("true sequential"). The groups come from
+watching one forward pass, not from a table of architectures.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.errors import UserError
+from compress.select import ModuleSelection, block_linears, find_blocks
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+def move(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockInputs:
+    """What the first block received for each calibration window, hidden states apart from the rest."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden_as_kwarg: bool = False
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    def call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden[i] if hidden is None else hidden
+        if self.hidden_as_kwarg:
+            out = block(*self.args[i], hidden_states=h, **self.kwargs[i])
+        else:
+            out = block(h, *self.args[i], **self.kwargs[i])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor]) -> BlockInputs:
+    """Run the model on each window only as far as the first block and keep what it was given."""
+    captured = BlockInputs()
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            captured.hidden.append(args[0])
+            captured.args.append(tuple(args[1:]))
+        else:
+            captured.hidden_as_kwarg = True
+            captured.hidden.append(kwargs.pop("hidden_states"))
+            captured.args.append(())
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    extra = _forward_kwargs(model)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(window.unsqueeze(0).to(device), **extra)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum(x x^T) over every token a layer sees (n counts tokens)."""
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.h = torch.zeros(columns, columns, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        before, self.n = self.n, self.n + x.shape[0]
+        self.h.addmm_(x.t(), x, beta=before / self.n, alpha=2 / self.n)
+
+
+@torch.no_grad()
+def linear_call_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
+    """Group the block's linear layers by shared input, in call order, from one forward pass."""
+    # Keep the input tensors themselves: holding them alive means two calls share an input only
+    # when they got the very same tensor (an id() could be reused once a tensor is freed).
+    calls: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+    handles = []
+    for name, layer in linears.items():
+        def record(_m, args, name=name):
+            if name not in seen:
+                seen.add(name)
+                calls.append((name, args[0]))
+        handles.append(layer.register_forward_pre_hook(record))
+    try:
+        inputs.call(block, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, tensor in calls:
+        if groups and tensor is last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = tensor
+    never_called = [n for n in linears if n not in seen]
+    if never_called:
+        raise UserError(f"layer {never_called[0]} is never called by its block's forward pass, so no data reaches "
+                        f"it: leave it out with --exclude '{never_called[0]}'")
+    return groups
+
+
+@torch.no_grad()
+def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
+                    inputs: BlockInputs) -> torch.Tensor:
+    """The Hessian of the input the group's layers share, over all windows.
+
+    One accumulator serves the whole group (q, k and v read the same tensor), and each pass stops
+    as soon as the group's first layer has seen its input.
+    """
+    first = linears[group[0]]
+    acc = HessianAccumulator(first.in_features, first.weight.device)
+
+    def hook(_m, args):
+        acc.add(args[0])
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        for i in range(len(inputs.hidden)):
+            try:
+                inputs.call(block, i)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return acc.h
+
+
+LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], torch.Tensor]
+"""(qualified name, layer, hessian or None) -> the layer's new (dequantized) weight."""
+
+
+@torch.no_grad()
+def run_layerwise(model: nn.Module, windows: list[torch.Tensor] | None, layer_fn: LayerFn,
+                  selection: ModuleSelection, device: torch.device, finish_block: Callable[[str, nn.Module], None],
+                  desc: str, show_progress: bool = True) -> str:
+    """Visit every selected linear layer block by block; returns the blocks' module path.
+
+    ``layer_fn`` returns the new weight for a layer; it is written into the layer at once so later
+    groups and the next block see the changed model. ``finish_block`` is called when a block is done
+    (to swap layers for packed modules, for example). With ``windows`` None no data is observed and
+    ``layer_fn`` gets no Hessian.
+    """
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows) if windows is not None else None
+    if inputs is not None:
+        inputs = BlockInputs(move(inputs.hidden, device), inputs.hidden_as_kwarg, move(inputs.args, device),
+                             move(inputs.kwargs, device))
+    bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not show_progress, dynamic_ncols=True)
+    try:
+        for index, block in enumerate(blocks):
+            block_name = f"{prefix}.{index}"
+            block.to(device)
+            linears = block_linears(block, selection)
+            if inputs is None:
+                for name, layer in linears.items():
+                    layer.weight.data = layer_fn(f"{block_name}.{name}", layer, None).to(layer.weight.dtype)
+            else:
+                for group in linear_call_groups(block, linears, inputs):
+                    bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in group))
+                    hessian = collect_hessian(block, linears, group, inputs)
+                    for name in group:
+                        layer = linears[name]
+                        layer.weight.data = layer_fn(f"{block_name}.{name}", layer, hessian).to(layer.weight.dtype)
+                inputs.hidden = [inputs.call(block, i) for i in range(len(inputs.hidden))]
+            finish_block(block_name, block)
+            if device.type != "cpu":
+                block.to("cpu")
+            bar.update(1)
+    finally:
+        bar.close()
+    return prefix

@@ -1,0 +1,139 @@
+"""`compress` command line: parses, calls the API, maps errors to exit codes.
+
+Every subcommand is a row in COMMANDS: (help, add_arguments, run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from compress.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# --- compress models ------------------------------------------------------------------------------
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _models_run(args: argparse.Namespace) -> int:
+    from compress.models import REGISTRY
+
+    print(f"{'alias':<20} {'family':<10} {'source':<44} notes")
+    for spec in REGISTRY.values():
+        source = spec.hub_id or "built from a config"
+        if spec.package:
+            source += f" | offline: {spec.package}"
+        print(f"{spec.alias:<20} {spec.family:<10} {source:<44} {spec.description}")
+    print("\nAny local folder with config.json and .safetensors weights is accepted too.")
+    return 0
+
+
+# --- compress quantize ----------------------------------------------------------------------------
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from compress.data import SOURCES
+    from compress.quant.primitives import SUPPORTED_BITS
+
+    S = argparse.SUPPRESS  # only options given on the command line override the --config file
+    p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
+    p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
+                   "(default 4)")
+    p.add_argument("--method", default=S, help="gptq (default) or rtn")
+    p.add_argument("--group-size", dest="group_size", type=int, default=S,
+                   help="columns per scale; -1 = per output channel (default 128)")
+    p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
+    p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S, help="asymmetric grid")
+    p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)")
+    p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
+                   help="GPTQ with --act-order: fix group grids before any update")
+    p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help="GPTQ dampening (default 0.01)")
+    p.add_argument("--calib", default=S, help=f"calibration text: auto (default), {', '.join(SOURCES)} "
+                   "(NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
+    p.add_argument("--nsamples", type=int, default=S, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=S, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=S, help="seed of the window starts (default 0)")
+    p.add_argument("--device", default=S, help="cpu, cuda or auto (default: cuda if present)")
+    p.add_argument("--out", default=S, help="output folder (default out/<model>-<method>-<tag>)")
+    p.add_argument("--force", action="store_const", const=True, default=S, help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True, default=S,
+                   help="allow a model's own Python code (off by default)")
+    p.add_argument("--include", nargs="+", default=S, help="glob patterns of block modules to quantize")
+    p.add_argument("--exclude", nargs="+", default=S, help="glob patterns of block modules to leave alone")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
+                   help="no progress bar")
+    p.add_argument("--config", type=Path, default=None, help="YAML file with any of these settings")
+
+
+def _quantize_run(args: argparse.Namespace) -> int:
+    from compress.api import QuantizeRequest, quantize
+    from compress.config_io import check_fields, read_yaml_mapping
+
+    values: dict = {}
+    if args.config is not None:
+        values.update(check_fields(QuantizeRequest, read_yaml_mapping(args.config), str(args.config)))
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "handler")})
+    request = QuantizeRequest(**values)
+    result = quantize(request)
+    ratio = result.source_bytes / max(result.output_bytes, 1)
+    print(f"quantized {request.model} with {result.manifest['method']} "
+          f"({result.manifest['config']['bits']} bits, group {result.manifest['config']['group_size']})")
+    print(f"  size   {_human_bytes(result.source_bytes)} -> {_human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
+    print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
+          f"peak RSS {_human_bytes(result.peak_rss_bytes)}")
+    print(f"  saved  {result.folder}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "models": ("list the model aliases", _models_args, _models_run),
+    "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compress import __version__
+
+    parser = argparse.ArgumentParser(prog="compress", description="Make open LLMs smaller and measure the cost.")
+    parser.add_argument("--version", action="version", version=f"compress-workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

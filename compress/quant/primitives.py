@@ -1,0 +1,166 @@
+"""Pure integer-quantization math: grids, quantize/dequantize, and the GPTQ bit packing.
+
+Everything here works on plain tensors and knows nothing about models, so it is tested on random
+matrices. Conventions follow the GPTQ checkpoint format that GPTQModel, transformers and vLLM read:
+
+* a weight W has shape [out_features, in_features]; input column c belongs to group g_idx[c];
+* per group and output row there is one scale and one integer zero point; w ~= scale * (q - zero);
+* scales are rounded to fp16 when they are made, because the checkpoint stores them in fp16: the
+  in-memory quantized model and the reloaded one then use bit-identical numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_WORD_BITS = 32
+
+
+@dataclass
+class QuantGrid:
+    """Scale and zero point per (group, output row): both shaped [n_groups, out_features]."""
+
+    scale: torch.Tensor  # float32, values exactly representable in fp16
+    zero: torch.Tensor  # float32 holding integers in [0, 2**bits - 1]
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight in the GPTQ layout, before packing."""
+
+    codes: torch.Tensor  # int32 [out_features, in_features], values in [0, 2**bits - 1]
+    scale: torch.Tensor  # float32 [n_groups, out_features]
+    zero: torch.Tensor  # float32 [n_groups, out_features] (integers)
+    g_idx: torch.Tensor  # int32 [in_features]
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.g_idx)
+
+
+def max_code(bits: int) -> int:
+    return 2**bits - 1
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups along the input dimension; the last one may be partial (e.g. 576 columns at g128 -> 5)."""
+    if group_size == -1:
+        return 1
+    return -(-in_features // group_size)
+
+
+def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    if group_size == -1:
+        return torch.zeros(in_features, dtype=torch.int32)
+    return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+def find_grid(w: torch.Tensor, bits: int, sym: bool) -> QuantGrid:
+    """Min/max grid per row of ``w`` ([rows, cols] -> scale/zero shaped [rows]).
+
+    The range always contains 0 (as in GPTQ's quantizer), so exact zeros stay exact.
+    Symmetric grids put the zero point in the middle of the code range.
+    """
+    maxq = max_code(bits)
+    w = w.float()
+    xmin = torch.clamp(w.min(dim=1).values, max=0.0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0.0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    # Round to fp16 now, as it will be stored; keep it strictly positive after the rounding.
+    scale = scale.clamp(min=1e-7).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return QuantGrid(scale=scale, zero=zero)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes for ``w`` on a grid broadcastable against it."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize, with the same arithmetic as :func:`dequantize`."""
+    return scale * (quantize_codes(w, scale, zero, bits) - zero)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 weight from codes [out, in] and per-group scale/zero [n_groups, out]."""
+    g = g_idx.long()
+    s = scale.t()[:, g]  # [out, in]
+    z = zero.t()[:, g]
+    return s * (codes.float() - z)
+
+
+# --- bit packing -------------------------------------------------------------------------------
+# The GPTQ format packs 32 consecutive values into `bits` 32-bit words as one little-endian bit
+# stream: value k occupies bits [k*bits, (k+1)*bits) of the stream. For 2, 4 and 8 bits no value
+# crosses a word boundary; for 3 bits values 10 and 21 straddle two words (auto-gptq's layout).
+
+
+def _stream_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For value k of 32: the word it starts in, its shift there, and how many of its bits spill over."""
+    offsets = torch.arange(_WORD_BITS) * bits
+    word, shift = offsets // _WORD_BITS, offsets % _WORD_BITS
+    spill = torch.clamp(shift + bits - _WORD_BITS, min=0)
+    return word, shift, spill
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack along dim 0: [n, cols] integers in [0, 2**bits) -> int32 [n * bits / 32, cols]."""
+    n, cols = values.shape
+    if n % _WORD_BITS:
+        raise ValueError(f"cannot pack {n} rows at {bits} bits: the row count must be a multiple of 32")
+    v = values.to(torch.int64).reshape(n // _WORD_BITS, _WORD_BITS, cols)
+    words = torch.zeros(n // _WORD_BITS, bits + 1, cols, dtype=torch.int64)  # one spare word for spills
+    word, shift, spill = _stream_layout(bits)
+    low = (v << shift.view(1, -1, 1)) & 0xFFFFFFFF
+    high = torch.where(spill.view(1, -1, 1) > 0, v >> (bits - spill).view(1, -1, 1), torch.zeros_like(v))
+    # Values never overlap in the stream, so summing their bit patterns into a word equals OR-ing them.
+    words.index_add_(1, word, low)
+    words.index_add_(1, word + 1, high)
+    words = words[:, :bits].reshape(n // _WORD_BITS * bits, cols)
+    # Reinterpret the unsigned 32-bit patterns as int32 (two's complement), as the format stores them.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 [n * bits / 32, cols] -> int32 [n, cols]."""
+    rows, cols = packed.shape
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // bits, bits, cols)
+    words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)  # spare word: spills read zeros
+    word, shift, spill = _stream_layout(bits)
+    low = words[:, word] >> shift.view(1, -1, 1)
+    high = words[:, word + 1] << (bits - spill).view(1, -1, 1)
+    values = torch.where(spill.view(1, -1, 1) > 0, low | high, low) & max_code(bits)
+    return values.reshape(rows // bits * _WORD_BITS, cols).to(torch.int32)
+
+
+def pack_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors (checkpoint_format "gptq", i.e. v1: zero points stored minus one)."""
+    zeros_v1 = (qw.zero.to(torch.int64) - 1) & max_code(qw.bits)
+    return {
+        "qweight": pack_rows(qw.codes.t().contiguous(), qw.bits),
+        "qzeros": pack_rows(zeros_v1.t().contiguous(), qw.bits).t().contiguous(),
+        "scales": qw.scale.half(),
+        "g_idx": qw.g_idx.to(torch.int32),
+    }
+
+
+def unpack_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                  bits: int) -> QuantizedWeight:
+    codes = unpack_rows(qweight, bits).t().contiguous()
+    zeros_v1 = unpack_rows(qzeros.t().contiguous(), bits).t()
+    zero = ((zeros_v1.to(torch.int64) + 1) & max_code(bits)).float()
+    return QuantizedWeight(codes=codes, scale=scales.float(), zero=zero, g_idx=g_idx.to(torch.int32), bits=bits)

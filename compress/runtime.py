@@ -1,0 +1,50 @@
+"""Process-level facts: which device to run on, thread settings, peak memory, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+
+import torch
+
+from compress.errors import UserError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device asked for; a CUDA request without a GPU is an error, never a silent CPU run."""
+    if name not in DEVICE_CHOICES:
+        raise UserError(f"unknown device '{name}': choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def environment() -> dict:
+    import transformers
+
+    from compress import __version__
+
+    info = {
+        "compress": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info

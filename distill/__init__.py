@@ -1,0 +1,1 @@
+"""TinyBERT-style layerwise distillation (see issue 4)."""

@@ -1,0 +1,54 @@
+"""Shared test set-up: deliberate thread count, offline hubs, tiny models of every architecture."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: two cores, and oversubscription makes GPTQ many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from compress.tiny import TINY_CONFIGS  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+ALL_ARCHS = list(TINY_CONFIGS)
+CAUSAL_ARCHS = [a for a in ALL_ARCHS if a != "bert"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared offline data (set by .ci/run); tests that need it skip loudly without it."""
+    value = os.environ.get("COMPRESS_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("COMPRESS_DATA_DIR is not set to the shared data folder")
+    return Path(value)
+
+
+def calibration_ids(n: int, length: int, vocab: int = 512, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small calibration text (fast to tokenize), independent of the shared data."""
+    from compress.tiny import _TRAINING_TEXT
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(f"{i}. {_TRAINING_TEXT}" for i in range(20)))
+    return path
+
+
+def model_output(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.quant.gptq import GPTQConfig, gptq_quantize
+from compress.quant.rtn import RTNConfig, rtn_quantize
+
+
+def correlated_inputs(columns: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(columns, columns, generator=g) * 0.3
+    return torch.randn(tokens, columns, generator=g) @ mix + torch.randn(tokens, columns, generator=g)
+
+
+def output_mse(x, w, qw) -> float:
+    return float(((x @ (w - qw.dequantize()).t()) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, 32), (4, -1), (3, 64), (2, 32)])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
+def test_gptq_output_error_below_rtn(bits, group_size, sym, act_order, static_groups):
+    x = correlated_inputs(96)
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    h = 2 * x.t() @ x / x.shape[0]
+    gptq = gptq_quantize(w, h, GPTQConfig(bits, group_size, sym, act_order=act_order, static_groups=static_groups))
+    rtn = rtn_quantize(w, RTNConfig(bits, group_size, sym))
+    assert output_mse(x, w, gptq) < 0.85 * output_mse(x, w, rtn)
+
+
+def test_partial_last_group_and_act_order_g_idx():
+    x = correlated_inputs(96)
+    w = torch.randn(32, 96)
+    h = 2 * x.t() @ x / x.shape[0]
+    qw = gptq_quantize(w, h, GPTQConfig(4, 64, act_order=True))
+    assert qw.scale.shape == (2, 32)  # 96 columns at group 64 -> groups of 64 and 32
+    counts = torch.bincount(qw.g_idx.long())
+    assert sorted(counts.tolist()) == [32, 64]
+    # act-order groups follow quantization order: the 64 columns with the largest Hessian diagonal
+    # (the first 64 quantized) form group 0.
+    order = torch.argsort(torch.diag(h), descending=True)
+    assert torch.all(qw.g_idx[order[:64]] == 0) and torch.all(qw.g_idx[order[64:]] == 1)
+    assert torch.all((qw.codes >= 0) & (qw.codes <= 15))
+
+
+def test_static_groups_keep_contiguous_g_idx():
+    x = correlated_inputs(64)
+    qw = gptq_quantize(torch.randn(32, 64), 2 * x.t() @ x / x.shape[0], GPTQConfig(4, 32, act_order=True,
+                                                                                  static_groups=True))
+    assert qw.g_idx.tolist() == [0] * 32 + [1] * 32
+
+
+def test_dead_inputs_get_zero_weight():
+    x = correlated_inputs(64)
+    x[:, 5] = 0
+    qw = gptq_quantize(torch.randn(32, 64), 2 * x.t() @ x / x.shape[0], GPTQConfig(4, 32))
+    assert torch.all(qw.dequantize()[:, 5] == 0)
+
+
+@pytest.mark.parametrize("kwargs,word", [({"bits": 5}, "bits"), ({"group_size": 0}, "group size"),
+                                         ({"group_size": -2}, "group size"), ({"damp_percent": 0}, "damp")])
+def test_config_validation(kwargs, word):
+    with pytest.raises(UserError, match=word):
+        GPTQConfig(**kwargs)

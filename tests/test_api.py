@@ -1,0 +1,99 @@
+"""quantize() end to end on a tiny random checkpoint of every seed architecture."""
+
+import json
+
+import pytest
+import torch
+
+from compress.api import QuantizeRequest, quantize
+from compress.checkpoint import MANIFEST_NAME, load_quantized
+from compress.models import load_model, resolve
+from compress.quant.linear import QuantLinear
+from tests.conftest import ALL_ARCHS, model_output
+
+
+def request(arch, method, out, calib_file, **kw):
+    settings = dict(model=f"tiny-{arch}", method=method, bits=4, group_size=32, calib=str(calib_file), nsamples=8,
+                    seqlen=64, out=str(out), progress=False, device="cpu")
+    settings.update(kw)
+    return QuantizeRequest(**settings)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
+    result = quantize(request(arch, method, tmp_path / "q", calib_file))
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    in_memory = model_output(result.model, ids)
+    reloaded, tokenizer = load_quantized(result.folder)
+    assert torch.equal(model_output(reloaded, ids), in_memory)
+    assert tokenizer is not None
+
+    packed = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
+    assert packed and len(packed) == len(result.manifest["layers"])
+    assert all(m.bits == 4 and m.group_size == 32 for m in packed)
+    # The quantized model stays close to the original but is not the original.
+    original = model_output(load_model(resolve(f"tiny-{arch}").path)[0], ids)
+    rel = (in_memory - original).norm() / original.norm()
+    assert 0 < rel < 0.5
+    assert result.output_bytes < result.source_bytes
+
+    manifest = json.loads((result.folder / MANIFEST_NAME).read_text())
+    assert manifest["method"] == method and manifest["config"]["bits"] == 4
+    assert len(manifest["source"]["sha256_safetensors"]) == 64
+    if method == "gptq":
+        assert manifest["calibration"]["count"] == 8 and manifest["calibration"]["seed"] == 0
+        assert len(manifest["calibration"]["starts"]) == 8
+        assert all(layer["proxy_loss"] > 0 for layer in manifest["layers"])
+    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq" and qcfg["bits"] == 4
+    assert qcfg["group_size"] == 32 and qcfg["sym"] is True and qcfg["desc_act"] is False
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order", [(8, -1, True, False), (3, 32, False, False),
+                                                           (2, 64, True, True), (4, 32, False, True)])
+def test_bit_widths_and_options_round_trip(bits, group_size, sym, act_order, tmp_path, calib_file):
+    result = quantize(request("llama", "gptq", tmp_path / "q", calib_file, bits=bits, group_size=group_size, sym=sym,
+                              act_order=act_order))
+    ids = torch.randint(0, 512, (1, 16))
+    reloaded, _ = load_quantized(result.folder)
+    assert torch.equal(model_output(reloaded, ids), model_output(result.model, ids))
+    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (bits, group_size, sym, act_order)
+
+
+def test_source_model_is_not_modified(tmp_path, calib_file):
+    source = resolve("tiny-opt").path
+    before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    quantize(request("opt", "gptq", tmp_path / "q", calib_file))
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, calib_file, monkeypatch):
+    from compress.quant import gptq
+
+    calls = {"n": 0}
+    real = gptq.gptq_quantize
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(request("llama", "gptq", tmp_path / "q", calib_file))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_leaves_no_partial_folder(tmp_path, calib_file, monkeypatch):
+    from compress import checkpoint
+
+    def broken_manifest(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.json, "dumps", broken_manifest)
+    with pytest.raises(OSError):
+        quantize(request("llama", "rtn", tmp_path / "q", calib_file))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,81 @@
+"""The shared layer-by-layer driver on every architecture."""
+
+import pytest
+import torch
+
+from compress.calibrate import HessianAccumulator, capture_block_inputs, collect_hessian, linear_call_groups
+from compress.models import load_model, resolve
+from compress.quant.apply import output_error
+from compress.quant.gptq import GPTQConfig, gptq_quantize
+from compress.quant.rtn import RTNConfig, rtn_quantize
+from compress.select import ModuleSelection, block_linears, find_blocks
+from tests.conftest import ALL_ARCHS, calibration_ids
+
+EXPECTED_BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "mpt": "transformer.blocks",
+                   "falcon": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers",
+                   "opt": "model.decoder.layers", "bloom": "transformer.h", "bert": "encoder.layer"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return {arch: load_model(resolve(f"tiny-{arch}").path)[0] for arch in ALL_ARCHS}
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_find_blocks(tiny_models, arch):
+    prefix, blocks = find_blocks(tiny_models[arch])
+    assert prefix == EXPECTED_BLOCKS[arch]
+    assert len(blocks) == 2
+
+
+EXPECTED_GROUPS = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    # fc1 and fc2 read different tensors that could share an address once the first is freed.
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "falcon": [["self_attention.query_key_value"], ["self_attention.dense"], ["mlp.dense_h_to_4h"],
+               ["mlp.dense_4h_to_h"]],
+}
+
+
+@pytest.mark.parametrize("arch", EXPECTED_GROUPS)
+def test_groups_follow_call_order_and_shared_inputs(tiny_models, arch):
+    model = tiny_models[arch]
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calibration_ids(2, 16))
+    groups = linear_call_groups(blocks[0], block_linears(blocks[0], ModuleSelection()), inputs)
+    assert groups == EXPECTED_GROUPS[arch]
+
+
+def test_selection_patterns(tiny_models):
+    _, blocks = find_blocks(tiny_models["llama"])
+    chosen = block_linears(blocks[0], ModuleSelection(include=["self_attn.*"], exclude=["*.o_proj"]))
+    assert list(chosen) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_gptq_layer_error_below_rtn_on_same_inputs(tiny_models, arch):
+    """On the real block-0 inputs of each architecture, every layer of the first group."""
+    model = tiny_models[arch]
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calibration_ids(8, 64))
+    assert len(inputs.hidden) == 8
+    linears = block_linears(blocks[0], ModuleSelection())
+    groups = linear_call_groups(blocks[0], linears, inputs)
+    assert sorted(sum(groups, [])) == sorted(linears)  # every layer is visited exactly once
+    h = collect_hessian(blocks[0], linears, groups[0], inputs)
+    for name in groups[0]:
+        w = linears[name].weight.data
+        assert torch.all(torch.diag(h) >= 0) and h.abs().sum() > 0
+        gptq = output_error(w, gptq_quantize(w, h, GPTQConfig(bits=3, group_size=32)).dequantize(), h)
+        rtn = output_error(w, rtn_quantize(w, RTNConfig(bits=3, group_size=32)).dequantize(), h)
+        assert gptq < rtn, f"{arch} {name}: GPTQ {gptq:.3e} vs RTN {rtn:.3e}"
+
+
+def test_hessian_accumulator_is_running_mean_of_2xxT():
+    x = torch.randn(3, 10, 8)
+    acc = HessianAccumulator(8, torch.device("cpu"))
+    for part in x:
+        acc.add(part)
+    flat = x.reshape(-1, 8)
+    assert torch.allclose(acc.h, 2 * flat.t() @ flat / flat.shape[0], atol=1e-5)

@@ -1,0 +1,65 @@
+"""Slow tests on the real offline models (SmolLM2-135M, MiniLM-L6). Marked slow; CI runs them."""
+
+import json
+
+import pytest
+import torch
+
+from compress.api import QuantizeRequest, quantize
+from compress.bench.perplexity import perplexity
+from compress.checkpoint import load_quantized
+from compress.data import eval_windows, load_text, tokenize
+from compress.models import load_model, resolve
+from tests.conftest import model_output
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_windows(data_dir):
+    model, tokenizer = load_model(resolve("smollm2-135m").path)
+    text, record = load_text("wikitext2:test")
+    windows, _ = eval_windows(tokenize(tokenizer, text), record, 256, max_windows=4)
+    return model, windows
+
+
+def test_smollm2_gptq_w4g128_partial_groups_and_perplexity(smollm2_windows, tmp_path):
+    fp_model, windows = smollm2_windows
+    result = quantize(QuantizeRequest(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16,
+                                      seqlen=256, out=str(tmp_path / "q"), progress=False, device="cpu"))
+    qmodel, _ = load_quantized(result.folder)
+    q_proj = qmodel.model.layers[0].self_attn.q_proj
+    assert q_proj.in_features == 576 and q_proj.scales.shape[0] == 5  # 4 full groups of 128 + one of 64
+    fp_ppl = perplexity(fp_model, windows).perplexity
+    q_ppl = perplexity(qmodel, windows).perplexity
+    assert fp_ppl < q_ppl < 1.6 * fp_ppl
+    assert result.output_bytes < 0.35 * result.source_bytes
+    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["backend"] == "torch"  # 576 is not a multiple of 128
+
+
+def test_smollm2_checkpoint_loads_in_transformers(tmp_path):
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    result = quantize(QuantizeRequest(model="smollm2-135m", method="rtn", bits=4, group_size=128,
+                                      out=str(tmp_path / "q"), progress=False, device="cpu"))
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    ours, _ = load_quantized(result.folder)
+    theirs = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32)
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert float((a - b).abs().max() / b.abs().max()) < 5e-3
+
+
+def test_minilm_bert_int8_keeps_embeddings(tmp_path):
+    source = resolve("minilm-l6")
+    fp_model, tokenizer = load_model(source.path)
+    result = quantize(QuantizeRequest(model="minilm-l6", method="rtn", bits=8, group_size=-1, out=str(tmp_path / "q"),
+                                      progress=False, device="cpu"))
+    qmodel, _ = load_quantized(result.folder)
+    batch = tokenizer(["a quiet film about grief", "the markets fell sharply today"], return_tensors="pt",
+                      padding=True)
+    fp = model_output(fp_model, batch["input_ids"]).mean(dim=1)
+    q = model_output(qmodel, batch["input_ids"]).mean(dim=1)
+    assert torch.nn.functional.cosine_similarity(fp, q).min() > 0.99
