@@ -41,19 +41,22 @@ class RunSpec:
     method: str = ""
     bits: int = 16
     group_size: int = -1
+    act_order: bool = False
 
 
 RUNS = [
     RunSpec("fp32", "fp32"),
     RunSpec("rtn-w8", "ours", "rtn", 8, -1),
-    RunSpec("gptq-w8", "ours", "gptq", 8, -1),
-    RunSpec("gptqmodel-w8", "gptqmodel", "gptq", 8, -1),
+    RunSpec("gptq-w8", "ours", "gptq", 8, -1, True),
+    RunSpec("gptqmodel-w8", "gptqmodel", "gptq", 8, -1, True),
     RunSpec("rtn-w4g128", "ours", "rtn", 4, 128),
-    RunSpec("gptq-w4g128", "ours", "gptq", 4, 128),
-    RunSpec("gptqmodel-w4g128", "gptqmodel", "gptq", 4, 128),
+    RunSpec("gptq-w4g128", "ours", "gptq", 4, 128, True),
+    RunSpec("gptqmodel-w4g128", "gptqmodel", "gptq", 4, 128, True),
+    RunSpec("gptq-w4g128-noact", "ours", "gptq", 4, 128, False),
+    RunSpec("gptqmodel-w4g128-noact", "gptqmodel", "gptq", 4, 128, False),
     RunSpec("rtn-w3g128", "ours", "rtn", 3, 128),
-    RunSpec("gptq-w3g128", "ours", "gptq", 3, 128),
-    RunSpec("gptqmodel-w3g128", "gptqmodel", "gptq", 3, 128),
+    RunSpec("gptq-w3g128", "ours", "gptq", 3, 128, True),
+    RunSpec("gptqmodel-w3g128", "gptqmodel", "gptq", 3, 128, True),
 ]
 
 
@@ -89,7 +92,8 @@ def run_child(spec: RunSpec, args) -> dict:
             started = time.perf_counter()
             if spec.tool == "ours":
                 method = get_method(spec.method)
-                cfg = method.config_cls(bits=spec.bits, group_size=spec.group_size, sym=True)
+                extra = {"act_order": spec.act_order} if method.needs_calibration else {}
+                cfg = method.config_cls(bits=spec.bits, group_size=spec.group_size, sym=True, **extra)
                 stats = quantize_model(model, method, cfg, calib if method.needs_calibration else None,
                                        torch.device("cpu"), show_progress=False)
                 save_quantized(model, tokenizer, folder,
@@ -112,7 +116,7 @@ def quantize_with_gptqmodel(source: Path, spec: RunSpec, calib: list[torch.Tenso
     """GPTQModel with the classic GPTQ settings ours uses (its newer defaults turned off)."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=True, desc_act=False, damp_percent=0.01,
+    qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=True, desc_act=spec.act_order, damp_percent=0.01,
                           act_group_aware=False, mse=0.0, true_sequential=True, offload_to_disk=False, device="cpu")
     model = GPTQModel.load(str(source), qcfg, dtype=torch.float32)
     model.quantize([{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib], batch_size=1)
@@ -133,26 +137,28 @@ def markdown(results: list[dict], args) -> str:
         f"- Perplexity: WikiText-2 raw test ({ev['text']['origin']}), tokenized once without BOS, the first "
         f"{ev['count']} non-overlapping {ev['seqlen']}-token windows ({first['eval_tokens']} predicted tokens), "
         "ppl = exp(mean NLL). Every checkpoint is reloaded from disk and dequantized exactly in fp32 by the same loader.",
-        "- Settings shared by ours and GPTQModel: symmetric, desc_act off, damp 0.01, true-sequential; GPTQModel's "
-        "act_group_aware (GAR) and MSE grid search turned off so both run classic GPTQ. W8 is per channel.",
+        "- Settings shared by ours and GPTQModel: symmetric, damp 0.01, true-sequential, act-order (desc_act) "
+        "where the table says so; GPTQModel's act_group_aware (GAR) and MSE grid search turned off so both run "
+        "classic GPTQ. W8 is per channel.",
         "- Quantize time: from the loaded fp32 model to the saved checkpoint (calibration forward passes, GPTQ, "
         "packing, writing). Peak RSS: of that child process up to the saved checkpoint.",
         "",
-        "| run | bits | group | perplexity | vs fp32 | quantize s | peak RSS MiB | weights MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | bits | group | act-order | perplexity | vs fp32 | quantize s | peak RSS MiB | weights MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = next(r["perplexity"] for r in results if r["run"]["tool"] == "fp32")
     for r in results:
         run = r["run"]
         group = "-" if run["tool"] == "fp32" else ("channel" if run["group_size"] == -1 else run["group_size"])
         rss = r.get("peak_rss_quantize_bytes", r["peak_rss_bytes"]) / 2**20
-        lines.append(f"| {run['name']} | {run['bits'] if run['tool'] != 'fp32' else 32} | {group} | "
+        act = "yes" if run["act_order"] else "-"
+        lines.append(f"| {run['name']} | {run['bits'] if run['tool'] != 'fp32' else 32} | {group} | {act} | "
                      f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
                      f"{r['quantize_seconds']:.1f} | {rss:.0f} | {r['weight_bytes'] / 2**20:.1f} |")
     lines += ["", "## Ours vs GPTQModel (same windows, same settings)", "",
               "| bits/group | our GPTQ ppl | GPTQModel ppl | ppl gap | our time / GPTQModel time |", "|---|---|---|---|---|"]
     by_name = {r["run"]["name"]: r for r in results}
-    for tag in ("w8", "w4g128", "w3g128"):
+    for tag in ("w8", "w4g128", "w3g128", "w4g128-noact"):
         ours, peer = by_name.get(f"gptq-{tag}"), by_name.get(f"gptqmodel-{tag}")
         if ours and peer:
             lines.append(f"| {tag} | {ours['perplexity']:.3f} | {peer['perplexity']:.3f} | "
@@ -175,7 +181,7 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--runs", default="all", help="comma-separated run names, or all")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quantize_smollm2")
-    parser.add_argument("--work", default=None, help="folder for temporary checkpoints")
+    parser.add_argument("--work", default=None, help="folder for temporary checkpoints (default: the system's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,7 +201,8 @@ def main() -> int:
             if args.work:
                 command += ["--work", args.work]
             print(f"[{time.strftime('%H:%M:%S')}] {spec.name} ...", flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            # cwd: GPTQModel writes a logs/ folder into the working directory.
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=args.work or tempfile.gettempdir())
             result = json.loads(Path(out.name).read_text())
         print(f"    ppl {result['perplexity']:.3f}  quantize {result['quantize_seconds']:.1f} s", flush=True)
         results.append(result)

@@ -35,7 +35,9 @@ class QuantizeRequest:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    act_order: bool = False
+    act_order: bool = True
+    """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act). On by default, as in auto-gptq:
+    measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
     static_groups: bool = False
     damp_percent: float = 0.01
     calib: str = "auto"

@@ -62,7 +62,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
     p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S, help="asymmetric grid")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
-                   help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)")
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; the default)")
+    p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,
+                   help="GPTQ: quantize columns in their natural order")
     p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
                    help="GPTQ with --act-order: fix group grids before any update")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help="GPTQ dampening (default 0.01)")

@@ -21,7 +21,7 @@ from compress.registry import QuantMethod, register_method
 class GPTQConfig(WeightQuantConfig):
     damp_percent: float = 0.01
     """Dampening added to the Hessian diagonal, as a fraction of its mean."""
-    act_order: bool = False
+    act_order: bool = True
     """Quantize columns in order of decreasing Hessian diagonal (desc_act)."""
     static_groups: bool = False
     """With act_order: fix each group's grid from the original weights before any update."""

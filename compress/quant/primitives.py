@@ -69,8 +69,10 @@ def find_grid(w: torch.Tensor, bits: int, sym: bool) -> QuantGrid:
     xmin = torch.clamp(w.min(dim=1).values, max=0.0)
     xmax = torch.clamp(w.max(dim=1).values, min=0.0)
     if sym:
+        # The range is always [-a, a]. (GPTQ's reference keeps xmin = 0 for all-positive rows, which
+        # with the mid-range zero point clips them at half their maximum.)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     flat = (xmin == 0) & (xmax == 0)
     xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)

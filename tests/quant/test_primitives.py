@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.quant.primitives import (QuantizedWeight, dequantize, find_grid, num_groups, pack_rows, pack_weight,
-                                       unpack_rows, unpack_weight)
+                                       quantize_codes, unpack_rows, unpack_weight)
 
 
 def reference_pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,6 +65,11 @@ def test_grid_properties():
     sym = find_grid(w, 4, sym=True)
     assert torch.all(sym.zero == 8)
     assert torch.equal(sym.scale, sym.scale.half().float())
+    # An all-positive row keeps its full range under a symmetric grid (no clipping at half).
+    positive = torch.full((1, 8), 0.5)
+    grid = find_grid(positive, 8, sym=True)
+    assert torch.allclose(grid.scale * (quantize_codes(positive, grid.scale[:, None], grid.zero[:, None], 8)
+                                        - grid.zero[:, None]), positive, atol=1e-2)
     asym = find_grid(w, 4, sym=False)
     # Zero stays exactly representable: the grid always contains 0.
     q = torch.clamp(torch.round(torch.zeros(3) / asym.scale) + asym.zero, 0, 15)
