@@ -144,21 +144,15 @@ def linear_call_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: 
 
 
 @torch.no_grad()
-def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
-                    inputs: BlockInputs) -> torch.Tensor:
-    """The Hessian of the input the group's layers share, over all windows.
+def for_each_layer_call(block: nn.Module, layer: nn.Module, inputs: BlockInputs,
+                        consume: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """Run every window through ``block`` only as far as ``layer``; hand its (input, output) to ``consume``."""
 
-    One accumulator serves the whole group (q, k and v read the same tensor), and each pass stops
-    as soon as the group's first layer has seen its input.
-    """
-    first = linears[group[0]]
-    acc = HessianAccumulator(first.in_features, first.weight.device)
-
-    def hook(_m, args):
-        acc.add(args[0])
+    def hook(_m, args, out):
+        consume(args[0], out)
         raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook)
+    handle = layer.register_forward_hook(hook)
     try:
         for i in range(len(inputs.hidden)):
             try:
@@ -167,6 +161,15 @@ def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list
                 pass
     finally:
         handle.remove()
+
+
+def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
+                    inputs: BlockInputs) -> torch.Tensor:
+    """The Hessian of the input the group's layers share (q, k and v read the same tensor), over all
+    windows; each pass stops as soon as the group's first layer has run."""
+    first = linears[group[0]]
+    acc = HessianAccumulator(first.in_features, first.weight.device)
+    for_each_layer_call(block, first, inputs, lambda x, _out: acc.add(x))
     return acc.h
 
 
