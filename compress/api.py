@@ -115,8 +115,6 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     stats = quantize_model(model, method, cfg, windows, device,
                            ModuleSelection(list(request.include), list(request.exclude)), request.progress)
     quant_seconds = time.perf_counter() - quant_started
-    if not stats.layers:
-        raise UserError(f"no linear layer matched --include {request.include} / --exclude {request.exclude}")
 
     manifest = {
         "tool": "compress-workbench",

@@ -124,6 +124,12 @@ def test_unknown_method(capsys, quick):
     assert_user_error(code, err, "unknown method 'awq9'", "gptq", "rtn")
 
 
+def test_selection_matching_nothing(capsys, quick, tmp_path):
+    code, _, err = run_cli(["quantize", "tiny-llama", "--include", "no_such_layer*"] + quick, capsys)
+    assert_user_error(code, err, "no linear layer", "no_such_layer*")
+    assert leftovers(tmp_path / "out") == []
+
+
 def test_unknown_calibration_source(capsys, quick):
     code, _, err = run_cli(["quantize", "tiny-llama"] + quick + ["--calib", "pile"], capsys)
     assert_user_error(code, err, "unknown text source 'pile'")
