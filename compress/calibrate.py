@@ -189,6 +189,10 @@ def run_layerwise(model: nn.Module, windows: list[torch.Tensor] | None, layer_fn
     ``layer_fn`` gets no Hessian.
     """
     prefix, blocks = find_blocks(model)
+    if not any(block_linears(block, selection) for block in blocks):
+        # Checked before any calibration work, for every method that uses this driver.
+        raise UserError(f"no linear layer in the model's blocks matches --include {selection.include} / "
+                        f"--exclude {selection.exclude}: widen the patterns")
     inputs = capture_block_inputs(model, blocks, windows) if windows is not None else None
     if inputs is not None:
         inputs = BlockInputs(move(inputs.hidden, device), inputs.hidden_as_kwarg, move(inputs.args, device),

@@ -13,8 +13,7 @@ from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
 from compress.registry import QuantMethod
-from compress.errors import UserError
-from compress.select import ModuleSelection, block_linears, find_blocks, set_submodule
+from compress.select import ModuleSelection, block_linears, set_submodule
 
 
 @dataclass
@@ -46,10 +45,6 @@ def quantize_model(model: nn.Module, method: QuantMethod, cfg: WeightQuantConfig
                    device: torch.device, selection: ModuleSelection | None = None,
                    show_progress: bool = True) -> QuantizeStats:
     selection = selection or ModuleSelection()
-    _, blocks = find_blocks(model)
-    if not any(block_linears(block, selection) for block in blocks):
-        raise UserError(f"no linear layer in the model's blocks matches --include {selection.include} / "
-                        f"--exclude {selection.exclude}: widen the patterns")
     stats = QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
 
