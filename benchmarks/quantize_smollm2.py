@@ -72,7 +72,7 @@ def windows(args, tokenizer):
 
 
 def run_child(spec: RunSpec, args) -> dict:
-    from compress.bench.perplexity import perplexity
+    from compress.bench.score import score_windows
     from compress.checkpoint import gptq_quantization_config, load_quantized, save_quantized
     from compress.models import load_model, resolve, weight_bytes_on_disk
     from compress.quant.apply import quantize_model
@@ -106,21 +106,16 @@ def run_child(spec: RunSpec, args) -> dict:
             result["peak_rss_quantize_bytes"] = peak_rss_bytes()
             size = weight_bytes_on_disk(folder)
             measured, _ = load_quantized(folder)
-        ppl = perplexity(measured, evals)
+        ppl = score_windows(measured, evals, torch.device("cpu"))[0].perplexity
     result.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens, quantize_seconds=quant_seconds,
                   weight_bytes=size, peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads())
     return result
 
 
 def quantize_with_gptqmodel(source: Path, spec: RunSpec, calib: list[torch.Tensor], folder: Path) -> None:
-    """GPTQModel with the classic GPTQ settings ours uses (its newer defaults turned off)."""
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from compress.peers.gptqmodel_quant import quantize_with_gptqmodel as run
 
-    qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=True, desc_act=spec.act_order, damp_percent=0.01,
-                          act_group_aware=False, mse=0.0, true_sequential=True, offload_to_disk=False, device="cpu")
-    model = GPTQModel.load(str(source), qcfg, dtype=torch.float32)
-    model.quantize([{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib], batch_size=1)
-    model.save(str(folder))
+    run(source, spec.bits, spec.group_size, spec.act_order, 0.01, calib, folder)
 
 
 def markdown(results: list[dict], args) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from compress.errors import UserError
 from compress.fsutil import atomic_folder
-from compress.models import check_checkpoint, is_causal_lm, quiet_transformers
+from compress.models import auto_class, check_checkpoint, quiet_transformers
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule
@@ -92,7 +92,7 @@ def _quantized_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a GPTQ-format folder, with our QuantLinear in place of each packed layer."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     check_checkpoint(folder)
@@ -106,7 +106,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     if qcfg.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"{folder} has checkpoint_format {qcfg.get('checkpoint_format')!r}; this loader reads 'gptq'")
     del config.quantization_config
-    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    cls = auto_class(config)
     quantized = _quantized_tensors(folder)
     # transformers loads everything that is not packed (and applies its own key renames, e.g.
     # GPT-NeoX's embed_out); the packed layers' dense weights are missing there by design.

@@ -105,9 +105,90 @@ def _quantize_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compress bench -------------------------------------------------------------------------------
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="alias or folder: a dense model or a GPTQ-format checkpoint")
+    p.add_argument("--base", help="uncompressed model for KL divergence / top-1 agreement (same tokenizer)")
+    p.add_argument("--name", help="label of this row in reports")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--base-dtype", dest="base_dtype", help="dtype of --base (default: --dtype)")
+    p.add_argument("--transform", help="a peer's in-memory scheme applied after loading: torchao-int8wo")
+    p.add_argument("--eval", default="wikitext2", help="perplexity text: NAME[:SPLIT] or a file (default wikitext2 test)")
+    p.add_argument("--windows", type=int, help="number of windows from the start of the text (default: all)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model context))")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="windows per scoring pass (default: auto)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=256, help="base log-probs kept per token for KL")
+    p.add_argument("--task", default="sst2:dev", help="labelled task for classifiers (default sst2:dev)")
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the prefill/decode timings")
+    p.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32, help="timed decode steps")
+    p.add_argument("--decode-batches", dest="decode_batches", type=int, nargs="+", default=[1, 8],
+                   help="decode batch sizes (default 1 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per speed figure (median)")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", help="write the result JSON here")
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from compress.bench.run import BenchRequest, bench
+    from compress.bench.summary import summary_lines
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "handler") and v is not None}
+    result = bench(BenchRequest(**values))
+    for line in summary_lines(result):
+        print(line)
+    if args.out:
+        print(f"  saved  {args.out}")
+    return 0
+
+
+# --- compress report ------------------------------------------------------------------------------
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="+", type=Path, help="result files of `compress bench --out`, or folders of them")
+    p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
+    p.add_argument("--title", help="page title")
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    from compress.report import build_report
+
+    out = build_report(args.results, args.out, args.title, force=args.force)
+    print(f"report written: {out / 'README.md'} and {out / 'report.html'}")
+    return 0
+
+
+# --- compress sweep -------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="sweep YAML (see configs/sweep/)")
+    p.add_argument("--device", help="override the config's device (cpu, cuda, auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+
+
+def _sweep_run(args: argparse.Namespace) -> int:
+    from compress.sweep import load_config, run_sweep
+
+    overrides = {k: v for k, v in (("device", args.device), ("progress", args.progress)) if v is not None}
+    cfg = load_config(args.config, overrides)
+    command = ["compress", "sweep", str(args.config)] + (["--device", args.device] if args.device else [])
+    report = run_sweep(cfg, command)
+    print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "models": ("list the model aliases", _models_args, _models_run),
     "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
+    "bench": ("measure memory, speed, perplexity and agreement with a base model", _bench_args, _bench_run),
+    "report": ("Markdown + HTML report with plots from bench results", _report_args, _report_run),
+    "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),
 }
 
 

@@ -153,6 +153,62 @@ def load_text(source: str) -> tuple[str, TextRecord]:
                     "or pass a text file)")
 
 
+def _hub_sst2_labelled(split: str) -> list[tuple[str, int]]:
+    from datasets import load_dataset
+
+    rows = load_dataset("glue", "sst2", split={"dev": "validation"}.get(split, split))
+    return list(zip(rows["sentence"], rows["label"]))
+
+
+def _read_labelled_tsv(path: Path) -> list[tuple[str, int]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not {"text", "label"} <= set(rows.fieldnames or []):
+            raise UserError(f"{path} needs 'text' and 'label' columns (has {rows.fieldnames})")
+        return [(row["text"], int(row["label"])) for row in rows]
+
+
+# Labelled task data: (hub loader, offline path under the data dir).
+TASKS = {"sst2": (_hub_sst2_labelled, lambda d, split: d / "sst2" / f"{split}.tsv")}
+
+
+def load_labelled(source: str) -> tuple[list[tuple[str, int]], TextRecord]:
+    """(text, label) rows of a task split such as ``sst2:dev`` (hub first, then $COMPRESS_DATA_DIR), or
+    of a .tsv file with 'text' and 'label' columns."""
+    path = Path(source).expanduser()
+    if path.suffix == ".tsv" and source.split(":")[0] not in TASKS:
+        if not path.is_file():
+            raise UserError(f"task file {source} does not exist: check the path")
+        rows = _read_labelled_tsv(path)
+        if not rows:
+            raise UserError(f"task file {source} has no rows")
+        return rows, _record(str(path), "file", f"file:{path.resolve()}",
+                             "\n".join(f"{label}\t{text}" for text, label in rows))
+    name, _, split = source.partition(":")
+    if name not in TASKS:
+        raise UserError(f"unknown labelled task '{source}': use one of {', '.join(TASKS)} as NAME:SPLIT")
+    split = split or "dev"
+    hub, local = TASKS[name]
+    rows = None
+    origin = "hub"
+    if hub_reachable():
+        try:
+            rows = hub(split)
+        except Exception:  # unreachable hub or missing split: the offline copy next
+            rows = None
+    if rows is None:
+        data_dir = os.environ.get(DATA_DIR_ENV)
+        path = local(Path(data_dir), split) if data_dir else None
+        if path is None or not path.is_file():
+            raise UserError(f"task data {name}:{split} is not available: no hub here and no offline copy "
+                            f"(set {DATA_DIR_ENV} to a folder with {local(Path('<dir>'), split).relative_to('<dir>')})")
+        rows, origin = _read_labelled_tsv(path), f"local:{path}"
+    if not rows:
+        raise UserError(f"task data {name}:{split} is empty")
+    joined = "\n".join(f"{label}\t{text}" for text, label in rows)
+    return rows, _record(name, split, origin, joined)
+
+
 def load_calibration_text(source: str) -> tuple[str, TextRecord]:
     if source != "auto":
         return load_text(source)

@@ -235,12 +235,24 @@ def is_causal_lm(config) -> bool:
     return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
 
+def auto_class(config):
+    """The transformers Auto class that keeps a model's head: LM head, classifier head, else bare."""
+    import transformers
+
+    heads = {"ForCausalLM": "AutoModelForCausalLM", "ForSequenceClassification": "AutoModelForSequenceClassification"}
+    for suffix, name in heads.items():
+        if any(a.endswith(suffix) for a in (config.architectures or [])):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a checked folder: causal LMs with their LM head, encoders bare."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a checked folder: causal LMs with their LM head, classifiers with their
+    classifier head, other encoders bare."""
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    cls = auto_class(config)
     with quiet_transformers():
         model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     model.eval()

@@ -52,3 +52,19 @@ def model_output(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory):
+    from compress.tiny import _TRAINING_TEXT
+
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: {_TRAINING_TEXT}" for i in range(6)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from compress.models import load_model, resolve
+
+    return load_model(resolve("tiny-llama").path)

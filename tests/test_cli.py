@@ -176,3 +176,46 @@ def test_console_script_exit_code(tmp_path):
                           text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'no-such-model'" in proc.stderr
+
+
+# --- bench / report / sweep --------------------------------------------------------------------------
+
+
+def test_bench_cuda_without_a_gpu(capsys, eval_file):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run_cli(["bench", "tiny-llama", "--device", "cuda", "--eval", str(eval_file)], capsys)
+    assert_user_error(code, err, "--device cuda", "no CUDA GPU")
+
+
+def test_bench_empty_evaluation_text(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run_cli(["bench", "tiny-llama", "--device", "cpu", "--eval", str(empty)], capsys)
+    assert_user_error(code, err, "empty")
+
+
+def test_bench_unknown_transform(capsys, eval_file):
+    code, _, err = run_cli(["bench", "tiny-llama", "--device", "cpu", "--eval", str(eval_file), "--seqlen", "32",
+                            "--windows", "1", "--no-speed", "--no-progress", "--transform", "magic"], capsys)
+    assert_user_error(code, err, "unknown transform 'magic'")
+
+
+def test_report_of_another_schema_version(capsys, tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema": "compress-workbench/bench", "schema_version": 0}))
+    code, _, err = run_cli(["report", str(old), "--out", str(tmp_path / "rep")], capsys)
+    assert_user_error(code, err, "schema version 0")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_of_a_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(["report", str(tmp_path / "nope.json"), "--out", str(tmp_path / "rep")], capsys)
+    assert_user_error(code, err, "does not exist")
+
+
+def test_sweep_with_a_bad_key(capsys, tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: tiny-llama\nmethod: [gptq]\n")
+    code, _, err = run_cli(["sweep", str(cfg)], capsys)
+    assert_user_error(code, err, "unknown key 'method'")

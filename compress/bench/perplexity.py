@@ -2,7 +2,7 @@
 
 Convention (recorded with every figure): the text is tokenized once without special tokens and cut
 into non-overlapping windows (compress.data.eval_windows); within a window every token but the
-first is predicted from the ones before it; no BOS is added.
+first is predicted from the ones before it; no BOS is added; the remainder is dropped.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -20,18 +18,16 @@ class PerplexityResult:
     perplexity: float
     mean_nll: float
     tokens: int
+    """Predicted tokens (seqlen - 1 per window)."""
     windows: int
 
 
-@torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor], device: torch.device | str = "cpu",
-               show_progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
-    total_nll, total_tokens = 0.0, 0
-    for window in tqdm(windows, desc=desc, unit="window", disable=not show_progress, dynamic_ncols=True):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += ids.shape[1] - 1
-    mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, len(windows))
+def window_nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of a window: ``logprobs`` [L, V] (log-softmax of the logits), ``ids`` [L] -> [L-1]."""
+    return -logprobs[:-1].gather(1, ids[1:].unsqueeze(1).to(logprobs.device)).squeeze(1)
+
+
+def perplexity_from_nll(total_nll: float, tokens: int, windows: int) -> PerplexityResult:
+    mean = total_nll / tokens
+    ppl = math.exp(mean) if mean < 709.0 else float("inf")  # a broken model must not crash the report
+    return PerplexityResult(ppl, mean, tokens, windows)

@@ -63,7 +63,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     if cfg.static_groups:
         static_grids = [find_grid(w[:, g:g + group_size], cfg.bits, cfg.sym) for g in range(0, cols, group_size)]
 
-    perm = torch.arange(cols)
+    perm = torch.arange(cols, device=w.device)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w = w[:, perm]
@@ -104,12 +104,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     # Group index of each original column: its position in quantization order // group size
     # (identity without act-order; its original group with static groups).
     if cfg.static_groups or not cfg.act_order:
-        g_idx = torch.arange(cols) // group_size
+        g_idx = torch.arange(cols, device=w.device) // group_size
     else:
         g_idx = inv_perm // group_size
     n_groups = -(-cols // group_size)
-    scale = torch.zeros(n_groups, out_features)
-    zero = torch.zeros(n_groups, out_features)
+    scale = torch.zeros(n_groups, out_features, device=w.device)
+    zero = torch.zeros(n_groups, out_features, device=w.device)
     # Every column of a group shares the group's grid: take it from any member column.
     scale[g_idx] = col_scale.t()
     zero[g_idx] = col_zero.t()

@@ -67,6 +67,14 @@ class QuantLinear(nn.Module):
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def runtime_bytes(self) -> int:
+        """Bytes of the unpacked uint8 codes kept after the first forward (memory benchmark)."""
+        cached = getattr(self, "_cache", None)
+        return 0 if cached is None else cached.codes.numel() * cached.codes.element_size()
+
+    def logical_weight_count(self) -> int:
+        return self.in_features * self.out_features
+
     def dequantized_weight(self) -> torch.Tensor:
         qw = self._unpacked()
         return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)

@@ -52,10 +52,10 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def default_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return (torch.arange(in_features) // group_size).to(torch.int32)
+        return torch.zeros(in_features, dtype=torch.int32, device=device)
+    return (torch.arange(in_features, device=device) // group_size).to(torch.int32)
 
 
 def find_grid(w: torch.Tensor, bits: int, sym: bool) -> QuantGrid:
@@ -110,9 +110,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_i
 # crosses a word boundary; for 3 bits values 10 and 21 straddle two words (auto-gptq's layout).
 
 
-def _stream_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stream_layout(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For value k of 32: the word it starts in, its shift there, and how many of its bits spill over."""
-    offsets = torch.arange(_WORD_BITS) * bits
+    offsets = torch.arange(_WORD_BITS, device=device) * bits
     word, shift = offsets // _WORD_BITS, offsets % _WORD_BITS
     spill = torch.clamp(shift + bits - _WORD_BITS, min=0)
     return word, shift, spill
@@ -124,8 +124,8 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if n % _WORD_BITS:
         raise ValueError(f"cannot pack {n} rows at {bits} bits: the row count must be a multiple of 32")
     v = values.to(torch.int64).reshape(n // _WORD_BITS, _WORD_BITS, cols)
-    words = torch.zeros(n // _WORD_BITS, bits + 1, cols, dtype=torch.int64)  # one spare word for spills
-    word, shift, spill = _stream_layout(bits)
+    words = torch.zeros(n // _WORD_BITS, bits + 1, cols, dtype=torch.int64, device=values.device)  # spare word: spills
+    word, shift, spill = _stream_layout(bits, values.device)
     low = (v << shift.view(1, -1, 1)) & 0xFFFFFFFF
     high = torch.where(spill.view(1, -1, 1) > 0, v >> (bits - spill).view(1, -1, 1), torch.zeros_like(v))
     # Values never overlap in the stream, so summing their bit patterns into a word equals OR-ing them.
@@ -142,7 +142,7 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = packed.shape
     words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // bits, bits, cols)
     words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)  # spare word: spills read zeros
-    word, shift, spill = _stream_layout(bits)
+    word, shift, spill = _stream_layout(bits, packed.device)
     low = words[:, word] >> shift.view(1, -1, 1)
     high = words[:, word + 1] << (bits - spill).view(1, -1, 1)
     values = torch.where(spill.view(1, -1, 1) > 0, low | high, low) & max_code(bits)

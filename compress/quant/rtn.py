@@ -32,7 +32,7 @@ def rtn_quantize(weight: torch.Tensor, cfg: WeightQuantConfig) -> QuantizedWeigh
         codes=torch.cat(codes, dim=1).to(torch.int32),
         scale=torch.stack(scales),
         zero=torch.stack(zeros),
-        g_idx=default_g_idx(in_features, cfg.group_size),
+        g_idx=default_g_idx(in_features, cfg.group_size, weight.device),
         bits=cfg.bits,
     )
 

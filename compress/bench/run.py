@@ -1,0 +1,348 @@
+"""``bench(BenchRequest) -> BenchResult``: memory, speed and accuracy of one model, as one JSON record.
+
+Order matters for honest figures: the base model's reference is made (or read from its cache)
+first and freed; the peak-memory counter is reset; only then is the measured model loaded, scored
+and timed, so the peak is this model's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress import __version__
+from compress.bench import memory, throughput
+from compress.bench.agreement import DEFAULT_TOP_K, Reference, windows_digest
+from compress.bench.bandwidth import read_bandwidth_gbps
+from compress.bench.load import LoadedModel, load_for_bench, resolve_dtype
+from compress.bench.score import score_windows
+from compress.bench.task_accuracy import is_classifier, task_accuracy
+from compress.data import eval_windows, load_labelled, load_text, tokenize
+from compress.errors import UserError
+from compress.models import cache_dir, is_causal_lm, weight_bytes_on_disk
+from compress.runtime import environment, resolve_device
+
+SCHEMA = "compress-workbench/bench"
+SCHEMA_VERSION = 1
+DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class BenchRequest:
+    model: str = "smollm2-135m"
+    """Alias or folder: a dense model or a GPTQ-format checkpoint."""
+    base: str | None = None
+    """Uncompressed model to compare with (KL divergence, top-1 agreement, ratios)."""
+    name: str | None = None
+    """Label of this row in reports (default: the model's folder or alias)."""
+    device: str = "auto"
+    dtype: str = "auto"
+    """Compute dtype: auto = float32 on CPU, float16 on CUDA."""
+    base_dtype: str | None = None
+    """dtype of the base model (default: the same as dtype)."""
+    transform: str | None = None
+    """A peer's in-memory scheme applied after loading (e.g. torchao-int8wo)."""
+    eval: str = "wikitext2"
+    """Perplexity text: NAME[:SPLIT] or a file (WikiText-2 test by default)."""
+    seqlen: int | None = None
+    """Window length (default min(2048, the model's context))."""
+    windows: int | None = None
+    """Number of windows from the start of the text (default: all)."""
+    batch_size: int | None = None
+    """Windows per forward pass when scoring (default: as many as fit a fixed logits budget)."""
+    top_k: int = DEFAULT_TOP_K
+    """Base log-probs kept per position for KL."""
+    task: str = "sst2:dev"
+    """Labelled task for classifiers."""
+    speed: bool = True
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 1
+    repeats: int = 3
+    trust_remote_code: bool = False
+    progress: bool = True
+    out: str | None = None
+    """Write the result JSON here (atomically)."""
+
+
+# --- evaluation text and the base reference ------------------------------------------------------
+
+
+def _windows(request: BenchRequest, tokenizer, context: int | None):
+    text, record = load_text(request.eval)
+    if not text.strip():
+        raise UserError(f"evaluation text {request.eval} is empty: point --eval at a text with content")
+    seqlen = request.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
+    if request.seqlen and context and request.seqlen > context:
+        raise UserError(f"--seqlen {request.seqlen} exceeds the model's context of {context} tokens")
+    if request.windows is not None and request.windows <= 0:
+        raise UserError(f"--windows must be positive, not {request.windows}")
+    return eval_windows(tokenize(tokenizer, text), record, seqlen, request.windows)
+
+
+def _check_same_vocabulary(model_tok, base_tok, model_ref: str, base_ref: str) -> None:
+    if base_tok is None or model_tok is None:
+        raise UserError("both the model and --base need a tokenizer in their folders to be compared")
+    if len(model_tok) != len(base_tok) or model_tok.get_vocab() != base_tok.get_vocab():
+        raise UserError(f"--base {base_ref} has another tokenizer/vocabulary than {model_ref} "
+                        f"({len(base_tok)} vs {len(model_tok)} tokens): compare a model with its own base")
+
+
+def _reference_key(base_path: Path, dtype: torch.dtype, device: torch.device, windows, top_k: int) -> str:
+    from compress.api import source_hash
+
+    parts = [source_hash(base_path), str(dtype), device.type, windows_digest(windows), str(top_k), "ref-v1"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def base_reference(request: BenchRequest, device: torch.device, windows, tokenizer, vocab_size: int | None
+                   ) -> tuple[Reference, dict]:
+    """The base model's top-K reference on ``windows``, from the cache or made now (then cached)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compress.models import resolve
+
+    dtype = resolve_dtype(request.base_dtype or request.dtype, device)
+    resolved = resolve(request.base, request.trust_remote_code)
+    base_tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    _check_same_vocabulary(tokenizer, base_tokenizer, request.model, request.base)
+    base_vocab = getattr(AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code),
+                         "vocab_size", None)
+    if vocab_size != base_vocab:
+        raise UserError(f"--base {request.base} has a vocabulary of {base_vocab} logits, {request.model} "
+                        f"{vocab_size}: compare a model with its own base")
+    key = _reference_key(resolved.path, dtype, device, windows, request.top_k)
+    path = cache_dir().parent / "references" / f"{key}.safetensors"
+    info = {"reference": request.base, "path": str(resolved.path), "dtype": str(dtype)[6:],
+            "top_k": request.top_k, "cache": str(path)}
+    if path.is_file():
+        return Reference.load(path), info | {"cached": True}
+    base = load_for_bench(request.base, dtype, device, request.trust_remote_code)
+    try:
+        _, reference = score_windows(base.model, windows, device, request.batch_size, make_reference_k=request.top_k,
+                                     show_progress=request.progress, desc="base reference")
+    finally:
+        del base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    reference.meta = info | {"windows_sha256": windows_digest(windows)}
+    reference.save(path)
+    return reference, info | {"cached": False}
+
+
+def ensure_reference(request: BenchRequest) -> dict:
+    """Make (or find) the base reference ``bench(request)`` will use, without loading the measured
+    model: a sweep calls this once so that no variant's process pays for, or counts, the base."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compress.models import resolve
+
+    device = resolve_device(request.device)
+    resolved = resolve(request.model, request.trust_remote_code)
+    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    windows, _ = _windows(request, tokenizer, _context(config))
+    _, info = base_reference(request, device, windows, tokenizer, getattr(config, "vocab_size", None))
+    return info
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+
+
+def _context(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, device: torch.device,
+           weight_bytes: int) -> dict:
+    model = loaded.model
+    prefill = throughput.prefill(model, window, device, request.warmup, request.repeats)
+    result: dict = {"prefill": dataclasses.asdict(prefill)}
+    if is_causal_lm(model.config):
+        prompt = window[: request.prompt_tokens]
+        decodes = [throughput.decode(model, prompt, request.decode_tokens, b, device, request.warmup, request.repeats)
+                   for b in request.decode_batches]
+        result["decode"] = [dataclasses.asdict(d) for d in decodes]
+        bandwidth = read_bandwidth_gbps(device)
+        batch1 = next((d for d in decodes if d.batch == 1), None)
+        result["memory_bandwidth_gbps"] = bandwidth
+        result["memory_bandwidth_method"] = "median of 7 timed sums over a float32 buffer (512 MiB CPU, 2 GiB CUDA)"
+        if batch1 is not None:
+            achieved = weight_bytes * batch1.tokens_per_s / 1e9
+            result["achieved_gbps"] = achieved
+            result["bandwidth_fraction"] = achieved / bandwidth
+    return result
+
+
+def bench(request: BenchRequest) -> dict:
+    device = resolve_device(request.device)
+    dtype = resolve_dtype(request.dtype, device)
+    if request.top_k <= 0:
+        raise UserError(f"--top-k must be positive, not {request.top_k}")
+    started = time.perf_counter()
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    # `python -m compress.cli bench ...` (how a sweep runs it) is the `compress bench ...` command.
+    command = ["compress" if program == "cli.py" else program, *sys.argv[1:]] if program else []
+
+    # The tokenizer first (cheap), so the evaluation windows and the base reference exist before the
+    # measured model is loaded.
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compress.models import resolve
+
+    resolved = resolve(request.model, request.trust_remote_code)
+    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    causal = is_causal_lm(config)
+    classifier = is_classifier(config)
+    if not (resolved.path / "tokenizer_config.json").is_file() and not (resolved.path / "tokenizer.json").is_file():
+        raise UserError(f"{request.model} has no tokenizer in its folder: the benchmark needs one to make windows")
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+
+    windows = record = reference = reference_info = None
+    if causal:
+        windows, record = _windows(request, tokenizer, _context(config))
+        if request.base:
+            reference, reference_info = base_reference(request, device, windows, tokenizer,
+                                                       getattr(config, 'vocab_size', None))
+    elif request.base:
+        raise UserError("--base compares language-model distributions; this model has no LM head")
+    task_rows = task_record = None
+    if classifier:
+        task_rows, task_record = load_labelled(request.task)
+
+    memory.reset_peak(device)
+    rss_before = memory.peak_bytes(device)
+    load_started = time.perf_counter()
+    loaded = load_for_bench(request.model, dtype, device, request.trust_remote_code, request.transform)
+    load_seconds = time.perf_counter() - load_started
+    model = loaded.model
+
+    accuracy: dict = {}
+    protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": False,
+                      "tokenization": "whole text once, no special tokens"}
+    if causal:
+        score, _ = score_windows(model, windows, device, request.batch_size, reference,
+                                 show_progress=request.progress, desc="scoring")
+        accuracy["perplexity"] = dataclasses.asdict(score.perplexity)
+        accuracy["agreement"] = dataclasses.asdict(score.agreement) if score.agreement else None
+        accuracy["scoring_tokens_per_s"] = score.tokens_per_s
+        protocol.update({"eval": dataclasses.asdict(record.text), "seqlen": record.seqlen, "stride": record.seqlen,
+                         "windows": record.count, "text_tokens": record.tokens,
+                         "scored_tokens": score.perplexity.tokens, "remainder": "dropped",
+                         "batch_size": score.batch_size, "kl": f"top-{request.top_k} + rest bucket (lower bound)",
+                         "base_reference": reference_info})
+    if classifier:
+        acc = task_accuracy(model, tokenizer, task_rows, device, request.task)
+        accuracy["task"] = dataclasses.asdict(acc) | {"data": dataclasses.asdict(task_record)}
+
+    speed: dict | None = None
+    weight_bytes = memory.model_weight_bytes(model)
+    peak_all = memory.peak_bytes(device)
+    # A second peak over the timed prefill/decode only: what serving the model takes, without the
+    # scoring pass's batch of full-vocabulary logits.
+    memory.reset_peak(device)
+    if request.speed:
+        window = windows[0] if windows else tokenizer("hello " * 127, return_tensors="pt")["input_ids"][0]
+        speed = _speed(request, loaded, window, device, weight_bytes)
+        speed |= {"warmup": request.warmup, "repeats": request.repeats, "statistic": "median"}
+
+    result = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "name": request.name or _default_name(request),
+        "model": {"reference": request.model, "path": str(loaded.resolved.path), "origin": loaded.resolved.origin,
+                  "model_type": config.model_type, "parameters": memory.parameter_count(model),
+                  "dtype": str(dtype)[6:], "quantization": loaded.quantization, "weight_bits": loaded.weight_bits,
+                  "transform": request.transform, "kernel": loaded.kernel, "notes": loaded.notes},
+        "base": reference_info,
+        "memory": {
+            "artifact_bytes": weight_bytes_on_disk(loaded.resolved.path),
+            "weight_bytes": weight_bytes,
+            "runtime_cache_bytes": memory.runtime_cache_bytes(model),
+            "peak_bytes": max(peak_all, memory.peak_bytes(device)),
+            "peak_speed_bytes": memory.peak_bytes(device) if request.speed else None,
+            "peak_kind": memory.peak_kind(device),
+            "rss_before_load_bytes": rss_before if device.type == "cpu" else None,
+            "kv_cache": _kv_summary(speed),
+        },
+        "speed": speed,
+        "accuracy": accuracy,
+        "protocol": protocol,
+        "environment": environment() | {"device_name": _device_name(device), "threads": torch.get_num_threads()},
+        "timings_s": {"load": round(load_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if request.out:
+        write_result(result, Path(request.out))
+    return result
+
+
+def _kv_summary(speed: dict | None) -> dict | None:
+    if not speed or not speed.get("decode"):
+        return None
+    first = speed["decode"][0]
+    tokens = first["batch"] * (first["prompt_tokens"] + first["new_tokens"])
+    return {"bytes": first["kv_cache_bytes"], "batch": first["batch"],
+            "tokens": first["prompt_tokens"] + first["new_tokens"], "bytes_per_token": first["kv_cache_bytes"] / tokens}
+
+
+def _default_name(request: BenchRequest) -> str:
+    name = Path(request.model).name if Path(request.model).is_dir() else request.model
+    if request.transform:
+        name += f"+{request.transform}"
+    if request.dtype != "auto":
+        name += f"-{request.dtype}"
+    return name
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+# --- result files ------------------------------------------------------------------------------------
+
+
+def write_result(result: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_result(path: Path) -> dict:
+    """A result file, refused unless it is a bench result of this schema version."""
+    if not path.is_file():
+        raise UserError(f"result file {path} does not exist: check the path")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a JSON file: pass results written by `compress bench --out`")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a compress bench result: pass results written by `compress bench --out`")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {data.get('schema_version')}, this version reads "
+                        f"{SCHEMA_VERSION}: re-run `compress bench` on it")
+    return data

@@ -1,0 +1,102 @@
+"""One batched pass over evaluation windows that feeds every accuracy metric.
+
+Windows go through the model a few at a time under ``torch.inference_mode``; each window's logits
+become float32 log-probabilities once, and perplexity, KL and top-1 agreement are all read from
+them. The base model's reference (top-K log-probs) can be produced by the same pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from compress.bench.agreement import Reference, kl_topk, reference_rows, rest_mass, top1_matches
+from compress.bench.perplexity import PerplexityResult, perplexity_from_nll, window_nll
+
+# Log-probs of one batch are B x L x V floats, made a few times over; keep them within this budget.
+_LOGITS_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}
+
+
+@dataclass
+class AgreementResult:
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    positions: int
+    top_k: int
+    base_rest_mass_mean: float
+    """Mean base probability outside its top K: how far KL_K can be below the full KL."""
+
+
+@dataclass
+class ScoreResult:
+    perplexity: PerplexityResult
+    agreement: AgreementResult | None
+    batch_size: int
+    seconds: float
+    tokens_per_s: float
+    """Window tokens scored per second (the whole pass, metrics included)."""
+
+
+def auto_batch_size(seqlen: int, vocab: int, device: torch.device) -> int:
+    per_window = seqlen * vocab * 4 * 3
+    return max(1, min(16, _LOGITS_BUDGET_BYTES.get(device.type, 1 << 30) // per_window))
+
+
+@torch.inference_mode()
+def score_windows(model, windows: list[torch.Tensor], device: torch.device, batch_size: int | None = None,
+                  reference: Reference | None = None, make_reference_k: int | None = None,
+                  show_progress: bool = False, desc: str = "scoring") -> tuple[ScoreResult, Reference | None]:
+    """Perplexity (and KL/top-1 against ``reference``) of ``model`` on ``windows``.
+
+    With ``make_reference_k`` the pass also returns this model's own top-K reference.
+    """
+    seqlen = windows[0].numel()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = batch_size or auto_batch_size(seqlen, vocab, device)
+    total_nll, tokens = 0.0, 0
+    kls, matches, ref_rows = [], [], []
+    offset = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not show_progress, dynamic_ncols=True)
+    for first in range(0, len(windows), batch_size):
+        batch = torch.stack(windows[first:first + batch_size]).to(device)
+        logits = model(batch, use_cache=False).logits
+        for row in range(batch.shape[0]):
+            logprobs = torch.log_softmax(logits[row].float(), dim=-1)
+            ids = batch[row]
+            total_nll += float(window_nll(logprobs, ids).double().sum())
+            tokens += ids.numel() - 1
+            if make_reference_k:
+                ref_rows.append(reference_rows(logprobs, make_reference_k))
+            if reference is not None:
+                span = slice(offset, offset + ids.numel() - 1)
+                ref_lp, ref_ids = reference.logprobs[span], reference.token_ids[span]
+                kls.append(kl_topk(ref_lp, ref_ids, logprobs[:-1]).cpu())
+                matches.append(top1_matches(ref_ids, logprobs[:-1]))
+            offset += ids.numel() - 1
+        del logits
+        bar.update(batch.shape[0])
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    agreement = None
+    if reference is not None:
+        if offset != reference.logprobs.shape[0]:
+            raise ValueError(f"the reference holds {reference.logprobs.shape[0]} positions, the windows {offset}")
+        kl = torch.cat(kls).double()
+        agreement = AgreementResult(
+            kl_mean=float(kl.mean()), kl_median=float(kl.median()), kl_p99=float(torch.quantile(kl, 0.99)),
+            kl_max=float(kl.max()), top1_agreement=float(torch.cat(matches).double().mean()), positions=offset,
+            top_k=reference.k, base_rest_mass_mean=float(rest_mass(reference.logprobs.double()).mean()))
+    made = None
+    if make_reference_k:
+        made = Reference(torch.cat([r[0] for r in ref_rows]), torch.cat([r[1] for r in ref_rows]))
+    ppl = perplexity_from_nll(total_nll, tokens, len(windows))
+    return ScoreResult(ppl, agreement, batch_size, seconds, len(windows) * seqlen / seconds), made

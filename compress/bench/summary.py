@@ -1,0 +1,42 @@
+"""A few human lines from a bench result (the JSON holds everything)."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def summary_lines(result: dict) -> list[str]:
+    model, mem, acc, speed = result["model"], result["memory"], result["accuracy"], result.get("speed")
+    proto = result["protocol"]
+    lines = [f"{result['name']}: {model['kernel']} on {result['environment']['device_name']} "
+             f"({result['environment']['threads']} threads)"]
+    lines.append(f"  memory   weights {human_bytes(mem['weight_bytes'])} in memory, {human_bytes(mem['artifact_bytes'])} "
+                 f"on disk, peak {human_bytes(mem['peak_bytes'])}")
+    ppl = acc.get("perplexity")
+    if ppl:
+        lines.append(f"  ppl      {ppl['perplexity']:.4f} on {proto['eval']['source']}:{proto['eval']['split']} "
+                     f"({ppl['windows']} x {proto['seqlen']} tokens, no BOS), scored at "
+                     f"{acc['scoring_tokens_per_s']:.0f} tokens/s")
+    agreement = acc.get("agreement")
+    if agreement:
+        lines.append(f"  vs base  KL {agreement['kl_mean']:.5f} (top-{agreement['top_k']}), "
+                     f"top-1 agreement {100 * agreement['top1_agreement']:.2f}%")
+    task = acc.get("task")
+    if task:
+        lines.append(f"  task     {task['task']} accuracy {100 * task['accuracy']:.2f}% ({task['examples']} examples)")
+    if speed:
+        lines.append(f"  prefill  {speed['prefill']['tokens_per_s']:.1f} tokens/s ({speed['prefill']['seqlen']} tokens)")
+        for d in speed.get("decode", []):
+            lines.append(f"  decode   {d['tokens_per_s']:.1f} tokens/s at batch {d['batch']}")
+        if "achieved_gbps" in speed:
+            lines.append(f"  bandwidth {speed['achieved_gbps']:.1f} GB/s achieved of {speed['memory_bandwidth_gbps']:.1f} "
+                         f"GB/s measured ({100 * speed['bandwidth_fraction']:.0f}%)")
+    return lines

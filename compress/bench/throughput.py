@@ -1,0 +1,99 @@
+"""Speed: prefill tokens/s on full windows and decode tokens/s with a KV cache.
+
+Each figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones, under
+``torch.inference_mode``. Decode is a plain greedy loop over the model's own forward with its
+cache (no sampling, no generate() bookkeeping), so it times the model and nothing else.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from compress.bench.memory import kv_cache_bytes
+
+
+@dataclass
+class PrefillResult:
+    tokens_per_s: float
+    batch: int
+    seqlen: int
+    seconds_median: float
+    repeats: int
+
+
+@dataclass
+class DecodeResult:
+    tokens_per_s: float
+    """Generated tokens per second over the whole batch."""
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    seconds_median: float
+    repeats: int
+    kv_cache_bytes: int
+    """Bytes of the KV cache at the end of one run (prompt + new tokens, whole batch)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(run, device: torch.device, warmup: int, repeats: int) -> tuple[float, object]:
+    for _ in range(warmup):
+        run()
+    times, last = [], None
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        last = run()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), last
+
+
+@torch.inference_mode()
+def prefill(model, window: torch.Tensor, device: torch.device, warmup: int = 1, repeats: int = 3) -> PrefillResult:
+    """One full window, batch 1, through the model as a prompt would go (cache on, logits of the last token)."""
+    ids = window.reshape(1, -1).to(device)
+
+    def run():
+        return model(ids, use_cache=True, logits_to_keep=1)
+
+    seconds, _ = _median_seconds(run, device, warmup, repeats)
+    return PrefillResult(ids.shape[1] / seconds, 1, ids.shape[1], seconds, repeats)
+
+
+@torch.inference_mode()
+def decode(model, prompt: torch.Tensor, new_tokens: int, batch: int, device: torch.device, warmup: int = 1,
+           repeats: int = 3) -> DecodeResult:
+    """Greedy decoding of ``new_tokens`` after a ``prompt`` (1-D ids), the prompt repeated ``batch`` times.
+
+    The prompt's prefill is outside the timed region: only the per-token steps are timed.
+    """
+    ids = prompt.reshape(1, -1).expand(batch, -1).contiguous().to(device)
+
+    def run():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        return time.perf_counter() - started, cache
+
+    for _ in range(warmup):
+        run()
+    times, cache = [], None
+    for _ in range(repeats):
+        seconds, cache = run()
+        times.append(seconds)
+    seconds = statistics.median(times)
+    return DecodeResult(batch * new_tokens / seconds, batch, ids.shape[1], new_tokens, seconds, repeats,
+                        kv_cache_bytes(cache))

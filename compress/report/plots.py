@@ -1,0 +1,83 @@
+"""The report's plots as PNG bytes (matplotlib, no display): each point a variant, the Pareto
+frontier drawn and its points ringed."""
+
+from __future__ import annotations
+
+import io
+
+from compress.report.pareto import pareto_front
+from compress.report.rows import Row
+
+MIB = 1 << 20
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4), dpi=110)
+    ax.grid(True, alpha=0.3)
+    return plt, fig, ax
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _scatter(rows: list[Row], xs, ys, xlabel: str, ylabel: str, title: str, maximize_y: bool,
+             log_y: bool = False, log_x: bool = False) -> bytes | None:
+    points = [(x, y) for x, y in zip(xs, ys)]
+    usable = [i for i, (x, y) in enumerate(points) if x is not None and y is not None]
+    if not usable:
+        return None
+    plt, fig, ax = _figure()
+    front = [i for i in pareto_front(points, maximize_y) if i in usable]
+    for i in usable:
+        x, y = points[i]
+        ax.scatter([x], [y], s=42, color="tab:red" if rows[i].is_base else "tab:blue", zorder=3)
+        ax.annotate(rows[i].name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if front:
+        ordered = sorted(front, key=lambda i: points[i][0])
+        ax.plot([points[i][0] for i in ordered], [points[i][1] for i in ordered], color="tab:orange", lw=1.5,
+                label="Pareto frontier", zorder=2)
+        ax.scatter([points[i][0] for i in ordered], [points[i][1] for i in ordered], s=120, facecolors="none",
+                   edgecolors="tab:orange", linewidths=1.5, zorder=4)
+        ax.legend(loc="best", fontsize=8)
+    if log_y:
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return _png(plt, fig)
+
+
+def make_plots(rows: list[Row]) -> dict[str, bytes]:
+    """{file name: PNG bytes} for every plot the figures allow."""
+    size = [r.weight_bytes / MIB for r in rows]
+    ppls = [r.perplexity for r in rows]
+    finite = [p for p in ppls if p is not None and p != float("inf")]
+    wide = bool(finite) and max(finite) / min(finite) > 3  # log scale only where the range needs it
+    plots = {
+        "perplexity_vs_size.png": _scatter(
+            rows, size, ppls, "weights in memory (MiB)", "perplexity" + (" (log scale)" if wide else ""),
+            "Perplexity vs size (lower-left is better)", maximize_y=False, log_y=wide),
+        "decode_vs_size.png": _scatter(
+            rows, size, [r.decode_tps for r in rows], "weights in memory (MiB)", "batch-1 decode tokens/s",
+            "Decode speed vs size (upper-left is better)", maximize_y=True),
+        "kl_vs_bits.png": _scatter(
+            rows, [r.bits for r in rows], [r.kl_mean for r in rows], "weight bits (log2 scale)",
+            "mean KL divergence to the base", "KL vs bits (lower-left is better)", maximize_y=False, log_x=True),
+    }
+    return {name: png for name, png in plots.items() if png is not None}

@@ -1,0 +1,155 @@
+"""Report pages: a Markdown summary (README.md beside its PNGs) and one self-contained HTML file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+
+from compress.bench.summary import human_bytes
+from compress.report.pareto import pareto_front
+from compress.report.rows import Row
+
+MIB = 1 << 20
+PLOT_TITLES = {
+    "perplexity_vs_size.png": "Perplexity vs size",
+    "decode_vs_size.png": "Decode tokens/s vs size",
+    "kl_vs_bits.png": "KL divergence vs bits",
+}
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    return f"{value:,.{digits}f}"
+
+
+def _sig(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f" ({value:.2f}x)"
+
+
+def _variant(row: Row) -> str:
+    if row.group_size is None:
+        return f"{row.method}"
+    group = "per channel" if row.group_size == -1 else f"g{row.group_size}"
+    return f"{row.method} W{row.bits:g} {group}"
+
+
+def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    front = set(pareto_front([(r.weight_bytes, r.perplexity) for r in rows]))
+    has_task = any(r.task_accuracy is not None for r in rows)
+    header = ["", "variant", "scheme", "weights MiB", "disk MiB", "peak MiB (inference)", "perplexity", "KL", "top-1 %",
+              "prefill tok/s", "decode tok/s (b1)", "decode tok/s (batch)", "GB/s (% of measured)"]
+    if has_task:
+        header.insert(9, "task acc %")
+    body = []
+    for i, r in enumerate(rows):
+        mark = ("base " if r.is_base else "") + ("★" if i in front else "")
+        gbps = "-" if r.achieved_gbps is None else f"{r.achieved_gbps:.1f} ({100 * r.achieved_gbps / r.bandwidth_gbps:.0f}%)"
+        line = [mark.strip(), r.name, _variant(r),
+                _num(r.weight_bytes / MIB, 1) + _ratio(r.ratios.get("weight_bytes")),
+                _num(r.artifact_bytes / MIB, 1), _num(r.peak_bytes / MIB, 0),
+                _num(r.perplexity, 3) + _ratio(r.ratios.get("perplexity")), _sig(r.kl_mean),
+                _num(None if r.top1 is None else 100 * r.top1, 2),
+                _num(r.prefill_tps, 1) + _ratio(r.ratios.get("prefill_tps")),
+                _num(r.decode_tps, 1) + _ratio(r.ratios.get("decode_tps")),
+                "-" if r.decode_batch_tps is None else f"{r.decode_batch_tps:,.1f} @{r.decode_batch}"
+                + _ratio(r.ratios.get("decode_batch_tps")), gbps]
+        if has_task:
+            line.insert(9, _num(None if r.task_accuracy is None else 100 * r.task_accuracy, 2))
+        body.append(line)
+    return header, body
+
+
+def protocol_lines(rows: list[Row]) -> list[str]:
+    base = next(r for r in rows if r.is_base).result
+    proto, env = base["protocol"], base["environment"]
+    lines = []
+    if "eval" in proto:
+        ev = proto["eval"]
+        lines.append(f"Perplexity: {ev['source']}:{ev['split']} ({ev['origin']}, sha256 {ev['sha256'][:16]}…), "
+                     f"tokenized once without special tokens, {proto['windows']} non-overlapping windows of "
+                     f"{proto['seqlen']} tokens (stride {proto['stride']}, no BOS, remainder dropped), "
+                     f"{proto['scored_tokens']:,} predicted tokens; ppl = exp(mean NLL).")
+        ref = proto.get("base_reference") or {}
+        lines.append(f"KL and top-1: against {ref.get('reference', 'the base')} ({ref.get('dtype', '?')}) on the same "
+                     f"windows; KL over the base's top-{ref.get('top_k', '?')} tokens per position plus one bucket "
+                     "for the rest (a lower bound of the full KL); top-1 agreement is exact.")
+    speed = base.get("speed") or {}
+    if speed:
+        decode = speed.get("decode") or [{}]
+        lines.append(f"Speed: prefill of one {speed['prefill']['seqlen']}-token window at batch 1; greedy decode of "
+                     f"{decode[0].get('new_tokens', '?')} tokens after a {decode[0].get('prompt_tokens', '?')}-token "
+                     f"prompt with the KV cache; median of {speed['repeats']} runs after {speed['warmup']} warm-up. "
+                     f"Achieved GB/s = weight bytes x batch-1 decode tokens/s, against a measured memory read "
+                     f"bandwidth of {speed.get('memory_bandwidth_gbps', float('nan')):.1f} GB/s.")
+    lines.append(f"Memory: weights = parameters and buffers in memory, tied tensors once; peak (inference) = "
+                 f"{base['memory']['peak_kind']} over the timed prefill and decode (the whole run's peak, with "
+                 "the scoring pass, is in each result file).")
+    lines.append(f"Machine: {env['device_name']}, {env['threads']} threads (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}),"
+                 f" torch {env['torch']}, transformers {env['transformers']}, compress-workbench {env['compress']}, "
+                 f"Python {env['python']}.")
+    return lines
+
+
+def kernels(rows: list[Row]) -> list[str]:
+    return [f"{r.name}: {r.kernel}" + (f" ({'; '.join(r.result['model'].get('notes') or [])})"
+                                       if r.result["model"].get("notes") else "") for r in rows]
+
+
+def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: list[str], notes: list[str]) -> str:
+    header, body = table(rows)
+    out = [f"# {title}", ""]
+    if reproduce:
+        out += ["Reproduce:", "", "```", *reproduce, "```", ""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cells) + " |" for cells in body]
+    out += ["", "★ = on the Pareto frontier of size and perplexity; ratios are to the base row.", ""]
+    for name, caption in PLOT_TITLES.items():
+        if name in plots:
+            out += [f"![{caption}](plots/{name})", ""]
+    if notes:
+        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    out += ["## Protocol", "", *[f"- {line}" for line in protocol_lines(rows)], ""]
+    out += ["## Kernels", "", *[f"- {line}" for line in kernels(rows)], ""]
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 7px;text-align:right}
+td:nth-child(2),td:nth-child(3),th{text-align:left}tr.base{background:#fff3e0}tr.front td:first-child{color:#e65100}
+img{max-width:640px;margin:8px}pre{background:#f5f5f5;padding:8px;overflow-x:auto}"""
+
+
+def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: list[str], notes: list[str]) -> str:
+    header, body = table(rows)
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>"]
+    if reproduce:
+        parts.append("<p>Reproduce:</p><pre>" + esc("\n".join(reproduce)) + "</pre>")
+    parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+    for row, cells in zip(rows, body):
+        cls = " ".join(c for c, on in (("base", row.is_base), ("front", "★" in cells[0])) if on)
+        parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</table><p>★ = on the Pareto frontier of size and perplexity; ratios are to the base row.</p>")
+    for name, caption in PLOT_TITLES.items():
+        if name in plots:
+            data = base64.b64encode(plots[name]).decode()
+            parts.append(f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in protocol_lines(rows)) + "</ul>")
+    parts.append("<h2>Kernels</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in kernels(rows)) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+__all__ = ["markdown", "html_page", "human_bytes"]

@@ -1,0 +1,118 @@
+"""Bench results -> report rows: the figures a reader compares, with ratios to the base model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.bench.run import read_result
+from compress.errors import UserError
+
+
+@dataclass
+class Row:
+    name: str
+    method: str
+    bits: float
+    group_size: int | None
+    kernel: str
+    parameters: int
+    weight_bytes: int
+    artifact_bytes: int
+    peak_bytes: int
+    """Peak during the timed prefill/decode (the whole run's peak where speed was not measured)."""
+    perplexity: float | None
+    kl_mean: float | None
+    top1: float | None
+    task_accuracy: float | None
+    prefill_tps: float | None
+    decode_tps: float | None
+    """Batch-1 decode tokens/s."""
+    decode_batch_tps: float | None
+    decode_batch: int | None
+    achieved_gbps: float | None
+    bandwidth_gbps: float | None
+    is_base: bool = False
+    ratios: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict, repr=False)
+
+
+def result_files(paths: list[Path]) -> list[Path]:
+    """The given files, and every *.json directly inside the given folders."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise UserError(f"folder {path} holds no result files (*.json)")
+            files.extend(found)
+        else:
+            files.append(path)
+    if not files:
+        raise UserError("no result files given: pass files written by `compress bench --out` or their folders")
+    return files
+
+
+def _row(result: dict) -> Row:
+    model, mem, acc, speed = result["model"], result["memory"], result["accuracy"], result.get("speed") or {}
+    quant = model.get("quantization") or {}
+    ppl, agreement, task = acc.get("perplexity"), acc.get("agreement"), acc.get("task")
+    decodes = speed.get("decode") or []
+    batch1 = next((d for d in decodes if d["batch"] == 1), None)
+    larger = max((d for d in decodes if d["batch"] > 1), key=lambda d: d["batch"], default=None)
+    group = quant.get("group_size")
+    return Row(
+        name=result["name"], method=quant.get("method") or model["dtype"], bits=model["weight_bits"],
+        group_size=group, kernel=model["kernel"], parameters=model["parameters"],
+        weight_bytes=mem["weight_bytes"], artifact_bytes=mem["artifact_bytes"],
+        peak_bytes=mem.get("peak_speed_bytes") or mem["peak_bytes"],
+        perplexity=ppl["perplexity"] if ppl else None, kl_mean=agreement["kl_mean"] if agreement else None,
+        top1=agreement["top1_agreement"] if agreement else None, task_accuracy=task["accuracy"] if task else None,
+        prefill_tps=speed["prefill"]["tokens_per_s"] if speed.get("prefill") else None,
+        decode_tps=batch1["tokens_per_s"] if batch1 else None,
+        decode_batch_tps=larger["tokens_per_s"] if larger else None, decode_batch=larger["batch"] if larger else None,
+        achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"), result=result)
+
+
+def _base_index(results: list[dict]) -> int:
+    """The row every other one was compared with: the model named as --base (same dtype), else the
+    largest dense row."""
+    bases = Counter((r["base"]["path"], r["base"]["dtype"]) for r in results if r.get("base"))
+    for (path, dtype), _ in bases.most_common():
+        for i, r in enumerate(results):
+            m = r["model"]
+            if m["path"] == path and m["dtype"] == dtype and not m.get("transform") and not m.get("quantization"):
+                return i
+    dense = [i for i, r in enumerate(results) if not r["model"].get("quantization")]
+    candidates = dense or list(range(len(results)))
+    return max(candidates, key=lambda i: results[i]["memory"]["weight_bytes"])
+
+
+def _check_comparable(results: list[dict], files: list[Path]) -> None:
+    protocols = {(r["protocol"].get("eval", {}).get("sha256"), r["protocol"].get("seqlen"),
+                  r["protocol"].get("windows")) for r in results if r["accuracy"].get("perplexity")}
+    if len(protocols) > 1:
+        raise UserError(f"the results were scored on different texts or windows ({len(protocols)} protocols among "
+                        f"{', '.join(map(str, files))}): report runs made with the same --eval/--seqlen/--windows")
+
+
+def load_rows(paths: list[Path]) -> list[Row]:
+    files = result_files(paths)
+    results = [read_result(f) for f in files]
+    _check_comparable(results, files)
+    base = _base_index(results)
+    rows = [_row(r) for r in results]
+    rows[base].is_base = True
+    ref = rows[base]
+    for row in rows:
+        row.ratios = {key: _ratio(getattr(row, key), getattr(ref, key)) for key in
+                      ("weight_bytes", "artifact_bytes", "peak_bytes", "perplexity", "prefill_tps", "decode_tps",
+                       "decode_batch_tps", "task_accuracy")}
+    return rows
+
+
+def _ratio(value, reference):
+    if value is None or reference in (None, 0):
+        return None
+    return value / reference

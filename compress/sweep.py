@@ -1,0 +1,285 @@
+"""`compress sweep CONFIG.yaml`: methods x bits x group sizes (plus dense baselines and peers) on
+one model, each variant quantized, benchmarked, then one report.
+
+Everything a variant produces is kept under ``runs/<name>/`` and reused on a rerun: a quantized
+folder is named by a fingerprint of its settings and is complete once it exists (folders are written
+atomically); a result file counts only when its recorded fingerprint matches. An interrupted sweep
+therefore resumes where it stopped. Each benchmark runs in its own process, so its peak memory is
+its own; the base model's reference logits are made once, before the first variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.config_io import check_fields, read_yaml_mapping
+from compress.errors import UserError
+
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass
+class SweepConfig:
+    model: str = "smollm2-135m"
+    name: str | None = None
+    """Sweep name (default: the config file's stem): runs/<name>/ and reports/<name>/."""
+    runs: str = "runs"
+    report: str | None = None
+    """Report folder (default reports/<name>)."""
+    title: str | None = None
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    """Dense baselines; the first is the base every variant is compared with."""
+    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq"])
+    bits: list[int] = field(default_factory=lambda: [8, 4, 3])
+    group_sizes: list[int] = field(default_factory=lambda: [128])
+    peers: list[str] = field(default_factory=lambda: ["gptqmodel", "torchao-int8wo"])
+    """Peer rows where installed: gptqmodel (bits x group_sizes), torchao-int8wo."""
+    # Quantization (ours and GPTQModel alike)
+    calib: str = "auto"
+    nsamples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    act_order: bool = True
+    damp_percent: float = 0.01
+    # Benchmark
+    eval: str = "wikitext2"
+    seqlen: int | None = None
+    windows: int | None = None
+    top_k: int = 256
+    decode_tokens: int = 32
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 3
+    isolate: bool = True
+    """Benchmark each variant in its own process (honest peak memory)."""
+    progress: bool = True
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str
+    """dense | ours | peer-quantizer | peer-transform"""
+    dtype: str
+    method: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    peer: str | None = None
+
+
+QUANTIZER_PEERS = {"gptqmodel": ("gptqmodel", "gptqmodel")}  # name -> (module, extra)
+
+
+def load_config(path: Path, overrides: dict | None = None) -> SweepConfig:
+    values = check_fields(SweepConfig, read_yaml_mapping(path), str(path))
+    values.update(overrides or {})
+    cfg = SweepConfig(**values)
+    cfg.name = cfg.name or path.stem
+    return cfg
+
+
+def expand(cfg: SweepConfig) -> tuple[list[Variant], list[str]]:
+    """The variants of a sweep, and notes on peers that cannot run here."""
+    import importlib.util
+
+    from compress.bench.load import DTYPES
+    from compress.peers import TRANSFORMS
+    from compress.quant.config import WeightQuantConfig
+    from compress.registry import get_method
+
+    if not cfg.dtypes:
+        raise UserError("a sweep needs at least one dense dtype in 'dtypes' (the first is the base)")
+    for dtype in cfg.dtypes:
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}' in 'dtypes': choose from {', '.join(DTYPES)}")
+    base_dtype = cfg.dtypes[0]
+    variants = [Variant(DTYPE_LABELS[d], "dense", d) for d in cfg.dtypes]
+    for method in cfg.methods:
+        get_method(method)
+    for bits in cfg.bits:
+        for group in cfg.group_sizes:
+            WeightQuantConfig(bits=bits, group_size=group)  # validates both, with the quantize command's errors
+            tag = f"w{bits}" + ("" if group == -1 else f"g{group}")
+            variants += [Variant(f"{m}-{tag}", "ours", base_dtype, m, bits, group) for m in cfg.methods]
+    notes = []
+    for peer in cfg.peers:
+        if peer in QUANTIZER_PEERS:
+            module, extra = QUANTIZER_PEERS[peer]
+            if importlib.util.find_spec(module) is None:
+                notes.append(f"{peer}: not installed here (pip install 'compress-workbench[{extra}]'), no rows")
+                continue
+            variants += [Variant(f"{peer}-w{b}" + ("" if g == -1 else f"g{g}"), "peer-quantizer", base_dtype, "gptq",
+                                 b, g, peer) for b in cfg.bits for g in cfg.group_sizes]
+        elif peer in TRANSFORMS:
+            if not TRANSFORMS[peer].available():
+                notes.append(f"{peer}: not installed here (pip install 'compress-workbench[{TRANSFORMS[peer].extra}]'), "
+                             "no row")
+                continue
+            variants.append(Variant(peer, "peer-transform", base_dtype, peer=peer))
+        else:
+            known = ", ".join([*QUANTIZER_PEERS, *TRANSFORMS])
+            raise UserError(f"unknown peer '{peer}' in 'peers': choose from {known}")
+    return variants, notes
+
+
+def _fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _quant_settings(cfg: SweepConfig, variant: Variant) -> dict:
+    return {"model": cfg.model, "variant": dataclasses.asdict(variant), "calib": cfg.calib, "nsamples": cfg.nsamples,
+            "calib_seqlen": cfg.calib_seqlen, "seed": cfg.seed, "act_order": cfg.act_order,
+            "damp_percent": cfg.damp_percent, "device": cfg.device}
+
+
+def _bench_settings(cfg: SweepConfig, variant: Variant) -> dict:
+    return _quant_settings(cfg, variant) | {
+        "base_dtype": cfg.dtypes[0], "eval": cfg.eval, "seqlen": cfg.seqlen, "windows": cfg.windows,
+        "top_k": cfg.top_k, "decode_tokens": cfg.decode_tokens, "decode_batches": cfg.decode_batches,
+        "repeats": cfg.repeats}
+
+
+# --- one variant ---------------------------------------------------------------------------------
+
+
+def _calibration(cfg: SweepConfig, source: Path):
+    from transformers import AutoTokenizer
+
+    from compress.data import calibration_windows, load_calibration_text, tokenize
+
+    text, record = load_calibration_text(cfg.calib)
+    windows, _ = calibration_windows(tokenize(AutoTokenizer.from_pretrained(source), text), record, cfg.nsamples,
+                                     cfg.calib_seqlen, cfg.seed)
+    return windows
+
+
+def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
+    """The variant's checkpoint, made now unless a finished one with the same settings exists."""
+    folder = root / "models" / f"{variant.name}-{_fingerprint(_quant_settings(cfg, variant))}"
+    if folder.is_dir():
+        _say(cfg, f"  reusing {folder}")
+        return folder
+    if variant.kind == "ours":
+        from compress.api import QuantizeRequest, quantize
+
+        quantize(QuantizeRequest(model=cfg.model, method=variant.method, bits=variant.bits,
+                                 group_size=variant.group_size, act_order=cfg.act_order,
+                                 damp_percent=cfg.damp_percent, calib=cfg.calib, nsamples=cfg.nsamples,
+                                 seqlen=cfg.calib_seqlen, seed=cfg.seed, device=cfg.device, out=str(folder),
+                                 progress=cfg.progress))
+    else:
+        from compress.models import resolve
+        from compress.peers.gptqmodel_quant import quantize_with_gptqmodel
+
+        source = resolve(cfg.model).path
+        quantize_with_gptqmodel(source, variant.bits, variant.group_size, cfg.act_order, cfg.damp_percent,
+                                _calibration(cfg, source), folder, device=cfg.device)
+    return folder
+
+
+def bench_request(cfg: SweepConfig, variant: Variant, model_ref: str, out: Path):
+    from compress.bench.run import BenchRequest
+
+    return BenchRequest(model=model_ref, base=cfg.model, name=variant.name, device=cfg.device, dtype=variant.dtype,
+                        base_dtype=cfg.dtypes[0], transform=variant.peer if variant.kind == "peer-transform" else None,
+                        eval=cfg.eval, seqlen=cfg.seqlen, windows=cfg.windows, top_k=cfg.top_k,
+                        decode_tokens=cfg.decode_tokens, decode_batches=list(cfg.decode_batches),
+                        repeats=cfg.repeats, progress=cfg.progress, out=str(out))
+
+
+def _bench_command(request) -> list[str]:
+    """The `compress bench` command line of a request (run as a child process)."""
+    args = [sys.executable, "-m", "compress.cli", "bench", request.model, "--base", request.base, "--name",
+            request.name, "--device", request.device, "--dtype", request.dtype, "--base-dtype", request.base_dtype,
+            "--eval", request.eval, "--top-k", str(request.top_k), "--decode-tokens", str(request.decode_tokens),
+            "--decode-batches", *map(str, request.decode_batches), "--repeats", str(request.repeats),
+            "--out", request.out]
+    for flag, value in (("--seqlen", request.seqlen), ("--windows", request.windows),
+                        ("--transform", request.transform)):
+        if value is not None:
+            args += [flag, str(value)]
+    if not request.progress:
+        args.append("--no-progress")
+    return args
+
+
+def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
+    from compress.bench.run import bench, write_result
+
+    result_path = root / "results" / f"{variant.name}.json"
+    fingerprint = _fingerprint(_bench_settings(cfg, variant))
+    if result_path.is_file():
+        try:
+            if json.loads(result_path.read_text()).get("sweep", {}).get("fingerprint") == fingerprint:
+                _say(cfg, f"  reusing {result_path}")
+                return result_path
+        except json.JSONDecodeError:
+            pass
+        result_path.unlink()
+    model_ref = cfg.model if variant.kind in ("dense", "peer-transform") else str(quantized_folder(cfg, variant, root))
+    request = bench_request(cfg, variant, model_ref, result_path)
+    if cfg.isolate:
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        completed = subprocess.run(_bench_command(request), env=env, stdout=subprocess.DEVNULL)
+        if completed.returncode == 130:
+            raise KeyboardInterrupt
+        if completed.returncode != 0:
+            raise UserError(f"benchmark of {variant.name} failed (exit {completed.returncode}); its output is above")
+        result = json.loads(result_path.read_text())
+    else:
+        result = bench(request)
+    result["sweep"] = {"name": cfg.name, "variant": dataclasses.asdict(variant), "fingerprint": fingerprint}
+    write_result(result, result_path)
+    return result_path
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+
+
+def prepare_reference(cfg: SweepConfig) -> None:
+    """Make the base model's reference once, in this process, before any child needs it."""
+    from compress.bench.run import ensure_reference
+
+    ensure_reference(bench_request(cfg, Variant("base", "dense", cfg.dtypes[0]), cfg.model, Path("unused")))
+
+
+def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
+    from compress.report import build_report
+    from compress.runtime import resolve_device
+
+    resolve_device(cfg.device)
+    variants, notes = expand(cfg)
+    root = Path(cfg.runs) / cfg.name
+    started = time.perf_counter()
+    _say(cfg, f"sweep {cfg.name}: {len(variants)} variants of {cfg.model} on {cfg.device} -> {root}")
+    prepare_reference(cfg)
+    # Every checkpoint first, every benchmark after: timings are then never taken while a
+    # quantization of the same sweep competes for the cores, and a failing quantizer stops the sweep
+    # before any time goes into benchmarks.
+    quantized = [v for v in variants if v.kind in ("ours", "peer-quantizer")]
+    for number, variant in enumerate(quantized, 1):
+        _say(cfg, f"[quantize {number}/{len(quantized)}] {variant.name}  (elapsed "
+                  f"{(time.perf_counter() - started) / 60:.1f} min)")
+        quantized_folder(cfg, variant, root)
+    paths = []
+    for number, variant in enumerate(variants, 1):
+        elapsed = time.perf_counter() - started
+        _say(cfg, f"[bench {number}/{len(variants)}] {variant.name}  (elapsed {elapsed / 60:.1f} min)")
+        paths.append(run_variant(cfg, variant, root))
+    report = Path(cfg.report or Path("reports") / cfg.name)
+    build_report(paths, report, cfg.title or f"{cfg.model} sweep on {cfg.device}: {cfg.name}",
+                 reproduce=[" ".join(command)], notes=notes, force=True)
+    return report
+
+
+def _say(cfg: SweepConfig, message: str) -> None:
+    if cfg.progress:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,99 @@
+"""`bench()` end to end on tiny checkpoints: the record, the agreement with itself, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from compress.bench.memory import model_weight_bytes
+from compress.bench.run import SCHEMA_VERSION, BenchRequest, bench, read_result
+from compress.errors import UserError
+from compress.models import load_model, resolve, weight_bytes_on_disk
+
+
+def quick(eval_file, **kw) -> BenchRequest:
+    values = dict(model="tiny-llama", device="cpu", eval=str(eval_file), seqlen=32, windows=4, decode_tokens=3,
+                  decode_batches=[1, 2], repeats=1, progress=False)
+    values.update(kw)
+    return BenchRequest(**values)
+
+
+def test_bench_against_itself_and_the_record(eval_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    result = bench(quick(eval_file, base="tiny-llama", out=str(out)))
+    assert read_result(out)["name"] == "tiny-llama"
+    agreement = result["accuracy"]["agreement"]
+    assert agreement["kl_mean"] < 1e-6 and agreement["top1_agreement"] == 1.0
+    assert result["protocol"]["windows"] == 4 and result["protocol"]["seqlen"] == 32
+    assert result["protocol"]["bos"] is False and result["protocol"]["scored_tokens"] == 4 * 31
+    assert result["accuracy"]["perplexity"]["perplexity"] > 1
+    path = resolve("tiny-llama").path
+    model, _ = load_model(path)
+    assert result["memory"]["weight_bytes"] == model_weight_bytes(model)
+    assert result["memory"]["artifact_bytes"] == weight_bytes_on_disk(path)
+    assert result["memory"]["kv_cache"]["bytes"] > 0
+    speed = result["speed"]
+    assert [d["batch"] for d in speed["decode"]] == [1, 2]
+    assert speed["achieved_gbps"] == pytest.approx(result["memory"]["weight_bytes"]
+                                                   * speed["decode"][0]["tokens_per_s"] / 1e9)
+    assert speed["memory_bandwidth_gbps"] > 0
+    assert result["environment"]["threads"] == torch.get_num_threads()
+    # The base reference is cached: a second run reads it instead of recomputing.
+    again = bench(quick(eval_file, base="tiny-llama", speed=False))
+    assert again["base"]["cached"] is True
+    assert again["accuracy"]["perplexity"] == result["accuracy"]["perplexity"]
+
+
+def test_a_quantized_checkpoint_is_measured_by_our_kernel(eval_file, tmp_path, calib_file, monkeypatch):
+    from compress.api import QuantizeRequest, quantize
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "q"
+    quantize(QuantizeRequest(model="tiny-llama", method="rtn", bits=4, group_size=32, out=str(folder), device="cpu",
+                             progress=False))
+    result = bench(quick(eval_file, model=str(folder), base="tiny-llama", speed=False))
+    assert "QuantLinear" in result["model"]["kernel"]
+    assert result["model"]["quantization"]["bits"] == 4
+    assert result["model"]["weight_bits"] == 4.0
+    assert 0 < result["accuracy"]["agreement"]["kl_mean"]
+    assert result["memory"]["weight_bytes"] < bench(quick(eval_file, speed=False))["memory"]["weight_bytes"]
+
+
+def test_a_base_with_another_vocabulary_is_refused(eval_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    config = tiny_config("llama")
+    config.vocab_size = 300
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    tiny_tokenizer(300).save_pretrained(other)
+    with pytest.raises(UserError, match="another tokenizer/vocabulary"):
+        bench(quick(eval_file, base=str(other)))
+
+
+def test_an_empty_evaluation_text_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    with pytest.raises(UserError, match="empty"):
+        bench(quick(empty))
+
+
+def test_a_result_of_another_schema_version_is_refused(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema": "compress-workbench/bench", "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match="schema version"):
+        read_result(path)
+    path.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(UserError, match="not a compress bench result"):
+        read_result(path)
+
+
+def test_cuda_without_a_gpu_is_refused(eval_file):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        bench(quick(eval_file, device="cuda"))

@@ -1,0 +1,62 @@
+import copy
+import json
+import re
+
+import pytest
+
+from compress.bench.run import BenchRequest, bench, write_result
+from compress.errors import UserError
+from compress.report import build_report
+from compress.report.pareto import pareto_front
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(1.0, 10.0), (2.0, 5.0), (3.0, 6.0), (4.0, 1.0), (2.0, 5.0), (5.0, None)]
+    assert pareto_front(points) == [0, 1, 3, 4]
+    assert pareto_front([(1.0, 1.0), (2.0, 3.0)], maximize_y=True) == [0, 1]
+    assert pareto_front([(1.0, 3.0), (2.0, 1.0)], maximize_y=True) == [0]
+
+
+@pytest.fixture(scope="module")
+def two_results(tmp_path_factory, eval_file):
+    folder = tmp_path_factory.mktemp("results")
+    common = dict(device="cpu", eval=str(eval_file), seqlen=32, windows=3, decode_tokens=2, decode_batches=[1, 2],
+                  repeats=1, progress=False, base="tiny-llama")
+    a = bench(BenchRequest(model="tiny-llama", name="fp32", out=str(folder / "fp32.json"), **common))
+    b = bench(BenchRequest(model="tiny-llama", name="bf16", dtype="bfloat16", base_dtype="float32",
+                           out=str(folder / "bf16.json"), **common))
+    return folder, a, b
+
+
+def test_the_report_has_its_table_plots_and_protocol(two_results, tmp_path):
+    folder, a, b = two_results
+    out = build_report([folder], tmp_path / "rep", title="tiny report")
+    md = (out / "README.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "| base" in md and "bf16" in md and "## Protocol" in md
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["decode_vs_size.png", "kl_vs_bits.png",
+                                                                 "perplexity_vs_size.png"]
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 3 and all(len(i) > 1000 for i in images)
+    assert "http" not in page.split("<body>")[1].replace("https://", "")  # self-contained: nothing fetched
+    # bf16 halves the weights: its size ratio to the base is printed.
+    assert "(0.50x)" in md
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["bf16.json", "fp32.json"]
+
+
+def test_results_from_different_windows_are_not_mixed(two_results, tmp_path):
+    folder, a, _ = two_results
+    other = copy.deepcopy(a)
+    other["protocol"]["windows"] = 99
+    write_result(other, tmp_path / "other.json")
+    with pytest.raises(UserError, match="different texts or windows"):
+        build_report([folder / "fp32.json", tmp_path / "other.json"], tmp_path / "rep")
+
+
+def test_an_existing_report_is_kept_without_force(two_results, tmp_path):
+    folder, _, _ = two_results
+    build_report([folder], tmp_path / "rep")
+    with pytest.raises(UserError, match="already exists"):
+        build_report([folder], tmp_path / "rep")
+    build_report([folder], tmp_path / "rep", force=True)
+    assert json.loads((tmp_path / "rep" / "results" / "fp32.json").read_text())["name"] == "fp32"
