@@ -177,7 +177,8 @@ def _sweep_run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("device", args.device), ("progress", args.progress)) if v is not None}
     cfg = load_config(args.config, overrides)
-    command = ["compress", "sweep", str(args.config)] + (["--device", args.device] if args.device else [])
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
+    command = threads + ["compress", "sweep", str(args.config)] + (["--device", args.device] if args.device else [])
     report = run_sweep(cfg, command)
     print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
     return 0

@@ -35,6 +35,8 @@ class SweepConfig:
     report: str | None = None
     """Report folder (default reports/<name>)."""
     title: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """Lines for the report's Notes section (what a reader should know about this matrix)."""
     device: str = "cpu"
     dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
     """Dense baselines; the first is the base every variant is compared with."""
@@ -276,7 +278,7 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
         paths.append(run_variant(cfg, variant, root))
     report = Path(cfg.report or Path("reports") / cfg.name)
     build_report(paths, report, cfg.title or f"{cfg.model} sweep on {cfg.device}: {cfg.name}",
-                 reproduce=[" ".join(command)], notes=notes, force=True)
+                 reproduce=[" ".join(command)], notes=list(cfg.notes) + notes, force=True)
     return report
 
 

@@ -164,7 +164,7 @@ def _context(config) -> int | None:
 
 
 def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, device: torch.device,
-           weight_bytes: int) -> dict:
+           weight_bytes: int, bandwidth: float) -> dict:
     model = loaded.model
     prefill = throughput.prefill(model, window, device, request.warmup, request.repeats)
     result: dict = {"prefill": dataclasses.asdict(prefill)}
@@ -173,7 +173,6 @@ def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, dev
         decodes = [throughput.decode(model, prompt, request.decode_tokens, b, device, request.warmup, request.repeats)
                    for b in request.decode_batches]
         result["decode"] = [dataclasses.asdict(d) for d in decodes]
-        bandwidth = read_bandwidth_gbps(device)
         batch1 = next((d for d in decodes if d.batch == 1), None)
         result["memory_bandwidth_gbps"] = bandwidth
         result["memory_bandwidth_method"] = "median of 7 timed sums over a float32 buffer (512 MiB CPU, 2 GiB CUDA)"
@@ -220,6 +219,9 @@ def bench(request: BenchRequest) -> dict:
     if classifier:
         task_rows, task_record = load_labelled(request.task)
 
+    # The bandwidth probe's buffer (512 MiB on CPU, 2 GiB on CUDA) must not count in the model's peak.
+    bandwidth = read_bandwidth_gbps(device) if request.speed and causal else None
+    gc.collect()
     memory.reset_peak(device)
     rss_before = memory.peak_bytes(device)
     load_started = time.perf_counter()
@@ -239,7 +241,7 @@ def bench(request: BenchRequest) -> dict:
         protocol.update({"eval": dataclasses.asdict(record.text), "seqlen": record.seqlen, "stride": record.seqlen,
                          "windows": record.count, "text_tokens": record.tokens,
                          "scored_tokens": score.perplexity.tokens, "remainder": "dropped",
-                         "batch_size": score.batch_size, "kl": f"top-{request.top_k} + rest bucket (lower bound)",
+                         "batch_size": score.batch_size, "scoring_threads": score.threads, "kl": f"top-{request.top_k} + rest bucket (lower bound)",
                          "base_reference": reference_info})
     if classifier:
         acc = task_accuracy(model, tokenizer, task_rows, device, request.task)
@@ -253,7 +255,7 @@ def bench(request: BenchRequest) -> dict:
     memory.reset_peak(device)
     if request.speed:
         window = windows[0] if windows else tokenizer("hello " * 127, return_tensors="pt")["input_ids"][0]
-        speed = _speed(request, loaded, window, device, weight_bytes)
+        speed = _speed(request, loaded, window, device, weight_bytes, bandwidth)
         speed |= {"warmup": request.warmup, "repeats": request.repeats, "statistic": "median"}
 
     result = {

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from compress.errors import UserError
 from compress.fsutil import atomic_folder
 
 # On a 2-core machine GPTQModel otherwise asks for more workers than there are cores, and compiles a
@@ -30,15 +32,20 @@ def quantize_with_gptqmodel(source: Path, bits: int, group_size: int, act_order:
     qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=True, desc_act=act_order, damp_percent=damp_percent,
                           act_group_aware=False, mse=0.0, true_sequential=True, offload_to_disk=False, device=device)
     dtype = torch.float32 if device == "cpu" else torch.float16
+    source, folder = Path(source).resolve(), Path(folder)
     with atomic_folder(folder, force=force) as tmp:
+        tmp = tmp.resolve()  # absolute: the working directory changes below
         cwd = os.getcwd()
-        os.chdir(tmp.parent)  # GPTQModel writes a logs/ folder into the working directory
-        try:
-            model = GPTQModel.load(str(source), qcfg, dtype=dtype)
-            model.quantize([{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib], batch_size=1)
-            model.save(str(tmp))
-        finally:
-            os.chdir(cwd)
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)  # GPTQModel writes a logs/ folder into the working directory
+            try:
+                model = GPTQModel.load(str(source), qcfg, dtype=dtype)
+                model.quantize([{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib], batch_size=1)
+                model.save(str(tmp))
+            finally:
+                os.chdir(cwd)
+        if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
+            raise UserError(f"GPTQModel finished but wrote no checkpoint into {folder}: nothing was kept")
         for name in _TOKENIZER_FILES:  # the benchmark needs the tokenizer beside the weights
             if (source / name).is_file() and not (tmp / name).exists():
                 shutil.copyfile(source / name, tmp / name)

@@ -39,3 +39,18 @@ def test_batching_does_not_change_the_figure(tiny_llama):
 
 def test_an_overflowing_nll_reports_infinity_not_a_crash():
     assert perplexity_from_nll(1e6, 10, 1).perplexity == float("inf")
+
+
+def test_thread_tuning_keeps_the_figure_and_restores_the_thread_count(tiny_llama, monkeypatch):
+    import compress.bench.score as score_module
+
+    monkeypatch.setattr(score_module, "other_runnable_tasks", lambda: 2.0)  # as if the machine were shared
+    model, _ = tiny_llama
+    windows = [torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    before = torch.get_num_threads()
+    tuned, _ = score_windows(model, windows, torch.device("cpu"), batch_size=1, tune_threads=True)
+    fixed, _ = score_windows(model, windows, torch.device("cpu"), batch_size=1, tune_threads=False)
+    assert torch.get_num_threads() == before
+    assert fixed.threads == [before]
+    assert set(tuned.threads) == {before, max(1, before // 2), 1}  # every candidate was tried
+    assert math.isclose(tuned.perplexity.perplexity, fixed.perplexity.perplexity, rel_tol=1e-5)
