@@ -44,9 +44,9 @@ def _scatter(rows: list[Row], xs, ys, xlabel: str, ylabel: str, title: str, maxi
         x, y = points[i]
         ax.scatter([x], [y], s=42, color="tab:red" if rows[i].is_base else "tab:blue", zorder=3)
         # Variants of equal size (RTN and GPTQ at the same bits) share an x: stack their labels.
-        stack = sum(1 for other in placed if abs(other - x) < 0.02 * span)
+        stack = sum(1 for other in placed if abs(other - x) < 0.05 * span)
         placed.append(x)
-        ax.annotate(rows[i].name, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * stack), fontsize=7)
+        ax.annotate(rows[i].name, (x, y), textcoords="offset points", xytext=(5, 4 + 9 * stack), fontsize=7)
     if front:
         ordered = sorted(front, key=lambda i: points[i][0])
         ax.plot([points[i][0] for i in ordered], [points[i][1] for i in ordered], color="tab:orange", lw=1.5,
