@@ -17,14 +17,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 # --- compress models ------------------------------------------------------------------------------
 
 
@@ -87,6 +79,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 def _quantize_run(args: argparse.Namespace) -> int:
     from compress.api import QuantizeRequest, quantize
+    from compress.bench.summary import human_bytes
     from compress.config_io import check_fields, read_yaml_mapping
 
     values: dict = {}
@@ -98,9 +91,9 @@ def _quantize_run(args: argparse.Namespace) -> int:
     ratio = result.source_bytes / max(result.output_bytes, 1)
     print(f"quantized {request.model} with {result.manifest['method']} "
           f"({result.manifest['config']['bits']} bits, group {result.manifest['config']['group_size']})")
-    print(f"  size   {_human_bytes(result.source_bytes)} -> {_human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
+    print(f"  size   {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
     print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
-          f"peak RSS {_human_bytes(result.peak_rss_bytes)}")
+          f"peak RSS {human_bytes(result.peak_rss_bytes)}")
     print(f"  saved  {result.folder}")
     return 0
 

@@ -35,7 +35,7 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
             if name not in module._non_persistent_buffers_set]
         for _, tensor in tensors:
             key = _storage_key(tensor)
-            if tensor is None or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             total += tensor_bytes(tensor)

@@ -6,7 +6,6 @@ import base64
 import html
 import math
 
-from compress.bench.summary import human_bytes
 from compress.report.pareto import pareto_front
 from compress.report.rows import Row
 
@@ -151,5 +150,3 @@ def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: l
     parts.append("</body></html>")
     return "\n".join(parts)
 
-
-__all__ = ["markdown", "html_page", "human_bytes"]
