@@ -219,3 +219,15 @@ def test_sweep_with_a_bad_key(capsys, tmp_path):
     cfg.write_text("model: tiny-llama\nmethod: [gptq]\n")
     code, _, err = run_cli(["sweep", str(cfg)], capsys)
     assert_user_error(code, err, "unknown key 'method'")
+
+
+def test_bench_a_folder_without_a_tokenizer(capsys, tmp_path, eval_file):
+    import shutil
+
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    source = resolve("tiny-llama").path
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(source / name, folder / name)
+    code, _, err = run_cli(["bench", str(folder), "--device", "cpu", "--eval", str(eval_file)], capsys)
+    assert_user_error(code, err, "has no tokenizer")

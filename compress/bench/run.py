@@ -140,19 +140,27 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
     return reference, info | {"cached": False}
 
 
-def ensure_reference(request: BenchRequest) -> dict:
-    """Make (or find) the base reference ``bench(request)`` will use, without loading the measured
-    model: a sweep calls this once so that no variant's process pays for, or counts, the base."""
+def _config_and_tokenizer(request: BenchRequest):
+    """(config, tokenizer) of the measured model, without loading its weights."""
     from transformers import AutoConfig, AutoTokenizer
 
     from compress.models import resolve
 
-    device = resolve_device(request.device)
     resolved = resolve(request.model, request.trust_remote_code)
     config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    if not (resolved.path / "tokenizer_config.json").is_file() and not (resolved.path / "tokenizer.json").is_file():
+        raise UserError(f"{request.model} has no tokenizer in its folder: the benchmark needs one to make windows")
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    return config, tokenizer
+
+
+def ensure_reference(request: BenchRequest) -> dict:
+    """Make (or find) the base reference ``bench(request)`` will use, without loading the measured
+    model: a sweep calls this once so that no variant's process pays for, or counts, the base."""
+    config, tokenizer = _config_and_tokenizer(request)
     windows, _ = _windows(request, tokenizer, _context(config))
-    _, info = base_reference(request, device, windows, tokenizer, getattr(config, "vocab_size", None))
+    _, info = base_reference(request, resolve_device(request.device), windows, tokenizer,
+                             getattr(config, "vocab_size", None))
     return info
 
 
@@ -195,17 +203,9 @@ def bench(request: BenchRequest) -> dict:
 
     # The tokenizer first (cheap), so the evaluation windows and the base reference exist before the
     # measured model is loaded.
-    from transformers import AutoConfig, AutoTokenizer
-
-    from compress.models import resolve
-
-    resolved = resolve(request.model, request.trust_remote_code)
-    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
+    config, tokenizer = _config_and_tokenizer(request)
     causal = is_causal_lm(config)
     classifier = is_classifier(config)
-    if not (resolved.path / "tokenizer_config.json").is_file() and not (resolved.path / "tokenizer.json").is_file():
-        raise UserError(f"{request.model} has no tokenizer in its folder: the benchmark needs one to make windows")
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
 
     windows = record = reference = reference_info = None
     if causal:
