@@ -66,6 +66,8 @@ class BenchRequest:
     prompt_tokens: int = 128
     decode_tokens: int = 32
     decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    task_batch: int = 32
+    """Classifiers: batch size of the timed pass over the task's examples."""
     warmup: int = 1
     repeats: int = 3
     trust_remote_code: bool = False
@@ -172,10 +174,13 @@ def _context(config) -> int | None:
 
 
 def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, device: torch.device,
-           weight_bytes: int, bandwidth: float) -> dict:
+           weight_bytes: int, bandwidth: float, task_batches: list[dict] | None) -> dict:
     model = loaded.model
     prefill = throughput.prefill(model, window, device, request.warmup, request.repeats)
     result: dict = {"prefill": dataclasses.asdict(prefill)}
+    if task_batches:
+        result["classify"] = dataclasses.asdict(throughput.classify(model, task_batches, device, request.warmup,
+                                                                    request.repeats))
     if is_causal_lm(model.config):
         prompt = window[: request.prompt_tokens]
         decodes = [throughput.decode(model, prompt, request.decode_tokens, b, device, request.warmup, request.repeats)
@@ -255,7 +260,9 @@ def bench(request: BenchRequest) -> dict:
     memory.reset_peak(device)
     if request.speed:
         window = windows[0] if windows else tokenizer("hello " * 127, return_tensors="pt")["input_ids"][0]
-        speed = _speed(request, loaded, window, device, weight_bytes, bandwidth)
+        task_batches = throughput.classification_batches(tokenizer, [t for t, _ in task_rows], request.task_batch) \
+            if classifier else None
+        speed = _speed(request, loaded, window, device, weight_bytes, bandwidth, task_batches)
         speed |= {"warmup": request.warmup, "repeats": request.repeats, "statistic": "median"}
 
     result = {

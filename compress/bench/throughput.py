@@ -97,3 +97,37 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, batch: int, device: tor
     seconds = statistics.median(times)
     return DecodeResult(batch * new_tokens / seconds, batch, ids.shape[1], new_tokens, seconds, repeats,
                         kv_cache_bytes(cache))
+
+
+@dataclass
+class ClassifyResult:
+    examples_per_s: float
+    tokens_per_s: float
+    """Real (unpadded) tokens per second."""
+    batch: int
+    batches: int
+    examples: int
+    seconds_median: float
+    repeats: int
+
+
+def classification_batches(tokenizer, texts: list[str], batch: int, max_length: int = 128) -> list[dict]:
+    """Tokenized batches as a classifier serves them: padded to the longest sentence of each batch."""
+    return [dict(tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch)]
+
+
+@torch.inference_mode()
+def classify(model, batches: list[dict], device: torch.device, warmup: int = 1, repeats: int = 3) -> ClassifyResult:
+    """Examples per second of a sequence classifier over all ``batches`` (tokenization excluded)."""
+    moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    def run():
+        for inputs in moved:
+            model(**inputs)
+
+    seconds, _ = _median_seconds(run, device, warmup, repeats)
+    examples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return ClassifyResult(examples / seconds, tokens / seconds, int(batches[0]["input_ids"].shape[0]), len(batches),
+                          examples, seconds, repeats)

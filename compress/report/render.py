@@ -46,7 +46,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     header = ["", "variant", "scheme", "weights MiB", "disk MiB", "peak MiB (inference)", "perplexity", "KL", "top-1 %",
               "prefill tok/s", "decode tok/s (b1)", "decode tok/s (batch)", "GB/s (% of measured)"]
     if has_task:
-        header.insert(9, "task acc %")
+        header[9:9] = ["task acc %", "task examples/s"]
     body = []
     for i, r in enumerate(rows):
         mark = ("base " if r.is_base else "") + ("★" if i in front else "")
@@ -61,7 +61,10 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                 "-" if r.decode_batch_tps is None else f"{r.decode_batch_tps:,.1f} @{r.decode_batch}"
                 + _ratio(r.ratios.get("decode_batch_tps")), gbps]
         if has_task:
-            line.insert(9, _num(None if r.task_accuracy is None else 100 * r.task_accuracy, 2))
+            line[9:9] = [_num(None if r.task_accuracy is None else 100 * r.task_accuracy, 2)
+                         + _ratio(r.ratios.get("task_accuracy")),
+                         "-" if r.classify_eps is None else f"{r.classify_eps:,.1f} @{r.classify_batch}"
+                         + _ratio(r.ratios.get("classify_eps"))]
         body.append(line)
     return header, body
 

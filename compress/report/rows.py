@@ -31,6 +31,9 @@ class Row:
     """Batch-1 decode tokens/s."""
     decode_batch_tps: float | None
     decode_batch: int | None
+    classify_eps: float | None
+    """Classifiers: examples/s over the task at ``classify_batch``."""
+    classify_batch: int | None
     achieved_gbps: float | None
     bandwidth_gbps: float | None
     is_base: bool = False
@@ -72,6 +75,8 @@ def _row(result: dict) -> Row:
         prefill_tps=speed["prefill"]["tokens_per_s"] if speed.get("prefill") else None,
         decode_tps=batch1["tokens_per_s"] if batch1 else None,
         decode_batch_tps=larger["tokens_per_s"] if larger else None, decode_batch=larger["batch"] if larger else None,
+        classify_eps=speed["classify"]["examples_per_s"] if speed.get("classify") else None,
+        classify_batch=speed["classify"]["batch"] if speed.get("classify") else None,
         achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"), result=result)
 
 
@@ -108,7 +113,7 @@ def load_rows(paths: list[Path]) -> list[Row]:
     for row in rows:
         row.ratios = {key: _ratio(getattr(row, key), getattr(ref, key)) for key in
                       ("weight_bytes", "artifact_bytes", "peak_bytes", "perplexity", "prefill_tps", "decode_tps",
-                       "decode_batch_tps", "task_accuracy")}
+                       "decode_batch_tps", "task_accuracy", "classify_eps")}
     return rows
 
 

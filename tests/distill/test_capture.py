@@ -1,0 +1,66 @@
+"""What the losses compare is captured faithfully, for every architecture that can be mapped."""
+
+import copy
+
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.models import load_model, resolve
+from distill.capture import capture
+from tests.conftest import ALL_ARCHS
+
+INTERFACE_ARCHS = ["llama", "mistral", "gpt_neox", "opt", "bert"]
+OTHER_ARCHS = [a for a in ALL_ARCHS if a not in INTERFACE_ARCHS]
+
+
+def test_llama_scores_are_pre_softmax_q_k_and_outputs_unchanged():
+    model, _ = load_model(resolve("tiny-llama").path)
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        with capture(model, hidden=True, attention_layers=[1]) as seen:
+            captured_logits = model(ids).logits
+    assert torch.allclose(captured_logits, reference, atol=1e-5)
+    assert model.config._attn_implementation != "distill_scores"  # restored afterwards
+    scores, usable = seen.scores[1]
+    assert scores.shape == (2, 4, 12, 12)
+    assert torch.equal(usable[0, 0], torch.tril(torch.ones(12, 12, dtype=torch.bool)))
+    # Softmax of the usable scores gives back the attention probabilities of eager attention.
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = eager(ids, output_attentions=True).attentions[0]
+    masked = scores.masked_fill(~usable, float("-inf"))
+    assert torch.allclose(torch.softmax(masked, -1), probs, atol=1e-6)
+    assert seen.embedding.shape == (2, 12, 64) and set(seen.hidden) == {1, 2}
+
+
+def test_bert_padding_marks_keys_unusable():
+    model, tok = load_model(resolve("tiny-bert").path)
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad(), capture(model, hidden=False, attention_layers=[2]) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    _, usable = seen.scores[2]
+    assert usable[0].all()
+    assert usable[1, 0, :, :2].all() and not usable[1, 0, :, 2:].any()
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_architectures_outside_the_attention_interface_are_refused(arch):
+    model, _ = load_model(resolve(f"tiny-{arch}").path)
+    with pytest.raises(UserError, match="cannot be mapped for the attention loss"):
+        with capture(model, hidden=True, attention_layers=[1]):
+            pass
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_hidden_states_are_block_outputs(arch):
+    model, _ = load_model(resolve(f"tiny-{arch}").path)
+    ids = torch.randint(1, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), capture(model, hidden=True) as seen:
+        out = model(ids, output_hidden_states=True)
+    assert set(seen.hidden) == {1, 2}
+    assert torch.equal(seen.embedding, out.hidden_states[0])
+    assert torch.equal(seen.hidden[1], out.hidden_states[1])
