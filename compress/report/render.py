@@ -66,7 +66,13 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                          "-" if r.classify_eps is None else f"{r.classify_eps:,.1f} @{r.classify_batch}"
                          + _ratio(r.ratios.get("classify_eps"))]
         body.append(line)
-    return header, body
+    return _drop_empty_columns(header, body)
+
+
+def _drop_empty_columns(header: list[str], body: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Columns no row has a figure for (perplexity for classifiers, decode for encoders) are left out."""
+    keep = [i for i in range(len(header)) if i < 3 or any(row[i] not in ("-", "") for row in body)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in body]
 
 
 def protocol_lines(rows: list[Row]) -> list[str]:
@@ -84,8 +90,14 @@ def protocol_lines(rows: list[Row]) -> list[str]:
                      f"windows; KL over the base's top-{ref.get('top_k', '?')} tokens per position plus one bucket "
                      "for the rest (a lower bound of the full KL); top-1 agreement is exact.")
     speed = base.get("speed") or {}
-    if speed:
-        decode = speed.get("decode") or [{}]
+    if speed.get("classify"):
+        c = speed["classify"]
+        lines.append(f"Task accuracy and speed: {base['accuracy']['task']['task']} ({c['examples']} examples), batches of "
+                     f"{c['batch']} padded to their longest sentence, tokenization outside the timed region; examples/s "
+                     f"= median of {c['repeats']} passes over the whole task after {speed['warmup']} warm-up; prefill = one "
+                     f"{speed['prefill']['seqlen']}-token input at batch 1.")
+    if speed.get("decode"):
+        decode = speed["decode"]
         lines.append(f"Speed: prefill of one {speed['prefill']['seqlen']}-token window at batch 1; greedy decode of "
                      f"{decode[0].get('new_tokens', '?')} tokens after a {decode[0].get('prompt_tokens', '?')}-token "
                      f"prompt with the KV cache; median of {speed['repeats']} runs after {speed['warmup']} warm-up. "

@@ -221,3 +221,26 @@ def test_task_data_augmentation_multiplies_the_training_rows(tmp_path, monkeypat
         "stages": [{"kind": "prediction", "max_steps": 2, "batch_size": 8}]}))
     data = next(h for h in manifest["history"] if h["event"] == "stage")["data"]
     assert data["augmented_from"] == 12 and data["examples"] == 36
+
+
+def test_periodic_evaluation_is_recorded(tmp_path, calib_file):
+    manifest = run(_config(tmp_path, calib_file, eval_every=2, stages=[BASE["stages"][0]]))
+    evals = [h for h in manifest["history"] if h["event"] == "eval"]
+    assert [(h["stage"], h["step"]) for h in evals] == [(0, 2), (0, 4)]
+    assert all(h["perplexity"] > 1 for h in evals)
+
+
+def test_general_distillation_of_a_bare_encoder_on_unlabelled_text(tmp_path, calib_file):
+    """TinyBERT's general distillation: a pre-trained encoder without a task head, plain text, intermediate
+    losses only; a prediction stage is refused because there is no output to match."""
+    from transformers import AutoModel
+
+    manifest = run(_config(tmp_path, calib_file, teacher="tiny-bert", stages=[BASE["stages"][0]]))
+    assert manifest["kind"] == "encoder" and manifest["figures"] == {}
+    stage = next(h for h in manifest["history"] if h["event"] == "stage")
+    assert set(stage["losses"]) == {"embedding", "hidden", "attention"}
+    assert AutoModel.from_pretrained(manifest["out"]).config.num_hidden_layers == 1
+    from compress.errors import UserError
+
+    with pytest.raises(UserError, match="no output head"):
+        run(_config(tmp_path / "b", calib_file, teacher="tiny-bert"))

@@ -60,3 +60,20 @@ def test_an_existing_report_is_kept_without_force(two_results, tmp_path):
         build_report([folder], tmp_path / "rep")
     build_report([folder], tmp_path / "rep", force=True)
     assert json.loads((tmp_path / "rep" / "results" / "fp32.json").read_text())["name"] == "fp32"
+
+
+def test_a_classifier_report_shows_task_figures_and_no_empty_columns(tmp_path):
+    from tests.bench.test_task_accuracy import _classifier
+
+    _classifier(tmp_path / "clf")
+    data = tmp_path / "dev.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"sentence number {i}\t{i % 2}\n" for i in range(40)))
+    for name in ("teacher", "student"):
+        bench(BenchRequest(model=str(tmp_path / "clf"), name=name, device="cpu", task=str(data), repeats=1,
+                           progress=False, out=str(tmp_path / "res" / f"{name}.json")))
+    md = (build_report([tmp_path / "res"], tmp_path / "rep") / "README.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("|  | variant"))
+    assert "task acc %" in header and "task examples/s" in header
+    assert "perplexity" not in header and "decode" not in header and "KL" not in header
+    assert "@32" in md  # 40 examples in batches of 32
+    assert "Task accuracy and speed" in md and "greedy decode" not in md
