@@ -186,30 +186,40 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str, commands: dict) -> argparse.ArgumentParser:
+    """A parser with one subcommand per row of a COMMANDS table (shared by `compress` and `distill`)."""
     from compress import __version__
 
-    parser = argparse.ArgumentParser(prog="compress", description="Make open LLMs smaller and measure the cost.")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"compress-workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, run) in COMMANDS.items():
+    for name, (help_text, add_arguments, run) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
         p.set_defaults(handler=run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, interrupted: str) -> int:
+    """Run the chosen subcommand; user errors become one line and exit code 2, Ctrl-C exit code 130."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("compress", "Make open LLMs smaller and measure the cost.", COMMANDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv, "nothing was written")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from compress.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
-from compress.errors import UserError
+from compress.cli import command_parser, dispatch
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -48,26 +46,11 @@ COMMANDS = {"run": ("distil a teacher into a smaller student, layer by layer (Ti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="TinyBERT-style layerwise distillation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
-        p.set_defaults(handler=handler)
-    return parser
+    return command_parser("distill", "TinyBERT-style layerwise distillation", COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: no student was written; checkpoints (if any) allow --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return dispatch(build_parser(), argv, "no student was written; checkpoints (if any) allow --resume")
 
 
 if __name__ == "__main__":

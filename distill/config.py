@@ -40,32 +40,32 @@ class StudentConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Fine-tune the teacher on the labelled task first (TinyBERT's teacher is task-specific)."""
-    data: str = "sst2:train"
+class Schedule:
+    """How long and how fast one training loop runs (AdamW, linear warm-up then linear decay)."""
     epochs: float = 1.0
-    max_examples: int | None = None
     max_steps: int | None = None
     lr: float = 5e-5
     batch_size: int = 32
     warmup: float = 0.1
+    """Fraction of the steps spent warming the learning rate up."""
     weight_decay: float = 0.01
 
 
 @dataclass
-class StageConfig:
+class FinetuneConfig(Schedule):
+    """Fine-tune the teacher on the labelled task first (TinyBERT's teacher is task-specific)."""
+    data: str = "sst2:train"
+    max_examples: int | None = None
+
+
+@dataclass
+class StageConfig(Schedule):
     kind: str = "intermediate"
     """'intermediate' (embedding, hidden-state and attention losses) or 'prediction' (soft targets)."""
     data: str | None = None
     """Training text or task (default: the run's ``data``)."""
     losses: list[str] | None = None
     """Losses this stage trains (default: those of its kind); weights come from the run's ``losses``."""
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lr: float = 5e-5
-    batch_size: int = 32
-    warmup: float = 0.1
-    weight_decay: float = 0.01
 
 
 @dataclass
@@ -94,8 +94,8 @@ class DistillConfig:
     augment: AugmentConfig | None = None
     seqlen: int = 128
     """Classifiers: max tokens per sentence. Language models: tokens per training window."""
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig("intermediate"),
-                                                               StageConfig("prediction")])
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(kind="intermediate"),
+                                                               StageConfig(kind="prediction")])
     eval: str | None = None
     """Classifiers: a labelled split (default sst2:dev). Language models: a text (default wikitext2)."""
     eval_windows: int | None = 40
@@ -222,10 +222,18 @@ def validate(config: DistillConfig, origin: str) -> None:
         for name in stage.losses or []:
             if name not in LOSSES:
                 raise UserError(f"unknown loss '{name}' in {origin} stage {i}: valid losses are {', '.join(LOSSES)}")
-        if stage.epochs <= 0 or stage.lr <= 0 or stage.batch_size <= 0:
-            raise UserError(f"stage {i} in {origin} needs positive epochs, lr and batch_size")
-        if not 0 <= stage.warmup < 1:
-            raise UserError(f"stage {i} in {origin}: warmup is a fraction of the steps in [0, 1)")
+        _check_schedule(stage, f"stage {i} in {origin}")
+    if config.finetune is not None:
+        _check_schedule(config.finetune, f"section 'finetune' in {origin}")
+
+
+def _check_schedule(schedule: Schedule, where: str) -> None:
+    if schedule.epochs <= 0 or schedule.lr <= 0 or schedule.batch_size <= 0:
+        raise UserError(f"{where} needs positive epochs, lr and batch_size")
+    if schedule.max_steps is not None and schedule.max_steps <= 0:
+        raise UserError(f"{where}: max_steps must be positive")
+    if not 0 <= schedule.warmup < 1:
+        raise UserError(f"{where}: warmup is a fraction of the steps in [0, 1)")
 
 
 def stage_losses(config: DistillConfig, stage: StageConfig) -> dict[str, float]:

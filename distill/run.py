@@ -239,7 +239,9 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
                              optimizer=next_optimizer, history=history, fingerprint=fingerprint)
 
     if evaluator:
-        figures["student_after"] = evaluator(student, tokenizer, device)
+        # The last stage ended with an evaluation of the final weights (in this run or before a resume).
+        last = [h for h in history if h.get("event") == "stage"][-1]
+        figures["student_after"] = last[evaluator.metric]
         if evaluator.higher_is_better:
             figures["retention"] = figures["student_after"] / figures["teacher"]
     manifest = _manifest(config, resolved, finetune_info, teacher, student, init, layer_map, kind, evaluator,

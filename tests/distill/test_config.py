@@ -31,6 +31,8 @@ def test_set_overrides_nested_and_list_items(tmp_path):
     ({"temperature": 0}, "temperature"),
     ({"stages": []}, "non-empty"),
     ({"teacher_dtype": "int8"}, "teacher_dtype"),
+    ({"finetune": {"lr": 0}}, "section 'finetune'"),
+    ({"stages": [{"kind": "prediction", "max_steps": 0}]}, "max_steps"),
 ])
 def test_bad_config_is_one_line_user_error(values, words):
     with pytest.raises(UserError, match=words) as info:
