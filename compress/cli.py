@@ -37,11 +37,45 @@ def _models_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- settings shared by quantize and prune (compress.run_settings.RunSettings) ----------------------
+
+
+def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> None:
+    from compress.data import SOURCES
+
+    S = argparse.SUPPRESS  # only options given on the command line override the --config file
+    p.add_argument("--calib", default=S, help=f"calibration text: auto (default), {', '.join(SOURCES)} "
+                   "(NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
+    p.add_argument("--nsamples", type=int, default=S, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=S, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=S, help="seed of the window starts (default 0)")
+    p.add_argument("--device", default=S, help="cpu, cuda or auto (default: cuda if present)")
+    p.add_argument("--out", default=S, help="output folder (default out/<model>-<method>-<tag>)")
+    p.add_argument("--force", action="store_const", const=True, default=S, help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True, default=S,
+                   help="allow a model's own Python code (off by default)")
+    p.add_argument("--include", nargs="+", default=S, help=f"glob patterns of block modules to {verb}")
+    p.add_argument("--exclude", nargs="+", default=S, help="glob patterns of block modules to leave alone")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
+                   help="no progress bar")
+    p.add_argument("--config", type=Path, default=None, help=f"YAML file with any of these settings ({configs})")
+
+
+def _request(cls, args: argparse.Namespace):
+    """The request dataclass from the --config file, overridden by the options given on the command line."""
+    from compress.config_io import check_fields, read_yaml_mapping
+
+    values: dict = {}
+    if args.config is not None:
+        values.update(check_fields(cls, read_yaml_mapping(args.config), str(args.config)))
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "handler")})
+    return cls(**values)
+
+
 # --- compress quantize ----------------------------------------------------------------------------
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from compress.data import SOURCES
     from compress.quant.primitives import SUPPORTED_BITS
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
@@ -60,33 +94,14 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
                    help="GPTQ with --act-order: fix group grids before any update")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help="GPTQ dampening (default 0.01)")
-    p.add_argument("--calib", default=S, help=f"calibration text: auto (default), {', '.join(SOURCES)} "
-                   "(NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
-    p.add_argument("--nsamples", type=int, default=S, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=S, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=S, help="seed of the window starts (default 0)")
-    p.add_argument("--device", default=S, help="cpu, cuda or auto (default: cuda if present)")
-    p.add_argument("--out", default=S, help="output folder (default out/<model>-<method>-<tag>)")
-    p.add_argument("--force", action="store_const", const=True, default=S, help="replace an existing output folder")
-    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True, default=S,
-                   help="allow a model's own Python code (off by default)")
-    p.add_argument("--include", nargs="+", default=S, help="glob patterns of block modules to quantize")
-    p.add_argument("--exclude", nargs="+", default=S, help="glob patterns of block modules to leave alone")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
-                   help="no progress bar")
-    p.add_argument("--config", type=Path, default=None, help="YAML file with any of these settings")
+    _run_settings_args(p, "quantize", "configs/quantize/")
 
 
 def _quantize_run(args: argparse.Namespace) -> int:
     from compress.api import QuantizeRequest, quantize
     from compress.bench.summary import human_bytes
-    from compress.config_io import check_fields, read_yaml_mapping
 
-    values: dict = {}
-    if args.config is not None:
-        values.update(check_fields(QuantizeRequest, read_yaml_mapping(args.config), str(args.config)))
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "handler")})
-    request = QuantizeRequest(**values)
+    request = _request(QuantizeRequest, args)
     result = quantize(request)
     ratio = result.source_bytes / max(result.output_bytes, 1)
     print(f"quantized {request.model} with {result.manifest['method']} "
@@ -94,6 +109,58 @@ def _quantize_run(args: argparse.Namespace) -> int:
     print(f"  size   {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
     print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
           f"peak RSS {human_bytes(result.peak_rss_bytes)}")
+    print(f"  saved  {result.folder}")
+    return 0
+
+
+# --- compress prune -------------------------------------------------------------------------------
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    from compress.quant.primitives import SUPPORTED_BITS
+
+    S = argparse.SUPPRESS  # only options given on the command line override the --config file
+    p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
+    p.add_argument("--method", default=S, help="magnitude, wanda (default), sparsegpt or structured")
+    p.add_argument("--sparsity", type=float, default=S,
+                   help="fraction removed, in [0, 1): of each layer's weights (default 0.5) or, for structured, of "
+                        "the MLP channels / heads / layers (default 0.25)")
+    p.add_argument("--pattern", default=S, help="unstructured (default) or N:M such as 2:4 or 4:8")
+    p.add_argument("--comparison", default=S, choices=["row", "layer"],
+                   help="magnitude/wanda: compare scores per output row or across the layer (default: layer for "
+                        "magnitude, row for wanda)")
+    p.add_argument("--target", default=S, choices=["mlp", "heads", "layers"], help="structured: what to remove")
+    p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S,
+                   help="SparseGPT / --bits: Hessian dampening (default 0.01)")
+    p.add_argument("--bits", type=int, default=S, help="also quantize the kept weights "
+                   f"({', '.join(map(str, SUPPORTED_BITS))} bits) and write a GPTQ-format checkpoint")
+    p.add_argument("--group-size", dest="group_size", type=int, default=S, help="with --bits: columns per scale")
+    p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S,
+                   help="with --bits: asymmetric grid")
+    _run_settings_args(p, "prune", "configs/prune/")
+
+
+def _prune_run(args: argparse.Namespace) -> int:
+    from compress.bench.summary import human_bytes
+    from compress.prune.run import PruneRequest, prune
+
+    request = _request(PruneRequest, args)
+    result = prune(request)
+    m = result.manifest
+    ratio = result.source_bytes / max(result.output_bytes, 1)
+    if m["structure"]:
+        s = m["structure"]
+        where = "in the model" if s["target"] == "layers" else "per block"
+        what = f"{s['units_before']} -> {s['units_after']} {s['unit']} {where}"
+        print(f"pruned {request.model} with structured/{s['target']}: {what}, {m['parameters']:,} parameters")
+    else:
+        overall = m["sparsity"]["overall"]
+        print(f"pruned {request.model} with {m['method']} ({m['config'].get('pattern')}): {overall:.1%} of the "
+              f"weights of {m['sparsity']['pruned_layers']} layers are zero"
+              + (f", kept weights quantized to {m['quantization']['bits']} bits" if m["quantization"] else ""))
+    print(f"  size   {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} "
+          f"({ratio:.2f}x smaller on disk)")
+    print(f"  time   {result.seconds:.1f} s (pruning {m['timings_s']['prune']:.1f} s)")
     print(f"  saved  {result.folder}")
     return 0
 
@@ -180,6 +247,7 @@ def _sweep_run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "models": ("list the model aliases", _models_args, _models_run),
     "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
+    "prune": ("prune a model (magnitude, Wanda, SparseGPT, N:M or structured) and save it", _prune_args, _prune_run),
     "bench": ("measure memory, speed, perplexity and agreement with a base model", _bench_args, _bench_run),
     "report": ("Markdown + HTML report with plots from bench results", _report_args, _report_run),
     "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),

@@ -1,5 +1,6 @@
-"""The method registry: name -> method plugin. Built-ins register on import; third parties through
-the ``compress.methods`` entry-point group (each entry point names a module or a QuantMethod class)."""
+"""The method registries: name -> plugin, one table for quantization methods and one for pruning
+methods. Built-ins register on import; third parties through the ``compress.methods`` entry-point
+group (each entry point names a module, or a QuantMethod or PruneMethod class)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 from compress.errors import UserError
 
 ENTRY_POINT_GROUP = "compress.methods"
-_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq")
+_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.prune.magnitude", "compress.prune.wanda",
+                    "compress.prune.sparsegpt", "compress.prune.structured")
 
 METHODS: dict[str, "QuantMethod"] = {}
+PRUNE_METHODS: dict[str, "PruneMethod"] = {}
 _loaded = False
 
 
@@ -31,8 +34,32 @@ class QuantMethod:
         raise NotImplementedError
 
 
-def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
-    METHODS[cls.name] = cls()
+class PruneMethod:
+    """A pruning method. Weight methods (magnitude, Wanda, SparseGPT) implement ``prune_weight`` and
+    run on the shared layer-by-layer driver; a method that changes the model's shape (structured)
+    overrides ``apply`` instead. ``compress.prune.apply`` holds the glue."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    needs_calibration: ClassVar[bool]
+    summary: ClassVar[str] = ""
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "N:M")
+    """Sparsity patterns the method can produce."""
+
+    def prune_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg):  # pragma: no cover
+        """-> (new weight with the removed entries at zero, keep-mask)."""
+        raise NotImplementedError
+
+    def apply(self, model, cfg, windows, device, selection, quant=None, show_progress: bool = True):
+        """-> (pruned model, PruneStats). Weight methods change ``model`` in place and return it."""
+        from compress.prune.apply import prune_layerwise
+
+        return model, prune_layerwise(model, self, cfg, windows, device, selection, quant, show_progress)
+
+
+def register_method(cls: type) -> type:
+    table = PRUNE_METHODS if issubclass(cls, PruneMethod) else METHODS
+    table[cls.name] = cls()
     return cls
 
 
@@ -45,7 +72,8 @@ def _load_all() -> None:
         importlib.import_module(module)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()  # importing the module registers it; a class is registered here
-        if isinstance(obj, type) and issubclass(obj, QuantMethod) and obj.name not in METHODS:
+        if isinstance(obj, type) and issubclass(obj, (QuantMethod, PruneMethod)) \
+                and obj.name not in METHODS and obj.name not in PRUNE_METHODS:
             register_method(obj)
 
 
@@ -58,4 +86,16 @@ def get_method(name: str) -> QuantMethod:
     methods = available_methods()
     if name not in methods:
         raise UserError(f"unknown method '{name}': choose one of {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+def available_prune_methods() -> dict[str, PruneMethod]:
+    _load_all()
+    return dict(PRUNE_METHODS)
+
+
+def get_prune_method(name: str) -> PruneMethod:
+    methods = available_prune_methods()
+    if name not in methods:
+        raise UserError(f"unknown pruning method '{name}': choose one of {', '.join(sorted(methods))}")
     return methods[name]

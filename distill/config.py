@@ -37,6 +37,10 @@ class StudentConfig:
     """Attention heads (default: the teacher's; the attention loss needs equal head counts)."""
     init: str = "teacher"
     """'teacher': copy the mapped teacher layers where shapes allow; 'random': from scratch."""
+    from_model: str | None = None
+    """A model folder to start from as it is instead, e.g. the output of `compress prune --method
+    structured`: its shape comes from its config, and when it was made by removing layers its layer
+    map comes from its manifest (each block distils the teacher block it was)."""
 
 
 @dataclass
@@ -210,6 +214,12 @@ def validate(config: DistillConfig, origin: str) -> None:
                         f"not {config.teacher_dtype!r}")
     if config.student.init not in ("teacher", "random"):
         raise UserError(f"student.init in {origin} must be 'teacher' or 'random', not {config.student.init!r}")
+    if config.student.from_model is not None:
+        shaped = [k for k in ("layers", "hidden_size", "intermediate_size", "attention_heads")
+                  if getattr(config.student, k) is not None] + (["init"] if config.student.init != "teacher" else [])
+        if shaped:
+            raise UserError(f"student.from_model in {origin} takes the student's shape and weights from that model: "
+                            f"leave student.{shaped[0]} out")
     for key in ("layers", "hidden_size", "intermediate_size", "attention_heads"):
         value = getattr(config.student, key)
         if value is not None and value <= 0:

@@ -31,7 +31,7 @@ from distill.config import DistillConfig, stage_losses, to_dict
 from distill.data import TrainingData, batch_indices, classifier_data, lm_data
 from distill.evaluate import make_evaluator
 from distill.layer_map import resolve_layer_map
-from distill.student import build_student, layer_count
+from distill.student import build_student, layer_count, load_student, student_source
 from distill.train import (DistillLoss, Pair, distill_stage, encode, make_optimizer, make_projections,
                            run_loop, stage_settings)
 
@@ -163,8 +163,13 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
 
     teacher, tokenizer, kind, resolved = load_teacher(config, device)
     teacher_layers = layer_count(teacher.config)
-    student_layers = config.student.layers or max(1, teacher_layers // 2)
-    layer_map = resolve_layer_map(config.layer_map, student_layers, teacher_layers)
+    source = student_source(config.student.from_model) if config.student.from_model else None
+    if source is not None:
+        student_layers = source.layers
+        spec = source.teacher_layers if config.layer_map == "uniform" and source.teacher_layers else config.layer_map
+    else:
+        student_layers, spec = config.student.layers or max(1, teacher_layers // 2), config.layer_map
+    layer_map = resolve_layer_map(spec, student_layers, teacher_layers)
     _check_pair(config, teacher, kind)
     evaluator = make_evaluator(kind, config.eval, tokenizer, config.eval_windows, config.eval_seqlen, config.seqlen)
     stage_data = [_training_data(config, kind, stage.data or config.data, tokenizer) for stage in config.stages]
@@ -178,7 +183,10 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
     if evaluator:
         figures["teacher"] = evaluator(teacher, tokenizer, device)
         _say(config, f"teacher {evaluator.metric}: {figures['teacher']:.4f}")
-    student, init = build_student(teacher, config.student, layer_map)
+    if source is not None:
+        student, init = load_student(source, teacher)
+    else:
+        student, init = build_student(teacher, config.student, layer_map)
     teacher.to(getattr(torch, config.teacher_dtype))
     student.to(device)
     projections = make_projections(student.config.hidden_size, teacher.config.hidden_size,
@@ -269,7 +277,8 @@ def _manifest(config, resolved, finetune_info, teacher, student, init, layer_map
         "schema": SCHEMA, "schema_version": 1, "tool_version": __version__, "kind": kind,
         "teacher": {"reference": config.teacher, "path": str(resolved.path), "origin": resolved.origin,
                     "finetune": finetune_info, **shape(teacher)},
-        "student": shape(student) | {"init": config.student.init, "init_detail": init.to_dict()},
+        "student": shape(student) | {"init": (f"from_model:{config.student.from_model}" if config.student.from_model
+                                              else config.student.init), "init_detail": init.to_dict()},
         "layer_map": {"student_to_teacher": {str(m): g for m, g in enumerate(layer_map, start=1)}, "embedding": "0 -> 0",
                       "spec": config.layer_map},
         "losses": config.losses, "temperature": config.temperature,

@@ -10,6 +10,7 @@ over the layer's MLP tensors); any other shape mismatch stays randomly initialis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -147,3 +148,60 @@ def _select(tensor: torch.Tensor, channels: torch.Tensor, width_t: int) -> torch
         if size == width_t:
             tensor = tensor.index_select(dim, channels)
     return tensor
+
+
+@dataclass
+class StudentSource:
+    """A ready-made student folder (e.g. from structured pruning) and what its manifest says of it."""
+    path: Path
+    config: object
+    layers: int
+    teacher_layers: list[int] | None
+    """1-based teacher blocks the student's blocks were, when it was made by removing layers."""
+
+
+def student_source(reference: str) -> StudentSource:
+    from transformers import AutoConfig
+
+    from compress.checkpoint import read_manifest
+    from compress.models import resolve
+
+    path = resolve(reference).path
+    config = AutoConfig.from_pretrained(path)
+    structure = (read_manifest(path) or {}).get("structure") or {}
+    kept = structure.get("kept_layers")
+    return StudentSource(path, config, layer_count(config), [k + 1 for k in kept] if kept else None)
+
+
+def load_student(source: StudentSource, teacher: nn.Module) -> tuple[nn.Module, StudentInit]:
+    """The student folder loaded into the teacher's model class (so a classifier teacher gets a
+    classifier student); tensors the folder lacks (a task head) come from the teacher where shapes match."""
+    from compress.models import quiet_transformers
+
+    if source.config.model_type != teacher.config.model_type:
+        raise UserError(f"student.from_model {source.path} is a {source.config.model_type} model but the teacher is "
+                        f"{teacher.config.model_type}: start from a model pruned from the teacher")
+    if getattr(source.config, "vocab_size", None) != getattr(teacher.config, "vocab_size", None):
+        raise UserError(f"student.from_model {source.path} has another vocabulary than the teacher: start from a "
+                        "model pruned from the teacher")
+    config = source.config
+    for key in ("num_labels", "id2label", "label2id", "problem_type"):
+        if hasattr(teacher.config, key):
+            setattr(config, key, getattr(teacher.config, key))
+    with quiet_transformers():
+        student, info = type(teacher).from_pretrained(source.path, config=config, dtype=torch.float32,
+                                                      use_safetensors=True, output_loading_info=True)
+    init = StudentInit()
+    teacher_state = teacher.state_dict()
+    missing = set(info.get("missing_keys", ()))
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if name not in missing:
+                init.copied += 1
+            elif name in teacher_state and teacher_state[name].shape == tensor.shape:
+                tensor.copy_(teacher_state[name].to(tensor.dtype))
+                init.copied += 1
+            else:
+                init.random.append(name)
+    student.to(next(teacher.parameters()).dtype)
+    return student, init

@@ -46,3 +46,11 @@ def test_entry_point_plugin_is_registered(monkeypatch):
     method = registry.get_method("half-rtn")
     qw = method.quantize_weight(torch.ones(32, 32), None, WeightQuantConfig(bits=8, group_size=-1))
     assert torch.allclose(qw.dequantize(), torch.full((32, 32), 0.5), atol=1e-2)
+
+
+def test_builtin_prune_methods():
+    methods = registry.available_prune_methods()
+    assert {"magnitude", "wanda", "sparsegpt", "structured"} <= set(methods)
+    assert not methods["magnitude"].needs_calibration and methods["wanda"].needs_calibration
+    with pytest.raises(UserError, match="unknown pruning method 'nope'"):
+        registry.get_prune_method("nope")

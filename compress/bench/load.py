@@ -61,7 +61,10 @@ def load_for_bench(reference: str, dtype: torch.dtype, device: torch.device, tru
         model, tokenizer = load_quantized(resolved.path, dtype)
         manifest = read_manifest(resolved.path) or {}
         quantization = {k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
-        quantization["method"] = manifest.get("method") or (qcfg.get("meta") or {}).get("method") or "gptq"
+        meta_method = (qcfg.get("meta") or {}).get("method")
+        # A pruned-then-quantized checkpoint's manifest names the pruning method; config.json names both.
+        quantization["method"] = (meta_method if manifest.get("kind") == "prune" else None) or manifest.get("method") \
+            or meta_method or "gptq"
         quantization["quantizer"] = (qcfg.get("meta") or {}).get("quantizer")
         loaded = LoadedModel(model, tokenizer, resolved, dtype, quantization,
                              f"compress QuantLinear: unpack once to uint8 codes, dequantize to {_name(dtype)} "
@@ -70,6 +73,9 @@ def load_for_bench(reference: str, dtype: torch.dtype, device: torch.device, tru
         model, tokenizer = load_model(resolved.path, dtype, trust_remote_code)
         loaded = LoadedModel(model, tokenizer, resolved, dtype, None, f"torch dense {_name(dtype)} F.linear",
                              float(DTYPE_BITS[dtype]))
+    note = pruning_note(resolved.path)
+    if note:
+        loaded.notes.append(note)
     if transform:
         from compress.peers import get_transform
 
@@ -77,6 +83,23 @@ def load_for_bench(reference: str, dtype: torch.dtype, device: torch.device, tru
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
+
+
+def pruning_note(path: Path) -> str | None:
+    """What `compress prune` did to this model, from its manifest (None for a model it did not make)."""
+    from compress.checkpoint import read_manifest
+
+    manifest = read_manifest(path) or {}
+    if manifest.get("kind") != "prune":
+        return None
+    structure = manifest.get("structure")
+    if structure:
+        where = "in the model" if structure["target"] == "layers" else "per block"
+        return (f"structured pruning ({structure['target']}): {structure['units_before']} -> "
+                f"{structure['units_after']} {structure['unit']} {where}, a smaller dense model")
+    pattern = manifest["config"].get("pattern", "unstructured")
+    return (f"{manifest['method']} pruning ({pattern}): {manifest['sparsity']['overall']:.1%} of the pruned layers' "
+            "weights are zero, stored dense (no sparse kernel: zeros cost the same time and memory)")
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from compress import __version__
 from compress.bench import memory, throughput
 from compress.bench.agreement import DEFAULT_TOP_K, Reference, windows_digest
 from compress.bench.bandwidth import read_bandwidth_gbps

@@ -30,10 +30,15 @@ class GPTQConfig(WeightQuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.damp_percent < 1:
-            raise UserError(f"invalid damp_percent {self.damp_percent}: use a fraction between 0 and 1, e.g. 0.01")
-        if self.block_size <= 0:
-            raise UserError(f"invalid block_size {self.block_size}: use a positive number of columns, e.g. 128")
+        check_hessian_settings(self.damp_percent, self.block_size)
+
+
+def check_hessian_settings(damp_percent: float, block_size: int) -> None:
+    """The settings every inverse-Hessian method shares (GPTQ, SparseGPT)."""
+    if not 0 < damp_percent < 1:
+        raise UserError(f"invalid damp_percent {damp_percent}: use a fraction between 0 and 1, e.g. 0.01")
+    if block_size <= 0:
+        raise UserError(f"invalid block_size {block_size}: use a positive number of columns, e.g. 128")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:

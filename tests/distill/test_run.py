@@ -244,3 +244,36 @@ def test_general_distillation_of_a_bare_encoder_on_unlabelled_text(tmp_path, cal
 
     with pytest.raises(UserError, match="no output head"):
         run(_config(tmp_path / "b", calib_file, teacher="tiny-bert"))
+
+
+@pytest.mark.parametrize("target,sparsity", [("layers", 0.5), ("mlp", 0.25)])
+def test_structurally_pruned_model_as_the_student(tmp_path, calib_file, target, sparsity):
+    """compress prune --method structured, then distill run with student.from_model: the pruned
+    model is the student's starting point, and a layer-pruned one distils the blocks it kept."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.prune.run import PruneRequest, prune
+
+    pruned = prune(PruneRequest(model="tiny-llama", method="structured", target=target, sparsity=sparsity,
+                                calib=str(calib_file), nsamples=4, seqlen=32, out=str(tmp_path / "pruned"),
+                                progress=False, device="cpu"))
+    start = AutoModelForCausalLM.from_pretrained(pruned.folder)
+    manifest = run(_config(tmp_path, calib_file, student={"from_model": str(pruned.folder)}))
+    saved = json.loads((Path(manifest["out"]) / "distill.json").read_text())
+    assert saved["student"]["init"] == f"from_model:{pruned.folder}"
+    assert saved["student"]["init_detail"]["random_tensors"] == []
+    if target == "layers":
+        kept = pruned.manifest["structure"]["kept_layers"]
+        assert saved["layer_map"]["student_to_teacher"] == {"1": kept[0] + 1}
+    else:
+        assert saved["layer_map"]["student_to_teacher"] == {"1": 1, "2": 2}
+    student = AutoModelForCausalLM.from_pretrained(manifest["out"])
+    assert student.config.intermediate_size == start.config.intermediate_size
+    assert student.config.num_hidden_layers == start.config.num_hidden_layers
+
+
+def test_from_model_refuses_shape_settings(tmp_path, calib_file):
+    from compress.errors import UserError
+
+    with pytest.raises(UserError, match="leave student.layers out"):
+        _config(tmp_path, calib_file, student={"from_model": "tiny-llama", "layers": 1})

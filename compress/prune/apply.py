@@ -1,0 +1,92 @@
+"""Glue: run a weight-pruning method over a model with the shared layer-by-layer driver (the one GPTQ
+uses), optionally quantizing what is kept in the same pass. The model is changed in place; the caller
+loaded a private copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress.calibrate import run_layerwise
+from compress.prune.masks import sparsity_of
+from compress.quant.apply import output_error
+from compress.quant.config import WeightQuantConfig
+from compress.quant.linear import QuantLinear
+from compress.quant.primitives import QuantizedWeight
+from compress.quant.rtn import rtn_quantize
+from compress.registry import PruneMethod
+from compress.select import ModuleSelection, block_linears, set_submodule
+
+
+@dataclass
+class PrunedLayer:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    """Fraction of the layer's weights that are zero after pruning."""
+    output_error: float | None
+    """tr(dW H dW^T) / out_features: the layer's mean squared output error on the calibration inputs."""
+
+
+@dataclass
+class PruneStats:
+    layers: list[PrunedLayer] = field(default_factory=list)
+    block_prefix: str = ""
+    quantized: bool = False
+    """True when the kept weights were quantized too (the model now holds QuantLinear layers)."""
+    structure: dict = field(default_factory=dict)
+    """Structured pruning: what was removed, per block."""
+
+
+def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch.Tensor | None, cfg,
+                       quant: WeightQuantConfig) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:
+    """Prune, then quantize the kept weights without losing a zero: the method's joint mode where it has
+    one (SparseGPT), else its mask followed by GPTQ that keeps the mask (RTN when there is no data)."""
+    from compress.prune.sparsegpt import sparsegpt
+
+    joint = getattr(method, "prune_and_quantize", None)
+    if joint is not None:
+        result = joint(weight, hessian, cfg, quant)
+        return result.weight, result.mask, result.quantized
+    pruned, mask = method.prune_weight(weight, hessian, cfg)
+    if hessian is None:
+        qw = rtn_quantize(pruned, quant)
+        return qw.dequantize().to(weight.dtype), mask, qw
+    result = sparsegpt(pruned, hessian, cfg.sparsity, fixed_mask=mask, quant=quant,
+                       damp_percent=getattr(cfg, "damp_percent", 0.01))
+    return result.weight, mask, result.quantized
+
+
+def prune_layerwise(model: nn.Module, method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
+                    device: torch.device, selection: ModuleSelection | None = None,
+                    quant: WeightQuantConfig | None = None, show_progress: bool = True) -> PruneStats:
+    selection = selection or ModuleSelection()
+    stats = PruneStats(quantized=quant is not None)
+    pending: dict[str, QuantizedWeight] = {}
+
+    def prune_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
+        weight = layer.weight.data
+        if quant is None:
+            new_weight, mask = method.prune_weight(weight, hessian, cfg)
+        else:
+            new_weight, mask, pending[name] = prune_and_quantize(method, weight, hessian, cfg, quant)
+        loss = output_error(weight, new_weight, hessian) if hessian is not None else None
+        stats.layers.append(PrunedLayer(name, tuple(weight.shape), round(sparsity_of(new_weight != 0), 6), loss))
+        return new_weight
+
+    def pack_block(block_name: str, block: nn.Module) -> None:
+        if quant is None:
+            return
+        for name, layer in block_linears(block, selection).items():
+            packed = QuantLinear.from_quantized(pending.pop(f"{block_name}.{name}"), quant.group_size, layer.bias)
+            set_submodule(block, name, packed.to(layer.weight.device))
+
+    needs_data = method.needs_calibration or quant is not None
+    if needs_data and not windows:
+        raise ValueError(f"{method.name} needs calibration windows")
+    tag = f"{method.name} {cfg.tag}" + (f"+w{quant.bits}" if quant else "")
+    stats.block_prefix = run_layerwise(model, windows if needs_data else None, prune_layer, selection, device,
+                                       pack_block, desc=tag, show_progress=show_progress)
+    return stats

@@ -1,0 +1,179 @@
+"""The pruning API: ``prune(PruneRequest)`` does load -> [calibrate] -> prune [-> quantize] -> save.
+
+The saved folder is an ordinary Hugging Face model (weight methods keep the architecture with zeros
+in place; structured pruning writes the smaller shape into config.json), or with ``bits`` a
+GPTQ-format checkpoint whose zeros survived quantization. ``compress_manifest.json`` records the
+sparsity of every layer (or what structured pruning removed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress import __version__
+from compress.checkpoint import MANIFEST_NAME, gptq_quantization_config, save_quantized
+from compress.errors import UserError
+from compress.fsutil import atomic_folder
+from compress.models import weight_bytes_on_disk
+from compress.quant.config import WeightQuantConfig
+from compress.registry import get_prune_method
+from compress.run_settings import RunSettings, load_for_run
+from compress.runtime import environment, peak_rss_bytes
+from compress.select import ModuleSelection, block_linears, find_blocks
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PruneRequest(RunSettings):
+    method: str = "wanda"
+    """magnitude, wanda, sparsegpt or structured (or a plugin's name)."""
+    sparsity: float | None = None
+    """Fraction removed, in [0, 1): of each layer's weights (default 0.5; N:M implies it), or for
+    structured of the MLP channels / heads / layers (default 0.25)."""
+    pattern: str = "unstructured"
+    """Weight methods: unstructured, or N:M such as 2:4 or 4:8."""
+    comparison: str | None = None
+    """Magnitude / Wanda, unstructured: compare scores per output row or across the layer (method default)."""
+    target: str = "mlp"
+    """Structured: mlp, heads or layers."""
+    damp_percent: float = 0.01
+    """SparseGPT (and the GPTQ step of --bits): Hessian dampening, as a fraction of its mean diagonal."""
+    bits: int | None = None
+    """Also quantize the kept weights to this many bits in the same run (SparseGPT: jointly, as in the
+    paper; magnitude / Wanda: GPTQ that keeps the mask). Writes a GPTQ-format checkpoint."""
+    group_size: int = 128
+    sym: bool = True
+
+    def method_config(self):
+        """(method, its config) from the request; a setting the method has no use for is an error."""
+        method = get_prune_method(self.method)
+        names = {f.name for f in dataclasses.fields(method.config_cls)}
+        defaults = PruneRequest()
+        values = {}
+        for name in ("sparsity", "pattern", "comparison", "target", "damp_percent"):
+            value = getattr(self, name)
+            if name in names:
+                if value is not None:
+                    values[name] = value
+            elif value != getattr(defaults, name):
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} does not apply to {method.name} pruning: leave it out or choose a method "
+                                "that uses it")
+        return method, method.config_cls(**values)
+
+    def quant_config(self) -> WeightQuantConfig | None:
+        return WeightQuantConfig(self.bits, self.group_size, self.sym) if self.bits is not None else None
+
+
+@dataclass
+class PruneResult:
+    folder: Path
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    manifest: dict
+    model: object = field(default=None, repr=False)
+    """The pruned model still in memory (on the CPU)."""
+
+
+def saved_dtype(folder: Path) -> torch.dtype:
+    """The dtype the source model's config declares (what it is stored in); float32 when unknown."""
+    values = json.loads((folder / "config.json").read_text())
+    return _DTYPES.get(values.get("dtype") or values.get("torch_dtype"), torch.float32)
+
+
+def check_pattern_fits(model, cfg, selection: ModuleSelection) -> None:
+    """N:M needs every selected layer's input width to be a multiple of M: checked before any work."""
+    pattern = getattr(cfg, "parsed_pattern", None)
+    if pattern is None or not pattern.structured:
+        return
+    _, blocks = find_blocks(model)
+    for name, layer in block_linears(blocks[0], selection).items():
+        if layer.in_features % pattern.m:
+            raise UserError(f"{pattern} sparsity needs input widths that are multiples of {pattern.m}, but {name} "
+                            f"has {layer.in_features}: leave it out with --exclude '{name}'")
+
+
+def prune(request: PruneRequest) -> PruneResult:
+    method, cfg = request.method_config()
+    quant = request.quant_config()
+    started = time.perf_counter()
+    run = load_for_run(request, cfg.tag + (f"-{quant.tag}" if quant else ""),
+                       method.needs_calibration or quant is not None,
+                       check=lambda model: check_pattern_fits(model, cfg, request.selection))
+    prune_started = time.perf_counter()
+    model, stats = method.apply(run.model, cfg, run.windows, run.device, request.selection, quant, request.progress)
+    prune_seconds = time.perf_counter() - prune_started
+    model = model.to("cpu")
+    resolved = run.resolved
+
+    layers = [dataclasses.asdict(layer) for layer in stats.layers]
+    total = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
+    manifest = {
+        "tool": "compress-workbench",
+        "kind": "prune",
+        "method": method.name,
+        "config": dataclasses.asdict(cfg),
+        "quantization": dataclasses.asdict(quant) if quant else None,
+        "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
+                   "bytes": weight_bytes_on_disk(resolved.path)},
+        "calibration": run.calibration.to_dict() if run.calibration else None,
+        "selection": {"include": request.include, "exclude": request.exclude},
+        "sparsity": {"pruned_layers": len(layers),
+                     "overall": round(sum(layer["sparsity"] * layer["shape"][0] * layer["shape"][1]
+                                          for layer in layers) / total, 6) if total else None},
+        "layers": layers,
+        "structure": stats.structure or None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(run.device),
+        "timings_s": {"load": round(run.load_seconds, 3), "prune": round(prune_seconds, 3)},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "environment": environment(),
+        "command": request_command(request),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if quant is not None:
+        save_quantized(model, run.tokenizer, run.out,
+                       gptq_quantization_config(quant, f"{method.name}+gptq", __version__, stats.block_prefix,
+                                                [layer["shape"][1] for layer in layers]), manifest, request.force)
+    else:
+        save_dense(model.to(saved_dtype(resolved.path)), run.tokenizer, run.out, manifest, request.force)
+    return PruneResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
+                       time.perf_counter() - started, manifest, model)
+
+
+def save_dense(model, tokenizer, folder: Path, manifest: dict, force: bool = False) -> Path:
+    """Write an ordinary Hugging Face folder (safetensors) plus the manifest, atomically."""
+    with atomic_folder(folder, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return folder
+
+
+def request_command(request: PruneRequest) -> str:
+    """The `compress prune` command line that repeats this request (settings that differ from the defaults)."""
+    defaults = PruneRequest()
+    parts = ["compress", "prune", request.model]
+    for f in dataclasses.fields(request):
+        value = getattr(request, f.name)
+        if f.name in ("model", "progress") or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "sym":
+            parts.append("--asym")
+        elif isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
