@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -120,7 +121,8 @@ def markdown(results: list[dict], eval_info: dict, args) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{c['perplexity']:.2f}" for c in cells) + " |")
     lines += ["", f"Dense: {dense:.2f}. Reference (Wanda paper, LLaMA-7B, 50% unstructured): dense 5.68, magnitude "
               "17.29, SparseGPT 7.22, Wanda 7.26.", ""]
-    commands = [r["command"] for r in results if r.get("command")]
+    # The checkpoints lived in a temporary folder: the commands show the default output instead.
+    commands = [re.sub(r" --out \S+", "", r["command"]) for r in results if r.get("command")]
     if commands:
         lines += ["Each row's own command (as recorded in its manifest):", "", "```"] + commands + ["```", ""]
     return "\n".join(lines)

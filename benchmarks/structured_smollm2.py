@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -105,10 +106,10 @@ def main() -> int:
     window_args = ["--windows", str(args.windows), "--seqlen", "512"]
     results = work / "results"
     results.mkdir()
-    _bench(str(dense), results / "dense.json", ["--name", "dense", *window_args])
+    _bench(MODEL, results / "dense.json", ["--name", "dense", *window_args])
     for name, folder in folders.items():
         if name != "dense":
-            _bench(str(folder), results / f"{name}.json", ["--name", f"structured {name}%", "--base", str(dense),
+            _bench(str(folder), results / f"{name}.json", ["--name", f"structured {name}%", "--base", MODEL,
                                                            *window_args])
     side = interleaved(folders, args.rounds, 512, 32)
     (results / "side_by_side.json").write_text(json.dumps(side, indent=1))
@@ -133,7 +134,8 @@ def main() -> int:
                      f"{m['decode_speedup_min']:.2f}x, max {m['decode_speedup_max']:.2f}x; "
                      f"{m['decode_tokens_per_s']:.1f} vs {side['models']['dense']['decode_tokens_per_s']:.1f} tok/s).")
     (results / "prune_manifests.json").write_text(json.dumps(manifests, indent=1, default=str))
-    reproduce = [m["command"] for m in manifests.values()] + [f"python benchmarks/structured_smollm2.py --targets "
+    # The pruned models lived in a temporary folder: the commands show the default output instead.
+    reproduce = [re.sub(r" --out \S+", "", m["command"]) for m in manifests.values()] + [f"python benchmarks/structured_smollm2.py --targets "
                                                               f"{args.targets} --out {args.out}"]
     bench_files = [results / "dense.json"] + [results / f"{n}.json" for n in folders if n != "dense"]
     out = build_report(bench_files, args.out, title="Structured pruning: SmolLM2-135M", reproduce=reproduce,

@@ -85,7 +85,9 @@ def protocol_lines(rows: list[Row]) -> list[str]:
                      f"tokenized once without special tokens, {proto['windows']} non-overlapping windows of "
                      f"{proto['seqlen']} tokens (stride {proto['stride']}, no BOS, remainder dropped), "
                      f"{proto['scored_tokens']:,} predicted tokens; ppl = exp(mean NLL).")
-        ref = proto.get("base_reference") or {}
+        # The base row is often benched alone: the reference is recorded by the rows measured against it.
+        ref = next((r.result["protocol"].get("base_reference") for r in rows
+                    if r.result["protocol"].get("base_reference")), None) or {}
         lines.append(f"KL and top-1: against {ref.get('reference', 'the base')} ({ref.get('dtype', '?')}) on the same "
                      f"windows; KL over the base's top-{ref.get('top_k', '?')} tokens per position plus one bucket "
                      "for the rest (a lower bound of the full KL); top-1 agreement is exact.")
