@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -30,11 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _bench(model: str, out: Path, extra: list[str]) -> None:
-    command = [sys.executable, "-m", "compress.cli", "bench", model, "--out", str(out), *extra]
-    print("$", " ".join(command), file=sys.stderr)
-    subprocess.run(command, check=True, cwd=ROOT)
+from benchmarks.common import bench_subprocess, report_with_extras, timed_main  # noqa: E402
 
 
 def interleaved_classify(teacher: str, student: str, task: str, batch: int, rounds: int) -> dict:
@@ -80,8 +74,8 @@ def main() -> int:
     figures = manifest["figures"]
     if kind == "classifier":
         task = manifest["eval"]["source"]
-        _bench(teacher, results / "teacher.json", ["--name", "teacher (fine-tuned)", "--task", task])
-        _bench(str(args.student), results / "student.json", ["--name", "student (distilled)", "--task", task])
+        bench_subprocess(teacher, results / "teacher.json", ["--name", "teacher (fine-tuned)", "--task", task])
+        bench_subprocess(str(args.student), results / "student.json", ["--name", "student (distilled)", "--task", task])
         side = interleaved_classify(teacher, str(args.student), task, 32, args.rounds)
         (results / "side_by_side.json").write_text(json.dumps(side, indent=1))
         notes.append(f"Side by side, interleaved over {side['rounds']} rounds of the whole {task} "
@@ -94,8 +88,8 @@ def main() -> int:
                      f"distillation (mapped teacher layers, no training) scored {figures['student_before']:.4f}.")
     else:
         window_args = ["--windows", str(args.windows), "--seqlen", "512"]
-        _bench(teacher, results / "teacher.json", ["--name", "teacher", *window_args])
-        _bench(str(args.student), results / "student.json",
+        bench_subprocess(teacher, results / "teacher.json", ["--name", "teacher", *window_args])
+        bench_subprocess(str(args.student), results / "student.json",
                ["--name", "student (distilled)", "--base", teacher, *window_args])
         notes.append(f"WikiText-2 perplexity of the student before distillation (teacher layers "
                      f"{', '.join(map(str, manifest['layer_map']['student_to_teacher'].values()))} copied, no training): "
@@ -116,23 +110,14 @@ def main() -> int:
                  f"layer map {manifest['layer_map']['student_to_teacher']}.")
     (results / "distill.json").write_text(json.dumps(manifest, indent=1))
 
-    from compress.report import build_report
-
     config = manifest["config"]
     reproduce = [f"distill run {' '.join(manifest['command'][2:]) if len(manifest['command']) > 2 else ''}".strip(),
                  f"python benchmarks/distill_report.py {args.student} --out {args.out}"]
     bench_files = [results / "teacher.json", results / "student.json"]
-    out = build_report(bench_files, args.out, title=f"Distillation: {config['teacher']} -> "
-                       f"{manifest['student']['layers']}-layer student", reproduce=reproduce, notes=notes, force=True)
-    for extra in ("side_by_side.json", "distill.json"):
-        if (results / extra).is_file():
-            (out / "results" / extra).write_bytes((results / extra).read_bytes())
-    print(f"report written to {out}")
+    report_with_extras(bench_files, args.out, f"Distillation: {config['teacher']} -> {manifest['student']['layers']}"
+                       "-layer student", reproduce, notes, results, ("side_by_side.json", "distill.json"))
     return 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"took {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    sys.exit(code)
+    timed_main(main)

@@ -19,10 +19,8 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -33,13 +31,9 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import bench_subprocess, report_with_extras, timed_main  # noqa: E402
 MODEL = "smollm2-135m"
-
-
-def _bench(model: str, out: Path, extra: list[str]) -> None:
-    command = [sys.executable, "-m", "compress.cli", "bench", model, "--out", str(out), *extra]
-    print("$", " ".join(command), file=sys.stderr)
-    subprocess.run(command, check=True, cwd=ROOT)
 
 
 def interleaved(folders: dict[str, Path], rounds: int, prompt_len: int, new_tokens: int) -> dict:
@@ -90,7 +84,6 @@ def main() -> int:
 
     from compress.models import resolve, weight_bytes_on_disk
     from compress.prune.run import PruneRequest, prune
-    from compress.report import build_report
 
     dense = resolve(MODEL).path
     work = Path(tempfile.mkdtemp(prefix="structured-"))
@@ -106,10 +99,10 @@ def main() -> int:
     window_args = ["--windows", str(args.windows), "--seqlen", "512"]
     results = work / "results"
     results.mkdir()
-    _bench(MODEL, results / "dense.json", ["--name", "dense", *window_args])
+    bench_subprocess(MODEL, results / "dense.json", ["--name", "dense", *window_args])
     for name, folder in folders.items():
         if name != "dense":
-            _bench(str(folder), results / f"{name}.json", ["--name", f"structured {name}%", "--base", MODEL,
+            bench_subprocess(str(folder), results / f"{name}.json", ["--name", f"structured {name}%", "--base", MODEL,
                                                            *window_args])
     side = interleaved(folders, args.rounds, 512, 32)
     (results / "side_by_side.json").write_text(json.dumps(side, indent=1))
@@ -138,16 +131,10 @@ def main() -> int:
     reproduce = [re.sub(r" --out \S+", "", m["command"]) for m in manifests.values()] + [f"python benchmarks/structured_smollm2.py --targets "
                                                               f"{args.targets} --out {args.out}"]
     bench_files = [results / "dense.json"] + [results / f"{n}.json" for n in folders if n != "dense"]
-    out = build_report(bench_files, args.out, title="Structured pruning: SmolLM2-135M", reproduce=reproduce,
-                       notes=notes, force=True)
-    for extra in ("side_by_side.json", "prune_manifests.json"):
-        (out / "results" / extra).write_bytes((results / extra).read_bytes())
-    print(f"report written to {out}")
+    report_with_extras(bench_files, args.out, "Structured pruning: SmolLM2-135M", reproduce, notes, results,
+                       ("side_by_side.json", "prune_manifests.json"))
     return 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"took {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    sys.exit(code)
+    timed_main(main)

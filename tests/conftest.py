@@ -68,3 +68,15 @@ def tiny_llama():
     from compress.models import load_model, resolve
 
     return load_model(resolve("tiny-llama").path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_windows(data_dir):
+    """The real SmolLM2-135M and 4 WikiText-2 test windows of 256 tokens (for the slow tests)."""
+    from compress.data import eval_windows, load_text, tokenize
+    from compress.models import load_model, resolve
+
+    model, tokenizer = load_model(resolve("smollm2-135m").path)
+    text, record = load_text("wikitext2:test")
+    windows, _ = eval_windows(tokenize(tokenizer, text), record, 256, max_windows=4)
+    return model, windows

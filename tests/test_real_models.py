@@ -8,19 +8,10 @@ import torch
 from compress.api import QuantizeRequest, quantize
 from compress.bench.score import score_windows
 from compress.checkpoint import load_quantized
-from compress.data import eval_windows, load_text, tokenize
 from compress.models import load_model, resolve
 from tests.conftest import model_output
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_windows(data_dir):
-    model, tokenizer = load_model(resolve("smollm2-135m").path)
-    text, record = load_text("wikitext2:test")
-    windows, _ = eval_windows(tokenize(tokenizer, text), record, 256, max_windows=4)
-    return model, windows
 
 
 def test_smollm2_gptq_w4g128_partial_groups_and_perplexity(smollm2_windows, tmp_path):

@@ -4,29 +4,19 @@ import pytest
 import torch
 
 from compress.bench.score import score_windows
-from compress.data import eval_windows, load_text, tokenize
-from compress.models import load_model, resolve
 from compress.prune.run import PruneRequest, prune
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2(data_dir):
-    model, tokenizer = load_model(resolve("smollm2-135m").path)
-    text, record = load_text("wikitext2:test")
-    windows, _ = eval_windows(tokenize(tokenizer, text), record, 256, max_windows=4)
-    return model, windows
 
 
 def _ppl(model, windows):
     return score_windows(model, windows, torch.device("cpu"))[0].perplexity.perplexity
 
 
-def test_smollm2_wanda_is_far_better_than_magnitude_at_two_four(smollm2, tmp_path):
+def test_smollm2_wanda_is_far_better_than_magnitude_at_two_four(smollm2_windows, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    dense, windows = smollm2
+    dense, windows = smollm2_windows
     ppl = {}
     for method in ("magnitude", "wanda"):
         result = prune(PruneRequest(model="smollm2-135m", method=method, pattern="2:4", calib="sst2:train",
@@ -38,10 +28,10 @@ def test_smollm2_wanda_is_far_better_than_magnitude_at_two_four(smollm2, tmp_pat
     assert _ppl(dense, windows) < ppl["wanda"] < 0.5 * ppl["magnitude"]
 
 
-def test_smollm2_structured_mlp_is_smaller_and_reloads(smollm2, tmp_path):
+def test_smollm2_structured_mlp_is_smaller_and_reloads(smollm2_windows, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    dense, windows = smollm2
+    dense, windows = smollm2_windows
     result = prune(PruneRequest(model="smollm2-135m", method="structured", target="mlp", sparsity=0.25,
                                 calib="sst2:train", nsamples=16, seqlen=256, out=str(tmp_path / "s"), progress=False,
                                 device="cpu"))
