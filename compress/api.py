@@ -17,7 +17,10 @@ from compress.checkpoint import gptq_quantization_config, save_quantized
 from compress.models import weight_bytes_on_disk
 from compress.prune.run import PruneRequest, PruneResult, prune
 from compress.quant.apply import quantize_model
+from compress.quant.config import WeightQuantConfig
+from compress.quant.head import quantize_head
 from compress.registry import get_method
+from compress.errors import UserError
 from compress.run_settings import RunSettings, load_for_run
 from compress.runtime import environment, peak_rss_bytes
 
@@ -36,12 +39,26 @@ class QuantizeRequest(RunSettings):
     measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
     static_groups: bool = False
     damp_percent: float = 0.01
+    quant_type: str = "nf4"
+    """bnb 4-bit: nf4 or fp4."""
+    double_quant: bool = True
+    """bnb 4-bit: quantize the block scales too."""
+    int8_threshold: float = 6.0
+    """bnb 8-bit: LLM.int8() outlier threshold."""
+    lm_head_bits: int | None = None
+    """Also quantize the output head (and an embedding tied to it), data-free, per output channel at
+    these bits (8 is the usual choice); None keeps it in float."""
 
     def method_config(self):
         method = get_method(self.method)
         names = {f.name for f in dataclasses.fields(method.config_cls)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
         return method, method.config_cls(**values)
+
+    def head_config(self) -> WeightQuantConfig | None:
+        if self.lm_head_bits is None:
+            return None
+        return WeightQuantConfig(bits=self.lm_head_bits, group_size=-1, sym=True)
 
 
 @dataclass
@@ -67,11 +84,18 @@ def source_hash(folder: Path) -> str:
 
 def quantize(request: QuantizeRequest) -> QuantizeResult:
     method, cfg = request.method_config()
+    if method.writes_own_checkpoint:
+        if request.lm_head_bits is not None:
+            raise UserError(f"--lm-head-bits applies to gptq and rtn; {method.name} decides its own head")
+        return method.quantize_checkpoint(request, cfg)
+    head_cfg = request.head_config()
     started = time.perf_counter()
-    run = load_for_run(request, cfg.tag, method.needs_calibration)
+    tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
+    run = load_for_run(request, tag, method.needs_calibration)
     model, tokenizer, device, resolved = run.model, run.tokenizer, run.device, run.resolved
     quant_started = time.perf_counter()
     stats = quantize_model(model, method, cfg, run.windows, device, request.selection, request.progress)
+    head = quantize_head(model, head_cfg, next(model.parameters()).dtype) if head_cfg else None
     quant_seconds = time.perf_counter() - quant_started
 
     manifest = {
@@ -84,6 +108,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         "calibration": run.calibration.to_dict() if run.calibration else None,
         "selection": {"include": request.include, "exclude": request.exclude},
         "layers": [dataclasses.asdict(layer) for layer in stats.layers],
+        "lm_head": head,
         "device": str(device),
         "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
         "peak_rss_bytes": peak_rss_bytes(),
@@ -93,6 +118,6 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     model = model.to("cpu")
     save_quantized(model, tokenizer, run.out,
                    gptq_quantization_config(cfg, method.name, __version__, stats.block_prefix,
-                                            [layer.shape[1] for layer in stats.layers]), manifest, request.force)
+                                            [layer.shape[1] for layer in stats.layers], head), manifest, request.force)
     return QuantizeResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
                           time.perf_counter() - started, peak_rss_bytes(), manifest, model)

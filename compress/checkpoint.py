@@ -18,6 +18,7 @@ from compress.errors import UserError
 from compress.fsutil import atomic_folder
 from compress.models import auto_class, check_checkpoint, quiet_transformers
 from compress.quant.config import WeightQuantConfig
+from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule
 
@@ -27,7 +28,7 @@ PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, block_prefix: str,
-                              in_features: list[int] = ()) -> dict:
+                              in_features: list[int] = (), head: dict | None = None) -> dict:
     """The config.json block that transformers, optimum and GPTQModel read.
 
     GPTQModel's automatic CPU kernel (torch's int4 pack-mm) needs every input width to be a multiple
@@ -51,6 +52,12 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
     }
     if cfg.group_size != -1 and any(width % cfg.group_size for width in in_features):
         block["backend"] = "torch"
+    if head is not None:
+        # GPTQModel's and vLLM's names for a quantized head and for per-module settings.
+        block["lm_head"] = True
+        dynamic = dynamic_override(head, cfg)
+        if dynamic:
+            block["dynamic"] = dynamic
     return block
 
 
@@ -60,7 +67,8 @@ def save_quantized(model, tokenizer, folder: Path, quantization_config: dict, ma
     with atomic_folder(folder, force=force) as tmp:
         model.config.quantization_config = quantization_config
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with float_copies_for_save(model, manifest.get("lm_head")):
+                model.save_pretrained(tmp, safe_serialization=True)
         finally:
             del model.config.quantization_config
         if tokenizer is not None:
@@ -90,6 +98,20 @@ def _quantized_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
+def _module_name(model, saved_name: str) -> str:
+    """The in-memory name of a packed layer saved as ``saved_name``. transformers renames a few modules
+    between file and memory (GPT-NeoX's head: embed_out on disk, lm_head in memory); a packed name that
+    is no module of the model is the output head's saved name."""
+    try:
+        model.get_submodule(saved_name)
+        return saved_name
+    except AttributeError:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            return saved_name
+        return next(name for name, module in model.named_modules() if module is head)
+
+
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a GPTQ-format folder, with our QuantLinear in place of each packed layer."""
     from transformers import AutoConfig, AutoTokenizer
@@ -100,7 +122,8 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     qcfg = getattr(config, "quantization_config", None)
     if qcfg is None:
         raise UserError(f"{folder} is not a quantized checkpoint (no quantization_config in config.json)")
-    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    # The raw block: transformers' GPTQConfig object drops keys it does not know (GPTQModel's dynamic).
+    qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     if qcfg.get("quant_method") != "gptq":
         raise UserError(f"{folder} uses quant_method {qcfg.get('quant_method')!r}; this loader reads gptq checkpoints")
     if qcfg.get("checkpoint_format", "gptq") != "gptq":
@@ -113,8 +136,9 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     with quiet_transformers():
         model, info = cls.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
                                           output_loading_info=True)
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    for name, tensors in quantized.items():
+    for saved_name, tensors in quantized.items():
+        name = _module_name(model, saved_name)
+        bits, group_size = layer_settings(qcfg, name)
         bias = tensors.get("bias")
         layer = QuantLinear(tensors["g_idx"].numel(), tensors["scales"].shape[1], bits, group_size,
                             bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float16)
@@ -124,10 +148,15 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
         except (RuntimeError, AttributeError) as exc:
             raise UserError(f"{folder}: packed layer {name} does not fit the model ({str(exc).splitlines()[0]}): "
                             "re-create the checkpoint")
-    expected_missing = {f"{name}.weight" for name in quantized}
+    expected_missing = {f"{_module_name(model, name)}.weight" for name in quantized} | {
+        f"{name}.weight" for name in quantized}
     missing = set(info.get("missing_keys", ())) - expected_missing
     if missing:
         raise UserError(f"{folder} lacks weights {sorted(missing)[:3]}: re-create the checkpoint")
+    head = (read_manifest(folder) or {}).get("lm_head") or {}
+    if head.get("tied_embedding"):
+        # The file's float16 embedding is for other loaders; ours reads rows from the packed head.
+        set_submodule(model, head["tied_embedding"], QuantEmbedding(model.get_submodule(head["module"]), dtype))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model, tokenizer

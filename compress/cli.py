@@ -82,7 +82,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
     p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
                    "(default 4)")
-    p.add_argument("--method", default=S, help="gptq (default) or rtn")
+    p.add_argument("--method", default=S, help="gptq (default), rtn or bnb (bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
                    help="columns per scale; -1 = per output channel (default 128)")
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
@@ -94,6 +94,15 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
                    help="GPTQ with --act-order: fix group grids before any update")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help="GPTQ dampening (default 0.01)")
+    p.add_argument("--quant-type", dest="quant_type", default=S, choices=["nf4", "fp4"],
+                   help="bnb --bits 4: code book (default nf4)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False, default=S,
+                   help="bnb --bits 4: keep block scales in float (reloads lossily on CPU)")
+    p.add_argument("--int8-threshold", dest="int8_threshold", type=float, default=S,
+                   help="bnb --bits 8: LLM.int8() outlier threshold (default 6.0)")
+    p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=S,
+                   help="also quantize the output head (and an embedding tied to it) per channel, data-free, at "
+                        "these bits (8 recommended; default: keep it in float)")
     _run_settings_args(p, "quantize", "configs/quantize/")
 
 
@@ -104,8 +113,9 @@ def _quantize_run(args: argparse.Namespace) -> int:
     request = _request(QuantizeRequest, args)
     result = quantize(request)
     ratio = result.source_bytes / max(result.output_bytes, 1)
-    print(f"quantized {request.model} with {result.manifest['method']} "
-          f"({result.manifest['config']['bits']} bits, group {result.manifest['config']['group_size']})")
+    config = result.manifest["config"]
+    detail = f"group {config['group_size']}" if "group_size" in config else result.folder.name.rsplit("-", 1)[-1]
+    print(f"quantized {request.model} with {result.manifest['method']} ({config['bits']} bits, {detail})")
     print(f"  size   {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
     print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
           f"peak RSS {human_bytes(result.peak_rss_bytes)}")
@@ -169,11 +179,14 @@ def _prune_run(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="alias or folder: a dense model or a GPTQ-format checkpoint")
+    p.add_argument("model", help="alias or folder: a dense model, a GPTQ-format or a bitsandbytes checkpoint")
     p.add_argument("--base", help="uncompressed model for KL divergence / top-1 agreement (same tokenizer)")
     p.add_argument("--name", help="label of this row in reports")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (the backend's dtype, else float32 on CPU and float16 on "
+                   "CUDA), float32, bfloat16, float16")
+    p.add_argument("--backend", default="auto", help="what runs the model: auto (fastest that can), dense, dequant "
+                   "(reference), torch (fused int4/int8 CPU kernels), gptqmodel, bitsandbytes")
     p.add_argument("--base-dtype", dest="base_dtype", help="dtype of --base (default: --dtype)")
     p.add_argument("--transform", help="a peer's in-memory scheme applied after loading: torchao-int8wo")
     p.add_argument("--eval", default="wikitext2", help="perplexity text: NAME[:SPLIT] or a file (default wikitext2 test)")
@@ -202,6 +215,30 @@ def _bench_run(args: argparse.Namespace) -> int:
         print(line)
     if args.out:
         print(f"  saved  {args.out}")
+    return 0
+
+
+# --- compress export-onnx -------------------------------------------------------------------------
+
+
+def _export_onnx_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="alias or folder: a dense model or one of our GPTQ-format checkpoints")
+    p.add_argument("--weights", default="auto", help="auto (packed for a quantized checkpoint, else float), float, "
+                   "int8 (ONNX Runtime dynamic INT8) or packed (the checkpoint's codes in MatMulNBits)")
+    p.add_argument("--out", help="output folder (default out/<model>-onnx-<weights>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+
+
+def _export_onnx_run(args: argparse.Namespace) -> int:
+    from compress.bench.summary import human_bytes
+    from compress.ort.build import OnnxExportRequest, export_onnx
+
+    manifest = export_onnx(OnnxExportRequest(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")}))
+    nodes = ", ".join(f"{k} x{v}" for k, v in sorted(manifest["nodes"].items())) or "float MatMul"
+    print(f"exported {args.model} to ONNX ({manifest['weights']} weights: {nodes})")
+    print(f"  size   {human_bytes(manifest['bytes'])}, {manifest['timings_s']['export']:.1f} s")
+    print(f"  saved  {manifest['folder']}  (run it: compress bench {manifest['folder']})")
     return 0
 
 
@@ -248,6 +285,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "models": ("list the model aliases", _models_args, _models_run),
     "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
     "prune": ("prune a model (magnitude, Wanda, SparseGPT, N:M or structured) and save it", _prune_args, _prune_run),
+    "export-onnx": ("export a decoder with its KV cache to ONNX (float, INT8 dynamic, or packed INT4/INT8)",
+                    _export_onnx_args, _export_onnx_run),
     "bench": ("measure memory, speed, perplexity and agreement with a base model", _bench_args, _bench_run),
     "report": ("Markdown + HTML report with plots from bench results", _report_args, _report_run),
     "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),

@@ -85,6 +85,9 @@ def cache_dir() -> Path:
 # --- validation -------------------------------------------------------------------------------
 
 
+ONNX_MODEL_FILE = "model.onnx"
+
+
 def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
     """Refuse folders that are not a loadable, safe, intact checkpoint, with the fix in the message."""
     from safetensors import safe_open
@@ -100,6 +103,8 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
     if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
         raise UserError(f"{path} needs custom code from the model repository (auto_map in config.json): "
                         "review that code, then pass --trust-remote-code to allow it")
+    if (path / ONNX_MODEL_FILE).is_file():  # an exported ONNX model: its weights are the graph's initializers
+        return
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -277,4 +282,6 @@ def quiet_transformers():
 
 
 def weight_bytes_on_disk(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    """Bytes of the weight files: safetensors, or an ONNX graph with its external data."""
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.onnx")) + list(path.glob("*.onnx.data"))
+    return sum(p.stat().st_size for p in files)

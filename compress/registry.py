@@ -13,7 +13,7 @@ import torch
 from compress.errors import UserError
 
 ENTRY_POINT_GROUP = "compress.methods"
-_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.prune.magnitude", "compress.prune.wanda",
+_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.quant.bnb", "compress.prune.magnitude", "compress.prune.wanda",
                     "compress.prune.sparsegpt", "compress.prune.structured")
 
 METHODS: dict[str, "QuantMethod"] = {}
@@ -29,6 +29,9 @@ class QuantMethod:
     config_cls: ClassVar[type]
     needs_calibration: ClassVar[bool]
     summary: ClassVar[str] = ""
+    writes_own_checkpoint: ClassVar[bool] = False
+    """A method that quantizes whole models through another library (bitsandbytes) implements
+    ``quantize_checkpoint(request, cfg) -> QuantizeResult`` instead of ``quantize_weight``."""
 
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg):  # pragma: no cover
         raise NotImplementedError

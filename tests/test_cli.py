@@ -231,3 +231,18 @@ def test_bench_a_folder_without_a_tokenizer(capsys, tmp_path, eval_file):
         shutil.copyfile(source / name, folder / name)
     code, _, err = run_cli(["bench", str(folder), "--device", "cpu", "--eval", str(eval_file)], capsys)
     assert_user_error(code, err, "has no tokenizer")
+
+
+def test_bnb_with_unsupported_bits(capsys, quick, tmp_path):
+    code, _, err = run_cli(["quantize", "tiny-llama", "--method", "bnb", "--bits", "2"] + quick, capsys)
+    assert_user_error(code, err, "8 or 4 bits, not 2", "--bits 8")
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_backend_that_cannot_run_the_checkpoint(capsys, quick, tmp_path):
+    code, _, _ = run_cli(["quantize", "tiny-llama", "--method", "rtn", "--bits", "3", "--group-size", "32"] + quick,
+                         capsys)
+    assert code == 0
+    code, _, err = run_cli(["bench", str(tmp_path / "out" / "q"), "--backend", "torch", "--no-progress",
+                            "--windows", "1", "--seqlen", "16", "--no-speed"], capsys)
+    assert_user_error(code, err, "backend 'torch' cannot run this checkpoint", "3-bit")

@@ -1,9 +1,10 @@
 """Load any model the benchmark is pointed at, and say how it computes.
 
-A folder with a GPTQ ``quantization_config`` runs on our QuantLinear (the same loader whatever tool
-wrote the folder, so every GPTQ row is measured the same way); anything else loads dense in the
-requested dtype. An optional transform (a peer's in-memory scheme, e.g. torchao int8) is applied
-after loading. The returned description names the kernel that really runs.
+The checkpoint's format (dense, GPTQ, bitsandbytes) and ``--backend`` choose a backend
+(compress.backends): ``auto`` is the fastest one that can run it on the device (our GPTQ checkpoints:
+torch's fused int4/int8 kernels on the CPU), a named one runs or fails with the reason. An optional
+transform (a peer's in-memory scheme, e.g. torchao int8) is applied after loading. The returned
+description names the kernel that really runs.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ class LoadedModel:
     weight_bits: float
     """Nominal bits of the compressed linear weights (the dtype's bits for a dense model)."""
     notes: list[str] = field(default_factory=list)
+    backend: str = "dense"
+    """The backend that loaded it (compress.backends)."""
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, preferred: torch.dtype | None = None) -> torch.dtype:
+    """``auto`` is the backend's preferred dtype where it has one, else float32 on CPU, float16 on CUDA."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return preferred or (torch.float32 if device.type == "cpu" else torch.float16)
     if name not in DTYPES:
         raise UserError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -48,31 +52,28 @@ def _quantization_config(path: Path) -> dict | None:
     return config.get("quantization_config")
 
 
-def load_for_bench(reference: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                   transform: str | None = None) -> LoadedModel:
+def choose_for(reference: str, dtype: str | torch.dtype, device: torch.device, trust_remote_code: bool = False,
+               backend: str = "auto"):
+    """(resolved model, its quantization_config, backend, dtype, what auto passed over), from the
+    folder's config alone: cheap, so a backend that cannot run the model fails before any work."""
+    from compress.backends import choose_backend
+
     resolved = resolve(reference, trust_remote_code)
     qcfg = _quantization_config(resolved.path)
-    if qcfg is not None:
-        if qcfg.get("quant_method") != "gptq":
-            raise UserError(f"{reference} is quantized with {qcfg.get('quant_method')!r}; the benchmark reads dense "
-                            "models and GPTQ-format checkpoints")
-        from compress.checkpoint import load_quantized, read_manifest
+    pinned = dtype if isinstance(dtype, torch.dtype) else None if dtype == "auto" else resolve_dtype(dtype, device)
+    from compress.models import ONNX_MODEL_FILE
 
-        model, tokenizer = load_quantized(resolved.path, dtype)
-        manifest = read_manifest(resolved.path) or {}
-        quantization = {k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
-        meta_method = (qcfg.get("meta") or {}).get("method")
-        # A pruned-then-quantized checkpoint's manifest names the pruning method; config.json names both.
-        quantization["method"] = (meta_method if manifest.get("kind") == "prune" else None) or manifest.get("method") \
-            or meta_method or "gptq"
-        quantization["quantizer"] = (qcfg.get("meta") or {}).get("quantizer")
-        loaded = LoadedModel(model, tokenizer, resolved, dtype, quantization,
-                             f"compress QuantLinear: unpack once to uint8 codes, dequantize to {_name(dtype)} "
-                             "per forward, then F.linear", float(qcfg["bits"]))
-    else:
-        model, tokenizer = load_model(resolved.path, dtype, trust_remote_code)
-        loaded = LoadedModel(model, tokenizer, resolved, dtype, None, f"torch dense {_name(dtype)} F.linear",
-                             float(DTYPE_BITS[dtype]))
+    chosen, passed_over = choose_backend(backend, qcfg, device, pinned, onnx=(resolved.path / ONNX_MODEL_FILE).is_file())
+    return resolved, qcfg, chosen, pinned or resolve_dtype("auto", device, chosen.preferred_dtype(qcfg, device)), \
+        passed_over
+
+
+def load_for_bench(reference: str, dtype: str | torch.dtype, device: torch.device, trust_remote_code: bool = False,
+                   transform: str | None = None, backend: str = "auto") -> LoadedModel:
+    resolved, qcfg, chosen, dtype, passed_over = choose_for(reference, dtype, device, trust_remote_code, backend)
+    loaded = chosen.load(resolved, qcfg, dtype, device, trust_remote_code)
+    for reason in passed_over:
+        loaded.notes.append(f"backend auto passed over {reason}")
     note = pruning_note(resolved.path)
     if note:
         loaded.notes.append(note)
@@ -102,5 +103,3 @@ def pruning_note(path: Path) -> str | None:
             "weights are zero, stored dense (no sparse kernel: zeros cost the same time and memory)")
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -26,7 +26,10 @@ def _storage_key(tensor: torch.Tensor):
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters and persistent buffers, each shared tensor once (a tied LM head is the embedding)."""
+    """Parameters and persistent buffers, each shared tensor once (a tied LM head is the embedding); a
+    model run by another runtime (ONNX Runtime) reports its own weight bytes."""
+    if hasattr(model, "weight_bytes"):
+        return int(model.weight_bytes())
     seen: set = set()
     total = 0
     for module in model.modules():

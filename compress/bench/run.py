@@ -21,7 +21,7 @@ import torch
 from compress.bench import memory, throughput
 from compress.bench.agreement import DEFAULT_TOP_K, Reference, windows_digest
 from compress.bench.bandwidth import read_bandwidth_gbps
-from compress.bench.load import LoadedModel, load_for_bench, resolve_dtype
+from compress.bench.load import LoadedModel, choose_for, load_for_bench, resolve_dtype
 from compress.bench.score import score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
 from compress.data import eval_windows, load_labelled, load_text, tokenize
@@ -49,6 +49,8 @@ class BenchRequest:
     """dtype of the base model (default: the same as dtype)."""
     transform: str | None = None
     """A peer's in-memory scheme applied after loading (e.g. torchao-int8wo)."""
+    backend: str = "auto"
+    """What runs the model: auto, dense, dequant, torch, gptqmodel, bitsandbytes (compress.backends)."""
     eval: str = "wikitext2"
     """Perplexity text: NAME[:SPLIT] or a file (WikiText-2 test by default)."""
     seqlen: int | None = None
@@ -197,7 +199,6 @@ def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, dev
 
 def bench(request: BenchRequest) -> dict:
     device = resolve_device(request.device)
-    dtype = resolve_dtype(request.dtype, device)
     if request.top_k <= 0:
         raise UserError(f"--top-k must be positive, not {request.top_k}")
     started = time.perf_counter()
@@ -208,6 +209,7 @@ def bench(request: BenchRequest) -> dict:
     # The tokenizer first (cheap), so the evaluation windows and the base reference exist before the
     # measured model is loaded.
     config, tokenizer = _config_and_tokenizer(request)
+    choose_for(request.model, request.dtype, device, request.trust_remote_code, request.backend)  # fail fast
     causal = is_causal_lm(config)
     classifier = is_classifier(config)
 
@@ -229,9 +231,10 @@ def bench(request: BenchRequest) -> dict:
     memory.reset_peak(device)
     rss_before = memory.peak_bytes(device)
     load_started = time.perf_counter()
-    loaded = load_for_bench(request.model, dtype, device, request.trust_remote_code, request.transform)
+    loaded = load_for_bench(request.model, request.dtype, device, request.trust_remote_code, request.transform,
+                            request.backend)
     load_seconds = time.perf_counter() - load_started
-    model = loaded.model
+    model, dtype = loaded.model, loaded.dtype
 
     accuracy: dict = {}
     protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": False,
@@ -271,7 +274,8 @@ def bench(request: BenchRequest) -> dict:
         "model": {"reference": request.model, "path": str(loaded.resolved.path), "origin": loaded.resolved.origin,
                   "model_type": config.model_type, "parameters": memory.parameter_count(model),
                   "dtype": str(dtype)[6:], "quantization": loaded.quantization, "weight_bits": loaded.weight_bits,
-                  "transform": request.transform, "kernel": loaded.kernel, "notes": loaded.notes},
+                  "transform": request.transform, "backend": loaded.backend, "kernel": loaded.kernel,
+                  "notes": loaded.notes},
         "base": reference_info,
         "memory": {
             "artifact_bytes": weight_bytes_on_disk(loaded.resolved.path),

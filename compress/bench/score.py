@@ -111,7 +111,8 @@ def score_windows(model, windows: list[torch.Tensor], device: torch.device, batc
     With ``make_reference_k`` the pass also returns this model's own top-K reference.
     """
     seqlen = windows[0].numel()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # a packed head has no .weight
     batch_size = batch_size or auto_batch_size(seqlen, vocab, device)
     total_nll, tokens = 0.0, 0
     kls, matches, ref_rows = [], [], []

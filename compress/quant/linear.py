@@ -79,6 +79,13 @@ class QuantLinear(nn.Module):
         qw = self._unpacked()
         return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)
 
+    def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 rows ``ids`` of the weight (a tied embedding's lookup), dequantizing only those rows."""
+        qw = self._unpacked()
+        rows = ids.to(qw.codes.device).long()
+        g = qw.g_idx.long()
+        return (qw.codes[rows].float() - qw.zero.t()[rows][..., g]) * qw.scale.t()[rows][..., g]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None

@@ -45,15 +45,20 @@ def test_bench_against_itself_and_the_record(eval_file, tmp_path, monkeypatch):
     assert again["accuracy"]["perplexity"] == result["accuracy"]["perplexity"]
 
 
-def test_a_quantized_checkpoint_is_measured_by_our_kernel(eval_file, tmp_path, calib_file, monkeypatch):
+@pytest.mark.parametrize("backend, kernel, dtype", [("auto", "_weight_int4pack_mm_for_cpu", "bfloat16"),
+                                                   ("dequant", "QuantLinear", "float32")])
+def test_a_quantized_checkpoint_is_measured_by_the_kernel_that_runs_it(eval_file, tmp_path, calib_file, monkeypatch,
+                                                                       backend, kernel, dtype):
     from compress.api import QuantizeRequest, quantize
 
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "q"
     quantize(QuantizeRequest(model="tiny-llama", method="rtn", bits=4, group_size=32, out=str(folder), device="cpu",
                              progress=False))
-    result = bench(quick(eval_file, model=str(folder), base="tiny-llama", speed=False))
-    assert "QuantLinear" in result["model"]["kernel"]
+    result = bench(quick(eval_file, model=str(folder), base="tiny-llama", speed=False, backend=backend))
+    assert kernel in result["model"]["kernel"]
+    assert result["model"]["backend"] == ("torch" if backend == "auto" else backend)
+    assert result["model"]["dtype"] == dtype
     assert result["model"]["quantization"]["bits"] == 4
     assert result["model"]["weight_bits"] == 4.0
     assert 0 < result["accuracy"]["agreement"]["kl_mean"]

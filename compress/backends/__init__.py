@@ -1,0 +1,117 @@
+"""Backends: what runs a model once it is made, and which kernel that really is.
+
+A backend loads one checkpoint format (dense, gptq, bitsandbytes, ...) on some devices and returns a
+LoadedModel whose ``kernel`` names the code that computes its layers. ``choose_backend`` picks one:
+``auto`` takes the first of the format's preference list that can run the checkpoint on the device;
+a backend asked for by name that cannot is an error, never a silent switch to another.
+Built-ins register on import; each lives in its own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import ClassVar
+
+import torch
+
+from compress.errors import UserError
+
+_BUILTIN_MODULES = ("compress.backends.reference", "compress.backends.torch_backend",
+                    "compress.backends.gptqmodel_backend", "compress.backends.bnb",
+                    "compress.backends.onnxruntime_backend")
+
+BACKENDS: dict[str, "Backend"] = {}
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    # format -> device type -> backends tried in order by `auto`
+    "dense": {"cpu": ("dense",), "cuda": ("dense",)},
+    "gptq": {"cpu": ("torch", "dequant"), "cuda": ("gptqmodel", "dequant")},
+    "bitsandbytes": {"cpu": ("bitsandbytes",), "cuda": ("bitsandbytes",)},
+    "onnx": {"cpu": ("onnxruntime",), "cuda": ()},
+}
+_loaded = False
+
+
+class Backend:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    requires: ClassVar[str | None] = None
+    """Module that must be importable."""
+    extra: ClassVar[str | None] = None
+    """The package extra that installs it."""
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def preferred_dtype(self, qcfg: dict | None, device: torch.device) -> torch.dtype | None:
+        """The compute dtype ``--dtype auto`` means here (None: the benchmark's usual choice)."""
+        return None
+
+    def unsupported(self, qcfg: dict | None, device: torch.device, dtype: torch.dtype | None) -> str | None:
+        """Why this backend cannot run a checkpoint with this quantization_config here, in ``dtype``
+        (None: the dtype was left to the backend); None when it can."""
+        return None
+
+    def load(self, resolved, qcfg: dict | None, dtype: torch.dtype, device: torch.device,
+             trust_remote_code: bool):  # pragma: no cover - every backend overrides it
+        raise NotImplementedError
+
+
+def register_backend(cls: type) -> type:
+    BACKENDS[cls.name] = cls()
+    return cls
+
+
+def available_backends() -> dict[str, Backend]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+    return dict(BACKENDS)
+
+
+def checkpoint_format(qcfg: dict | None, onnx: bool = False) -> str:
+    if onnx:
+        return "onnx"
+    if qcfg is None:
+        return "dense"
+    method = qcfg.get("quant_method")
+    if method not in AUTO_ORDER:
+        raise UserError(f"checkpoints quantized with {method!r} have no backend here; the benchmark reads dense, "
+                        "GPTQ-format and bitsandbytes checkpoints")
+    return method
+
+
+def choose_backend(name: str, qcfg: dict | None, device: torch.device,
+                   dtype: torch.dtype | None = None, onnx: bool = False) -> tuple[Backend, list[str]]:
+    """(backend, why each faster candidate was passed over by ``auto``)."""
+    backends = available_backends()
+    fmt = checkpoint_format(qcfg, onnx)
+    if name == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER[fmt][device.type]:
+            backend = backends[candidate]
+            why = None if backend.available() else f"needs {backend.requires}"
+            why = why or backend.unsupported(qcfg, device, dtype)
+            if why is None:
+                return backend, reasons
+            reasons.append(f"{candidate}: {why}")
+        raise UserError(f"no backend runs this {fmt} checkpoint on {device.type} ({'; '.join(reasons)})")
+    if name not in backends:
+        raise UserError(f"unknown backend '{name}': choose auto or one of {', '.join(sorted(backends))}")
+    backend = backends[name]
+    if fmt not in backend.formats:
+        raise UserError(f"backend '{name}' runs {', '.join(backend.formats)} models, not a {fmt} one: use "
+                        f"--backend auto or one of {', '.join(AUTO_ORDER[fmt][device.type])}")
+    if device.type not in backend.devices:
+        raise UserError(f"backend '{name}' does not run on {device.type}: use --backend auto or one of "
+                        f"{', '.join(AUTO_ORDER[fmt][device.type])}")
+    if not backend.available():
+        raise UserError(f"backend '{name}' needs {backend.requires}: pip install 'compress-workbench[{backend.extra}]'")
+    why = backend.unsupported(qcfg, device, dtype)
+    if why:
+        raise UserError(f"backend '{name}' cannot run this checkpoint: {why}")
+    return backend, []

@@ -1,0 +1,56 @@
+"""ONNX Runtime for folders written by `compress export-onnx`: the CPU execution provider, with the
+node kinds the graph really holds (MatMulNBits, MatMulInteger, float MatMul) named as its kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.backends import Backend, register_backend
+
+
+@register_backend
+class OnnxRuntime(Backend):
+    name = "onnxruntime"
+    summary = "onnxruntime CPUExecutionProvider on an exported decoder with its KV cache"
+    formats = ("onnx",)
+    devices = ("cpu",)
+    requires = "onnxruntime"
+    extra = "onnx"
+
+    def preferred_dtype(self, qcfg, device):
+        return torch.float32
+
+    def unsupported(self, qcfg, device, dtype):
+        if dtype is not None and dtype != torch.float32:
+            return "the exported graph computes in float32 (--dtype float32 or auto)"
+        return None
+
+    def load(self, resolved, qcfg, dtype, device, trust_remote_code):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from compress.bench.load import LoadedModel
+        from compress.checkpoint import read_manifest
+        from compress.ort.runtime import OrtCausalLM
+
+        manifest = read_manifest(resolved.path) or {}
+        config = AutoConfig.from_pretrained(resolved.path)
+        if "cache" not in manifest:
+            from compress.errors import UserError
+
+            raise UserError(f"{resolved.path} was not written by `compress export-onnx` (no cache shape in "
+                            "compress_manifest.json): export it with compress export-onnx")
+        model = OrtCausalLM(resolved.path, config, manifest["cache"], torch.get_num_threads())
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        nodes = manifest.get("nodes") or {}
+        weights = manifest.get("weights", "float")
+        source_q = (manifest.get("source") or {}).get("quantization_config") or {}
+        bits = {"int8": 8.0, "packed": float(source_q.get("bits", 4))}.get(weights, 32.0)
+        described = ", ".join(f"{k} x{v}" for k, v in sorted(nodes.items())) or "float MatMul"
+        quantization = None if weights == "float" else {
+            "bits": int(bits), "group_size": -1 if weights == "int8" else source_q.get("group_size"),
+            "sym": True if weights == "int8" else source_q.get("sym"),
+            "method": "onnxruntime dynamic INT8" if weights == "int8" else
+            f"{(source_q.get('meta') or {}).get('method', 'gptq')} codes in MatMulNBits"}
+        return LoadedModel(model, tokenizer, resolved, torch.float32, quantization,
+                           f"onnxruntime {model.session.get_providers()[0]}: {described}; activations float32",
+                           bits, backend=self.name)

@@ -1,0 +1,138 @@
+"""The output head (lm_head) quantized too, and an input embedding tied to it.
+
+In a small model the head is the largest single matrix (SmolLM2-135M: 49,152 x 576, a fifth of the
+weights) and batch-1 decode reads it for every token, so a checkpoint that leaves it in float is
+neither small nor fast. The head is quantized data-free (RTN), by default to 8 bits per output
+channel: the choice llama.cpp makes for its output tensor, since 4 bits there costs more accuracy than
+anywhere else.
+
+Where the embedding is tied to the head, the quantized model reads embedding rows from the head's
+codes (:class:`QuantEmbedding`): one copy in memory. Loaders that cannot do that (transformers with
+GPTQModel) find a float16 copy of the same dequantized rows in the file, under the embedding's usual
+name, with ``tie_word_embeddings`` off: both ways give the same numbers up to float16 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.quant.config import WeightQuantConfig
+from compress.quant.linear import QuantLinear
+from compress.quant.rtn import rtn_quantize
+from compress.select import set_submodule
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding whose rows are read from a quantized head's codes (no weights of its own).
+
+    The source layer is kept outside the module tree (a tuple), so the state dict and the weight
+    count hold the head's tensors once, under the head's name.
+    """
+
+    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._source = (source,)
+        # An empty non-persistent buffer carries the output dtype, so model.to(dtype) moves it along.
+        self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+
+    @property
+    def source(self) -> nn.Module:
+        return self._source[0]
+
+    def retarget(self, source: nn.Module) -> None:
+        """Read rows from ``source`` from now on (a backend replaced the head with its own layer)."""
+        self._source = (source,)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.source.embedding_rows(ids).to(self._dtype.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows from the quantized head"
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError("module not found in the model")
+
+
+def head_and_embedding(model: nn.Module) -> tuple[str, nn.Linear, str | None]:
+    """(head name, head, name of the input embedding tied to it or None)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"{type(model).__name__} has no linear output head to quantize: drop --lm-head-bits")
+    embedding = model.get_input_embeddings()
+    tied = isinstance(embedding, nn.Embedding) and embedding.weight.data_ptr() == head.weight.data_ptr()
+    return module_name(model, head), head, module_name(model, embedding) if tied else None
+
+
+def quantize_head(model: nn.Module, cfg: WeightQuantConfig, dtype: torch.dtype) -> dict:
+    """Replace the head by a QuantLinear (RTN) and a tied embedding by a QuantEmbedding on it; the
+    manifest's record of what was done."""
+    name, head, tied = head_and_embedding(model)
+    qw = rtn_quantize(head.weight.data, cfg)
+    packed = QuantLinear.from_quantized(qw, cfg.group_size, head.bias).to(head.weight.device)
+    set_submodule(model, name, packed)
+    if tied:
+        set_submodule(model, tied, QuantEmbedding(packed, dtype))
+    return {"module": name, "method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+            "tied_embedding": tied}
+
+
+def dynamic_override(head: dict, body: WeightQuantConfig) -> dict:
+    """GPTQModel's per-module override (``dynamic``) for a head quantized differently from the body."""
+    settings = {"bits": head["bits"], "group_size": head["group_size"], "sym": head["sym"], "desc_act": False}
+    if (head["bits"], head["group_size"], head["sym"]) == (body.bits, body.group_size, body.sym):
+        return {}
+    return {f"+:^{re.escape(head['module'])}$": settings}
+
+
+def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
+    """(bits, group_size) of the packed layer ``name`` under a GPTQ quantization_config, with its
+    ``dynamic`` per-module overrides (positive patterns only: negative ones mark float layers)."""
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    for pattern, override in (qcfg.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            return int(override.get("bits", bits)), int(override.get("group_size", group_size))
+    return bits, group_size
+
+
+@contextlib.contextmanager
+def float_copies_for_save(model: nn.Module, head: dict | None) -> Iterator[None]:
+    """While saving a model with a quantized head: float16 copies of its dequantized weight where
+    loaders without our modules look for them. transformers (through optimum) packs only the blocks'
+    layers and would otherwise start the head from random numbers; GPTQModel and vLLM read the packed
+    head (``lm_head: true``). A tied model gets an nn.Embedding holding the rows (the tie gives the
+    head the same numbers); an untied head gets its ``weight`` beside its packed tensors."""
+    if not head:
+        yield
+        return
+    layer = model.get_submodule(head["module"])
+    rows = layer.embedding_rows(torch.arange(layer.out_features, device=_device(layer))).to(torch.float16)
+    tied = head.get("tied_embedding")
+    embedding = model.get_submodule(tied) if tied else None
+    try:
+        if tied:
+            set_submodule(model, tied, nn.Embedding(layer.out_features, layer.in_features, _weight=rows))
+        else:
+            layer.register_buffer("weight", rows)
+        yield
+    finally:
+        if tied:
+            set_submodule(model, tied, embedding)
+        else:
+            del layer.weight
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(iter(module.buffers())).device

@@ -1,0 +1,79 @@
+"""The output head quantized too (--lm-head-bits), with a tied embedding reading the head's codes:
+saved and reloaded by our loader it gives the in-memory logits exactly; transformers, which knows no
+quantized head, finds float16 copies and agrees to float16 rounding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.api import QuantizeRequest, quantize
+from compress.checkpoint import load_quantized
+from compress.errors import UserError
+from compress.quant.head import QuantEmbedding, layer_settings
+from tests.conftest import CAUSAL_ARCHS
+
+TIED = {"mpt", "opt", "bloom", "falcon"}  # the tiny configs whose embedding is tied to the head
+
+
+def quantized_with_head(arch, tmp_path, bits=4):
+    return quantize(QuantizeRequest(model=f"tiny-{arch}", method="rtn", bits=bits, group_size=32, lm_head_bits=8,
+                                    out=str(tmp_path / arch), device="cpu", progress=False))
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_a_quantized_head_reloads_exactly(arch, tmp_path):
+    result = quantized_with_head(arch, tmp_path)
+    head = result.manifest["lm_head"]
+    assert head["bits"] == 8 and head["group_size"] == -1
+    assert bool(head["tied_embedding"]) == (arch in TIED)
+    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["lm_head"] is True
+    assert layer_settings(qcfg, head["module"]) == (8, -1)
+    ids = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        expected = result.model.eval()(ids).logits
+        reloaded, _ = load_quantized(result.folder)
+        assert type(reloaded.get_output_embeddings()).__name__ == "QuantLinear"
+        assert isinstance(reloaded.get_input_embeddings(), QuantEmbedding) == (arch in TIED)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(TIED - {"falcon"}) + ["llama"])  # falcon: optimum packs none of its layers
+def test_transformers_loads_the_float_copies(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = quantized_with_head(arch, tmp_path)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        expected = result.model.eval()(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32).eval()(ids).logits
+    assert (theirs - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_a_tied_quantized_head_is_stored_once_in_memory(tmp_path):
+    from compress.bench.memory import model_weight_bytes
+
+    result = quantized_with_head("opt", tmp_path, bits=8)
+    plain = quantize(QuantizeRequest(model="tiny-opt", method="rtn", bits=8, group_size=32, out=str(tmp_path / "p"),
+                                     device="cpu", progress=False))
+    head, embedding = result.model.get_output_embeddings(), result.model.get_input_embeddings()
+    assert embedding.source is head
+    float_head = plain.model.get_output_embeddings().weight
+    saved = float_head.numel() * float_head.element_size() - head.qweight.numel() * 4 - head.scales.numel() * 2
+    assert model_weight_bytes(plain.model) - model_weight_bytes(result.model) >= 0.9 * saved
+
+
+def test_head_bits_are_validated(tmp_path):
+    with pytest.raises(UserError, match="unsupported bits 5"):
+        QuantizeRequest(model="tiny-llama", method="rtn", lm_head_bits=5, out=str(tmp_path / "x")).head_config()
+
+
+def test_layer_settings_follow_gptqmodel_dynamic_overrides():
+    qcfg = {"bits": 4, "group_size": 128, "dynamic": {"-:.*skip": {}, "+:^lm_head$": {"bits": 8, "group_size": -1},
+                                                       r".*\.1\..*": {"bits": 3}}}
+    assert layer_settings(qcfg, "lm_head") == (8, -1)
+    assert layer_settings(qcfg, "model.layers.1.mlp.up_proj") == (3, 128)
+    assert layer_settings(qcfg, "model.layers.0.mlp.up_proj") == (4, 128)
