@@ -3,6 +3,7 @@ model's peak memory is its own), the report with extra result files, and timing 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def offline_defaults() -> None:
+    """Two threads unless told otherwise, no hub, no tokenizer threads: call before importing torch."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def bench_subprocess(model: str, out: Path, extra: list[str]) -> None:

@@ -23,16 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import offline_defaults, bench_subprocess, report_with_extras, timed_main  # noqa: E402
 
+offline_defaults()
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import bench_subprocess, report_with_extras, timed_main  # noqa: E402
 MODEL = "smollm2-135m"
 
 

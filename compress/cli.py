@@ -225,6 +225,8 @@ def _export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="alias or folder: a dense model or one of our GPTQ-format checkpoints")
     p.add_argument("--weights", default="auto", help="auto (packed for a quantized checkpoint, else float), float, "
                    "int8 (ONNX Runtime dynamic INT8) or packed (the checkpoint's codes in MatMulNBits)")
+    p.add_argument("--accuracy-level", dest="accuracy_level", type=int, default=4,
+                   help="packed: MatMulNBits compute, 4 = int8 activations per block (default, fast), 0 = float32")
     p.add_argument("--out", help="output folder (default out/<model>-onnx-<weights>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")

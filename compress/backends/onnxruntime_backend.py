@@ -46,6 +46,9 @@ class OnnxRuntime(Backend):
         source_q = (manifest.get("source") or {}).get("quantization_config") or {}
         bits = {"int8": 8.0, "packed": float(source_q.get("bits", 4))}.get(weights, 32.0)
         described = ", ".join(f"{k} x{v}" for k, v in sorted(nodes.items())) or "float MatMul"
+        if manifest.get("accuracy_level") is not None:
+            described += f" (accuracy_level {manifest['accuracy_level']}" + \
+                (": int8 activations per block)" if manifest["accuracy_level"] == 4 else ")")
         quantization = None if weights == "float" else {
             "bits": int(bits), "group_size": -1 if weights == "int8" else source_q.get("group_size"),
             "sym": True if weights == "int8" else source_q.get("sym"),

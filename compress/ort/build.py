@@ -26,6 +26,7 @@ from compress.ort.export import DATA_FILE, MODEL_FILE, export_decoder, linear_no
 from compress.ort.packing import nbits_operands
 
 WEIGHTS = ("auto", "float", "int8", "packed")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class OnnxExportRequest:
     """Alias or folder: a dense model or one of our GPTQ-format checkpoints."""
     weights: str = "auto"
     """auto (packed for a GPTQ checkpoint, float otherwise), float, int8 (dynamic) or packed."""
+    accuracy_level: int = 4
+    """MatMulNBits compute: 0/1 float32 activations, 4 int8 activations quantized per block (ONNX Runtime's
+    fast path on CPU, as llama.cpp quantizes activations to 8 bits for its 4-bit dot products)."""
     out: str | None = None
     force: bool = False
     trust_remote_code: bool = False
@@ -100,7 +104,7 @@ def _gemm_bias(node) -> str | None:
     return node.input[2] if len(node.input) > 2 and node.input[2] else None
 
 
-def pack_graph(proto, packed: dict, tied: dict) -> Counter:
+def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Counter:
     """Swap the MatMuls of packed layers for MatMulNBits (and tied 8-bit embeddings' Gathers for
     GatherBlockQuantized) in ``proto``, in place; counts of what was swapped."""
     from onnx import helper, numpy_helper
@@ -130,7 +134,8 @@ def pack_graph(proto, packed: dict, tied: dict) -> Counter:
         inserted.append(helper.make_node("MatMulNBits", [source, f"{prefix}.weight", f"{prefix}.scales",
                                                          f"{prefix}.zero_points"], product,
                                          domain="com.microsoft", K=in_features, N=out_features, bits=ops.bits,
-                                         block_size=ops.block_size, name=f"{prefix}.matmul"))
+                                         block_size=ops.block_size, accuracy_level=accuracy_level,
+                                         name=f"{prefix}.matmul"))
         if bias:
             inserted.append(helper.make_node("Add", [product[0], bias], list(node.output), name=f"{prefix}.bias"))
         replacements[node.output[0]] = inserted
@@ -197,6 +202,9 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     from compress.fsutil import atomic_folder, refuse_existing
     from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk
 
+    if request.accuracy_level not in ACCURACY_LEVELS:
+        raise UserError(f"--accuracy-level {request.accuracy_level}: choose one of "
+                        f"{', '.join(map(str, ACCURACY_LEVELS))}")
     if request.weights not in WEIGHTS:
         raise UserError(f"unknown --weights '{request.weights}': choose {', '.join(WEIGHTS)}")
     resolved = resolve(request.model, request.trust_remote_code)
@@ -234,7 +242,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
             nodes = _int8_dynamic(tmp)
         elif weights == "packed":
             proto = onnx.load(str(tmp / MODEL_FILE))
-            nodes = pack_graph(proto, packed, tied)
+            nodes = pack_graph(proto, packed, tied, request.accuracy_level)
             (tmp / DATA_FILE).unlink()
             onnx.save(proto, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=DATA_FILE, size_threshold=1024)
@@ -247,6 +255,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
             tokenizer.save_pretrained(tmp)
         manifest = {"tool": "compress-workbench", "version": __version__, "kind": "onnx", "weights": weights,
                     "nodes": dict(nodes), "opset": 18,
+                    "accuracy_level": request.accuracy_level if weights == "packed" else None,
                     "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
                     "source": {"reference": request.model, "path": str(resolved.path),
                                "sha256_safetensors": source_hash(resolved.path),

@@ -18,10 +18,10 @@ CPU = torch.device("cpu")
 EXPORTABLE = ["llama", "opt", "falcon", "gpt_neox"]  # one per attention/cache style; all 8 but MPT export
 
 
-def export(model, weights, folder):
+def export(model, weights, folder, **options):
     from compress.ort.build import OnnxExportRequest, export_onnx
 
-    return export_onnx(OnnxExportRequest(model=str(model), weights=weights, out=str(folder)))
+    return export_onnx(OnnxExportRequest(model=str(model), weights=weights, out=str(folder), **options))
 
 
 def full_and_cached(model, ids):
@@ -56,21 +56,24 @@ def test_float_export_matches_pytorch(arch, tmp_path):
     assert_matches(load_for_bench(f"tiny-{arch}", "float32", CPU).model, loaded.model, ids, 1e-5)
 
 
-@pytest.mark.parametrize("arch, bits, group_size", [("llama", 4, 32), ("opt", 8, -1)])
-def test_packed_export_runs_our_codes(arch, bits, group_size, tmp_path):
+@pytest.mark.parametrize("arch, bits, group_size, accuracy_level, tolerance", [
+    ("llama", 4, 32, 0, 1e-5), ("opt", 8, -1, 0, 1e-5),
+    ("llama", 4, 32, 4, 0.05)])  # level 4 quantizes activations to int8 per block: close, not exact
+def test_packed_export_runs_our_codes(arch, bits, group_size, accuracy_level, tolerance, tmp_path):
     from compress.api import QuantizeRequest, quantize
 
     result = quantize(QuantizeRequest(model=f"tiny-{arch}", method="rtn", bits=bits, group_size=group_size,
                                       lm_head_bits=8, out=str(tmp_path / "q"), device="cpu", progress=False))
-    manifest = export(result.folder, "auto", tmp_path / "onnx")
-    assert manifest["weights"] == "packed"
+    manifest = export(result.folder, "auto", tmp_path / "onnx", accuracy_level=accuracy_level)
+    assert manifest["weights"] == "packed" and manifest["accuracy_level"] == accuracy_level
     assert manifest["nodes"][f"MatMulNBits ({bits}-bit)"] >= 8
     if arch == "opt":  # a tied 8-bit head: the embedding is read from the same codes
         assert manifest["nodes"]["GatherBlockQuantized (8-bit)"] == 1
     loaded = load_for_bench(str(tmp_path / "onnx"), "auto", CPU)
     assert "MatMulNBits" in loaded.kernel and loaded.quantization["bits"] == bits
     ids = torch.randint(0, 200, (2, 10))
-    assert_matches(load_for_bench(str(result.folder), "float32", CPU, backend="dequant").model, loaded.model, ids, 1e-5)
+    assert_matches(load_for_bench(str(result.folder), "float32", CPU, backend="dequant").model, loaded.model, ids,
+                   tolerance)
 
 
 def test_int8_dynamic_export_is_close(tmp_path):
@@ -88,6 +91,8 @@ def test_what_cannot_be_exported_says_why(tmp_path):
         export("tiny-llama", "packed", tmp_path / "p")
     with pytest.raises(UserError, match="unknown --weights 'int3'"):
         export("tiny-llama", "int3", tmp_path / "x")
+    with pytest.raises(UserError, match="--accuracy-level 7"):
+        export("tiny-llama", "float", tmp_path / "y", accuracy_level=7)
     assert not (tmp_path / "mpt").exists()
 
 
