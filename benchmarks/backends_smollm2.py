@@ -176,8 +176,8 @@ def write_report(files: list[Path], side: dict, results: Path, out: Path) -> Non
     notes.append("ONNX Runtime MatMulNBits runs with accuracy_level 4 (activations quantized to int8 per block, "
                  "ONNX Runtime's fast CPU path, as llama.cpp does for its 4-bit dot products): that costs a little "
                  f"perplexity beside the same codes on torch (W8: {ppl('ONNX Runtime MatMulNBits from our GPTQ W8 + head 8')}"
-                 f" vs {ppl('INT8 GPTQ W8 per-channel + head 8 (torch)')}). Its files hold the 8-bit head twice "
-                 "(MatMulNBits for the head, GatherBlockQuantized for the tied embedding).")
+                 f" vs {ppl('INT8 GPTQ W8 per-channel + head 8 (torch)')}). The tied embedding reads the head's "
+                 "codes through GatherBlockQuantized, so they are stored once, as on torch.")
     notes.append("ONNX Runtime's dynamic INT8 quantizes each MatMul's activations per tensor at run time; "
                  f"SmolLM2's outlier activations make that lossy (perplexity {ppl('ONNX Runtime INT8 dynamic')}), where "
                  "weight-only INT8 is not.")

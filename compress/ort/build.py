@@ -151,14 +151,19 @@ def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Coun
         ops = nbits_operands(qw, group_size)
         n, blocks, block = ops.weight.shape
         prefix = f"packed.{embedding}"
+        # The rows are the head's MatMulNBits weight itself ([vocab, blocks, block] 8-bit codes), shared:
+        # only the small scales and zero points take the shape GatherBlockQuantized wants.
         graph.initializer.extend([
-            numpy_helper.from_array(ops.weight.reshape(n, blocks * block), f"{prefix}.data"),
-            numpy_helper.from_array(ops.scales.reshape(n, blocks), f"{prefix}.scales"),
-            numpy_helper.from_array(ops.zero_points.reshape(n, blocks), f"{prefix}.zero_points")])
-        replacements[gather.output[0]] = [helper.make_node(
-            "GatherBlockQuantized", [f"{prefix}.data", gather.input[1], f"{prefix}.scales", f"{prefix}.zero_points"],
-            list(gather.output), domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1,
-            name=f"{prefix}.gather")]
+            numpy_helper.from_array(ops.scales.reshape(n, blocks, 1), f"{prefix}.scales"),
+            numpy_helper.from_array(ops.zero_points.reshape(n, blocks, 1), f"{prefix}.zero_points"),
+            numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.shape")])
+        replacements[gather.output[0]] = [
+            helper.make_node("GatherBlockQuantized", [f"packed.{head}.weight", gather.input[1], f"{prefix}.scales",
+                                                      f"{prefix}.zero_points"], [f"{prefix}.blocks"],
+                             domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=2,
+                             name=f"{prefix}.gather"),
+            helper.make_node("Reshape", [f"{prefix}.blocks", f"{prefix}.shape"], list(gather.output),
+                             name=f"{prefix}.rows")]
         counts["GatherBlockQuantized (8-bit)"] += 1
     rebuilt = []
     for node in graph.node:

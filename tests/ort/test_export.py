@@ -67,8 +67,14 @@ def test_packed_export_runs_our_codes(arch, bits, group_size, accuracy_level, to
     manifest = export(result.folder, "auto", tmp_path / "onnx", accuracy_level=accuracy_level)
     assert manifest["weights"] == "packed" and manifest["accuracy_level"] == accuracy_level
     assert manifest["nodes"][f"MatMulNBits ({bits}-bit)"] >= 8
-    if arch == "opt":  # a tied 8-bit head: the embedding is read from the same codes
+    if arch == "opt":  # a tied 8-bit head: the embedding reads the head's own codes, stored once
+        import onnx
+
         assert manifest["nodes"]["GatherBlockQuantized (8-bit)"] == 1
+        graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name == "packed.lm_head.matmul")
+        assert gather.input[0] == head.input[1]
     loaded = load_for_bench(str(tmp_path / "onnx"), "auto", CPU)
     assert "MatMulNBits" in loaded.kernel and loaded.quantization["bits"] == bits
     ids = torch.randint(0, 200, (2, 10))
