@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 
 from compress.backends import Backend, register_backend
 from compress.backends.reference import dtype_name, gptq_summary

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from compress.errors import UserError
-from compress.models import ResolvedModel, load_model, resolve
+from compress.models import ResolvedModel, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
 
 
 @dataclass
@@ -101,5 +100,3 @@ def pruning_note(path: Path) -> str | None:
     pattern = manifest["config"].get("pattern", "unstructured")
     return (f"{manifest['method']} pruning ({pattern}): {manifest['sparsity']['overall']:.1%} of the pruned layers' "
             "weights are zero, stored dense (no sparse kernel: zeros cost the same time and memory)")
-
-

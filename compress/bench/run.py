@@ -44,13 +44,13 @@ class BenchRequest:
     """Label of this row in reports (default: the model's folder or alias)."""
     device: str = "auto"
     dtype: str = "auto"
-    """Compute dtype: auto = float32 on CPU, float16 on CUDA."""
+    """Compute dtype: auto = the backend's (bfloat16 for torch's int kernels), else float32 on CPU, float16 on CUDA."""
     base_dtype: str | None = None
     """dtype of the base model (default: the same as dtype)."""
     transform: str | None = None
     """A peer's in-memory scheme applied after loading (e.g. torchao-int8wo)."""
     backend: str = "auto"
-    """What runs the model: auto, dense, dequant, torch, gptqmodel, bitsandbytes (compress.backends)."""
+    """What runs the model: auto, dense, dequant, torch, gptqmodel, bitsandbytes, onnxruntime (compress.backends)."""
     eval: str = "wikitext2"
     """Perplexity text: NAME[:SPLIT] or a file (WikiText-2 test by default)."""
     seqlen: int | None = None

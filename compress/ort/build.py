@@ -11,7 +11,6 @@ embedding into a GatherBlockQuantized node: the same integers as the PyTorch che
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
