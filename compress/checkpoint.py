@@ -18,7 +18,7 @@ from compress.errors import UserError
 from compress.fsutil import atomic_folder
 from compress.models import auto_class, check_checkpoint, quiet_transformers
 from compress.quant.config import WeightQuantConfig
-from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
+from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings, module_name
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule
 
@@ -107,9 +107,7 @@ def _module_name(model, saved_name: str) -> str:
         return saved_name
     except AttributeError:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            return saved_name
-        return next(name for name, module in model.named_modules() if module is head)
+        return saved_name if head is None else module_name(model, head)
 
 
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
@@ -136,8 +134,10 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     with quiet_transformers():
         model, info = cls.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
                                           output_loading_info=True)
+    expected_missing = set()  # the packed layers' dense weights, under their saved and in-memory names
     for saved_name, tensors in quantized.items():
         name = _module_name(model, saved_name)
+        expected_missing |= {f"{saved_name}.weight", f"{name}.weight"}
         bits, group_size = layer_settings(qcfg, name)
         bias = tensors.get("bias")
         layer = QuantLinear(tensors["g_idx"].numel(), tensors["scales"].shape[1], bits, group_size,
@@ -148,8 +148,6 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
         except (RuntimeError, AttributeError) as exc:
             raise UserError(f"{folder}: packed layer {name} does not fit the model ({str(exc).splitlines()[0]}): "
                             "re-create the checkpoint")
-    expected_missing = {f"{_module_name(model, name)}.weight" for name in quantized} | {
-        f"{name}.weight" for name in quantized}
     missing = set(info.get("missing_keys", ())) - expected_missing
     if missing:
         raise UserError(f"{folder} lacks weights {sorted(missing)[:3]}: re-create the checkpoint")

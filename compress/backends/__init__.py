@@ -81,7 +81,7 @@ def checkpoint_format(qcfg: dict | None, onnx: bool = False) -> str:
     method = qcfg.get("quant_method")
     if method not in AUTO_ORDER:
         raise UserError(f"checkpoints quantized with {method!r} have no backend here; the benchmark reads dense, "
-                        "GPTQ-format and bitsandbytes checkpoints")
+                        "GPTQ-format and bitsandbytes checkpoints and `compress export-onnx` folders")
     return method
 
 

@@ -81,10 +81,6 @@ def _dense_copy(model) -> tuple[dict, dict]:
     return packed, tied
 
 
-def _initializer(graph, name: str):
-    return next((i for i in graph.initializer if i.name == name), None)
-
-
 def _drop_unused_initializers(graph) -> None:
     used = {i for node in graph.node for i in node.input}
     keep = [i for i in graph.initializer if i.name in used]
@@ -112,11 +108,12 @@ def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Coun
     nodes = linear_nodes(graph)
     counts = Counter()
     replacements: dict[str, list] = {}  # first output of a replaced node -> the nodes in its place
+    operands = {}
     for name, (qw, group_size) in packed.items():
         node = nodes.get(name)
         if node is None:
             raise UserError(f"the exported graph has no MatMul for {name}: this architecture cannot be packed")
-        ops = nbits_operands(qw, group_size)
+        ops = operands[name] = nbits_operands(qw, group_size)
         prefix = f"packed.{name}"
         source, inserted = node.input[0], []
         if ops.permutation is not None:  # act-order: bring each group's columns together
@@ -140,14 +137,13 @@ def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Coun
         replacements[node.output[0]] = inserted
         counts[f"MatMulNBits ({ops.bits}-bit)"] += 1
     for embedding, head in tied.items():
-        qw, group_size = packed[head]
-        if qw.bits != 8:
-            continue  # a 4-bit tied head keeps a float embedding (GatherBlockQuantized reads it; not wired here)
+        ops = operands[head]
+        if ops.bits != 8:
+            continue  # a 4-bit head's codes are nibble-packed for MatMulNBits: the embedding keeps its float Gather
         data = f"model.{embedding}.weight"
         gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] == data), None)
         if gather is None:
             continue
-        ops = nbits_operands(qw, group_size)
         n, blocks, block = ops.weight.shape
         prefix = f"packed.{embedding}"
         # The rows are the head's MatMulNBits weight itself ([vocab, blocks, block] 8-bit codes), shared:
