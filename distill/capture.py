@@ -144,7 +144,8 @@ def capture(model: nn.Module, hidden: bool, attention_layers: list[int] = ()) ->
 
 def check_attention_support(model: nn.Module) -> None:
     """Architectures whose attention does not go through transformers' AttentionInterface (MPT,
-    Falcon, GPT-J and BLOOM in transformers 5) cannot hand over their pre-softmax scores."""
+    Falcon and BLOOM in transformers 5.24; GPT-J joined the interface in 5.24) cannot hand over their
+    pre-softmax scores. The model's own declaration decides, so a newer transformers widens the set."""
     if not getattr(model, "_supports_attention_backend", False):
         raise UserError(f"{model.config.model_type} does not route attention through transformers' attention "
                         "interface, so its pre-softmax scores cannot be captured: this architecture cannot be mapped "

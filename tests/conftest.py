@@ -19,6 +19,19 @@ from compress.tiny import TINY_CONFIGS  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, so a test's unseeded draws (token ids, weights) are
+    the same on every run and machine: a failure repeats, a pass is not luck."""
+    import random
+
+    import numpy
+
+    random.seed(0)
+    numpy.random.seed(0)
+    torch.manual_seed(0)
+
+
 ALL_ARCHS = list(TINY_CONFIGS)
 CAUSAL_ARCHS = [a for a in ALL_ARCHS if a != "bert"]
 
