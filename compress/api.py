@@ -13,16 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress import __version__
-from compress.checkpoint import gptq_quantization_config, save_quantized
+from compress.checkpoint import gptq_quantization_config
 from compress.models import weight_bytes_on_disk
 from compress.prune.run import PruneRequest, PruneResult, prune
-from compress.quant.apply import quantize_model
+from compress.quant.apply import LayerRecord, QuantizeStats, quantize_model
 from compress.quant.config import WeightQuantConfig
-from compress.quant.head import quantize_head
+from compress.quant.head import head_and_embedding, head_file_tensors, head_record, pack_head, quantize_head
 from compress.registry import get_method
 from compress.errors import UserError
-from compress.run_settings import RunSettings, load_for_run
+from compress.run_settings import Loaded, RunOutput, RunSettings, load_for_run
 from compress.runtime import environment, peak_rss_bytes
+from compress.writer import CheckpointWriter
 
 __all__ = ["QuantizeRequest", "QuantizeResult", "quantize", "PruneRequest", "PruneResult", "prune", "source_hash"]
 
@@ -70,7 +71,7 @@ class QuantizeResult:
     peak_rss_bytes: int
     manifest: dict
     model: object = field(default=None, repr=False)
-    """The quantized model still in memory (on the CPU), for callers that measure it next."""
+    """The quantized model still in memory (on the CPU) after an ``in_memory`` run; None when it streamed."""
 
 
 def source_hash(folder: Path) -> str:
@@ -80,6 +81,22 @@ def source_hash(folder: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: WeightQuantConfig | None) -> dict | None:
+    """Everything outside the blocks, first: as stored, except a head quantized with ``head_cfg`` (from
+    its float weights, before any block changes) and the float16 copy other loaders read. Returns the
+    head's manifest record."""
+    if head_cfg is None:
+        writer.copy_outside_blocks()
+        return None
+    name, head, tied = head_and_embedding(run.model)
+    bias = run.lazy.read(f"{name}.bias").to(run.lazy.dtype) if head.bias is not None else None
+    packed = pack_head(run.lazy.read(f"{name}.weight").to(run.lazy.dtype), bias, head_cfg)
+    record = head_record(name, head_cfg, tied)
+    writer.copy_outside_blocks(skip={f"{tied or name}.weight", f"{name}.bias"})
+    writer.write_tensors(head_file_tensors(record, packed), cast=False)
+    return record
 
 
 def quantize(request: QuantizeRequest) -> QuantizeResult:
@@ -92,32 +109,45 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     started = time.perf_counter()
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
     run = load_for_run(request, tag, method.needs_calibration)
-    model, tokenizer, device, resolved = run.model, run.tokenizer, run.device, run.resolved
-    quant_started = time.perf_counter()
-    stats = quantize_model(model, method, cfg, run.windows, device, request.selection, request.progress)
-    head = quantize_head(model, head_cfg, next(model.parameters()).dtype) if head_cfg else None
-    quant_seconds = time.perf_counter() - quant_started
-
-    manifest = {
-        "tool": "compress-workbench",
-        "method": method.name,
-        "config": dataclasses.asdict(cfg),
-        "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
-                   "sha256_safetensors": source_hash(resolved.path),
-                   "bytes": weight_bytes_on_disk(resolved.path)},
-        "calibration": run.calibration.to_dict() if run.calibration else None,
-        "selection": {"include": request.include, "exclude": request.exclude},
-        "layers": [dataclasses.asdict(layer) for layer in stats.layers],
-        "lm_head": head,
-        "device": str(device),
-        "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
-        "peak_rss_bytes": peak_rss_bytes(),
-        "environment": environment(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    model = model.to("cpu")
-    save_quantized(model, tokenizer, run.out,
-                   gptq_quantization_config(cfg, method.name, __version__, stats.block_prefix,
-                                            [layer.shape[1] for layer in stats.layers], head), manifest, request.force)
-    return QuantizeResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
-                          time.perf_counter() - started, peak_rss_bytes(), manifest, model)
+    output = RunOutput(request, run)
+    resumed_at = output.partial.next_block
+    try:
+        quant_started = time.perf_counter()
+        saved = output.partial.saved
+        head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg)
+        stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])])
+        state = output.driver_state(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers]})
+        quantize_model(run.source, method, cfg, run.windows, run.device, request.selection, request.progress,
+                       emit=output.writer.write_module, state=state, stats=stats)
+        if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
+            quantize_head(run.model, head_cfg, run.lazy.dtype)
+        quant_seconds = time.perf_counter() - quant_started
+        resolved = run.resolved
+        manifest = {
+            "tool": "compress-workbench",
+            "method": method.name,
+            "config": dataclasses.asdict(cfg),
+            "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
+                       "sha256_safetensors": source_hash(resolved.path),
+                       "bytes": weight_bytes_on_disk(resolved.path)},
+            "calibration": run.calibration.to_dict() if run.calibration else None,
+            "selection": {"include": request.include, "exclude": request.exclude},
+            "layers": [dataclasses.asdict(layer) for layer in stats.layers],
+            "lm_head": head,
+            "device": str(run.device),
+            "streaming": run.source.streaming,
+            "resumed_at_block": resumed_at or None,
+            "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
+            "peak_rss_bytes": peak_rss_bytes(),
+            "environment": environment(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        qcfg = gptq_quantization_config(cfg, method.name, __version__, stats.block_prefix,
+                                        [layer.shape[1] for layer in stats.layers], head)
+        folder = output.finish(qcfg, manifest)
+    except BaseException:
+        output.abandon()
+        raise
+    return QuantizeResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
+                          time.perf_counter() - started, peak_rss_bytes(), manifest,
+                          None if run.source.streaming else run.model)

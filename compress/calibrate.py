@@ -1,9 +1,10 @@
-"""The ONE layer-by-layer driver shared by every method that observes data (GPTQ now; Wanda and
-SparseGPT use the same capture and hooks).
+"""The ONE layer-by-layer driver shared by every method that changes blocks (RTN, GPTQ, magnitude,
+Wanda, SparseGPT, structured scoring), streaming or in memory.
 
 Memory stays at one block: the inputs of the first block are captured once (the model runs only
-up to it), then each block in turn is moved to the device, observed, changed, and run forward once
-more with its changed weights to produce the next block's inputs.
+up to it), then each block in turn is loaded on the device (read from the shards when streaming),
+observed, changed, handed to ``finish_block`` (which packs and writes it), run forward once more
+with its changed weights to produce the next block's inputs, and given back.
 
 Inside a block the linear layers are processed in groups, in the order the forward pass calls them
 (q/k/v together, then o, then gate/up, then down for a Llama): a group is the run of layers that
@@ -15,15 +16,18 @@ watching one forward pass, not from a table of architectures.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.blocks import Activations, BlockSource
 from compress.errors import UserError
-from compress.select import ModuleSelection, block_linears, find_blocks
+from compress.select import ModuleSelection, block_linears
 
 
 class _StopForward(Exception):
@@ -46,7 +50,7 @@ def move(obj: Any, device: torch.device | str) -> Any:
 class BlockInputs:
     """What the first block received for each calibration window, hidden states apart from the rest."""
 
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden: "list[torch.Tensor] | Activations" = field(default_factory=list)
     hidden_as_kwarg: bool = False
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
@@ -66,8 +70,10 @@ def _forward_kwargs(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor]) -> BlockInputs:
-    """Run the model on each window only as far as the first block and keep what it was given."""
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor],
+                         device: torch.device | None = None) -> BlockInputs:
+    """Run the model on each window only as far as the first block and keep what it was given
+    (``device``: where the modules before the first block are; default: where the first parameter is)."""
     captured = BlockInputs()
 
     def grab(_module, args, kwargs):
@@ -82,7 +88,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
         captured.kwargs.append(kwargs)
         raise _StopForward
 
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     extra = _forward_kwargs(model)
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -176,32 +182,68 @@ def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list
 LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], torch.Tensor]
 """(qualified name, layer, hessian or None) -> the layer's new (dequantized) weight."""
 
+DEFAULT_ACTIVATION_BUDGET = 2 << 30
+"""Bytes of carried hidden states kept in memory; beyond it they go to files (``LayerwiseState.spill_folder``)."""
+
+
+@dataclass
+class LayerwiseState:
+    """How a run starts and what it keeps between blocks: where to resume, where carried activations
+    go when they would not fit in memory, and a hook called after each block (to checkpoint it)."""
+
+    start: int = 0
+    """First block to process; the blocks before it were done by an earlier, interrupted run."""
+    saved_hidden: dict | None = None
+    """With ``start`` > 0: the hidden states that run carried out of block ``start - 1`` (Activations.save)."""
+    spill_folder: Path | None = None
+    activation_budget: int = DEFAULT_ACTIVATION_BUDGET
+    block_done: Callable[[int, "Activations | None"], None] | None = None
+    """(index of the block just finished, the states carried out of it) after it was handed over."""
+
+
+def _carried(inputs: BlockInputs, device: torch.device, state: LayerwiseState) -> Activations:
+    folder = None
+    if state.spill_folder is not None and inputs.hidden:
+        size = Activations.nbytes(len(inputs.hidden), tuple(inputs.hidden[0].shape), inputs.hidden[0].dtype)
+        folder = state.spill_folder if size > state.activation_budget else None
+    if state.saved_hidden is not None:
+        return Activations.restore(state.saved_hidden, device, folder)
+    return Activations(inputs.hidden, device, folder)
+
 
 @torch.no_grad()
-def run_layerwise(model: nn.Module, windows: list[torch.Tensor] | None, layer_fn: LayerFn,
+def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor] | None, layer_fn: LayerFn,
                   selection: ModuleSelection, device: torch.device, finish_block: Callable[[str, nn.Module], None],
-                  desc: str, show_progress: bool = True) -> str:
+                  desc: str, show_progress: bool = True, state: LayerwiseState | None = None) -> str:
     """Visit every selected linear layer block by block; returns the blocks' module path.
 
-    ``layer_fn`` returns the new weight for a layer; it is written into the layer at once so later
-    groups and the next block see the changed model. ``finish_block`` is called when a block is done
-    (to swap layers for packed modules, for example). With ``windows`` None no data is observed and
-    ``layer_fn`` gets no Hessian.
+    ``source`` gives the blocks (a model in memory, or a streaming BlockSource). ``layer_fn`` returns
+    the new weight for a layer; it is written into the layer at once so later groups and the next
+    block see the changed model. ``finish_block`` is called when a block is done (to pack its layers
+    and write them out). With ``windows`` None no data is observed and ``layer_fn`` gets no Hessian.
     """
-    prefix, blocks = find_blocks(model)
+    source = source if isinstance(source, BlockSource) else BlockSource.in_memory(source)
+    state = state or LayerwiseState()
+    prefix, blocks = source.prefix, source.blocks
     if not any(block_linears(block, selection) for block in blocks):
         # Checked before any calibration work, for every method that uses this driver.
         raise UserError(f"no linear layer in the model's blocks matches --include {selection.include} / "
                         f"--exclude {selection.exclude}: widen the patterns")
-    inputs = capture_block_inputs(model, blocks, windows) if windows is not None else None
-    if inputs is not None:
-        inputs = BlockInputs(move(inputs.hidden, device), inputs.hidden_as_kwarg, move(inputs.args, device),
+    inputs = None
+    if windows is not None:
+        with source.front(device) as front_device:
+            inputs = capture_block_inputs(source.model, blocks, windows, front_device)
+        inputs = BlockInputs(inputs.hidden, inputs.hidden_as_kwarg, move(inputs.args, device),
                              move(inputs.kwargs, device))
-    bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not show_progress, dynamic_ncols=True)
+        inputs.hidden = _carried(inputs, device, state)
+    tokens = sum(w.numel() for w in windows) if windows is not None else 0
+    bar = tqdm(total=len(blocks), initial=state.start, desc=desc, unit="block", disable=not show_progress,
+               dynamic_ncols=True)
     try:
-        for index, block in enumerate(blocks):
+        for index in range(state.start, len(blocks)):
+            started = time.perf_counter()
             block_name = f"{prefix}.{index}"
-            block.to(device)
+            block = source.load(index, device)
             linears = block_linears(block, selection)
             if inputs is None:
                 for name, layer in linears.items():
@@ -213,10 +255,14 @@ def run_layerwise(model: nn.Module, windows: list[torch.Tensor] | None, layer_fn
                     for name in group:
                         layer = linears[name]
                         layer.weight.data = layer_fn(f"{block_name}.{name}", layer, hessian).to(layer.weight.dtype)
-                inputs.hidden = [inputs.call(block, i) for i in range(len(inputs.hidden))]
+                    del hessian
+                inputs.hidden.replace_all(lambda i: inputs.call(block, i))
             finish_block(block_name, block)
-            if device.type != "cpu":
-                block.to("cpu")
+            source.unload(block, device)
+            if state.block_done is not None:
+                state.block_done(index, inputs.hidden if inputs is not None else None)
+            if tokens:
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
             bar.update(1)
     finally:
         bar.close()

@@ -16,15 +16,15 @@ import torch
 
 from compress.errors import UserError
 from compress.fsutil import atomic_folder
-from compress.models import auto_class, check_checkpoint, quiet_transformers
+from compress.lazy import LazyModel, empty_model
+from compress.models import check_checkpoint
 from compress.quant.config import WeightQuantConfig
-from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings, module_name
+from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule
 
 MANIFEST_NAME = "compress_manifest.json"
 QUANTIZED_SUFFIX = ".qweight"
-PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, block_prefix: str,
@@ -82,43 +82,19 @@ def read_manifest(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _quantized_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {qweight, qzeros, scales, g_idx[, bias]}} for every packed layer in the folder."""
-    from safetensors import safe_open
+def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(model, tokenizer) of a GPTQ-format folder, with our QuantLinear in place of each packed layer.
 
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            for key in keys:
-                if key.endswith(QUANTIZED_SUFFIX):
-                    name = key[: -len(QUANTIZED_SUFFIX)]
-                    layers[name] = {part: f.get_tensor(f"{name}.{part}") for part in PACKED_PARTS
-                                    if f"{name}.{part}" in keys}
-    return layers
-
-
-def _module_name(model, saved_name: str) -> str:
-    """The in-memory name of a packed layer saved as ``saved_name``. transformers renames a few modules
-    between file and memory (GPT-NeoX's head: embed_out on disk, lm_head in memory); a packed name that
-    is no module of the model is the output head's saved name."""
-    try:
-        model.get_submodule(saved_name)
-        return saved_name
-    except AttributeError:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return saved_name if head is None else module_name(model, head)
-
-
-def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a GPTQ-format folder, with our QuantLinear in place of each packed layer."""
+    The model is built on the meta device and every tensor is read straight into its final place: the
+    packed layers' buffers as stored, everything else in ``dtype``. No dense float copy of a packed
+    layer is ever made, so a 7B W4 checkpoint opens in about its own size.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     check_checkpoint(folder)
     config = AutoConfig.from_pretrained(folder)
-    qcfg = getattr(config, "quantization_config", None)
-    if qcfg is None:
+    if getattr(config, "quantization_config", None) is None:
         raise UserError(f"{folder} is not a quantized checkpoint (no quantization_config in config.json)")
     # The raw block: transformers' GPTQConfig object drops keys it does not know (GPTQModel's dynamic).
     qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
@@ -127,34 +103,30 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     if qcfg.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"{folder} has checkpoint_format {qcfg.get('checkpoint_format')!r}; this loader reads 'gptq'")
     del config.quantization_config
-    cls = auto_class(config)
-    quantized = _quantized_tensors(folder)
-    # transformers loads everything that is not packed (and applies its own key renames, e.g.
-    # GPT-NeoX's embed_out); the packed layers' dense weights are missing there by design.
-    with quiet_transformers():
-        model, info = cls.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
-                                          output_loading_info=True)
-    expected_missing = set()  # the packed layers' dense weights, under their saved and in-memory names
-    for saved_name, tensors in quantized.items():
-        name = _module_name(model, saved_name)
-        expected_missing |= {f"{saved_name}.weight", f"{name}.weight"}
-        bits, group_size = layer_settings(qcfg, name)
-        bias = tensors.get("bias")
-        layer = QuantLinear(tensors["g_idx"].numel(), tensors["scales"].shape[1], bits, group_size,
-                            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float16)
-        try:
-            layer.load_state_dict(tensors, strict=True)
-            set_submodule(model, name, layer)
-        except (RuntimeError, AttributeError) as exc:
-            raise UserError(f"{folder}: packed layer {name} does not fit the model ({str(exc).splitlines()[0]}): "
-                            "re-create the checkpoint")
-    missing = set(info.get("missing_keys", ())) - expected_missing
-    if missing:
-        raise UserError(f"{folder} lacks weights {sorted(missing)[:3]}: re-create the checkpoint")
+    lazy = LazyModel(folder, dtype, model=empty_model(folder, dtype, config=config))
+    model = lazy.model
     head = (read_manifest(folder) or {}).get("lm_head") or {}
+    for disk_key, memory_key in lazy.names.to_memory.items():
+        if not disk_key.endswith(QUANTIZED_SUFFIX):
+            continue
+        name = memory_key[: -len(QUANTIZED_SUFFIX)]
+        disk_module = disk_key[: -len(QUANTIZED_SUFFIX)]
+        reader = lazy.reader
+        bits, group_size = layer_settings(qcfg, name)
+        bias = f"{disk_module}.bias"
+        with torch.device("meta"):
+            layer = QuantLinear(reader.shape_of(f"{disk_module}.g_idx")[0], reader.shape_of(f"{disk_module}.scales")[1],
+                                bits, group_size, bias=bias in reader,
+                                bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16)
+        try:
+            set_submodule(model, name, layer)
+        except AttributeError:
+            raise UserError(f"{folder}: packed layer {name} is no module of a {type(model).__name__}: re-create the "
+                            "checkpoint")
     if head.get("tied_embedding"):
         # The file's float16 embedding is for other loaders; ours reads rows from the packed head.
         set_submodule(model, head["tied_embedding"], QuantEmbedding(model.get_submodule(head["module"]), dtype))
+    lazy.materialize_all(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model, tokenizer

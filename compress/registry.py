@@ -48,6 +48,9 @@ class PruneMethod:
     summary: ClassVar[str] = ""
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "N:M")
     """Sparsity patterns the method can produce."""
+    changes_shape: ClassVar[bool] = False
+    """True for a method that rebuilds the model (structured): it needs the whole model in memory and
+    overrides ``apply``; weight methods stream through the shared driver block by block."""
 
     def prune_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg):  # pragma: no cover
         """-> (new weight with the removed entries at zero, keep-mask)."""

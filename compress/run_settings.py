@@ -1,9 +1,14 @@
 """What every model-changing command shares (quantize, prune): the settings for calibration, device,
-output and module selection, and the common first steps: check the output, resolve and load the
-model, cut the calibration windows."""
+output and module selection, and the common steps: check the output, open the model (streaming by
+default: a meta skeleton whose blocks are read one at a time), cut the calibration windows, and write
+the result into a resumable partial folder that is renamed into place when complete."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -11,12 +16,18 @@ from pathlib import Path
 
 import torch
 
+from compress.blocks import BlockSource
+from compress.calibrate import LayerwiseState
+from compress.checkpoint import MANIFEST_NAME
 from compress.data import WindowRecord, calibration_windows, load_calibration_text, tokenize
 from compress.errors import UserError
 from compress.fsutil import refuse_existing
-from compress.models import ResolvedModel, load_model, resolve
+from compress.lazy import LazyModel
+from compress.models import ResolvedModel, resolve
+from compress.output import PartialOutput, fingerprint, source_identity
 from compress.runtime import resolve_device
 from compress.select import ModuleSelection
+from compress.writer import CheckpointWriter
 
 
 @dataclass
@@ -37,6 +48,14 @@ class RunSettings:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     progress: bool = True
+    in_memory: bool = False
+    """Load the whole model before changing it (the older path; the default streams one block at a time)."""
+    resume: bool = False
+    """Continue an interrupted run of the same command from its last finished block."""
+    checkpoint_every: float = 60.0
+    """Seconds between resumable checkpoints (0: after every block)."""
+    max_shard_bytes: int = 2 << 30
+    """Largest output weight file; bigger outputs are split into indexed shards."""
 
     @property
     def selection(self) -> ModuleSelection:
@@ -52,42 +71,119 @@ class RunSettings:
         if self.progress:
             print(message, file=sys.stderr)
 
+    def result_settings(self) -> dict:
+        """The settings that decide the output's bytes (for resuming only the same run)."""
+        ignored = {"out", "force", "progress", "resume", "checkpoint_every", "device", "in_memory"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+
 
 @dataclass
 class Loaded:
-    """The model to change, and the calibration windows when the method observes data."""
+    """The model to change (its blocks come from ``source``) and the calibration windows."""
     device: torch.device
     out: Path
     resolved: ResolvedModel
-    model: object
+    lazy: LazyModel
+    source: BlockSource
     tokenizer: object
     windows: list[torch.Tensor] | None
     calibration: WindowRecord | None
     load_seconds: float
 
+    @property
+    def model(self):
+        return self.lazy.model
 
-def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None) -> Loaded:
-    """Check everything the user could have got wrong, then load the model (float32 on CPU, float16 on
-    CUDA: a private copy, the source is never touched) and, with ``needs_data``, the calibration windows.
-    ``check(model)`` runs right after loading, before the slow part."""
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU, float16 on CUDA: the dtype blocks are observed and changed in."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, streaming: bool = True) -> Loaded:
+    """Check everything the user could have got wrong, then open the model (a private copy: the source
+    is never touched) and, with ``needs_data``, cut the calibration windows. Streaming, only the
+    skeleton is built now; ``settings.in_memory`` (or ``streaming`` False, for methods that need the
+    whole model) reads every tensor first. ``check(model)`` runs before the slow part."""
+    from transformers import AutoTokenizer
+
     device = resolve_device(settings.device)
     out = settings.output_folder(tag)
     refuse_existing(out, settings.force)  # fail before the slow part, and again at the rename
     if settings.nsamples <= 0 or settings.seqlen <= 0:
         raise UserError(f"--nsamples ({settings.nsamples}) and --seqlen ({settings.seqlen}) must be positive")
+    streaming = streaming and not settings.in_memory
+    if settings.resume and not streaming:
+        raise UserError("--resume continues a streaming run: leave out --in-memory")
     started = time.perf_counter()
     resolved = resolve(settings.model, settings.trust_remote_code)
     text, text_record = load_calibration_text(settings.calib) if needs_data else (None, None)
-    model, tokenizer = load_model(resolved.path, torch.float32 if device.type == "cpu" else torch.float16,
-                                  settings.trust_remote_code)
+    lazy = LazyModel(resolved.path, compute_dtype(device), settings.trust_remote_code)
     if check is not None:
-        check(model)
+        check(lazy.model)
+    if not streaming:
+        lazy.materialize_all("cpu")
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code)
     load_seconds = time.perf_counter() - started
     windows, record = None, None
     if needs_data:
-        seqlen = min(settings.seqlen, getattr(model.config, "max_position_embeddings", None) or settings.seqlen)
+        config = lazy.model.config
+        seqlen = min(settings.seqlen, getattr(config, "max_position_embeddings", None) or settings.seqlen)
         windows, record = calibration_windows(tokenize(tokenizer, text), text_record, settings.nsamples, seqlen,
                                               settings.seed)
         settings.say(f"calibration: {record.count} x {seqlen} tokens from {text_record.source}:{text_record.split} "
                      f"({text_record.origin}), seed {settings.seed}")
-    return Loaded(device, out, resolved, model, tokenizer, windows, record, load_seconds)
+    source = BlockSource(lazy.model, lazy, streaming=streaming)
+    return Loaded(device, out, resolved, lazy, source, tokenizer, windows, record, load_seconds)
+
+
+class RunOutput:
+    """The output of a layer-by-layer run while it is written: the resumable partial folder, the weight
+    writer, and the driver state that continues an interrupted run."""
+
+    def __init__(self, settings: RunSettings, run: Loaded, extra_fingerprint: dict | None = None) -> None:
+        self.settings, self.run = settings, run
+        identity = {"settings": settings.result_settings(), "source": source_identity(run.resolved.path),
+                    "device": run.device.type, **(extra_fingerprint or {})}
+        self.partial = PartialOutput(run.out, fingerprint(identity), settings.resume, settings.force,
+                                     settings.max_shard_bytes, settings.checkpoint_every, settings.say)
+        if settings.resume and self.partial.next_block:
+            settings.say(f"resuming at block {self.partial.next_block} of {len(run.source.blocks)} "
+                         f"from {self.partial.folder}")
+        self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix)
+
+    @property
+    def resumed(self) -> bool:
+        return self.partial.next_block > 0
+
+    def driver_state(self, extra: "callable") -> LayerwiseState:
+        """The driver's start and checkpoint hook; ``extra()`` gives what to record beside the weights."""
+        total = len(self.run.source.blocks)
+        return LayerwiseState(
+            start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
+            spill_folder=self.partial.spill_folder,
+            block_done=lambda index, hidden: self.partial.checkpoint(index + 1, total, hidden, extra()))
+
+    def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
+        """Close the weights, write config, tokenizer and manifest, and rename the folder into place."""
+        folder = self.partial.folder
+        self.partial.seal()
+        self.partial.shards.finish()
+        lazy = self.run.lazy
+        config = copy.deepcopy(lazy.model.config)
+        source_config = json.loads((lazy.path / "config.json").read_text())
+        stored = source_config.get("dtype") or source_config.get("torch_dtype")
+        if stored:
+            config.dtype = stored
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+        config.save_pretrained(folder)
+        if (lazy.path / "generation_config.json").is_file():
+            shutil.copyfile(lazy.path / "generation_config.json", folder / "generation_config.json")
+        if self.run.tokenizer is not None:
+            self.run.tokenizer.save_pretrained(folder)
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        return self.partial.complete(self.settings.force)
+
+    def abandon(self) -> None:
+        self.partial.abandon()

@@ -60,6 +60,16 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Two output folders hold the same files with the same bytes (the manifests' timings aside)."""
+    from compress.checkpoint import MANIFEST_NAME
+
+    names = lambda folder: sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME)  # noqa: E731
+    assert names(a) == names(b)
+    for name in names(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+
+
 def model_output(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM, last hidden state of an encoder."""
     with torch.no_grad():

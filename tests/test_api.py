@@ -9,7 +9,7 @@ from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import MANIFEST_NAME, load_quantized
 from compress.models import load_model, resolve
 from compress.quant.linear import QuantLinear
-from tests.conftest import ALL_ARCHS, model_output
+from tests.conftest import ALL_ARCHS, assert_same_checkpoint, model_output
 
 
 def request(arch, method, out, calib_file, **kw):
@@ -22,7 +22,11 @@ def request(arch, method, out, calib_file, **kw):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
-    result = quantize(request(arch, method, tmp_path / "q", calib_file))
+    result = quantize(request(arch, method, tmp_path / "q", calib_file, in_memory=True))
+    streamed = quantize(request(arch, method, tmp_path / "s", calib_file))
+    # Streaming block by block writes the very bytes the in-memory path writes.
+    assert streamed.model is None and streamed.manifest["streaming"] and not result.manifest["streaming"]
+    assert_same_checkpoint(streamed.folder, result.folder)
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     in_memory = model_output(result.model, ids)
     reloaded, tokenizer = load_quantized(result.folder)
@@ -55,7 +59,7 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
                                                            (2, 64, True, True), (4, 32, False, True)])
 def test_bit_widths_and_options_round_trip(bits, group_size, sym, act_order, tmp_path, calib_file):
     result = quantize(request("llama", "gptq", tmp_path / "q", calib_file, bits=bits, group_size=group_size, sym=sym,
-                              act_order=act_order))
+                              act_order=act_order, in_memory=True))
     ids = torch.randint(0, 512, (1, 16))
     reloaded, _ = load_quantized(result.folder)
     assert torch.equal(model_output(reloaded, ids), model_output(result.model, ids))

@@ -5,11 +5,13 @@ loaded a private copy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-from compress.calibrate import run_layerwise
+from compress.blocks import BlockSource
+from compress.calibrate import LayerwiseState, run_layerwise
 from compress.prune.masks import sparsity_of
 from compress.quant.apply import output_error
 from compress.quant.config import WeightQuantConfig
@@ -59,11 +61,16 @@ def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch
     return result.weight, mask, result.quantized
 
 
-def prune_layerwise(model: nn.Module, method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
+def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
                     device: torch.device, selection: ModuleSelection | None = None,
-                    quant: WeightQuantConfig | None = None, show_progress: bool = True) -> PruneStats:
+                    quant: WeightQuantConfig | None = None, show_progress: bool = True,
+                    emit: Callable[[str, nn.Module], None] | None = None, state: LayerwiseState | None = None,
+                    stats: PruneStats | None = None) -> PruneStats:
+    """Prune every selected layer; ``emit(block_name, block)`` receives each finished block. ``stats``
+    carries the records of blocks an interrupted run already did."""
     selection = selection or ModuleSelection()
-    stats = PruneStats(quantized=quant is not None)
+    stats = stats or PruneStats()
+    stats.quantized = quant is not None
     pending: dict[str, QuantizedWeight] = {}
 
     def prune_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
@@ -77,16 +84,17 @@ def prune_layerwise(model: nn.Module, method: PruneMethod, cfg, windows: list[to
         return new_weight
 
     def pack_block(block_name: str, block: nn.Module) -> None:
-        if quant is None:
-            return
-        for name, layer in block_linears(block, selection).items():
-            packed = QuantLinear.from_quantized(pending.pop(f"{block_name}.{name}"), quant.group_size, layer.bias)
-            set_submodule(block, name, packed.to(layer.weight.device))
+        if quant is not None:
+            for name, layer in block_linears(block, selection).items():
+                packed = QuantLinear.from_quantized(pending.pop(f"{block_name}.{name}"), quant.group_size, layer.bias)
+                set_submodule(block, name, packed.to(layer.weight.device))
+        if emit is not None:
+            emit(block_name, block)
 
     needs_data = method.needs_calibration or quant is not None
     if needs_data and not windows:
         raise ValueError(f"{method.name} needs calibration windows")
     tag = f"{method.name} {cfg.tag}" + (f"+w{quant.bits}" if quant else "")
-    stats.block_prefix = run_layerwise(model, windows if needs_data else None, prune_layer, selection, device,
-                                       pack_block, desc=tag, show_progress=show_progress)
+    stats.block_prefix = run_layerwise(source, windows if needs_data else None, prune_layer, selection, device,
+                                       pack_block, desc=tag, show_progress=show_progress, state=state)
     return stats

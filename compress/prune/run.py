@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from compress import __version__
-from compress.checkpoint import MANIFEST_NAME, gptq_quantization_config, save_quantized
+from compress.checkpoint import MANIFEST_NAME, gptq_quantization_config
 from compress.errors import UserError
 from compress.fsutil import atomic_folder
 from compress.models import weight_bytes_on_disk
 from compress.quant.config import WeightQuantConfig
 from compress.registry import get_prune_method
-from compress.run_settings import RunSettings, load_for_run
+from compress.prune.apply import PrunedLayer, PruneStats, prune_layerwise
+from compress.run_settings import RunOutput, RunSettings, load_for_run
 from compress.runtime import environment, peak_rss_bytes
 from compress.select import ModuleSelection, block_linears, find_blocks
 
@@ -107,16 +108,51 @@ def prune(request: PruneRequest) -> PruneResult:
     started = time.perf_counter()
     run = load_for_run(request, cfg.tag + (f"-{quant.tag}" if quant else ""),
                        method.needs_calibration or quant is not None,
-                       check=lambda model: check_pattern_fits(model, cfg, request.selection))
+                       check=lambda model: check_pattern_fits(model, cfg, request.selection),
+                       streaming=not method.changes_shape)
+    if method.changes_shape:
+        return _prune_whole_model(request, method, cfg, quant, run, started)
+    output = RunOutput(request, run)
+    resumed_at = output.partial.next_block
+    try:
+        prune_started = time.perf_counter()
+        if not output.resumed:
+            output.writer.copy_outside_blocks()
+        stats = PruneStats(layers=[PrunedLayer(**layer) for layer in output.partial.saved.get("layers", [])])
+        state = output.driver_state(lambda: {"layers": [dataclasses.asdict(x) for x in stats.layers]})
+        prune_layerwise(run.source, method, cfg, run.windows, run.device, request.selection, quant, request.progress,
+                        emit=output.writer.write_module, state=state, stats=stats)
+        manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started)
+        manifest["streaming"] = run.source.streaming
+        manifest["resumed_at_block"] = resumed_at or None
+        qcfg = None if quant is None else gptq_quantization_config(
+            quant, f"{method.name}+gptq", __version__, stats.block_prefix,
+            [layer["shape"][1] for layer in manifest["layers"]])
+        folder = output.finish(qcfg, manifest)
+    except BaseException:
+        output.abandon()
+        raise
+    return PruneResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
+                       time.perf_counter() - started, manifest, None if run.source.streaming else run.model)
+
+
+def _prune_whole_model(request: PruneRequest, method, cfg, quant, run, started: float) -> PruneResult:
+    """A method that rebuilds the model (structured): the whole model in memory, saved whole."""
     prune_started = time.perf_counter()
     model, stats = method.apply(run.model, cfg, run.windows, run.device, request.selection, quant, request.progress)
-    prune_seconds = time.perf_counter() - prune_started
     model = model.to("cpu")
-    resolved = run.resolved
+    manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started, model)
+    save_dense(model.to(saved_dtype(run.resolved.path)), run.tokenizer, run.out, manifest, request.force)
+    return PruneResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
+                       time.perf_counter() - started, manifest, model)
 
+
+def _manifest(request: PruneRequest, method, cfg, quant, run, stats: PruneStats, seconds: float, model=None) -> dict:
+    resolved = run.resolved
+    model = model if model is not None else run.model
     layers = [dataclasses.asdict(layer) for layer in stats.layers]
     total = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
-    manifest = {
+    return {
         "tool": "compress-workbench",
         "kind": "prune",
         "method": method.name,
@@ -133,20 +169,12 @@ def prune(request: PruneRequest) -> PruneResult:
         "structure": stats.structure or None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(run.device),
-        "timings_s": {"load": round(run.load_seconds, 3), "prune": round(prune_seconds, 3)},
+        "timings_s": {"load": round(run.load_seconds, 3), "prune": round(seconds, 3)},
         "peak_rss_bytes": peak_rss_bytes(),
         "environment": environment(),
         "command": request_command(request),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if quant is not None:
-        save_quantized(model, run.tokenizer, run.out,
-                       gptq_quantization_config(quant, f"{method.name}+gptq", __version__, stats.block_prefix,
-                                                [layer["shape"][1] for layer in layers]), manifest, request.force)
-    else:
-        save_dense(model.to(saved_dtype(resolved.path)), run.tokenizer, run.out, manifest, request.force)
-    return PruneResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
-                       time.perf_counter() - started, manifest, model)
 
 
 def save_dense(model, tokenizer, folder: Path, manifest: dict, force: bool = False) -> Path:

@@ -104,6 +104,7 @@ class Structured(PruneMethod):
     needs_calibration = True
     summary = "remove whole MLP channels, heads or layers by importance; writes a smaller dense model"
     patterns = ()
+    changes_shape = True
 
     def apply(self, model, cfg: StructuredConfig, windows, device, selection, quant=None, show_progress=True):
         if quant is not None:

@@ -1,14 +1,17 @@
-"""Glue: run a quantization method over a model with the shared driver and swap its linear layers
-for packed QuantLinear modules. The model is changed in place; the caller loaded a private copy."""
+"""Glue: run a quantization method over a model's blocks with the shared driver, swap each block's
+linear layers for packed QuantLinear modules and hand the finished block on (to be written). The model
+is changed in place; the caller opened a private copy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-from compress.calibrate import run_layerwise
+from compress.blocks import BlockSource
+from compress.calibrate import LayerwiseState, run_layerwise
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
@@ -41,11 +44,14 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.
     return float((delta @ hessian * delta).sum() / weight.shape[0] / 2)
 
 
-def quantize_model(model: nn.Module, method: QuantMethod, cfg: WeightQuantConfig, windows: list[torch.Tensor] | None,
-                   device: torch.device, selection: ModuleSelection | None = None,
-                   show_progress: bool = True) -> QuantizeStats:
+def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: WeightQuantConfig,
+                   windows: list[torch.Tensor] | None, device: torch.device, selection: ModuleSelection | None = None,
+                   show_progress: bool = True, emit: Callable[[str, nn.Module], None] | None = None,
+                   state: LayerwiseState | None = None, stats: QuantizeStats | None = None) -> QuantizeStats:
+    """Quantize every selected layer; ``emit(block_name, block)`` receives each block once it is packed.
+    ``stats`` carries the records of blocks an interrupted run already did."""
     selection = selection or ModuleSelection()
-    stats = QuantizeStats()
+    stats = stats or QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
 
     def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
@@ -61,9 +67,12 @@ def quantize_model(model: nn.Module, method: QuantMethod, cfg: WeightQuantConfig
             qw = pending.pop(f"{block_name}.{name}")
             packed = QuantLinear.from_quantized(qw, cfg.group_size, layer.bias)
             set_submodule(block, name, packed.to(layer.weight.device))
+        if emit is not None:
+            emit(block_name, block)
 
     if method.needs_calibration and not windows:
         raise ValueError(f"{method.name} needs calibration windows")
-    stats.block_prefix = run_layerwise(model, windows if method.needs_calibration else None, quantize_layer, selection, device,
-                  pack_block, desc=f"{method.name} w{cfg.bits}", show_progress=show_progress)
+    stats.block_prefix = run_layerwise(source, windows if method.needs_calibration else None, quantize_layer,
+                                       selection, device, pack_block, desc=f"{method.name} w{cfg.bits}",
+                                       show_progress=show_progress, state=state)
     return stats

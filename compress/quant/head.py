@@ -70,21 +70,41 @@ def head_and_embedding(model: nn.Module) -> tuple[str, nn.Linear, str | None]:
     if not isinstance(head, nn.Linear):
         raise UserError(f"{type(model).__name__} has no linear output head to quantize: drop --lm-head-bits")
     embedding = model.get_input_embeddings()
-    tied = isinstance(embedding, nn.Embedding) and embedding.weight.data_ptr() == head.weight.data_ptr()
+    tied = isinstance(embedding, nn.Embedding) and (embedding.weight is head.weight or (
+        not head.weight.is_meta and embedding.weight.data_ptr() == head.weight.data_ptr()))
     return module_name(model, head), head, module_name(model, embedding) if tied else None
+
+
+def pack_head(weight: torch.Tensor, bias: torch.Tensor | None, cfg: WeightQuantConfig) -> QuantLinear:
+    """The head quantized data-free (RTN, per output channel by default) and packed."""
+    return QuantLinear.from_quantized(rtn_quantize(weight, cfg), cfg.group_size, bias).to(weight.device)
+
+
+def head_record(name: str, cfg: WeightQuantConfig, tied: str | None) -> dict:
+    """The manifest's record of a quantized head."""
+    return {"module": name, "method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+            "tied_embedding": tied}
+
+
+def head_file_tensors(record: dict, packed: QuantLinear) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds for a quantized head, by memory name: its packed tensors, and the float16
+    copy of its dequantized rows that loaders without our modules read (see ``float_copies_for_save``):
+    under the tied embedding's name, or as the head's own ``weight``."""
+    tensors = packed.state_dict(prefix=f"{record['module']}.")
+    rows = packed.embedding_rows(torch.arange(packed.out_features, device=_device(packed))).to(torch.float16)
+    tensors[f"{record['tied_embedding'] or record['module']}.weight"] = rows
+    return tensors
 
 
 def quantize_head(model: nn.Module, cfg: WeightQuantConfig, dtype: torch.dtype) -> dict:
     """Replace the head by a QuantLinear (RTN) and a tied embedding by a QuantEmbedding on it; the
     manifest's record of what was done."""
     name, head, tied = head_and_embedding(model)
-    qw = rtn_quantize(head.weight.data, cfg)
-    packed = QuantLinear.from_quantized(qw, cfg.group_size, head.bias).to(head.weight.device)
+    packed = pack_head(head.weight.data, head.bias, cfg)
     set_submodule(model, name, packed)
     if tied:
         set_submodule(model, tied, QuantEmbedding(packed, dtype))
-    return {"module": name, "method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-            "tied_embedding": tied}
+    return head_record(name, cfg, tied)
 
 
 def dynamic_override(head: dict, body: WeightQuantConfig) -> dict:

@@ -14,7 +14,7 @@ from tests.conftest import CAUSAL_ARCHS
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)
 def test_fused_kernels_agree_with_the_saved_model(arch, tmp_path):
     result = quantize(QuantizeRequest(model=f"tiny-{arch}", method="rtn", bits=4, group_size=32, lm_head_bits=8,
-                                      out=str(tmp_path / "q"), device="cpu", progress=False))
+                                      out=str(tmp_path / "q"), device="cpu", progress=False, in_memory=True))
     loaded = load_for_bench(str(result.folder), "auto", torch.device("cpu"))
     assert loaded.backend == "torch" and "dequantizing" not in loaded.kernel, loaded.kernel
     reference_bf16 = load_for_bench(str(result.folder), "bfloat16", torch.device("cpu"), backend="dequant").model

@@ -16,7 +16,7 @@ from tests.conftest import model_output
 
 def request(tmp_path, calib_file, **kw):
     settings = dict(model="tiny-llama", calib=str(calib_file), nsamples=8, seqlen=48, out=str(tmp_path / "p"),
-                    progress=False, device="cpu")
+                    progress=False, device="cpu", in_memory=True)
     settings.update(kw)
     return PruneRequest(**settings)
 

@@ -20,7 +20,7 @@ TIED = {"mpt", "opt", "bloom", "falcon"}  # the tiny configs whose embedding is 
 
 def quantized_with_head(arch, tmp_path, bits=4):
     return quantize(QuantizeRequest(model=f"tiny-{arch}", method="rtn", bits=bits, group_size=32, lm_head_bits=8,
-                                    out=str(tmp_path / arch), device="cpu", progress=False))
+                                    out=str(tmp_path / arch), device="cpu", progress=False, in_memory=True))
 
 
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)
@@ -58,7 +58,7 @@ def test_a_tied_quantized_head_is_stored_once_in_memory(tmp_path):
 
     result = quantized_with_head("opt", tmp_path, bits=8)
     plain = quantize(QuantizeRequest(model="tiny-opt", method="rtn", bits=8, group_size=32, out=str(tmp_path / "p"),
-                                     device="cpu", progress=False))
+                                     device="cpu", progress=False, in_memory=True))
     head, embedding = result.model.get_output_embeddings(), result.model.get_input_embeddings()
     assert embedding.source is head
     float_head = plain.model.get_output_embeddings().weight
