@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.lazy import LazyModel, release
+from compress.runtime import return_freed_memory
 from compress.select import find_blocks
 from compress.shards import DTYPE_NAMES, DTYPES, _tensor_bytes
 
@@ -77,6 +78,7 @@ class BlockSource:
     def unload(self, block: nn.Module, device: torch.device) -> None:
         if self.streaming:
             release(block)
+            return_freed_memory()
         elif device.type != "cpu":
             block.to("cpu")
 

@@ -58,7 +58,30 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
     p.add_argument("--exclude", nargs="+", default=S, help="glob patterns of block modules to leave alone")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
                    help="no progress bar")
+    p.add_argument("--resume", action="store_const", const=True, default=S,
+                   help="continue an interrupted run of the same command from its last finished block")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=float, default=S,
+                   help="seconds between resumable checkpoints (default 60; 0 = after every block)")
+    p.add_argument("--max-shard-size", dest="max_shard_bytes", type=_byte_size, default=S,
+                   help="largest output weight file, e.g. 2GB (default) or 500MB; larger outputs are sharded")
+    p.add_argument("--in-memory", dest="in_memory", action="store_const", const=True, default=S,
+                   help="load the whole model first instead of streaming one block at a time (needs the "
+                        "model's float32 size in memory on CPU)")
     p.add_argument("--config", type=Path, default=None, help=f"YAML file with any of these settings ({configs})")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 2GB, 500MB or a byte count")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _request(cls, args: argparse.Namespace):
@@ -328,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv, "nothing was written")
+    # A streaming run that finished blocks has already said where they are kept for --resume.
+    return dispatch(build_parser(), argv, "no output folder was completed")
 
 
 if __name__ == "__main__":

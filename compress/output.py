@@ -152,7 +152,8 @@ class PartialOutput:
     def abandon(self) -> None:
         """After an error or an interruption: keep what can be resumed, else remove the folder."""
         if self.progress is not None and (self.folder / PROGRESS_FILE).is_file():
-            self.say(f"{self.progress['next_block']} block(s) are written and kept in {self.folder}: run the same "
-                     "command with --resume to continue")
+            # Always said (not progress chatter): it is where the work went.
+            print(f"{self.progress['next_block']} block(s) are written and kept in {self.folder}: run the same "
+                  "command with --resume to continue", file=sys.stderr)
         else:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from compress.blocks import BlockSource
-from compress.calibrate import LayerwiseState
+from compress.calibrate import DEFAULT_ACTIVATION_BUDGET, LayerwiseState
 from compress.checkpoint import MANIFEST_NAME
 from compress.data import WindowRecord, calibration_windows, load_calibration_text, tokenize
 from compress.errors import UserError
@@ -56,6 +56,9 @@ class RunSettings:
     """Seconds between resumable checkpoints (0: after every block)."""
     max_shard_bytes: int = 2 << 30
     """Largest output weight file; bigger outputs are split into indexed shards."""
+    activation_budget: int = DEFAULT_ACTIVATION_BUDGET
+    """Bytes of calibration activations carried between blocks in memory; beyond it they go to files
+    in the output's partial folder."""
 
     @property
     def selection(self) -> ModuleSelection:
@@ -73,7 +76,8 @@ class RunSettings:
 
     def result_settings(self) -> dict:
         """The settings that decide the output's bytes (for resuming only the same run)."""
-        ignored = {"out", "force", "progress", "resume", "checkpoint_every", "device", "in_memory"}
+        ignored = {"out", "force", "progress", "resume", "checkpoint_every", "device", "in_memory",
+                   "activation_budget"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -161,7 +165,7 @@ class RunOutput:
         total = len(self.run.source.blocks)
         return LayerwiseState(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
-            spill_folder=self.partial.spill_folder,
+            spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
             block_done=lambda index, hidden: self.partial.checkpoint(index + 1, total, hidden, extra()))
 
     def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
