@@ -179,8 +179,9 @@ def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list
     return acc.h
 
 
-LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], torch.Tensor]
-"""(qualified name, layer, hessian or None) -> the layer's new (dequantized) weight."""
+LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], "torch.Tensor | None"]
+"""(qualified name, layer, hessian or None) -> the layer's new (dequantized) weight; without data (no
+Hessian) it may return None when ``finish_block`` replaces the layer anyway."""
 
 DEFAULT_ACTIVATION_BUDGET = 2 << 30
 """Bytes of carried hidden states kept in memory; beyond it they go to files (``LayerwiseState.spill_folder``)."""
@@ -247,7 +248,9 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
             linears = block_linears(block, selection)
             if inputs is None:
                 for name, layer in linears.items():
-                    layer.weight.data = layer_fn(f"{block_name}.{name}", layer, None).to(layer.weight.dtype)
+                    new_weight = layer_fn(f"{block_name}.{name}", layer, None)
+                    if new_weight is not None:  # nothing runs the block again: a method may skip making it
+                        layer.weight.data = new_weight.to(layer.weight.dtype)
             else:
                 for group in linear_call_groups(block, linears, inputs):
                     bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in group))

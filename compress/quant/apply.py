@@ -54,12 +54,15 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
     stats = stats or QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
 
-    def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
+    def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor | None:
         qw = method.quantize_weight(layer.weight.data, hessian, cfg)
-        new_weight = qw.dequantize()
-        loss = output_error(layer.weight.data, new_weight, hessian) if hessian is not None else None
-        stats.layers.append(LayerRecord(name, tuple(layer.weight.shape), loss))
         pending[name] = qw
+        if hessian is None:  # data-free: nothing runs this block again before it is packed
+            stats.layers.append(LayerRecord(name, tuple(layer.weight.shape), None))
+            return None
+        new_weight = qw.dequantize()
+        stats.layers.append(LayerRecord(name, tuple(layer.weight.shape), output_error(layer.weight.data, new_weight,
+                                                                                       hessian)))
         return new_weight
 
     def pack_block(block_name: str, block: nn.Module) -> None:

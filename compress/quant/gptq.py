@@ -13,7 +13,7 @@ import torch
 
 from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
-from compress.quant.primitives import QuantGrid, QuantizedWeight, fake_quantize, find_grid, quantize_codes
+from compress.quant.primitives import QuantGrid, QuantizedWeight, find_grid, quantize_codes
 from compress.registry import QuantMethod, register_method
 
 
@@ -41,50 +41,80 @@ def check_hessian_settings(damp_percent: float, block_size: int) -> None:
         raise UserError(f"invalid block_size {block_size}: use a positive number of columns, e.g. 128")
 
 
+def upper_triangular_inverse(upper: torch.Tensor, base: int = 256) -> torch.Tensor:
+    """Inverse of an upper-triangular matrix by halves: inv([[A, B], [0, C]]) = [[A', -A' B C'], [0, C']],
+    the corner as two triangular solves. About three times faster here than one triangular solve
+    against the identity, which costs n^3 where a triangular inverse needs n^3/3."""
+    out = torch.zeros_like(upper)
+    _invert_into(upper, out, base)
+    return out
+
+
+def _invert_into(upper: torch.Tensor, out: torch.Tensor, base: int) -> None:
+    n = upper.shape[0]
+    if n <= base:
+        out.copy_(torch.linalg.solve_triangular(upper, torch.eye(n, dtype=upper.dtype, device=upper.device),
+                                                upper=True))
+        return
+    k = n // 2
+    _invert_into(upper[:k, :k], out[:k, :k], base)
+    _invert_into(upper[k:, k:], out[k:, k:], base)
+    a_inv_b = torch.linalg.solve_triangular(upper[:k, :k], upper[:k, k:], upper=True)
+    out[:k, k:] = torch.linalg.solve_triangular(upper[k:, k:], a_inv_b, upper=True, left=False).neg_()
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening (GPTQ's numerically stable formulation)."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) after dampening: GPTQ's numerically stable form.
+
+    With J the order-reversing permutation and J H J = L L^T, H = (J L J)(J L J)^T where J L J is upper
+    triangular, so U = (J L J)^-1: one Cholesky and one triangular inverse, instead of a Cholesky, a full
+    inverse and a second Cholesky (the cost that dominates GPTQ on wide layers: 11008 inputs in a 7B MLP).
+    """
     h = hessian.clone()
     cols = h.shape[0]
     damp = damp_percent * torch.mean(torch.diag(h))
     h[range(cols), range(cols)] += damp
-    lower = torch.linalg.cholesky(h)
-    h_inv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(h_inv, upper=True)
+    lower = torch.linalg.cholesky(torch.flip(h, (0, 1)))
+    return upper_triangular_inverse(torch.flip(lower, (0, 1)))
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
-    """Quantize ``weight`` [out, in] given the input Hessian [in, in]."""
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    out_features, cols = w.shape
+    """Quantize ``weight`` [out, in] given the input Hessian [in, in].
+
+    The work is done on the transpose (one row per input column), so every column GPTQ visits, rounds
+    and updates is contiguous in memory; codes are kept as one byte each and each group's grid once,
+    never a full-size float buffer per column.
+    """
+    out_features, cols = weight.shape
     group_size = cols if cfg.group_size == -1 else cfg.group_size
+    wt = weight.detach().float().t().contiguous()  # [in, out]: row c is input column c
+    h = hessian.detach().float().clone()
 
     # Inputs that were always zero carry no information: pin their weights to zero.
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
+    wt[dead] = 0
 
     static_grids: list[QuantGrid] | None = None
     if cfg.static_groups:
-        static_grids = [find_grid(w[:, g:g + group_size], cfg.bits, cfg.sym) for g in range(0, cols, group_size)]
+        static_grids = [find_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym) for g in range(0, cols, group_size)]
 
-    perm = torch.arange(cols, device=w.device)
+    perm = torch.arange(cols, device=wt.device)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w = w[:, perm]
+        wt = wt[perm]
         h = h[perm][:, perm]
     inv_perm = torch.argsort(perm)
 
     h_inv = inverse_hessian_factor(h, cfg.damp_percent)
-    codes = torch.zeros_like(w)
-    col_scale = torch.zeros_like(w)
-    col_zero = torch.zeros_like(w)
+    codes = torch.empty(cols, out_features, dtype=torch.uint8, device=wt.device)
+    grids: list[QuantGrid] = []  # by group of quantization positions (position // group_size)
     grid: QuantGrid | None = None
 
     for b1 in range(0, cols, cfg.block_size):
         b2 = min(b1 + cfg.block_size, cols)
-        w_blk = w[:, b1:b2].clone()
-        err_blk = torch.zeros_like(w_blk)
+        w_blk = wt[b1:b2]  # a view: the block's updates land in wt
+        err_blk = torch.empty_like(w_blk)
         h_inv_blk = h_inv[b1:b2, b1:b2]
         for i in range(b2 - b1):
             col = b1 + i
@@ -92,34 +122,34 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
                 grid = static_grids[int(perm[col]) // group_size]
             elif col % group_size == 0:
                 # The grid of a group is fixed when its first column comes up, from the weights as
-                # updated so far (in act-order this groups columns by their permuted position).
-                grid = find_grid(torch.cat([w_blk[:, i:], w[:, b2:]], dim=1)[:, :group_size], cfg.bits, cfg.sym)
-            column = w_blk[:, i]
+                # updated so far (in act-order this groups columns by their permuted position). The
+                # group's later columns in this block are up to date; those past it get the block's
+                # update first, as they would have by now.
+                end = min(col + group_size, cols)
+                group = wt[col:end].clone()
+                if end > b2:
+                    group[b2 - col:] -= h_inv[b1:col, b2:end].t() @ err_blk[:i]
+                grid = find_grid(group.t(), cfg.bits, cfg.sym)
+                grids.append(grid)
+            column = w_blk[i]
             q = quantize_codes(column, grid.scale, grid.zero, cfg.bits)
-            dq = fake_quantize(column, grid.scale, grid.zero, cfg.bits)
-            codes[:, col], col_scale[:, col], col_zero[:, col] = q, grid.scale, grid.zero
-            err = (column - dq) / h_inv_blk[i, i]
-            w_blk[:, i:] -= err.unsqueeze(1) @ h_inv_blk[i, i:].unsqueeze(0)
-            err_blk[:, i] = err
-        w[:, b2:] -= err_blk @ h_inv[b1:b2, b2:]
+            codes[col] = q.to(torch.uint8)
+            err = (column - grid.scale * (q - grid.zero)) / h_inv_blk[i, i]
+            w_blk[i:].addr_(h_inv_blk[i, i:], err, alpha=-1)
+            err_blk[i] = err
+        wt[b2:].addmm_(h_inv[b1:b2, b2:].t(), err_blk, alpha=-1)
 
-    codes = codes[:, inv_perm]
-    col_scale = col_scale[:, inv_perm]
-    col_zero = col_zero[:, inv_perm]
+    codes = codes[inv_perm].t().to(torch.int32)
     # Group index of each original column: its position in quantization order // group size
     # (identity without act-order; its original group with static groups).
     if cfg.static_groups or not cfg.act_order:
-        g_idx = torch.arange(cols, device=w.device) // group_size
+        g_idx = torch.arange(cols, device=wt.device) // group_size
     else:
         g_idx = inv_perm // group_size
-    n_groups = -(-cols // group_size)
-    scale = torch.zeros(n_groups, out_features, device=w.device)
-    zero = torch.zeros(n_groups, out_features, device=w.device)
-    # Every column of a group shares the group's grid: take it from any member column.
-    scale[g_idx] = col_scale.t()
-    zero[g_idx] = col_zero.t()
-    return QuantizedWeight(codes=codes.to(torch.int32), scale=scale, zero=zero, g_idx=g_idx.to(torch.int32),
-                           bits=cfg.bits)
+    chosen = static_grids if static_grids is not None else grids
+    scale = torch.stack([g.scale for g in chosen])
+    zero = torch.stack([g.zero for g in chosen])
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_idx.to(torch.int32), bits=cfg.bits)
 
 
 @register_method

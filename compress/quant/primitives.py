@@ -123,6 +123,15 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     n, cols = values.shape
     if n % _WORD_BITS:
         raise ValueError(f"cannot pack {n} rows at {bits} bits: the row count must be a multiple of 32")
+    if _WORD_BITS % bits == 0:
+        # No value straddles two words: OR each of the word's values in at its shift, in int32 (the
+        # top value's bits wrap into the sign bit, which is the two's complement pattern we store).
+        per_word = _WORD_BITS // bits
+        v = values.to(torch.int32).reshape(n // per_word, per_word, cols)
+        words = v[:, 0].clone()
+        for k in range(1, per_word):
+            words.bitwise_or_(v[:, k] << (k * bits))
+        return words
     v = values.to(torch.int64).reshape(n // _WORD_BITS, _WORD_BITS, cols)
     words = torch.zeros(n // _WORD_BITS, bits + 1, cols, dtype=torch.int64, device=values.device)  # spare word: spills
     word, shift, spill = _stream_layout(bits, values.device)
@@ -140,6 +149,11 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 [n * bits / 32, cols] -> int32 [n, cols]."""
     rows, cols = packed.shape
+    if _WORD_BITS % bits == 0:
+        per_word = _WORD_BITS // bits
+        shifts = torch.arange(0, _WORD_BITS, bits, dtype=torch.int32, device=packed.device)
+        values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & max_code(bits)  # arithmetic shift, then mask
+        return values.reshape(rows * per_word, cols)
     words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // bits, bits, cols)
     words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)  # spare word: spills read zeros
     word, shift, spill = _stream_layout(bits, packed.device)

@@ -62,3 +62,40 @@ def test_dead_inputs_get_zero_weight():
 def test_config_validation(kwargs, word):
     with pytest.raises(UserError, match=word):
         GPTQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("n", [7, 256, 257, 600])
+def test_upper_triangular_inverse(n):
+    from compress.quant.gptq import upper_triangular_inverse
+
+    g = torch.Generator().manual_seed(n)
+    upper = torch.triu(torch.randn(n, n, generator=g, dtype=torch.float64)) + n * torch.eye(n, dtype=torch.float64)
+    inverse = upper_triangular_inverse(upper)
+    assert torch.equal(inverse, torch.triu(inverse))
+    torch.testing.assert_close(inverse @ upper, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from compress.quant.gptq import inverse_hessian_factor
+
+    x = correlated_inputs(300).double()
+    h = 2 * x.t() @ x / x.shape[0]
+    u = inverse_hessian_factor(h, 0.01)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(300, dtype=h.dtype)
+    assert torch.equal(u, torch.triu(u)) and torch.all(torch.diag(u) > 0)
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(damped), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(u, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lazy_block_updates_change_speed_not_results(act_order):
+    """Groups of 48 straddle blocks of 32 columns: a group's grid must see the updates its columns past
+    the current block have not received yet."""
+    x = correlated_inputs(192).double()
+    h = (2 * x.t() @ x / x.shape[0]).float()
+    w = torch.randn(40, 192, generator=torch.Generator().manual_seed(3))
+    one_block = gptq_quantize(w, h, GPTQConfig(4, 48, act_order=act_order, block_size=192))
+    small_blocks = gptq_quantize(w, h, GPTQConfig(4, 48, act_order=act_order, block_size=32))
+    assert torch.equal(one_block.g_idx, small_blocks.g_idx)
+    assert (one_block.codes == small_blocks.codes).float().mean() > 0.995
+    torch.testing.assert_close(one_block.scale, small_blocks.scale, rtol=1e-3, atol=0)
