@@ -109,7 +109,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     started = time.perf_counter()
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
     run = load_for_run(request, tag, method.needs_calibration)
-    output = RunOutput(request, run)
+    output = RunOutput(request, run, packed=True)
     resumed_at = output.partial.next_block
     try:
         quant_started = time.perf_counter()
@@ -138,6 +138,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "streaming": run.source.streaming,
             "resumed_at_block": resumed_at or None,
             "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
+            "blocks": state.blocks,
+            "experts": output.experts_record(state, "RTN"),
             "peak_rss_bytes": peak_rss_bytes(),
             "environment": environment(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

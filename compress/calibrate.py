@@ -16,6 +16,7 @@ watching one forward pass, not from a table of architectures.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 
 from compress.blocks import Activations, BlockSource
 from compress.errors import UserError
+from compress.moe import expert_groups
+from compress.runtime import current_rss_bytes
 from compress.select import ModuleSelection, block_linears
 
 
@@ -117,18 +120,34 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def linear_call_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
-    """Group the block's linear layers by shared input, in call order, from one forward pass."""
+    """Group the block's linear layers by shared input, in call order, from one forward pass.
+
+    Experts (compress.moe) see only the tokens routed to them, so one window need not reach them all:
+    their groups (each expert's gate+up, then its down) come from the module's structure and take the
+    place where the first expert is called (at the end if window 0 reaches none)."""
+    experts = expert_groups(block, set(linears))
+    in_experts = {n for groups in experts.values() for g in groups for n in g}
     # Keep the input tensors themselves: holding them alive means two calls share an input only
     # when they got the very same tensor (an id() could be reused once a tensor is freed).
-    calls: list[tuple[str, torch.Tensor]] = []
+    calls: list[tuple[str, torch.Tensor | None]] = []
     seen: set[str] = set()
     handles = []
     for name, layer in linears.items():
+        if name in in_experts:
+            continue
+
         def record(_m, args, name=name):
             if name not in seen:
                 seen.add(name)
                 calls.append((name, args[0]))
         handles.append(layer.register_forward_pre_hook(record))
+    for path in experts:
+        def mark(_m, _args, path=path):
+            if path not in seen:
+                seen.add(path)
+                calls.append((path, None))
+        for expert in block.get_submodule(path):
+            handles.append(expert.register_forward_pre_hook(mark))
     try:
         inputs.call(block, 0)
     finally:
@@ -137,12 +156,19 @@ def linear_call_groups(block: nn.Module, linears: dict[str, nn.Linear], inputs: 
     groups: list[list[str]] = []
     last_input = None
     for name, tensor in calls:
-        if groups and tensor is last_input:
+        if name in experts:
+            groups += experts[name]
+            last_input = None
+        elif groups and last_input is not None and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = tensor
-    never_called = [n for n in linears if n not in seen]
+        if name not in experts:
+            last_input = tensor
+    for path, expert_list in experts.items():
+        if path not in seen:
+            groups += expert_list
+    never_called = [n for n in linears if n not in seen and n not in in_experts]
     if never_called:
         raise UserError(f"layer {never_called[0]} is never called by its block's forward pass, so no data reaches "
                         f"it: leave it out with --exclude '{never_called[0]}'")
@@ -169,14 +195,20 @@ def for_each_layer_call(block: nn.Module, layer: nn.Module, inputs: BlockInputs,
         handle.remove()
 
 
-def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
-                    inputs: BlockInputs) -> torch.Tensor:
+def accumulate_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
+                       inputs: BlockInputs) -> HessianAccumulator:
     """The Hessian of the input the group's layers share (q, k and v read the same tensor), over all
-    windows; each pass stops as soon as the group's first layer has run."""
+    windows, with the number of tokens that reached it; each pass stops as soon as the group's first
+    layer has run (an expert no token of a window is routed to lets that window's pass run through)."""
     first = linears[group[0]]
     acc = HessianAccumulator(first.in_features, first.weight.device)
     for_each_layer_call(block, first, inputs, lambda x, _out: acc.add(x))
-    return acc.h
+    return acc
+
+
+def collect_hessian(block: nn.Module, linears: dict[str, nn.Linear], group: list[str],
+                    inputs: BlockInputs) -> torch.Tensor:
+    return accumulate_hessian(block, linears, group, inputs).h
 
 
 LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], "torch.Tensor | None"]
@@ -200,6 +232,15 @@ class LayerwiseState:
     activation_budget: int = DEFAULT_ACTIVATION_BUDGET
     block_done: Callable[[int, "Activations | None"], None] | None = None
     """(index of the block just finished, the states carried out of it) after it was handed over."""
+    blocks: list[dict] = field(default_factory=list)
+    """Filled by the driver: per block processed, its index, seconds and the process's RSS after it."""
+    expert_min_fraction: float = 0.005
+    """An expert that fewer than this fraction of the calibration tokens reach (at least 1 token) gets no
+    Hessian: the method's data-free rule applies to it instead (RTN, magnitude), as in GPTQModel."""
+    experts: dict[str, dict] = field(default_factory=dict)
+    """Filled by the driver: expert layer -> tokens that reached it and whether the data-free rule applied."""
+    expert_min_tokens: int | None = None
+    """Filled by the driver: the token count below which an expert was handled data-free."""
 
 
 def _carried(inputs: BlockInputs, device: torch.device, state: LayerwiseState) -> Activations:
@@ -238,6 +279,7 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                              move(inputs.kwargs, device))
         inputs.hidden = _carried(inputs, device, state)
     tokens = sum(w.numel() for w in windows) if windows is not None else 0
+    expert_min_tokens = state.expert_min_tokens = max(1, math.ceil(state.expert_min_fraction * tokens))
     bar = tqdm(total=len(blocks), initial=state.start, desc=desc, unit="block", disable=not show_progress,
                dynamic_ncols=True)
     try:
@@ -252,20 +294,29 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                     if new_weight is not None:  # nothing runs the block again: a method may skip making it
                         layer.weight.data = new_weight.to(layer.weight.dtype)
             else:
+                experts = {n for groups in expert_groups(block, set(linears)).values() for g in groups for n in g}
                 for group in linear_call_groups(block, linears, inputs):
                     bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in group))
-                    hessian = collect_hessian(block, linears, group, inputs)
+                    acc = accumulate_hessian(block, linears, group, inputs)
+                    hessian = acc.h
+                    if group[0] in experts:
+                        starved = acc.n < expert_min_tokens
+                        hessian = None if starved else hessian
+                        for name in group:
+                            state.experts[f"{block_name}.{name}"] = {"tokens": acc.n, "data_free": starved}
                     for name in group:
                         layer = linears[name]
                         layer.weight.data = layer_fn(f"{block_name}.{name}", layer, hessian).to(layer.weight.dtype)
-                    del hessian
+                    del hessian, acc
                 inputs.hidden.replace_all(lambda i: inputs.call(block, i))
             finish_block(block_name, block)
             source.unload(block, device)
+            seconds = time.perf_counter() - started
+            state.blocks.append({"index": index, "seconds": round(seconds, 3), "rss_bytes": current_rss_bytes()})
             if state.block_done is not None:
                 state.block_done(index, inputs.hidden if inputs is not None else None)
             if tokens:
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
+                bar.set_postfix_str(f"{tokens / seconds:,.0f} tok/s")
             bar.update(1)
     finally:
         bar.close()

@@ -64,6 +64,9 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
                    help="seconds between resumable checkpoints (default 60; 0 = after every block)")
     p.add_argument("--max-shard-size", dest="max_shard_bytes", type=_byte_size, default=S,
                    help="largest output weight file, e.g. 2GB (default) or 500MB; larger outputs are sharded")
+    p.add_argument("--expert-min-share", dest="expert_min_share", type=float, default=S,
+                   help="mixture of experts: experts reached by fewer than this share of the calibration tokens "
+                        "(default 0.005) are quantized with RTN / pruned by magnitude instead, and listed")
     p.add_argument("--in-memory", dest="in_memory", action="store_const", const=True, default=S,
                    help="load the whole model first instead of streaming one block at a time (needs the "
                         "model's float32 size in memory on CPU)")

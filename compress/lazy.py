@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.moe import checkpoint_renames, unfuse_experts
 from compress.shards import ShardReader
 
 
@@ -51,17 +52,24 @@ class NameMap:
 def _renamer(model: nn.Module):
     """disk name -> memory name, by the renaming rules transformers applies when it loads ``model``
     (renames only: a tensor that transformers would merge with others keeps its name)."""
+    experts = checkpoint_renames(model)
+
+    def ours(key: str) -> str:
+        for pattern, replacement in experts:
+            key = pattern.sub(replacement, key)
+        return key
+
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
         renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
     except (ImportError, AttributeError, TypeError):  # a transformers without renaming rules renames nothing
-        return lambda key: key
+        return ours
     prefix = getattr(model, "base_model_prefix", None)
     # Only the names matter for deciding a prefix, so the state dict's keys are enough.
     names = dict.fromkeys(model.state_dict(keep_vars=True))
-    return lambda key: rename_source_key(key, renamings, [], prefix, names)[0]
+    return lambda key: ours(rename_source_key(key, renamings, [], prefix, names)[0])
 
 
 def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False, config=None) -> nn.Module:
@@ -77,6 +85,7 @@ def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
         model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+    unfuse_experts(model)  # one layer per expert, as checkpoints store them
     model.eval()
     return model
 

@@ -58,6 +58,8 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in [
     _hub("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf"),
     _hub("llama-2-13b", "llama", "meta-llama/Llama-2-13b-hf"),
     _hub("mistral-7b", "mistral", "mistralai/Mistral-7B-v0.1"),
+    _hub("mixtral-8x7b", "mixtral", "mistralai/Mixtral-8x7B-v0.1",
+         "46.7B mixture of experts (8 experts, 2 per token); quantized and pruned expert by expert"),
     _hub("mpt-7b", "mpt", "mosaicml/mpt-7b"),
     _hub("falcon-7b", "falcon", "tiiuae/falcon-7b"),
     _hub("gpt-j-6b", "gptj", "EleutherAI/gpt-j-6b"),

@@ -56,6 +56,10 @@ class RunSettings:
     """Seconds between resumable checkpoints (0: after every block)."""
     max_shard_bytes: int = 2 << 30
     """Largest output weight file; bigger outputs are split into indexed shards."""
+    expert_min_share: float = 0.005
+    """Mixture of experts: an expert that fewer than this share of the calibration tokens reach (at least
+    one) is not calibrated on them; it is quantized with RTN (pruned by magnitude) instead, and the
+    manifest and the output say which."""
     activation_budget: int = DEFAULT_ACTIVATION_BUDGET
     """Bytes of calibration activations carried between blocks in memory; beyond it they go to files
     in the output's partial folder."""
@@ -145,7 +149,7 @@ class RunOutput:
     """The output of a layer-by-layer run while it is written: the resumable partial folder, the weight
     writer, and the driver state that continues an interrupted run."""
 
-    def __init__(self, settings: RunSettings, run: Loaded, extra_fingerprint: dict | None = None) -> None:
+    def __init__(self, settings: RunSettings, run: Loaded, packed: bool, extra_fingerprint: dict | None = None) -> None:
         self.settings, self.run = settings, run
         identity = {"settings": settings.result_settings(), "source": source_identity(run.resolved.path),
                     "device": run.device.type, **(extra_fingerprint or {})}
@@ -154,7 +158,7 @@ class RunOutput:
         if settings.resume and self.partial.next_block:
             settings.say(f"resuming at block {self.partial.next_block} of {len(run.source.blocks)} "
                          f"from {self.partial.folder}")
-        self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix)
+        self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix, packed)
 
     @property
     def resumed(self) -> bool:
@@ -166,7 +170,26 @@ class RunOutput:
         return LayerwiseState(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
             spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
+            expert_min_fraction=self.settings.expert_min_share,
             block_done=lambda index, hidden: self.partial.checkpoint(index + 1, total, hidden, extra()))
+
+    def experts_record(self, state: LayerwiseState, rule: str) -> dict | None:
+        """The manifest's record of how every expert was calibrated (None without experts), said aloud
+        when the data-free rule applied to any (a resumed run says it for the blocks it did itself)."""
+        if not state.experts:
+            return None
+        starved = [name for name, e in state.experts.items() if e["data_free"]]
+        record = {"min_tokens": state.expert_min_tokens, "min_share": self.settings.expert_min_share,
+                  "rule": f"fewer tokens than min_tokens: {rule}", "layers": state.experts}
+        message = (f"experts: {len(state.experts) - len(starved)} of {len(state.experts)} expert layers calibrated "
+                   f"(each reached by at least {state.expert_min_tokens} calibration tokens)")
+        if starved:
+            message += (f"; {len(starved)} reached by fewer were handled data-free ({rule}): "
+                        f"{', '.join(starved[:4])}{', ...' if len(starved) > 4 else ''}")
+            print(message, file=sys.stderr)
+        else:
+            self.settings.say(message)
+        return record
 
     def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
         """Close the weights, write config, tokenizer and manifest, and rename the folder into place."""

@@ -47,6 +47,18 @@ def return_freed_memory() -> None:
 _malloc_trim = None
 
 
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux VmRSS; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

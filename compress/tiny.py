@@ -29,6 +29,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "bloom": dict(hidden_size=64, n_head=4, n_layer=2),
     "bert": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                  max_position_embeddings=512),
+    # Mixture of experts: 4 experts, 2 per token.
+    "mixtral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, num_local_experts=4,
+                    num_experts_per_tok=2),
 }
 
 # Short original text to train the tiny tokenizer on: enough variety for a few hundred merges.

@@ -13,7 +13,8 @@ from tests.conftest import ALL_ARCHS, calibration_ids
 
 EXPECTED_BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "mpt": "transformer.blocks",
                    "falcon": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers",
-                   "opt": "model.decoder.layers", "bloom": "transformer.h", "bert": "encoder.layer"}
+                   "opt": "model.decoder.layers", "bloom": "transformer.h", "bert": "encoder.layer",
+                   "mixtral": "model.layers"}
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,29 @@ def test_hessian_accumulator_is_running_mean_of_2xxT():
         acc.add(part)
     flat = x.reshape(-1, 8)
     assert torch.allclose(acc.h, 2 * flat.t() @ flat / flat.shape[0], atol=1e-5)
+
+
+def test_expert_groups_follow_the_router_and_count_their_tokens():
+    """Experts (one linear per expert after unfusing) are grouped by structure where the experts module is
+    called: gate and up of each expert together, then its down; each sees only the tokens routed to it."""
+    import torch
+
+    from compress.calibrate import accumulate_hessian
+    from compress.lazy import LazyModel
+
+    lazy = LazyModel(resolve("tiny-mixtral").path, torch.float32)
+    lazy.materialize_all()
+    model = lazy.model
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calibration_ids(4, 32))
+    linears = block_linears(blocks[0], ModuleSelection())
+    groups = linear_call_groups(blocks[0], linears, inputs)
+    experts = [[f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj"] for e in range(4)]
+    expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    for e in range(4):
+        expected += [experts[e], [f"mlp.experts.{e}.down_proj"]]
+    assert groups == expected
+    assert "mlp.gate" not in str(groups)  # the router is no nn.Linear: it stays in float
+    counts = [accumulate_hessian(blocks[0], linears, experts[e], inputs).n for e in range(4)]
+    assert sum(counts) == 4 * 32 * 2  # every token goes to 2 of the 4 experts
+    assert all(0 < c < 4 * 32 for c in counts)

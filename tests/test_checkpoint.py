@@ -16,8 +16,9 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
 # transformers hands GPTQ loading to optimum, which replaces only exact nn.Linear modules; Falcon's
-# layers are a subclass (FalconLinear), so Falcon checkpoints load through GPTQModel.load instead.
-TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a != "falcon"]
+# layers are a subclass (FalconLinear), and transformers 5 fuses Mixtral's experts into 3-D tensors that
+# no GPTQ layer replaces, so those checkpoints load through GPTQModel.load instead.
+TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in ("falcon", "mixtral")]
 
 
 def quantized(arch, tmp_path, calib_file, **kw):
@@ -70,10 +71,11 @@ def test_partial_group_checkpoint_loads_in_transformers(tmp_path, calib_file):
         assert relative_gap(theirs(ids).logits, ours(ids).logits) < 5e-3
 
 
-def test_falcon_loads_through_gptqmodel(tmp_path, calib_file):
+@pytest.mark.parametrize("arch", ["falcon", "mixtral"])
+def test_gptqmodel_loads_what_transformers_cannot(arch, tmp_path, calib_file):
     from gptqmodel import BACKEND, GPTQModel
 
-    folder = quantized("falcon", tmp_path, calib_file)
+    folder = quantized(arch, tmp_path, calib_file)
     ids = torch.randint(0, 512, (1, 16))
     ours, _ = load_quantized(folder)
     theirs = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)

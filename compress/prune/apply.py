@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.blocks import BlockSource
 from compress.calibrate import LayerwiseState, run_layerwise
-from compress.prune.masks import sparsity_of
+from compress.prune.masks import magnitude_scores, make_mask, sparsity_of
 from compress.quant.apply import output_error
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
@@ -30,6 +30,9 @@ class PrunedLayer:
     """Fraction of the layer's weights that are zero after pruning."""
     output_error: float | None
     """tr(dW H dW^T) / out_features: the layer's mean squared output error on the calibration inputs."""
+    fallback: str | None = None
+    """Set when the layer could not be calibrated (an expert too few tokens reached) and the data-free
+    rule pruned it instead: "magnitude" (and RTN for the kept weights when quantizing)."""
 
 
 @dataclass
@@ -75,12 +78,21 @@ def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg,
 
     def prune_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
         weight = layer.weight.data
-        if quant is None:
+        fallback = None
+        if hessian is None and needs_data:  # an expert too few calibration tokens reached: the data-free rule
+            mask = make_mask(magnitude_scores(weight), cfg.sparsity, cfg.parsed_pattern, getattr(cfg, "comparison",
+                                                                                                   "row"))
+            new_weight, fallback = weight * mask, "magnitude"
+            if quant is not None:
+                pending[name] = qw = rtn_quantize(new_weight, quant)
+                new_weight, fallback = qw.dequantize().to(weight.dtype), "magnitude+rtn"
+        elif quant is None:
             new_weight, mask = method.prune_weight(weight, hessian, cfg)
         else:
             new_weight, mask, pending[name] = prune_and_quantize(method, weight, hessian, cfg, quant)
         loss = output_error(weight, new_weight, hessian) if hessian is not None else None
-        stats.layers.append(PrunedLayer(name, tuple(weight.shape), round(sparsity_of(new_weight != 0), 6), loss))
+        stats.layers.append(PrunedLayer(name, tuple(weight.shape), round(sparsity_of(new_weight != 0), 6), loss,
+                                        fallback))
         return new_weight
 
     def pack_block(block_name: str, block: nn.Module) -> None:

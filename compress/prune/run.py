@@ -112,7 +112,7 @@ def prune(request: PruneRequest) -> PruneResult:
                        streaming=not method.changes_shape)
     if method.changes_shape:
         return _prune_whole_model(request, method, cfg, quant, run, started)
-    output = RunOutput(request, run)
+    output = RunOutput(request, run, packed=quant is not None)
     resumed_at = output.partial.next_block
     try:
         prune_started = time.perf_counter()
@@ -125,6 +125,8 @@ def prune(request: PruneRequest) -> PruneResult:
         manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started)
         manifest["streaming"] = run.source.streaming
         manifest["resumed_at_block"] = resumed_at or None
+        manifest["blocks"] = state.blocks
+        manifest["experts"] = output.experts_record(state, "magnitude pruning" + (" + RTN" if quant else ""))
         qcfg = None if quant is None else gptq_quantization_config(
             quant, f"{method.name}+gptq", __version__, stats.block_prefix,
             [layer["shape"][1] for layer in manifest["layers"]])

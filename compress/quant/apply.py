@@ -15,6 +15,7 @@ from compress.calibrate import LayerwiseState, run_layerwise
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
+from compress.quant.rtn import rtn_quantize
 from compress.registry import QuantMethod
 from compress.select import ModuleSelection, block_linears, set_submodule
 
@@ -25,6 +26,9 @@ class LayerRecord:
     shape: tuple[int, int]
     proxy_loss: float | None
     """tr(dW H dW^T) / out_features: the layer's mean squared output error on the calibration inputs."""
+    fallback: str | None = None
+    """Set when a calibrated method could not calibrate this layer (an expert too few tokens reached)
+    and its data-free rule was used instead, e.g. "rtn"."""
 
 
 @dataclass
@@ -55,14 +59,18 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
     pending: dict[str, QuantizedWeight] = {}
 
     def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor | None:
-        qw = method.quantize_weight(layer.weight.data, hessian, cfg)
-        pending[name] = qw
-        if hessian is None:  # data-free: nothing runs this block again before it is packed
-            stats.layers.append(LayerRecord(name, tuple(layer.weight.shape), None))
+        shape = tuple(layer.weight.shape)
+        if not method.needs_calibration:  # data-free: nothing runs this block again before it is packed
+            pending[name] = method.quantize_weight(layer.weight.data, None, cfg)
+            stats.layers.append(LayerRecord(name, shape, None))
             return None
+        if hessian is None:  # an expert too few calibration tokens reached: the data-free rule
+            pending[name] = qw = rtn_quantize(layer.weight.data, cfg)
+            stats.layers.append(LayerRecord(name, shape, None, fallback="rtn"))
+            return qw.dequantize()
+        pending[name] = qw = method.quantize_weight(layer.weight.data, hessian, cfg)
         new_weight = qw.dequantize()
-        stats.layers.append(LayerRecord(name, tuple(layer.weight.shape), output_error(layer.weight.data, new_weight,
-                                                                                       hessian)))
+        stats.layers.append(LayerRecord(name, shape, output_error(layer.weight.data, new_weight, hessian)))
         return new_weight
 
     def pack_block(block_name: str, block: nn.Module) -> None:
