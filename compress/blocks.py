@@ -57,11 +57,20 @@ class BlockSource:
     @contextmanager
     def front(self, device: torch.device) -> Iterator[torch.device]:
         """Make the modules before the first block runnable; yields the device they run on."""
+        in_blocks = {id(m) for m in self.blocks.modules()}
+        front = [m for m in self.model.modules() if id(m) not in in_blocks]
         if not self.streaming:
-            yield next(self.model.parameters()).device
+            # Capture where the blocks will run (so a streaming and an in-memory run compute alike).
+            home = next(self.model.parameters()).device
+            _tensors_to(front, device)
+            try:
+                yield device
+            finally:
+                _tensors_to(front, home)
             return
         names = self.front_names()
         self.lazy.materialize_names(names, device)
+        _computed_buffers_to(front, device)
         try:
             yield device
         finally:
@@ -71,6 +80,7 @@ class BlockSource:
         block = self.blocks[index]
         if self.streaming:
             self.lazy.materialize(block, f"{self.prefix}.{index}", device)
+            _computed_buffers_to(list(block.modules()), device)
         else:
             block.to(device)
         return block
@@ -81,6 +91,31 @@ class BlockSource:
             return_freed_memory()
         elif device.type != "cpu":
             block.to("cpu")
+
+
+def _tensors_to(modules: list[nn.Module], device: torch.device) -> None:
+    """Move the modules' own parameters and buffers (not their children's); tied tensors stay one."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or tensor.is_meta or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.data.to(device)
+                    moved[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(
+                        tensor, nn.Parameter) else data
+                store[name] = moved[id(tensor)]
+
+
+def _computed_buffers_to(modules: list[nn.Module], device: torch.device) -> None:
+    """Buffers a module computes for itself (rotary frequencies) are built on the CPU with the skeleton;
+    the modules that run on ``device`` need them there."""
+    for module in modules:
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
 
 
 class Activations:

@@ -72,9 +72,11 @@ def _renamer(model: nn.Module):
     return lambda key: ours(rename_source_key(key, renamings, [], prefix, names)[0])
 
 
-def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False, config=None) -> nn.Module:
+def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False, config=None,
+                unfuse: bool = True) -> nn.Module:
     """The model of ``path``'s config with every parameter on the meta device (no memory) and its
-    computed buffers (rotary frequencies, position ids) real; tied weights tied."""
+    computed buffers (rotary frequencies, position ids) real; tied weights tied; with ``unfuse`` one
+    linear layer per mixture-of-experts expert (compress.moe)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -85,7 +87,8 @@ def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
         model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    unfuse_experts(model)  # one layer per expert, as checkpoints store them
+    if unfuse:
+        unfuse_experts(model)  # one layer per expert, as checkpoints store them
     model.eval()
     return model
 
@@ -115,14 +118,25 @@ class LazyModel:
     """A model whose tensors live in its checkpoint until asked for."""
 
     def __init__(self, path: Path, dtype: torch.dtype, trust_remote_code: bool = False, model: nn.Module | None = None,
-                 reader: ShardReader | None = None) -> None:
+                 reader: ShardReader | None = None, requires_grad: bool = False, unfuse: bool = True) -> None:
         self.path = Path(path)
         self.dtype = dtype
         """The compute dtype the skeleton is built in; each float tensor is read into the dtype its module
         declares for it (this one, except where a module fixes its own, as packed layers' fp16 scales)."""
         self.reader = reader or ShardReader(self.path)
-        self.model = model if model is not None else empty_model(self.path, dtype, trust_remote_code)
+        self.model = model if model is not None else empty_model(self.path, dtype, trust_remote_code, unfuse=unfuse)
         self.names = NameMap(self.model, self.reader.keys())
+        self.requires_grad = requires_grad
+        """Materialised parameters are trainable (as from_pretrained makes them) or not (changing runs)."""
+
+    def covers_checkpoint(self) -> bool:
+        """Every tensor the model holds is stored in the checkpoint (directly or through a tied one)."""
+        def on_meta(holders) -> bool:
+            module, attr, _ = holders[0]
+            return getattr(module, attr).is_meta
+
+        return all(any(full in self.names.to_disk for _, _, full in holders)
+                   for holders in _owners(self.model).values() if on_meta(holders))
 
     def disk_dtype(self, memory_key: str) -> torch.dtype | None:
         """The dtype a tensor is stored in (None when the source does not hold it)."""
@@ -174,7 +188,8 @@ class LazyModel:
             if value.is_floating_point() and tensor.is_floating_point():
                 value = value.to(tensor.dtype)  # the dtype the module declares (the compute dtype, fp16 scales)
             value = value.to(device)
-            param = nn.Parameter(value, requires_grad=False)  # one object, so tied weights stay tied
+            # One object, so tied weights stay tied.
+            param = nn.Parameter(value, requires_grad=self.requires_grad and value.is_floating_point())
             for owner, attr, _ in holders:
                 if attr in owner._parameters:
                     owner._parameters[attr] = param

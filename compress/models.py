@@ -255,13 +255,29 @@ def auto_class(config):
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) from a checked folder: causal LMs with their LM head, classifiers with their
-    classifier head, other encoders bare."""
-    from transformers import AutoConfig, AutoTokenizer
+    classifier head, other encoders bare.
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = auto_class(config)
-    with quiet_transformers():
-        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    The model is built on the meta device and each tensor is read once, straight into ``dtype``: the
+    peak is the model's size in that dtype. (transformers' from_pretrained memory-maps the files, and
+    the mapped pages count in the process's resident set beside the loaded copy: twice the size at
+    the peak.) A checkpoint whose tensors transformers must convert while loading (beyond renames: e.g.
+    Mixtral's per-expert tensors, which transformers fuses) is loaded by from_pretrained, so the model
+    is exactly the one transformers makes."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from compress.lazy import LazyModel
+
+    lazy = LazyModel(path, dtype, trust_remote_code, requires_grad=True, unfuse=False)
+    if lazy.covers_checkpoint():
+        lazy.materialize_all()
+        model = lazy.model
+        if (Path(path) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            model = auto_class(config).from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                       trust_remote_code=trust_remote_code)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tokenizer
