@@ -191,7 +191,11 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "compress-workbench" / "scale")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
     parser.add_argument("--child-io", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((args.out / "results.json").read_text()), args.out)
+        return 0
     if args.child_io:
         io_floor(*args.child_io)
         return 0
@@ -283,6 +287,32 @@ def write_report(results: dict, out: Path) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+    plot_blocks(results, out / "blocks.png")
+
+
+def plot_blocks(results: dict, path: Path) -> None:
+    """Seconds and resident memory after each block, along the depth, for every size and run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (seconds_axis, rss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for size, entry in results.get("sizes", {}).items():
+        for step in ("rtn", "rtn-mem", "gptq"):
+            blocks = (entry.get(step) or {}).get("blocks") or []
+            if not blocks:
+                continue
+            depth = [b["index"] for b in blocks]
+            label = f"{size} {step}"
+            seconds_axis.plot(depth, [b["seconds"] for b in blocks], marker=".", label=label)
+            rss_axis.plot(depth, [b["rss_bytes"] / GIB for b in blocks], marker=".", label=label)
+    seconds_axis.set(xlabel="block", ylabel="seconds", yscale="log", title="time per block")
+    rss_axis.set(xlabel="block", ylabel="GiB", title="resident memory after each block")
+    rss_axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
