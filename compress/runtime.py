@@ -47,21 +47,28 @@ def return_freed_memory() -> None:
 _malloc_trim = None
 
 
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux VmRSS; 0 where unknown)."""
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux reports KiB); None where unknown."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux VmRSS; 0 where unknown)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process: VmHWM (which /proc/self/clear_refs can reset), else the
+    peak since the process started (getrusage)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def environment() -> dict:

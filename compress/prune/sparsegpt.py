@@ -65,14 +65,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
     when a group's first column comes up, as in GPTQ without act-order).
     """
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float()  # read only: inverse_hessian_factor makes its own copy
     rows, cols = w.shape
     if pattern.structured and cols % pattern.m:
         raise UserError(f"{pattern} sparsity needs the input width ({cols}) to be a multiple of {pattern.m}")
     if fixed_mask is not None:
         w = w * fixed_mask
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
+    dead = torch.diag(h) == 0  # inputs never active: their weights go, their diagonal counts as 1
     w[:, dead] = 0
     h_inv = inverse_hessian_factor(h, damp_percent)
 
