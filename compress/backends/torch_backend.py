@@ -34,10 +34,15 @@ def fast_layer(layer: QuantLinear, dtype: torch.dtype, needs_rows: bool):
 
 
 def convert(model, dtype: torch.dtype) -> tuple[Counter, dict[str, str]]:
-    """Swap every QuantLinear that a kernel fits, in place; (kernel counts, {layer: why not})."""
+    """Swap every QuantLinear that a kernel fits, in place; (kernel counts, {layer: why not}).
+
+    Layers are looked up by name one at a time, so a replaced layer's packed tensors are freed as soon as
+    its kernel layer exists: holding the old layers until the end doubled the peak (7B: 7.7 GiB for 3.9 GB).
+    """
     embeddings = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
     used, kept = Counter(), {}
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+    for name in [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        layer = model.get_submodule(name)
         readers = [e for e in embeddings if e.source is layer]
         new, why = fast_layer(layer, dtype, needs_rows=bool(readers))
         if new is None:
@@ -46,6 +51,7 @@ def convert(model, dtype: torch.dtype) -> tuple[Counter, dict[str, str]]:
         set_submodule(model, name, new)
         for embedding in readers:
             embedding.retarget(new)
+        del layer, readers
         used[f"{new.kernel} ({new.bits}-bit)"] += 1
     return used, kept
 
