@@ -9,15 +9,20 @@ from compress.api import QuantizeRequest, quantize
 from compress.bench.score import score_windows
 from compress.checkpoint import load_quantized
 from compress.models import load_model, resolve
-from tests.conftest import model_output
+from tests.conftest import assert_same_checkpoint, model_output
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_gptq_w4g128_partial_groups_and_perplexity(smollm2_windows, tmp_path):
     fp_model, windows = smollm2_windows
-    result = quantize(QuantizeRequest(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16,
-                                      seqlen=256, out=str(tmp_path / "q"), progress=False, device="cpu"))
+    settings = dict(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16, seqlen=256,
+                    progress=False, device="cpu")
+    result = quantize(QuantizeRequest(out=str(tmp_path / "q"), **settings))
+    # Streamed block by block (the default), the checkpoint is the one the in-memory path writes.
+    in_memory = quantize(QuantizeRequest(out=str(tmp_path / "m"), in_memory=True, **settings))
+    assert result.manifest["streaming"] and not in_memory.manifest["streaming"]
+    assert_same_checkpoint(result.folder, in_memory.folder)
     qmodel, _ = load_quantized(result.folder)
     q_proj = qmodel.model.layers[0].self_attn.q_proj
     assert q_proj.in_features == 576 and q_proj.scales.shape[0] == 5  # 4 full groups of 128 + one of 64
