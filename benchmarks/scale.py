@@ -60,9 +60,8 @@ SHAPES = {
 _MEASURED = """
 import atexit, runpy, sys
 def _peak():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            print('VMHWM_BYTES', int(line.split()[1]) * 1024, file=sys.stderr, flush=True)
+    from compress.runtime import peak_rss_bytes
+    print('VMHWM_BYTES', peak_rss_bytes(), file=sys.stderr, flush=True)
 atexit.register(_peak)
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
@@ -265,8 +264,8 @@ def target_lines(results: dict) -> list[str]:
         if not r or r.get("peak_rss_bytes") is None:
             lines.append(f"| {size} {step} | not run | {bound} | |")
             continue
-        peak = r["peak_rss_bytes"] / GIB
-        lines.append(f"| {size} {step} | {peak:.2f} | {bound} | {'yes' if peak <= bound else 'NO'} |")
+        met = r["peak_rss_bytes"] <= bound * GIB
+        lines.append(f"| {size} {step} | {_gib(r['peak_rss_bytes'])} | {bound} | {'yes' if met else 'NO'} |")
     return lines
 
 

@@ -4,6 +4,7 @@ import torch
 from compress.errors import UserError
 from compress.quant.gptq import GPTQConfig, gptq_quantize
 from compress.quant.rtn import RTNConfig, rtn_quantize
+from compress.runtime import current_rss_bytes, peak_rss_bytes
 
 
 def correlated_inputs(columns: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -101,11 +102,6 @@ def test_lazy_block_updates_change_speed_not_results(act_order):
     torch.testing.assert_close(one_block.scale, small_blocks.scale, rtol=1e-3, atol=0)
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_gptq_holds_few_hessian_sized_matrices():
     """The inverse-Hessian factor dominates GPTQ's memory on wide layers (485 MB per 11008-wide matrix in a
@@ -119,7 +115,7 @@ def test_gptq_holds_few_hessian_sized_matrices():
     w = torch.randn(128, n, generator=g)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    start = _status_bytes("VmRSS")
+    start = current_rss_bytes()
     gptq_quantize(w, h, GPTQConfig(bits=4, group_size=128, act_order=True))
-    held = (_status_bytes("VmHWM") - start) / (n * n * 4)
+    held = (peak_rss_bytes() - start) / (n * n * 4)  # VmHWM, which clear_refs reset
     assert held < 4.5, f"{held:.2f} Hessian-sized matrices at the peak"
