@@ -71,10 +71,23 @@ def peak_rss_bytes() -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _installed_version(distribution: str) -> str | None:
+    """A package's version from its metadata, without importing it (None where it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
+    """What a result's figures depend on besides the model: versions, threads, and the CPU's
+    kernel-picking instruction sets (compress.cpu_features)."""
     import transformers
 
     from compress import __version__
+    from compress.cpu_features import cpu_features
 
     info = {
         "compress": __version__,
@@ -85,6 +98,8 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "onnxruntime": _installed_version("onnxruntime"),
+        "cpu": cpu_features().to_dict(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)

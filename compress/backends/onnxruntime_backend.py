@@ -49,11 +49,16 @@ class OnnxRuntime(Backend):
         if manifest.get("accuracy_level") is not None:
             described += f" (accuracy_level {manifest['accuracy_level']}" + \
                 (": int8 activations per block)" if manifest["accuracy_level"] == 4 else ")")
+        int8 = manifest.get("int8") or {}
+        if weights == "int8":
+            described += f"; {int8.get('weights', 'int8')} per-channel weights x uint8 per-tensor activations"
         quantization = None if weights == "float" else {
             "bits": int(bits), "group_size": -1 if weights == "int8" else source_q.get("group_size"),
-            "sym": True if weights == "int8" else source_q.get("sym"),
+            # Files written before the uint8 (no-saturation) format held symmetric int8 weights.
+            "sym": int8.get("weights", "int8") == "int8" if weights == "int8" else source_q.get("sym"),
             "method": "onnxruntime dynamic INT8" if weights == "int8" else
             f"{(source_q.get('meta') or {}).get('method', 'gptq')} codes in MatMulNBits"}
         return LoadedModel(model, tokenizer, resolved, torch.float32, quantization,
                            f"onnxruntime {model.session.get_providers()[0]}: {described}; activations float32",
-                           bits, backend=self.name)
+                           bits, backend=self.name,
+                           threads={"onnxruntime_intra_op": model.threads, "onnxruntime_inter_op": 1})

@@ -35,6 +35,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     backend: str = "dense"
     """The backend that loaded it (compress.backends)."""
+    threads: dict[str, int] = field(default_factory=dict)
+    """Thread pools of a backend that runs its own (onnxruntime's intra/inter-op), beside torch's."""
 
 
 def resolve_dtype(name: str, device: torch.device, preferred: torch.dtype | None = None) -> torch.dtype:

@@ -2,8 +2,8 @@
 config.json, tokenizer, manifest), written atomically.
 
 Weights: ``float`` keeps the float MatMuls; ``int8`` is ONNX Runtime's dynamic quantization
-(weights int8 per channel, activations quantized per call: DynamicQuantizeLinear + MatMulInteger,
-embedding Gather included); ``packed`` (the default for our GPTQ/RTN checkpoints) puts the
+(weights 8-bit per channel, activations quantized per call: DynamicQuantizeLinear + MatMulInteger,
+embedding Gather included; see INT8_FORMAT for why the weights are uint8); ``packed`` (the default for our GPTQ/RTN checkpoints) puts the
 checkpoint's own 4- and 8-bit codes into MatMulNBits nodes and, for a tied 8-bit head, the
 embedding into a GatherBlockQuantized node: the same integers as the PyTorch checkpoint.
 """
@@ -171,12 +171,27 @@ def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Coun
     return counts
 
 
+# Dynamic INT8 quantizes activations to uint8 at run time (DynamicQuantizeLinear offers no other type).
+# With int8 weights, ONNX Runtime's u8 x s8 MatMulInteger runs on x86 CPUs without VNNI (AVX2, AVX-512
+# without VNNI: many AMD EPYC and older Intel parts) through vpmaddubsw, whose 16-bit sums of two
+# products saturate: 255 x 127 x 2 > 32767, so the same file gives far worse logits there than on a
+# VNNI machine (ONNX Runtime's quantization guide names the problem; a tiny Llama's max logit error was
+# 6x our tolerance). Its remedies: reduce_range (7-bit weights: half the weight resolution everywhere,
+# to protect some CPUs) or u8 x u8. Weights here are uint8, asymmetric per output channel: ONNX Runtime
+# then takes its u8 x u8 kernels, which widen to 16 bits before multiplying and never saturate, on every
+# instruction set (SSE, AVX2, AVX-512, VNNI, AMX, ARM NEON/dotprod). The integer sums are exact on every
+# CPU, so one file gives the same logits everywhere, with full 8-bit weights.
+INT8_FORMAT = {"activations": "uint8 per tensor, computed per call", "weights": "uint8",
+               "weight_grid": "asymmetric per output channel",
+               "why": "u8 x u8 integer matmuls do not saturate on CPUs without VNNI (u8 x s8 does)"}
+
+
 def _int8_dynamic(folder: Path) -> Counter:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     staged = folder / "int8"
     staged.mkdir()
-    quantize_dynamic(folder / MODEL_FILE, staged / MODEL_FILE, per_channel=True, weight_type=QuantType.QInt8,
+    quantize_dynamic(folder / MODEL_FILE, staged / MODEL_FILE, per_channel=True, weight_type=QuantType.QUInt8,
                      op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=True,
                      extra_options={"MatMulConstBOnly": True})
     for name in (MODEL_FILE, DATA_FILE):
@@ -256,6 +271,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
         manifest = {"tool": "compress-workbench", "version": __version__, "kind": "onnx", "weights": weights,
                     "nodes": dict(nodes), "opset": 18,
                     "accuracy_level": request.accuracy_level if weights == "packed" else None,
+                    "int8": INT8_FORMAT if weights == "int8" else None,
                     "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
                     "source": {"reference": request.model, "path": str(resolved.path),
                                "sha256_safetensors": source_hash(resolved.path),

@@ -111,12 +111,47 @@ def protocol_lines(rows: list[Row]) -> list[str]:
     lines.append(f"Machine: {env['device_name']}, {env['threads']} threads (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}),"
                  f" torch {env['torch']}, transformers {env['transformers']}, compress-workbench {env['compress']}, "
                  f"Python {env['python']}.")
+    cpu = _cpu_line(env)
+    if cpu:
+        lines.append(cpu)
     return lines
 
 
+def _cpu_line(env: dict) -> str | None:
+    cpu = env.get("cpu")
+    if not cpu:
+        return None
+    features = ", ".join(cpu["features"]) or "none reported"
+    return (f"CPU instruction sets: {cpu['isa']} ({cpu['arch']}; {features}; from {cpu['source']}); torch's kernels "
+            f"dispatched for {cpu.get('torch_capability') or '?'}; onnxruntime {env.get('onnxruntime') or 'not installed'}.")
+
+
+def isa_warnings(rows: list[Row]) -> list[str]:
+    """A warning when CPU rows compared side by side ran on different instruction sets (or some did
+    not record theirs): integer kernels take other paths on each, in speed and sometimes in accuracy."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r.result["protocol"].get("device", "cpu").startswith("cuda"):
+            continue
+        groups.setdefault(r.isa or "not recorded", []).append(r.name)
+    if len(groups) <= 1:
+        return []
+    listed = "; ".join(f"{isa}: {', '.join(names)}" for isa, names in groups.items())
+    return [f"These rows ran on CPUs with different instruction sets ({listed}). Integer kernels take other paths "
+            "on each (ONNX Runtime's u8 x s8 MatMulInteger saturates without VNNI; torch and oneDNN pick AVX-512, "
+            "AVX2, AMX or NEON kernels), so speed, and for some kernels accuracy, is only comparable between rows "
+            "of the same set."]
+
+
 def kernels(rows: list[Row]) -> list[str]:
-    return [f"{r.name}: {r.kernel}" + (f" ({'; '.join(r.result['model'].get('notes') or [])})"
-                                       if r.result["model"].get("notes") else "") for r in rows]
+    lines = []
+    for r in rows:
+        threads = (r.result.get("environment") or {}).get("backend_threads") or {}
+        pools = " [" + ", ".join(f"{pool.replace('_', ' ')} threads {n}" for pool, n in threads.items()) + "]" \
+            if threads else ""
+        notes = r.result["model"].get("notes")
+        lines.append(f"{r.name}: {r.kernel}{pools}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return lines
 
 
 def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: list[str], notes: list[str]) -> str:
@@ -127,6 +162,9 @@ def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: li
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in body]
     out += ["", "★ = on the Pareto frontier of size and perplexity; ratios are to the base row.", ""]
+    warnings = isa_warnings(rows)
+    if warnings:
+        out += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     for name, caption in PLOT_TITLES.items():
         if name in plots:
             out += [f"![{caption}](plots/{name})", ""]
@@ -155,6 +193,9 @@ def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: l
         cls = " ".join(c for c, on in (("base", row.is_base), ("front", "★" in cells[0])) if on)
         parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table><p>★ = on the Pareto frontier of size and perplexity; ratios are to the base row.</p>")
+    warnings = isa_warnings(rows)
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
     for name, caption in PLOT_TITLES.items():
         if name in plots:
             data = base64.b64encode(plots[name]).decode()

@@ -36,6 +36,9 @@ class Row:
     classify_batch: int | None
     achieved_gbps: float | None
     bandwidth_gbps: float | None
+    isa: str | None = None
+    """The CPU instruction sets that picked the kernels (compress.cpu_features); None in results made
+    before they were recorded, or on CUDA."""
     is_base: bool = False
     ratios: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict, repr=False)
@@ -77,7 +80,15 @@ def _row(result: dict) -> Row:
         decode_batch_tps=larger["tokens_per_s"] if larger else None, decode_batch=larger["batch"] if larger else None,
         classify_eps=speed["classify"]["examples_per_s"] if speed.get("classify") else None,
         classify_batch=speed["classify"]["batch"] if speed.get("classify") else None,
-        achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"), result=result)
+        achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"),
+        isa=_isa(result), result=result)
+
+
+def _isa(result: dict) -> str | None:
+    """The instruction-set label of the CPU a result ran on; a CUDA result's kernels do not depend on it."""
+    if result["protocol"].get("device", "cpu").startswith("cuda"):
+        return None
+    return ((result.get("environment") or {}).get("cpu") or {}).get("isa")
 
 
 def _base_index(results: list[dict]) -> int:

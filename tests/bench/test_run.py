@@ -39,6 +39,11 @@ def test_bench_against_itself_and_the_record(eval_file, tmp_path, monkeypatch):
                                                    * speed["decode"][0]["tokens_per_s"] / 1e9)
     assert speed["memory_bandwidth_gbps"] > 0
     assert result["environment"]["threads"] == torch.get_num_threads()
+    from compress.cpu_features import cpu_features
+
+    # What picked the kernels: the CPU's instruction sets and the versions of the libraries that dispatch on them.
+    assert result["environment"]["cpu"] == cpu_features().to_dict() and result["environment"]["cpu"]["isa"]
+    assert "onnxruntime" in result["environment"] and result["environment"]["backend_threads"] == {}
     # The base reference is cached: a second run reads it instead of recomputing.
     again = bench(quick(eval_file, base="tiny-llama", speed=False))
     assert again["base"]["cached"] is True

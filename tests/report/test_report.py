@@ -77,3 +77,25 @@ def test_a_classifier_report_shows_task_figures_and_no_empty_columns(tmp_path):
     assert "perplexity" not in header and "decode" not in header and "KL" not in header
     assert "@32" in md  # 40 examples in batches of 32
     assert "Task accuracy and speed" in md and "greedy decode" not in md
+
+
+def test_rows_from_different_instruction_sets_are_flagged(two_results, tmp_path):
+    folder, a, b = two_results
+    assert a["environment"]["cpu"]["isa"] == b["environment"]["cpu"]["isa"]
+    md = (build_report([folder], tmp_path / "same") / "README.md").read_text()
+    assert "## Warnings" not in md
+    assert f"CPU instruction sets: {a['environment']['cpu']['isa']}" in md  # the protocol names the set
+    other = copy.deepcopy(b)
+    mine = a["environment"]["cpu"]["isa"]
+    theirs = "x86-64 AVX2" if mine != "x86-64 AVX2" else "x86-64 AVX-512 VNNI"
+    other["environment"]["cpu"] |= {"isa": theirs}
+    write_result(other, tmp_path / "mixed" / "bf16.json")
+    write_result(a, tmp_path / "mixed" / "fp32.json")
+    out = build_report([tmp_path / "mixed"], tmp_path / "rep")
+    md, page = (out / "README.md").read_text(), (out / "report.html").read_text()
+    warning = f"different instruction sets ({theirs}: bf16; {mine}: fp32)"
+    assert "## Warnings" in md and warning in md and warning in page
+    del other["environment"]["cpu"]  # a result from before the set was recorded
+    write_result(other, tmp_path / "mixed" / "bf16.json")
+    md = (build_report([tmp_path / "mixed"], tmp_path / "rep2") / "README.md").read_text()
+    assert "not recorded: bf16" in md
