@@ -15,13 +15,14 @@ from pathlib import Path
 from compress import __version__
 from compress.checkpoint import gptq_quantization_config
 from compress.models import weight_bytes_on_disk
+from compress.shards import weight_files
 from compress.prune.run import PruneRequest, PruneResult, prune
 from compress.quant.apply import LayerRecord, QuantizeStats, quantize_model
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import head_and_embedding, head_file_tensors, head_record, pack_head, quantize_head
 from compress.registry import get_method
 from compress.errors import UserError
-from compress.run_settings import Loaded, RunOutput, RunSettings, load_for_run
+from compress.run_settings import Loaded, RunOutput, RunSettings, load_for_run, run_streaming
 from compress.runtime import environment, peak_rss_bytes
 from compress.writer import CheckpointWriter
 
@@ -76,7 +77,7 @@ class QuantizeResult:
 
 def source_hash(folder: Path) -> str:
     digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in weight_files(folder):
         with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -109,9 +110,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     started = time.perf_counter()
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
     run = load_for_run(request, tag, method.needs_calibration)
-    output = RunOutput(request, run, packed=True)
-    resumed_at = output.partial.next_block
-    try:
+
+    def work(output: RunOutput) -> tuple[dict, dict]:
         quant_started = time.perf_counter()
         saved = output.partial.saved
         head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg)
@@ -135,8 +135,6 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "layers": [dataclasses.asdict(layer) for layer in stats.layers],
             "lm_head": head,
             "device": str(run.device),
-            "streaming": run.source.streaming,
-            "resumed_at_block": resumed_at or None,
             "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
             "blocks": state.blocks,
             "experts": output.experts_record(state, "RTN"),
@@ -146,10 +144,9 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         }
         qcfg = gptq_quantization_config(cfg, method.name, __version__, stats.block_prefix,
                                         [layer.shape[1] for layer in stats.layers], head)
-        folder = output.finish(qcfg, manifest)
-    except BaseException:
-        output.abandon()
-        raise
+        return qcfg, manifest
+
+    folder, manifest = run_streaming(request, run, True, work)
     return QuantizeResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
                           time.perf_counter() - started, peak_rss_bytes(), manifest,
                           None if run.source.streaming else run.model)

@@ -272,7 +272,7 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
         raise UserError(f"no linear layer in the model's blocks matches --include {selection.include} / "
                         f"--exclude {selection.exclude}: widen the patterns")
     inputs = None
-    if windows is not None:
+    if windows is not None and state.start < len(blocks):  # a resumed run with every block done captures nothing
         with source.front(device) as front_device:
             inputs = capture_block_inputs(source.model, blocks, windows, front_device)
         inputs = BlockInputs(inputs.hidden, inputs.hidden_as_kwarg, move(inputs.args, device),

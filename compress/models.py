@@ -27,6 +27,7 @@ import torch
 from compress.errors import UserError
 from compress.hub import hub_reachable
 from compress.fsutil import atomic_folder
+from compress.shards import weight_files
 from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
 
 
@@ -90,6 +91,39 @@ def cache_dir() -> Path:
 ONNX_MODEL_FILE = "model.onnx"
 
 
+# Tensors that exist only beside quantized weights: GPTQ/AWQ packs, FP8 block scales, bitsandbytes
+# statistics, compressed-tensors scales.
+QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".qzeros", ".weight_scale_inv", ".weight_scale", ".SCB", ".absmax",
+                             ".quant_map", ".weight_packed", ".weight_zero_point")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def quantized_source(config: dict, tensors: dict[str, str]) -> str | None:
+    """What an already-quantized checkpoint is, from its config.json and its tensors' names -> dtypes
+    (None for a plain float model). Its weights read as floats would be silent garbage: FP8 values cast
+    without their scales, packed integers taken for weights."""
+    qcfg = config.get("quantization_config") or config.get("compression_config")
+    if isinstance(qcfg, dict):
+        method = qcfg.get("quant_method") or qcfg.get("format") or "an unknown method"
+        bits = qcfg.get("bits") or qcfg.get("w_bit") or (4 if qcfg.get("load_in_4bit") else
+                                                         8 if qcfg.get("load_in_8bit") else None)
+        return f"quantization_config says {method}" + (f", {bits}-bit" if bits else "")
+    marked = next((n for n in tensors if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
+    if marked is not None:
+        return f"it stores quantization tensors such as {marked}"
+    fp8 = next((n for n, dtype in tensors.items() if dtype in FP8_DTYPES), None)
+    if fp8 is not None:
+        return f"{fp8} is stored in {tensors[fp8]}"
+    return None
+
+
+def refuse_quantized_source(reference: str, path: Path, tensors: dict[str, str]) -> None:
+    what = quantized_source(json.loads((path / "config.json").read_text()), tensors)
+    if what:
+        raise UserError(f"{reference} is already quantized ({what}): quantize or prune its float original "
+                        "(bf16/fp16/fp32 weights) instead")
+
+
 def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
     """Refuse folders that are not a loadable, safe, intact checkpoint, with the fix in the message."""
     from safetensors import safe_open
@@ -107,7 +141,7 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
                         "review that code, then pass --trust-remote-code to allow it")
     if (path / ONNX_MODEL_FILE).is_file():  # an exported ONNX model: its weights are the graph's initializers
         return
-    weights = sorted(path.glob("*.safetensors"))
+    weights = weight_files(path)
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (f"it has only pickle weights ({', '.join(pickled)}), which are not loaded for safety: convert them "
@@ -205,7 +239,7 @@ def _package_folder(requirement: str) -> Path:
 
 def _build_atomically(folder: Path, build: Callable[[Path], object]) -> None:
     # force=True: another process may have finished the same cache entry first; both are equal.
-    with atomic_folder(folder, force=True) as tmp:
+    with atomic_folder(folder, force=True, lock=False) as tmp:
         build(tmp)
 
 
@@ -301,5 +335,5 @@ def quiet_transformers():
 
 def weight_bytes_on_disk(path: Path) -> int:
     """Bytes of the weight files: safetensors, or an ONNX graph with its external data."""
-    files = list(path.glob("*.safetensors")) or list(path.glob("*.onnx")) + list(path.glob("*.onnx.data"))
+    files = weight_files(path) or list(path.glob("*.onnx")) + list(path.glob("*.onnx.data"))
     return sum(p.stat().st_size for p in files)

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,10 +22,11 @@ from compress.calibrate import DEFAULT_ACTIVATION_BUDGET, LayerwiseState
 from compress.checkpoint import MANIFEST_NAME
 from compress.data import WindowRecord, calibration_windows, load_calibration_text, tokenize
 from compress.errors import UserError
-from compress.fsutil import refuse_existing
+from compress.fsutil import refuse_existing, refuse_source_overlap
 from compress.lazy import LazyModel
-from compress.models import ResolvedModel, resolve
-from compress.output import PartialOutput, fingerprint, source_identity
+from compress.models import ResolvedModel, refuse_quantized_source, resolve
+from compress.shards import ShardReader
+from compress.output import ModelOutput, fingerprint, source_identity
 from compress.runtime import resolve_device
 from compress.select import ModuleSelection
 from compress.writer import CheckpointWriter
@@ -103,9 +105,19 @@ class Loaded:
         return self.lazy.model
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU, float16 on CUDA: the dtype blocks are observed and changed in."""
-    return torch.float32 if device.type == "cpu" else torch.float16
+def compute_dtype(device: torch.device, reader: ShardReader | None = None) -> torch.dtype:
+    """The dtype blocks are observed and changed in: float32 on CPU; on CUDA the source's own half
+    precision (bfloat16 for a bfloat16 source, whose range float16 would overflow), else float16."""
+    if device.type == "cpu":
+        return torch.float32
+    if reader is not None:
+        sizes: dict[torch.dtype, int] = {}
+        for entry in reader.entries.values():
+            if entry.dtype is not None and entry.dtype.is_floating_point:
+                sizes[entry.dtype] = sizes.get(entry.dtype, 0) + entry.nbytes
+        if sizes and max(sizes, key=sizes.get) == torch.bfloat16:
+            return torch.bfloat16
+    return torch.float16
 
 
 def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, streaming: bool = True) -> Loaded:
@@ -125,8 +137,12 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
         raise UserError("--resume continues a streaming run: leave out --in-memory")
     started = time.perf_counter()
     resolved = resolve(settings.model, settings.trust_remote_code)
+    refuse_source_overlap(out, resolved.path)
     text, text_record = load_calibration_text(settings.calib) if needs_data else (None, None)
-    lazy = LazyModel(resolved.path, compute_dtype(device), settings.trust_remote_code)
+    reader = ShardReader(resolved.path)
+    refuse_quantized_source(settings.model, resolved.path,
+                            {name: entry.dtype_name for name, entry in reader.entries.items()})
+    lazy = LazyModel(resolved.path, compute_dtype(device, reader), settings.trust_remote_code, reader=reader)
     if check is not None:
         check(lazy.model)
     if not streaming:
@@ -146,27 +162,39 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
 
 
 class RunOutput:
-    """The output of a layer-by-layer run while it is written: the resumable partial folder, the weight
-    writer, and the driver state that continues an interrupted run."""
+    """The output of a layer-by-layer run while it is written: the resumable folder (compress.output),
+    the weight writer, and the driver state that continues an interrupted run."""
 
     def __init__(self, settings: RunSettings, run: Loaded, packed: bool, extra_fingerprint: dict | None = None) -> None:
         self.settings, self.run = settings, run
+        calibration = run.calibration.text if run.calibration else None
         identity = {"settings": settings.result_settings(), "source": source_identity(run.resolved.path),
-                    "device": run.device.type, **(extra_fingerprint or {})}
-        self.partial = PartialOutput(run.out, fingerprint(identity), settings.resume, settings.force,
-                                     settings.max_shard_bytes, settings.checkpoint_every, settings.say)
-        if settings.resume and self.partial.next_block:
-            settings.say(f"resuming at block {self.partial.next_block} of {len(run.source.blocks)} "
+                    "device": run.device.type,
+                    # The text itself, not its name: an edited file, or a hub that became reachable, is
+                    # another calibration set, and mixing two in one output would go unnoticed.
+                    "calibration": [calibration.origin, calibration.sha256] if calibration else None,
+                    **(extra_fingerprint or {})}
+        self.partial = ModelOutput(run.out, fingerprint(identity), resume=settings.resume, force=settings.force,
+                                   max_shard_bytes=settings.max_shard_bytes,
+                                   checkpoint_every_s=settings.checkpoint_every, source=run.resolved.path,
+                                   say=settings.say)
+        self.resumed_at = self.partial.next_block
+        if settings.resume and self.partial.finishing:
+            settings.say(f"every block of {run.out} is written: finishing it from {self.partial.folder}")
+        elif settings.resume and self.resumed_at:
+            settings.say(f"resuming at block {self.resumed_at} of {len(run.source.blocks)} "
                          f"from {self.partial.folder}")
         self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix, packed)
+        self._extra: Callable[[], dict] = dict
 
     @property
     def resumed(self) -> bool:
-        return self.partial.next_block > 0
+        return self.resumed_at > 0
 
-    def driver_state(self, extra: "callable") -> LayerwiseState:
+    def driver_state(self, extra: Callable[[], dict]) -> LayerwiseState:
         """The driver's start and checkpoint hook; ``extra()`` gives what to record beside the weights."""
         total = len(self.run.source.blocks)
+        self._extra = extra
         return LayerwiseState(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
             spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
@@ -192,10 +220,11 @@ class RunOutput:
         return record
 
     def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
-        """Close the weights, write config, tokenizer and manifest, and rename the folder into place."""
-        folder = self.partial.folder
-        self.partial.seal()
-        self.partial.shards.finish()
+        """Close the weights, write config, tokenizer and manifest, and exchange the folder into place."""
+        return self.partial.finish(len(self.run.source.blocks), self._extra(),
+                                   lambda folder: self._write_metadata(folder, quantization_config, manifest))
+
+    def _write_metadata(self, folder: Path, quantization_config: dict | None, manifest: dict) -> None:
         lazy = self.run.lazy
         config = copy.deepcopy(lazy.model.config)
         source_config = json.loads((lazy.path / "config.json").read_text())
@@ -210,7 +239,23 @@ class RunOutput:
         if self.run.tokenizer is not None:
             self.run.tokenizer.save_pretrained(folder)
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        return self.partial.complete(self.settings.force)
 
     def abandon(self) -> None:
         self.partial.abandon()
+
+
+def run_streaming(settings: RunSettings, run: Loaded, packed: bool,
+                  work: Callable[[RunOutput], tuple[dict | None, dict]]) -> tuple[Path, dict]:
+    """The one skeleton of every block-by-block command (quantize, prune): begin the output, let
+    ``work(output)`` drive the blocks and return (quantization_config or None, manifest), finish the
+    output; on any error or interruption abandon it, which keeps every resumable byte. Returns the
+    finished folder and the manifest written into it."""
+    output = RunOutput(settings, run, packed)
+    try:
+        quantization_config, manifest = work(output)
+        manifest["streaming"] = run.source.streaming
+        manifest["resumed_at_block"] = output.resumed_at or None
+        return output.finish(quantization_config, manifest), manifest
+    except BaseException:
+        output.abandon()
+        raise

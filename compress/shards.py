@@ -43,11 +43,13 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path
-    dtype: torch.dtype
+    dtype: torch.dtype | None
+    """None for a dtype this tool does not read (U32, F8_E8M0...): an error only if the tensor is read."""
     shape: tuple[int, ...]
     start: int
     """Absolute byte offset of the tensor's data in ``file``."""
     nbytes: int
+    dtype_name: str = ""
 
 
 def read_header(file: Path) -> tuple[dict, int]:
@@ -66,31 +68,56 @@ def read_header(file: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's safetensors files: the ones its index names when it has one (the index is the
+    truth: a ``consolidated.safetensors`` beside it, as Mistral repositories ship, is another copy of
+    the same weights), else every ``*.safetensors``. A file the index names but the folder lacks is an
+    error."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"{index} is not a safetensors index (no weight_map): re-download or re-create it")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {missing[0]}, which {INDEX_NAME} names"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: download the missing shards")
+    return [folder / n for n in names]
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class ShardReader:
     """Every tensor of a folder's safetensors files, by name, read on demand."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.entries: dict[str, TensorEntry] = {}
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            files = sorted({self.folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-        else:
-            files = sorted(self.folder.glob("*.safetensors"))
-        for file in files:
+        for file in weight_files(self.folder):
             header, data_start = read_header(file)
             size = file.stat().st_size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                if name in self.entries:
+                    raise UserError(f"tensor {name} is in both {self.entries[name].file.name} and {file.name}: keep one "
+                                    f"copy of the weights in {self.folder} (or add the {INDEX_NAME} that names which)")
                 begin, end = info["data_offsets"]
-                if info["dtype"] not in DTYPES:
-                    raise UserError(f"{file}: tensor {name} has dtype {info['dtype']}, which this tool does not read")
+                dtype = DTYPES.get(info["dtype"])
+                shape = tuple(info["shape"])
+                if dtype is not None and end - begin != torch.Size(shape).numel() * _element_size(dtype):
+                    raise UserError(f"{file}: tensor {name} has {end - begin} bytes, not the "
+                                    f"{torch.Size(shape).numel() * _element_size(dtype)} its shape {list(shape)} and "
+                                    f"dtype {info['dtype']} need: re-download or re-create it")
                 if data_start + end > size:
                     raise UserError(f"{file} is truncated ({name} ends past the end of the file): re-download or "
                                     "re-create it")
-                self.entries[name] = TensorEntry(file, DTYPES[info["dtype"]], tuple(info["shape"]),
-                                                 data_start + begin, end - begin)
+                self.entries[name] = TensorEntry(file, dtype, shape, data_start + begin, end - begin, info["dtype"])
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -110,6 +137,8 @@ class ShardReader:
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (its own dtype), in fresh CPU memory."""
         entry = self.entries[name]
+        if entry.dtype is None:
+            raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype_name}, which this tool does not read")
         buffer = bytearray(entry.nbytes)
         with open(entry.file, "rb", buffering=0) as f:
             view, done = memoryview(buffer), 0
@@ -185,8 +214,12 @@ class ShardWriter:
         for path in writer.folder.glob(".shard-*"):
             if path.name not in keep:
                 path.unlink()
-        for shard in writer.closed:
+        published = writer.published_names() if not writer.current else [None] * len(writer.closed)
+        for shard, final in zip(writer.closed, published):
             if not (writer.folder / shard["file"]).is_file():
+                if final and (writer.folder / final).is_file():  # a failed finish had already renamed it
+                    (writer.folder / final).rename(writer.folder / shard["file"])
+                    continue
                 raise UserError(f"the interrupted run in {folder} lacks {shard['file']}: start again without --resume")
         return writer
 
@@ -235,16 +268,29 @@ class ShardWriter:
         self.closed.append({"file": name, "names": [entry[0] for entry in self.current], "bytes": self.current_bytes})
         self.current, self.current_bytes = [], 0
 
-    def finish(self) -> list[Path]:
-        """Close the last shard and give every shard its standard name; writes the index when there are
-        several. Returns the weight files."""
+    def close(self) -> None:
+        """Close the last shard: every tensor is then in a finished shard, under its hidden name (the
+        state taken after this is what a failed ``finish`` resumes from)."""
         if self.current or not self.closed:
             self._close_shard()
+
+    def published_names(self) -> list[str]:
+        """The standard names the closed shards take."""
+        count = len(self.closed)
+        return [SINGLE_NAME] if count == 1 else [f"model-{k:05d}-of-{count:05d}.safetensors"
+                                                 for k in range(1, count + 1)]
+
+    def finish(self) -> list[Path]:
+        """Close the last shard and give every shard its standard name; writes the index when there are
+        several. Returns the weight files. Can be run again after it failed part way: a shard that
+        already has its standard name keeps it."""
+        self.close()
         count = len(self.closed)
         weight_map, files = {}, []
-        for number, shard in enumerate(self.closed, start=1):
-            final = SINGLE_NAME if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-            (self.folder / shard["file"]).rename(self.folder / final)
+        for shard, final in zip(self.closed, self.published_names()):
+            hidden = self.folder / shard["file"]
+            if hidden.exists() or not (self.folder / final).is_file():
+                hidden.rename(self.folder / final)
             files.append(self.folder / final)
             weight_map.update({name: final for name in shard["names"]})
         if count > 1:

@@ -21,7 +21,7 @@ from torch import nn
 from compress import __version__
 from compress.api import source_hash
 from compress.errors import UserError
-from compress.fsutil import atomic_folder, refuse_existing
+from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
 from compress.models import ResolvedModel, cache_dir, is_causal_lm, quiet_transformers, resolve
 from compress.runtime import environment, resolve_device
 from distill import checkpoint as ckpt
@@ -162,6 +162,7 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
                         "remove that folder to start over")
 
     teacher, tokenizer, kind, resolved = load_teacher(config, device)
+    refuse_source_overlap(out, resolved.path)
     teacher_layers = layer_count(teacher.config)
     source = student_source(config.student.from_model) if config.student.from_model else None
     if source is not None:
@@ -254,7 +255,7 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
             figures["retention"] = figures["student_after"] / figures["teacher"]
     manifest = _manifest(config, resolved, finetune_info, teacher, student, init, layer_map, kind, evaluator,
                          figures, history, device, time.perf_counter() - started)
-    with atomic_folder(out, force) as tmp, quiet_transformers():
+    with atomic_folder(out, force, source=resolved.path) as tmp, quiet_transformers():
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

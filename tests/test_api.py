@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compress.api import QuantizeRequest, quantize
+from compress.cli import main
 from compress.checkpoint import MANIFEST_NAME, load_quantized
 from compress.models import load_model, resolve
 from compress.quant.linear import QuantLinear
@@ -102,3 +103,63 @@ def test_failed_save_leaves_no_partial_folder(tmp_path, calib_file, monkeypatch)
     with pytest.raises(OSError):
         quantize(request("llama", "rtn", tmp_path / "q", calib_file))
     assert list(tmp_path.iterdir()) == []
+
+
+def _fp8_copy(folder, out, with_config: bool):
+    """tiny-llama with its block linears stored as FP8 with 128 x 128 block scales (DeepSeek/Qwen FP8 layout)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]:
+        weight = tensors[name]
+        tensors[name] = weight.to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = torch.ones(-(-weight.shape[0] // 128), -(-weight.shape[1] // 128))
+    save_file(tensors, str(out / "model.safetensors"))
+    if with_config:
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                         "activation_scheme": "dynamic"}
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp8 with config", "fp8 tensors only", "gptq"])
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_an_already_quantized_source_is_refused_in_one_line(kind, command, tmp_path, capsys):
+    from compress.models import resolve
+
+    tiny = resolve("tiny-llama").path
+    if kind == "gptq":
+        source = quantize(QuantizeRequest(model="tiny-llama", method="rtn", out=str(tmp_path / "src"), device="cpu",
+                                          progress=False)).folder
+        expected = "quantization_config says gptq, 4-bit"
+    else:
+        source = _fp8_copy(tiny, tmp_path / "src", kind == "fp8 with config")
+        expected = "quantization_config says fp8" if kind == "fp8 with config" else "it stores quantization tensors"
+    method = ["--method", "rtn"] if command == "quantize" else ["--method", "magnitude", "--sparsity", "0.5"]
+    code = main([command, str(source), *method, "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"is already quantized ({expected}" in err and "quantize or prune its float original" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_computes_a_bfloat16_source_in_bfloat16(tmp_path):
+    """float16 would overflow where bfloat16 weights and activations exceed 65504; CPU stays float32."""
+    from safetensors.torch import save_file
+
+    from compress.run_settings import compute_dtype
+    from compress.shards import ShardReader
+
+    for dtype, on_cuda in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                           (torch.float32, torch.float16)):
+        folder = tmp_path / str(dtype)
+        folder.mkdir()
+        save_file({"w": torch.zeros(64, 64, dtype=dtype), "ids": torch.zeros(8, dtype=torch.int64)},
+                  str(folder / "model.safetensors"))
+        reader = ShardReader(folder)
+        assert compute_dtype(torch.device("cuda"), reader) == on_cuda
+        assert compute_dtype(torch.device("cpu"), reader) == torch.float32

@@ -8,7 +8,7 @@ import torch
 
 from compress.api import QuantizeRequest, quantize
 from compress.blocks import Activations
-from compress.output import PartialOutput
+from compress.output import ModelOutput
 from tests.conftest import assert_same_checkpoint
 
 LAYERS, HIDDEN, MLP = 16, 512, 1536
@@ -45,13 +45,13 @@ def block_fp32_bytes() -> int:
 
 def test_streaming_memory_is_one_block_and_flat_in_depth(wide_llama, tmp_path, calib_file, monkeypatch):
     after_block: list[int] = []
-    real = PartialOutput.checkpoint
+    real = ModelOutput.checkpoint
 
     def checkpoint(self, next_block, *args, **kwargs):
         after_block.append(rss_bytes())
         real(self, next_block, *args, **kwargs)
 
-    monkeypatch.setattr(PartialOutput, "checkpoint", checkpoint)
+    monkeypatch.setattr(ModelOutput, "checkpoint", checkpoint)
     before = rss_bytes()
     quantize(QuantizeRequest(model=str(wide_llama), method="gptq", bits=4, group_size=128, calib=str(calib_file),
                              nsamples=4, seqlen=32, out=str(tmp_path / "q"), progress=False, device="cpu"))
@@ -65,8 +65,8 @@ def test_streaming_memory_is_one_block_and_flat_in_depth(wide_llama, tmp_path, c
 def test_the_in_memory_path_holds_the_model(wide_llama, tmp_path, calib_file, monkeypatch):
     """The yardstick the streaming test is measured against: loading everything first costs the model."""
     after_block: list[int] = []
-    real = PartialOutput.checkpoint
-    monkeypatch.setattr(PartialOutput, "checkpoint",
+    real = ModelOutput.checkpoint
+    monkeypatch.setattr(ModelOutput, "checkpoint",
                         lambda self, *a, **k: (after_block.append(rss_bytes()), real(self, *a, **k)))
     before = rss_bytes()
     result = quantize(QuantizeRequest(model=str(wide_llama), method="rtn", bits=4, group_size=128,

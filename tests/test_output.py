@@ -14,7 +14,7 @@ import torch
 from compress.api import QuantizeRequest, quantize
 from compress.cli import main
 from compress.errors import UserError
-from compress.output import PROGRESS_FILE, PartialOutput
+from compress.output import PROGRESS_FILE, ModelOutput
 from compress.prune.run import PruneRequest, prune
 from tests.conftest import assert_same_checkpoint
 
@@ -46,14 +46,14 @@ def settings(model, out, calib_file, **kw):
 
 def stop_after_block(monkeypatch, block: int):
     """Interrupt the run (Ctrl-C) right after block ``block`` was checkpointed."""
-    real = PartialOutput.checkpoint
+    real = ModelOutput.checkpoint
 
     def checkpoint(self, next_block, *args, **kwargs):
         real(self, next_block, *args, **kwargs)
         if next_block == block + 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(PartialOutput, "checkpoint", checkpoint)
+    monkeypatch.setattr(ModelOutput, "checkpoint", checkpoint)
 
 
 @pytest.mark.parametrize("budget", [2 << 30, 0])  # activations carried in memory / spilled to files
@@ -102,13 +102,13 @@ def test_a_killed_run_resumes_to_the_same_bytes(deep_llama, tmp_path, calib_file
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     script = (
         "import os, signal, sys\n"
-        "from compress.output import PartialOutput\n"
-        "real = PartialOutput.checkpoint\n"
+        "from compress.output import ModelOutput\n"
+        "real = ModelOutput.checkpoint\n"
         "def checkpoint(self, next_block, *a, **k):\n"
         "    real(self, next_block, *a, **k)\n"
         "    if next_block == 2:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "PartialOutput.checkpoint = checkpoint\n"
+        "ModelOutput.checkpoint = checkpoint\n"
         "from compress.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     killed = subprocess.run([sys.executable, "-c", script, *args, "--out", str(tmp_path / "cut")],
@@ -125,7 +125,7 @@ def test_resume_refuses_a_partial_run_with_other_settings(deep_llama, tmp_path, 
         with pytest.raises(KeyboardInterrupt):
             quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file)))
     assert f"1 block(s) are written and kept in {tmp_path / '.q.partial'}" in capsys.readouterr().err
-    with pytest.raises(UserError, match="other settings or another source model"):
+    with pytest.raises(UserError, match="other settings, another source model or other calibration text"):
         quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, bits=3, resume=True)))
     # --force starts again; --resume with nothing to resume starts at the first block.
     quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, bits=3, force=True)))
@@ -147,3 +147,111 @@ def test_a_run_interrupted_before_its_first_block_leaves_nothing(deep_llama, tmp
 def test_resume_is_for_streaming_runs(tmp_path, calib_file):
     with pytest.raises(UserError, match="--resume continues a streaming run"):
         quantize(QuantizeRequest(**settings("tiny-llama", tmp_path / "q", calib_file, in_memory=True, resume=True)))
+
+
+# --- the lifecycle's late steps, and what may never be written over ---------------------------------
+
+def test_a_failure_while_finishing_keeps_every_block_and_resume_finishes(deep_llama, tmp_path, calib_file,
+                                                                         monkeypatch, capsys):
+    """A full disk while the last shard closes, or Ctrl-C while the tokenizer is saved: every block is
+    already written, so nothing is redone; --resume finishes into the bytes of an uninterrupted run."""
+    import errno
+
+    from compress.shards import ShardWriter
+
+    common = dict(max_shard_bytes=60_000, lm_head_bits=8)
+    whole = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "whole", calib_file, **common)))
+    real_finish = ShardWriter.finish
+
+    def full_disk(self):
+        real_finish(self)  # the shards got their names; then the index write fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for failure, target in ((full_disk, "disk"), (KeyboardInterrupt, "ctrl-c")):
+        with monkeypatch.context() as patch:
+            if failure is KeyboardInterrupt:
+                patch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained",
+                              lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+            else:
+                patch.setattr(ShardWriter, "finish", failure)
+            with pytest.raises((OSError, KeyboardInterrupt)):
+                quantize(QuantizeRequest(**settings(deep_llama, tmp_path / target, calib_file, **common)))
+        partial = tmp_path / f".{target}.partial"
+        assert not (tmp_path / target).exists()
+        progress = json.loads((partial / PROGRESS_FILE).read_text())
+        assert progress["phase"] == "finishing" and progress["next_block"] == LAYERS
+        assert "all blocks are written and kept in" in capsys.readouterr().err
+        with monkeypatch.context() as patch:  # nothing may be calibrated again
+            from compress.quant import gptq
+
+            patch.setattr(gptq, "gptq_quantize", lambda *a, **k: pytest.fail("a finished block was redone"))
+            resumed = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / target, calib_file, resume=True,
+                                                          **common)))
+        assert_same_checkpoint(resumed.folder, whole.folder)
+        assert not partial.exists() and not (resumed.folder / PROGRESS_FILE).exists()
+
+
+def test_an_exchange_cut_between_its_renames_loses_nothing(tmp_path):
+    """Killed after the old output was moved aside: it is put back (or, with --resume of a finished
+    partial folder, replaced as asked); killed after the new one moved in: only the clean-up is done."""
+    final, old, partial = tmp_path / "q", tmp_path / ".q.old", tmp_path / ".q.partial"
+    old.mkdir()
+    (old / "weights").write_text("old")
+    output = ModelOutput(final, "f", resume=False, force=True, max_shard_bytes=1 << 20, say=lambda m: None)
+    assert (final / "weights").read_text() == "old" and not old.exists()  # put back before anything else
+    output.abandon()
+    assert not partial.exists()
+    # The new output in place with its record still inside: complete; the record and the old copy go.
+    old.mkdir()
+    (final / PROGRESS_FILE).write_text(json.dumps({"fingerprint": "f", "phase": "finishing"}))
+    with pytest.raises(UserError, match="already exists"):
+        ModelOutput(final, "f", resume=False, force=False, max_shard_bytes=1 << 20, say=lambda m: None)
+    assert not (final / PROGRESS_FILE).exists() and not old.exists() and (final / "weights").is_file()
+
+
+@pytest.mark.parametrize("where", ["source", "parent"])
+def test_out_may_not_be_or_hold_the_source_even_with_force(deep_llama, tmp_path, where, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    source = models / "llama"
+    shutil.copytree(deep_llama, source)
+    (models / "other").mkdir()
+    before = sorted(p.name for p in source.iterdir())
+    out = source if where == "source" else models
+    code = main(["quantize", str(source), "--method", "rtn", "--out", str(out), "--force", "--device", "cpu",
+                 "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "choose an output folder outside it" in err and err.count("\n") == 1
+    assert sorted(p.name for p in source.iterdir()) == before and (models / "other").is_dir()
+
+
+def test_a_second_run_on_a_busy_out_stops_with_one_line(deep_llama, tmp_path, capsys):
+    from compress.fsutil import OutputLock
+
+    lock = OutputLock(tmp_path / "q").acquire()  # another run holds the output
+    try:
+        code = main(["quantize", str(deep_llama), "--method", "rtn", "--out", str(tmp_path / "q"), "--device", "cpu",
+                     "--no-progress"])
+    finally:
+        lock.release()
+    assert code == 2
+    assert f"another run (process {os.getpid()}) is writing {tmp_path / 'q'}" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+    assert main(["quantize", str(deep_llama), "--method", "rtn", "--out", str(tmp_path / "q"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert not (tmp_path / ".q.lock").exists()
+
+
+def test_resume_refuses_an_edited_calibration_text(deep_llama, tmp_path, calib_file, monkeypatch):
+    text = tmp_path / "calib.txt"
+    text.write_text(calib_file.read_text())
+    with monkeypatch.context() as patch:
+        stop_after_block(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", text)))
+    text.write_text(calib_file.read_text().replace("the", "a"))
+    with pytest.raises(UserError, match="other calibration text"):
+        quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", text, resume=True)))
+    assert (tmp_path / ".q.partial" / PROGRESS_FILE).is_file()  # still there for the right text

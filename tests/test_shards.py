@@ -127,3 +127,59 @@ def test_reader_reads_what_safetensors_writes_and_refuses_truncation(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(UserError, match="corrupt or truncated"):
         ShardReader(tmp_path)
+
+
+def _write_raw(path, header: dict, data: bytes) -> None:
+    """A safetensors file written by hand, so that a header can say what a real writer never would."""
+    import struct
+
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_the_index_is_the_truth(tmp_path):
+    """Only the files the index names are read, counted and hashed; one it names but the folder lacks is
+    a one-line error."""
+    from compress.api import source_hash
+    from compress.models import weight_bytes_on_disk
+    from compress.shards import weight_files
+
+    tensors = sample_tensors()
+    writer = ShardWriter(tmp_path, max_shard_bytes=2000)
+    writer.add_all(tensors)
+    files = writer.finish()
+    save_file(tensors, str(tmp_path / "consolidated.safetensors"))  # Mistral repositories ship both
+    assert weight_files(tmp_path) == sorted(files)
+    assert weight_bytes_on_disk(tmp_path) == sum(f.stat().st_size for f in files)
+    hash_with_copy = source_hash(tmp_path)
+    (tmp_path / "consolidated.safetensors").unlink()
+    assert source_hash(tmp_path) == hash_with_copy
+    assert set(ShardReader(tmp_path).keys()) == set(tensors)
+    files[-1].unlink()
+    with pytest.raises(UserError, match=f"lacks {files[-1].name}, which {INDEX_NAME} names"):
+        ShardReader(tmp_path)
+
+
+def test_the_same_tensor_in_two_files_without_an_index_is_refused(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-1.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-2.safetensors"))
+    with pytest.raises(UserError, match="tensor a is in both model-1.safetensors and model-2.safetensors"):
+        ShardReader(tmp_path)
+
+
+def test_a_tensor_shorter_than_its_shape_is_refused(tmp_path):
+    _write_raw(tmp_path / "model.safetensors",
+               {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}, bytes(64))
+    with pytest.raises(UserError, match=r"tensor w has 60 bytes, not the 64 its shape \[4, 4\] and dtype F32 need"):
+        ShardReader(tmp_path)
+
+
+def test_an_unsupported_dtype_is_an_error_only_when_that_tensor_is_read(tmp_path):
+    _write_raw(tmp_path / "model.safetensors",
+               {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "ids": {"dtype": "U32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16))
+    reader = ShardReader(tmp_path)
+    assert torch.equal(reader.read("w"), torch.zeros(2))
+    with pytest.raises(UserError, match="tensor ids has dtype U32, which this tool does not read"):
+        reader.read("ids")

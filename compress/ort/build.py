@@ -214,7 +214,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     from compress import __version__
     from compress.api import source_hash
     from compress.checkpoint import MANIFEST_NAME, load_quantized
-    from compress.fsutil import atomic_folder, refuse_existing
+    from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
     from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk
 
     if request.accuracy_level not in ACCURACY_LEVELS:
@@ -236,6 +236,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
         raise UserError("--weights int8 quantizes a float model; this checkpoint is already quantized: use "
                         "--weights packed (its own codes) or export the float model")
     out = request.output_folder(weights)
+    refuse_source_overlap(out, resolved.path)
     refuse_existing(out, request.force)
     started = time.perf_counter()
     if qcfg is not None:
@@ -251,7 +252,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     if not is_causal_lm(model.config):
         raise UserError(f"{request.model} is not a causal language model: export-onnx writes decoders with a KV cache")
     model.eval()
-    with atomic_folder(out, force=request.force) as tmp:
+    with atomic_folder(out, force=request.force, source=resolved.path) as tmp:
         layers, kv_heads, head_dim = export_decoder(model, tmp)
         if weights == "int8":
             nodes = _int8_dynamic(tmp)

@@ -24,7 +24,7 @@ from compress.models import weight_bytes_on_disk
 from compress.quant.config import WeightQuantConfig
 from compress.registry import get_prune_method
 from compress.prune.apply import PrunedLayer, PruneStats, prune_layerwise
-from compress.run_settings import RunOutput, RunSettings, load_for_run
+from compress.run_settings import RunOutput, RunSettings, load_for_run, run_streaming
 from compress.runtime import environment, peak_rss_bytes
 from compress.select import ModuleSelection, block_linears, find_blocks
 
@@ -112,9 +112,8 @@ def prune(request: PruneRequest) -> PruneResult:
                        streaming=not method.changes_shape)
     if method.changes_shape:
         return _prune_whole_model(request, method, cfg, quant, run, started)
-    output = RunOutput(request, run, packed=quant is not None)
-    resumed_at = output.partial.next_block
-    try:
+
+    def work(output: RunOutput) -> tuple[dict | None, dict]:
         prune_started = time.perf_counter()
         if not output.resumed:
             output.writer.copy_outside_blocks()
@@ -123,17 +122,14 @@ def prune(request: PruneRequest) -> PruneResult:
         prune_layerwise(run.source, method, cfg, run.windows, run.device, request.selection, quant, request.progress,
                         emit=output.writer.write_module, state=state, stats=stats)
         manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started)
-        manifest["streaming"] = run.source.streaming
-        manifest["resumed_at_block"] = resumed_at or None
         manifest["blocks"] = state.blocks
         manifest["experts"] = output.experts_record(state, "magnitude pruning" + (" + RTN" if quant else ""))
         qcfg = None if quant is None else gptq_quantization_config(
             quant, f"{method.name}+gptq", __version__, stats.block_prefix,
             [layer["shape"][1] for layer in manifest["layers"]])
-        folder = output.finish(qcfg, manifest)
-    except BaseException:
-        output.abandon()
-        raise
+        return qcfg, manifest
+
+    folder, manifest = run_streaming(request, run, quant is not None, work)
     return PruneResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
                        time.perf_counter() - started, manifest, None if run.source.streaming else run.model)
 
@@ -144,7 +140,8 @@ def _prune_whole_model(request: PruneRequest, method, cfg, quant, run, started: 
     model, stats = method.apply(run.model, cfg, run.windows, run.device, request.selection, quant, request.progress)
     model = model.to("cpu")
     manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started, model)
-    save_dense(model.to(saved_dtype(run.resolved.path)), run.tokenizer, run.out, manifest, request.force)
+    save_dense(model.to(saved_dtype(run.resolved.path)), run.tokenizer, run.out, manifest, request.force,
+               source=run.resolved.path)
     return PruneResult(run.out, manifest["source"]["bytes"], weight_bytes_on_disk(run.out),
                        time.perf_counter() - started, manifest, model)
 
@@ -179,9 +176,9 @@ def _manifest(request: PruneRequest, method, cfg, quant, run, stats: PruneStats,
     }
 
 
-def save_dense(model, tokenizer, folder: Path, manifest: dict, force: bool = False) -> Path:
+def save_dense(model, tokenizer, folder: Path, manifest: dict, force: bool = False, source: Path | None = None) -> Path:
     """Write an ordinary Hugging Face folder (safetensors) plus the manifest, atomically."""
-    with atomic_folder(folder, force=force) as tmp:
+    with atomic_folder(folder, force=force, source=source) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -76,7 +76,7 @@ class BitsAndBytesMethod(QuantMethod):
         from compress import __version__
         from compress.api import QuantizeResult, source_hash
         from compress.checkpoint import MANIFEST_NAME
-        from compress.fsutil import atomic_folder, refuse_existing
+        from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
         from compress.models import check_checkpoint, is_causal_lm, quiet_transformers, resolve, weight_bytes_on_disk
         from compress.runtime import environment, peak_rss_bytes, resolve_device
 
@@ -85,7 +85,13 @@ class BitsAndBytesMethod(QuantMethod):
         refuse_existing(out, request.force)
         started = time.perf_counter()
         resolved = resolve(request.model, request.trust_remote_code)
+        refuse_source_overlap(out, resolved.path)
         check_checkpoint(resolved.path, request.trust_remote_code)
+        from compress.models import refuse_quantized_source
+        from compress.shards import ShardReader
+
+        refuse_quantized_source(request.model, resolved.path,
+                                {n: e.dtype_name for n, e in ShardReader(resolved.path).entries.items()})
         from transformers import AutoConfig
 
         if not is_causal_lm(AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)):
@@ -108,7 +114,7 @@ class BitsAndBytesMethod(QuantMethod):
         }
         import json
 
-        with atomic_folder(out, force=request.force) as tmp:
+        with atomic_folder(out, force=request.force, source=resolved.path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
