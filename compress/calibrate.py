@@ -37,33 +37,59 @@ class _StopForward(Exception):
     """Raised from a hook once everything needed from a forward pass has been seen."""
 
 
-def move(obj: Any, device: torch.device | str) -> Any:
+def move(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """``obj`` with its tensors on ``device``; a tensor reached twice (the mask every block of a layer
+    type shares) is moved once and stays shared."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # keep obj alive: its id must not be reused meanwhile
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(move(o, device) for o in obj)
+        return tuple(move(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [move(o, device) for o in obj]
+        return [move(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: move(v, device) for k, v in obj.items()}
+        return {k: move(v, device, memo) for k, v in obj.items()}
     return obj
 
 
 @dataclass
 class BlockInputs:
-    """What the first block received for each calibration window, hidden states apart from the rest."""
+    """What the blocks receive for each calibration window: the hidden states entering the current
+    block, and everything else each block is called with (masks, rotary embeddings, per-layer keyword
+    inputs), which differs by block where layer types differ (Gemma 2/3 sliding and global layers, a
+    sliding window shorter than the sequence)."""
 
     hidden: "list[torch.Tensor] | Activations" = field(default_factory=list)
     hidden_as_kwarg: bool = False
     args: list[tuple] = field(default_factory=list)
+    """Per window: the current block's positional inputs after the hidden states."""
     kwargs: list[dict] = field(default_factory=list)
+    """Per window: the current block's keyword inputs."""
+    per_block: list[list[tuple[tuple, dict]]] | None = None
+    """[block][window] -> (args, kwargs) as the model's own forward gives them; None when only the first
+    block was captured."""
 
-    def call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def use_block(self, index: int) -> None:
+        """Make ``call`` give block ``index`` its own inputs."""
+        if self.per_block is not None:
+            self.args = [a for a, _ in self.per_block[index]]
+            self.kwargs = [k for _, k in self.per_block[index]]
+
+    def moved(self, device: torch.device) -> "BlockInputs":
+        memo: dict = {}
+        return BlockInputs(self.hidden, self.hidden_as_kwarg, move(self.args, device, memo),
+                           move(self.kwargs, device, memo), move(self.per_block, device, memo))
+
+    def raw_call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None):
         h = self.hidden[i] if hidden is None else hidden
         if self.hidden_as_kwarg:
-            out = block(*self.args[i], hidden_states=h, **self.kwargs[i])
-        else:
-            out = block(h, *self.args[i], **self.kwargs[i])
+            return block(*self.args[i], hidden_states=h, **self.kwargs[i])
+        return block(h, *self.args[i], **self.kwargs[i])
+
+    def call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.raw_call(block, i, hidden)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -72,37 +98,126 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool, tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], False, tuple(args[1:]), kwargs
+    return kwargs.pop("hidden_states"), True, (), kwargs
+
+
+class _SharedTensors:
+    """One stored copy of equal tensors: every window of one length gets the same masks and rotary
+    embeddings, which need not be kept once per window."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            same = self.kept.setdefault((tuple(obj.shape), obj.dtype, obj.device), [])
+            for kept in same:
+                if kept is obj or torch.equal(kept, obj):
+                    return kept
+            same.append(obj)
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor],
-                         device: torch.device | None = None) -> BlockInputs:
-    """Run the model on each window only as far as the first block and keep what it was given
-    (``device``: where the modules before the first block are; default: where the first parameter is)."""
+                         device: torch.device | None = None,
+                         first_block_output: Callable[["BlockInputs"], Any] | None = None) -> BlockInputs:
+    """Run the model on each window as far as its blocks and keep what they are given (``device``: where
+    the modules before the first block are; default: where the first parameter is).
+
+    Without ``first_block_output``, only the first block's inputs are kept (the model stops there).
+    With it, every block's own inputs are kept: the blocks are stood in for by pass-throughs that record
+    their inputs and hand the hidden states on unchanged, so the model's own code gives each block its
+    mask, rotary embeddings and other per-layer inputs without any block's weights. A pass-through must
+    return what the block returns (a tensor, or a tuple for some families): ``first_block_output``
+    runs the real first block on window 0's captured inputs to show it."""
+    device = device or next(model.parameters()).device
+    extra = _forward_kwargs(model)
     captured = BlockInputs()
 
     def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            captured.hidden.append(args[0])
-            captured.args.append(tuple(args[1:]))
-        else:
-            captured.hidden_as_kwarg = True
-            captured.hidden.append(kwargs.pop("hidden_states"))
-            captured.args.append(())
-        captured.kwargs.append(kwargs)
+        hidden, as_kwarg, rest, named = _split_hidden(args, kwargs)
+        captured.hidden.append(hidden)
+        captured.hidden_as_kwarg = as_kwarg
+        captured.args.append(rest)
+        captured.kwargs.append(named)
         raise _StopForward
 
-    device = device or next(model.parameters()).device
-    extra = _forward_kwargs(model)
+    def run(window: torch.Tensor) -> None:
+        try:
+            model(window.unsqueeze(0).to(device), **extra)
+        except _StopForward:
+            pass
+
+    if first_block_output is None:
+        handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for window in windows:
+                run(window)
+        finally:
+            handle.remove()
+        return captured
+
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for window in windows:
-            try:
-                model(window.unsqueeze(0).to(device), **extra)
-            except _StopForward:
-                pass
+        run(windows[0])
     finally:
         handle.remove()
-    return captured
+    sample = first_block_output(captured)
+    shared = _SharedTensors()
+    per_block: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    hidden: list[torch.Tensor] = []
+    last = len(blocks) - 1
+
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            h, _, rest, named = _split_hidden(args, kwargs)
+            if index == 0:
+                hidden.append(h)
+            per_block[index].append(shared((rest, named)))
+            if index == last:
+                raise _StopForward
+            return (h, *sample[1:]) if isinstance(sample, tuple) else h
+        return forward
+
+    # The stand-ins run without the blocks' own hooks: what observes a block must see it run, not this.
+    hook_stores = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                   "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    saved_hooks = [{name: getattr(block, name) for name in hook_stores} for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = stand_in(index)
+        for name in hook_stores:
+            setattr(block, name, type(saved_hooks[index][name])())
+    try:
+        for window in windows:
+            run(window)
+    except Exception as exc:
+        raise UserError(f"{type(model).__name__}: the inputs of each block could not be traced through the "
+                        f"model's forward ({type(exc).__name__}: {exc}); the block-by-block driver cannot "
+                        "calibrate this architecture correctly") from exc
+    finally:
+        for block, hooks in zip(blocks, saved_hooks):
+            del block.forward
+            for name, store in hooks.items():
+                setattr(block, name, store)
+    if any(len(calls) != len(windows) for calls in per_block):
+        counts = sorted({len(calls) for calls in per_block})
+        raise UserError(f"{type(model).__name__}: its blocks were called {counts} times for {len(windows)} windows, "
+                        "not once each in order: the block-by-block driver cannot calibrate this architecture")
+    result = BlockInputs(hidden, captured.hidden_as_kwarg, per_block=per_block)
+    result.use_block(0)
+    return result
 
 
 class HessianAccumulator:
@@ -243,6 +358,15 @@ class LayerwiseState:
     """Filled by the driver: the token count below which an expert was handled data-free."""
 
 
+def _first_block_output(source: BlockSource, first: BlockInputs, device: torch.device):
+    """What the first block returns for window 0 (its shape tells the capture's stand-ins what to return)."""
+    block = source.load(0, device)
+    try:
+        return first.moved(device).raw_call(block, 0, first.hidden[0].to(device))
+    finally:
+        source.unload(block, device)
+
+
 def _carried(inputs: BlockInputs, device: torch.device, state: LayerwiseState) -> Activations:
     folder = None
     if state.spill_folder is not None and inputs.hidden:
@@ -274,9 +398,9 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
     inputs = None
     if windows is not None and state.start < len(blocks):  # a resumed run with every block done captures nothing
         with source.front(device) as front_device:
-            inputs = capture_block_inputs(source.model, blocks, windows, front_device)
-        inputs = BlockInputs(inputs.hidden, inputs.hidden_as_kwarg, move(inputs.args, device),
-                             move(inputs.kwargs, device))
+            inputs = capture_block_inputs(source.model, blocks, windows, front_device,
+                                          first_block_output=lambda first: _first_block_output(source, first, device))
+        inputs = inputs.moved(device)
         inputs.hidden = _carried(inputs, device, state)
     tokens = sum(w.numel() for w in windows) if windows is not None else 0
     expert_min_tokens = state.expert_min_tokens = max(1, math.ceil(state.expert_min_fraction * tokens))
@@ -287,6 +411,8 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
             started = time.perf_counter()
             block_name = f"{prefix}.{index}"
             block = source.load(index, device)
+            if inputs is not None:
+                inputs.use_block(index)
             linears = block_linears(block, selection)
             if inputs is None:
                 for name, layer in linears.items():

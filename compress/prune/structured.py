@@ -177,11 +177,14 @@ def _prune_layers(model, cfg: StructuredConfig, windows, device, prefix: str, bl
     from tqdm.auto import tqdm
 
     remove = removal_count(len(blocks), cfg.sparsity, "layers")
-    inputs = capture_block_inputs(model, blocks, windows)
-    inputs.hidden, inputs.args, inputs.kwargs = (move(inputs.hidden, device), move(inputs.args, device),
-                                                 move(inputs.kwargs, device))
+    inputs = capture_block_inputs(model, blocks, windows, first_block_output=lambda first: first.raw_call(blocks[0], 0))
+    hidden = move(inputs.hidden, device)
+    inputs = inputs.moved(device)
+    inputs.hidden = hidden
     influence = []
-    for block in tqdm(blocks, desc=f"structured {cfg.tag}", unit="block", disable=not show_progress):
+    for index, block in enumerate(tqdm(blocks, desc=f"structured {cfg.tag}", unit="block",
+                                       disable=not show_progress)):
+        inputs.use_block(index)
         block.to(device)
         outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
         influence.append(sum(block_influence(a, b) for a, b in zip(inputs.hidden, outputs)) / len(outputs))
