@@ -93,7 +93,8 @@ def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: Weight
         return None
     name, head, tied = head_and_embedding(run.model)
     bias = run.lazy.read(f"{name}.bias").to(run.lazy.dtype) if head.bias is not None else None
-    packed = pack_head(run.lazy.read(f"{name}.weight").to(run.lazy.dtype), bias, head_cfg)
+    # In its stored dtype: pack_head converts a chunk of rows at a time (no whole float32 copy).
+    packed = pack_head(run.lazy.read(f"{name}.weight"), bias, head_cfg)
     record = head_record(name, head_cfg, tied)
     writer.copy_outside_blocks(skip={f"{tied or name}.weight", f"{name}.bias"})
     writer.write_tensors(head_file_tensors(record, packed), cast=False)

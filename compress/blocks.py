@@ -119,33 +119,60 @@ def _computed_buffers_to(modules: list[nn.Module], device: torch.device) -> None
 
 
 class Activations:
-    """One hidden-state tensor per calibration window, in memory or in files under ``folder``."""
+    """One hidden-state tensor per calibration window, in memory or in files under ``folder``.
 
-    def __init__(self, tensors: list[torch.Tensor], device: torch.device, folder: Path | None = None) -> None:
+    Built window by window (``add``): kept in memory while the set fits ``budget`` bytes; the window
+    that would pass it moves the set to files under ``spill_folder``, so the budget bounds memory
+    during the capture too, not only once every window is in."""
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device, folder: Path | None = None,
+                 budget: int | None = None) -> None:
         self.device = device
-        self.count = len(tensors)
-        self.shape = tuple(tensors[0].shape) if tensors else ()
-        self.dtype = tensors[0].dtype if tensors else torch.float32
-        self.folder = folder
-        self._memory: list[torch.Tensor] | None = None
-        self._next: list[torch.Tensor] | None = None
-        if folder is None:
-            self._memory = [t.to(device) for t in tensors]
-        else:
-            self._set = 0
-            target = self._slot_dir(0)
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            for i, t in enumerate(tensors):
-                self._write(target, i, t)
+        self.count = 0
+        self.shape: tuple[int, ...] = ()
+        self.dtype = torch.float32
+        self.folder: Path | None = None
+        self.spill_folder = folder
+        self.budget = budget
+        self._memory: list[torch.Tensor] | None = []
+        self._set = 0
+        if folder is not None and budget is None:
+            self._spill()  # asked for files from the start
+        for t in tensors:
+            self.add(t)
 
     @staticmethod
     def nbytes(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return count * int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
 
+    def add(self, tensor: torch.Tensor) -> None:
+        """Append one window's state (all windows share a shape and dtype)."""
+        if self.count == 0:
+            self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+        if (self._memory is not None and self.spill_folder is not None and self.budget is not None
+                and self.nbytes(self.count + 1, self.shape, self.dtype) > self.budget):
+            self._spill()
+        if self._memory is not None:
+            self._memory.append(tensor.to(self.device))
+        else:
+            self._write(self._slot_dir(self._set), self.count, tensor)
+        self.count += 1
+
+    append = add  # a list's name, so a capture can fill either
+
+    def _spill(self) -> None:
+        """Move the set to files: from here on every window lives on disk."""
+        self.folder = self.spill_folder
+        target = self._slot_dir(self._set)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for i, t in enumerate(self._memory or []):
+            self._write(target, i, t)
+        self._memory = None
+
     @property
     def on_disk(self) -> bool:
-        return self.folder is not None
+        return self._memory is None
 
     def _slot_dir(self, which: int) -> Path:
         return self.folder / f"set-{which}"
@@ -167,9 +194,12 @@ class Activations:
         return self._read(self._slot_dir(self._set), i)
 
     def replace_all(self, produce) -> None:
-        """Replace every window's state by ``produce(i)``; the old set stays readable until all are made."""
+        """Replace every window's state by ``produce(i)`` (which reads only window i's state). In memory
+        each is replaced in place, so at most one window is held twice; on disk the old set stays readable
+        until the new one is complete."""
         if self._memory is not None:
-            self._memory = [produce(i) for i in range(self.count)]
+            for i in range(self.count):
+                self._memory[i] = produce(i)
             return
         target = self._slot_dir(1 - self._set)
         shutil.rmtree(target, ignore_errors=True)
@@ -201,9 +231,8 @@ class Activations:
         if folder is None:
             return cls([torch.frombuffer(bytearray((where / f"{i:06d}.bin").read_bytes()), dtype=dtype).reshape(shape)
                         for i in range(count)], device)
-        store = cls([], device, None)
-        store.count, store.shape, store.dtype, store.folder, store._memory = count, shape, dtype, folder, None
-        store._set = 0
+        store = cls([], device, folder)
+        store.count, store.shape, store.dtype = count, shape, dtype
         shutil.rmtree(store._slot_dir(0), ignore_errors=True)
         shutil.copytree(where, store._slot_dir(0))
         return store

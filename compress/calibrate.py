@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.blocks import Activations, BlockSource
+from compress.shards import DTYPES
 from compress.errors import UserError
 from compress.moe import expert_groups
 from compress.runtime import current_rss_bytes
@@ -132,7 +133,8 @@ class _SharedTensors:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor],
                          device: torch.device | None = None,
-                         first_block_output: Callable[["BlockInputs"], Any] | None = None) -> BlockInputs:
+                         first_block_output: Callable[["BlockInputs"], Any] | None = None,
+                         hidden: Any = None) -> BlockInputs:
     """Run the model on each window as far as its blocks and keep what they are given (``device``: where
     the modules before the first block are; default: where the first parameter is).
 
@@ -141,7 +143,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
     their inputs and hand the hidden states on unchanged, so the model's own code gives each block its
     mask, rotary embeddings and other per-layer inputs without any block's weights. A pass-through must
     return what the block returns (a tensor, or a tuple for some families): ``first_block_output``
-    runs the real first block on window 0's captured inputs to show it."""
+    runs the real first block on window 0's captured inputs to show it. The first block's hidden states
+    are appended to ``hidden`` as each window is run (a list by default; an Activations spills at its
+    budget; an object whose append drops them when they will not be used)."""
     device = device or next(model.parameters()).device
     extra = _forward_kwargs(model)
     captured = BlockInputs()
@@ -175,9 +179,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
     finally:
         handle.remove()
     sample = first_block_output(captured)
+    captured.hidden.clear()
     shared = _SharedTensors()
     per_block: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     last = len(blocks) - 1
 
     def stand_in(index: int):
@@ -367,14 +372,18 @@ def _first_block_output(source: BlockSource, first: BlockInputs, device: torch.d
         source.unload(block, device)
 
 
-def _carried(inputs: BlockInputs, device: torch.device, state: LayerwiseState) -> Activations:
-    folder = None
-    if state.spill_folder is not None and inputs.hidden:
-        size = Activations.nbytes(len(inputs.hidden), tuple(inputs.hidden[0].shape), inputs.hidden[0].dtype)
-        folder = state.spill_folder if size > state.activation_budget else None
-    if state.saved_hidden is not None:
-        return Activations.restore(state.saved_hidden, device, folder)
-    return Activations(inputs.hidden, device, folder)
+class _Dropped:
+    """Where a resumed run's capture puts the first block's states: nowhere (they come from its files)."""
+
+    def append(self, _tensor) -> None:
+        pass
+
+
+def _restored(state: LayerwiseState, device: torch.device) -> Activations:
+    saved = state.saved_hidden
+    size = Activations.nbytes(saved["count"], tuple(saved["shape"]), DTYPES[saved["dtype"]])
+    spill = state.spill_folder is not None and size > state.activation_budget
+    return Activations.restore(saved, device, state.spill_folder if spill else None)
 
 
 @torch.no_grad()
@@ -397,11 +406,14 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                         f"--exclude {selection.exclude}: widen the patterns")
     inputs = None
     if windows is not None and state.start < len(blocks):  # a resumed run with every block done captures nothing
+        carried = Activations([], device, state.spill_folder, budget=state.activation_budget) \
+            if state.saved_hidden is None else None
         with source.front(device) as front_device:
             inputs = capture_block_inputs(source.model, blocks, windows, front_device,
-                                          first_block_output=lambda first: _first_block_output(source, first, device))
+                                          first_block_output=lambda first: _first_block_output(source, first, device),
+                                          hidden=carried if carried is not None else _Dropped())
         inputs = inputs.moved(device)
-        inputs.hidden = _carried(inputs, device, state)
+        inputs.hidden = carried if carried is not None else _restored(state, device)
     tokens = sum(w.numel() for w in windows) if windows is not None else 0
     expert_min_tokens = state.expert_min_tokens = max(1, math.ceil(state.expert_min_fraction * tokens))
     bar = tqdm(total=len(blocks), initial=state.start, desc=desc, unit="block", disable=not show_progress,

@@ -92,3 +92,43 @@ def test_activation_files_are_replaced_whole(tmp_path):
     assert all(torch.equal(store[i], tensors[i] * 2) for i in range(5))
     restored = Activations.restore(saved, torch.device("cpu"), None)  # the saved copy is still the old set
     assert all(torch.equal(restored[i], tensors[i]) for i in range(5))
+
+
+def test_the_capture_holds_no_more_than_the_budget_plus_one_window(tmp_path):
+    """The first block's states are spilled as the capture makes them, once the next window would pass
+    the budget: 48 windows of 4 MiB would be 192 MiB held; the budget is 16 MiB."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.calibrate import capture_block_inputs
+    from compress.runtime import return_freed_memory
+    from compress.select import find_blocks
+    from compress.tiny import tiny_config
+    from tests.conftest import calibration_ids
+
+    config = tiny_config("llama")
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 2048, 256
+    config.num_attention_heads = config.num_key_value_heads = 16
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _, blocks = find_blocks(model)
+    windows = calibration_ids(48, 512, vocab=200)
+    window_bytes, budget = 512 * 2048 * 4, 16 << 20
+    store = Activations([], torch.device("cpu"), tmp_path / "spill", budget=budget)
+    growth = []
+    real_add = store.add
+
+    def add(tensor):
+        real_add(tensor)
+        return_freed_memory()
+        growth.append(rss_bytes() - start)
+
+    store.append = add
+    return_freed_memory()
+    start = rss_bytes()
+    capture_block_inputs(model, blocks, windows, first_block_output=lambda first: first.raw_call(blocks[0], 0),
+                         hidden=store)
+    assert len(store) == 48 and store.on_disk
+    # From the first window on (before it: the one real run of the first block, and the model's own
+    # buffers), what the capture holds grows by at most the budget plus one window.
+    held = [g - growth[0] + window_bytes for g in growth]
+    assert max(held) <= budget + window_bytes + (4 << 20), [g >> 20 for g in growth]
+    assert torch.equal(store[47], model.model.embed_tokens(windows[47].unsqueeze(0)).detach())

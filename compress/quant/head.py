@@ -24,6 +24,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
+from compress.quant.primitives import pack_weight
 from compress.quant.rtn import rtn_quantize
 from compress.select import set_submodule
 
@@ -75,9 +76,41 @@ def head_and_embedding(model: nn.Module) -> tuple[str, nn.Linear, str | None]:
     return module_name(model, head), head, module_name(model, embedding) if tied else None
 
 
-def pack_head(weight: torch.Tensor, bias: torch.Tensor | None, cfg: WeightQuantConfig) -> QuantLinear:
-    """The head quantized data-free (RTN, per output channel by default) and packed."""
-    return QuantLinear.from_quantized(rtn_quantize(weight, cfg), cfg.group_size, bias).to(weight.device)
+HEAD_CHUNK_ROWS = 8192
+"""Rows of the head quantized (and dequantized for the float16 copy) at a time: a 128k-vocabulary head
+of width 4096 is 2 GiB in float32, and whole-matrix steps would hold several such copies at once. RTN
+works row by row, so the result does not depend on the chunk (a multiple of 32: packed zero points
+split on word boundaries)."""
+
+
+def pack_head(weight: torch.Tensor, bias: torch.Tensor | None, cfg: WeightQuantConfig,
+              chunk_rows: int = HEAD_CHUNK_ROWS) -> QuantLinear:
+    """The head quantized data-free (RTN, per output channel by default) and packed, ``chunk_rows`` rows
+    at a time from ``weight`` in whatever dtype it is stored in."""
+    out_features, in_features = weight.shape
+    layer = QuantLinear(in_features, out_features, cfg.bits, cfg.group_size, bias is not None,
+                        bias_dtype=bias.dtype if bias is not None else torch.float16).to(weight.device)
+    for start in range(0, out_features, chunk_rows):
+        end = min(start + chunk_rows, out_features)
+        packed = pack_weight(rtn_quantize(weight[start:end], cfg))
+        layer.qweight[:, start:end] = packed["qweight"]
+        layer.qzeros[:, start * cfg.bits // 32:end * cfg.bits // 32] = packed["qzeros"]
+        layer.scales[:, start:end] = packed["scales"]
+        layer.g_idx.copy_(packed["g_idx"])
+        del packed
+    if bias is not None:
+        layer.bias.copy_(bias.detach())
+    return layer
+
+
+def float16_rows(layer: QuantLinear, chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """The head's dequantized weight in float16 (the copy loaders without our modules read), made
+    ``chunk_rows`` rows at a time."""
+    rows = torch.empty(layer.out_features, layer.in_features, dtype=torch.float16, device=_device(layer))
+    for start in range(0, layer.out_features, chunk_rows):
+        end = min(start + chunk_rows, layer.out_features)
+        rows[start:end] = layer.dequantized_rows(start, end)
+    return rows
 
 
 def head_record(name: str, cfg: WeightQuantConfig, tied: str | None) -> dict:
@@ -91,8 +124,7 @@ def head_file_tensors(record: dict, packed: QuantLinear) -> dict[str, torch.Tens
     copy of its dequantized rows that loaders without our modules read (see ``float_copies_for_save``):
     under the tied embedding's name, or as the head's own ``weight``."""
     tensors = packed.state_dict(prefix=f"{record['module']}.")
-    rows = packed.embedding_rows(torch.arange(packed.out_features, device=_device(packed))).to(torch.float16)
-    tensors[f"{record['tied_embedding'] or record['module']}.weight"] = rows
+    tensors[f"{record['tied_embedding'] or record['module']}.weight"] = float16_rows(packed)
     return tensors
 
 
@@ -138,7 +170,7 @@ def float_copies_for_save(model: nn.Module, head: dict | None) -> Iterator[None]
         yield
         return
     layer = model.get_submodule(head["module"])
-    rows = layer.embedding_rows(torch.arange(layer.out_features, device=_device(layer))).to(torch.float16)
+    rows = float16_rows(layer)
     tied = head.get("tied_embedding")
     embedding = model.get_submodule(tied) if tied else None
     try:

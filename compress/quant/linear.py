@@ -79,6 +79,13 @@ class QuantLinear(nn.Module):
         qw = self._unpacked()
         return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)
 
+    def dequantized_rows(self, start: int, end: int) -> torch.Tensor:
+        """Float32 rows ``start:end`` of the weight, unpacked from those output columns alone (both
+        multiples of 32, so the packed zero points split on word boundaries for every bit width)."""
+        words = slice(start * self.bits // _WORD_BITS, end * self.bits // _WORD_BITS)
+        return unpack_weight(self.qweight[:, start:end].contiguous(), self.qzeros[:, words].contiguous(),
+                             self.scales[:, start:end], self.g_idx, self.bits).dequantize()
+
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows ``ids`` of the weight (a tied embedding's lookup), dequantizing only those rows."""
         qw = self._unpacked()

@@ -77,3 +77,22 @@ def test_layer_settings_follow_gptqmodel_dynamic_overrides():
     assert layer_settings(qcfg, "lm_head") == (8, -1)
     assert layer_settings(qcfg, "model.layers.1.mlp.up_proj") == (3, 128)
     assert layer_settings(qcfg, "model.layers.0.mlp.up_proj") == (4, 128)
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 32), (3, -1)])
+def test_the_head_is_packed_and_copied_a_chunk_of_rows_at_a_time_with_the_same_bytes(bits, group_size):
+    """Chunks bound the head's float32 copies (a 128k x 4096 head is 2 GiB in float32); RTN works row by
+    row, so any chunk of whole 32-row words gives the bytes of the whole-matrix pass, from any stored dtype."""
+    from compress.quant.config import WeightQuantConfig
+    from compress.quant.head import float16_rows, pack_head
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(320, 64, generator=g).bfloat16()
+    bias = torch.randn(320, generator=g)
+    cfg = WeightQuantConfig(bits=bits, group_size=group_size, sym=True)
+    whole = pack_head(weight.float(), bias, cfg, chunk_rows=320)
+    chunked = pack_head(weight, bias, cfg, chunk_rows=64)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, chunked.state_dict()[name]), name
+    rows = whole.embedding_rows(torch.arange(320)).half()
+    assert torch.equal(float16_rows(chunked, chunk_rows=96), rows)
