@@ -117,9 +117,9 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         saved = output.partial.saved
         head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg)
         stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])])
-        state = output.driver_state(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers]})
+        plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers]})
         quantize_model(run.source, method, cfg, run.windows, run.device, request.selection, request.progress,
-                       emit=output.writer.write_module, state=state, stats=stats)
+                       emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
             quantize_head(run.model, head_cfg, run.lazy.dtype)
         quant_seconds = time.perf_counter() - quant_started
@@ -137,8 +137,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "lm_head": head,
             "device": str(run.device),
             "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
-            "blocks": state.blocks,
-            "experts": output.experts_record(state, "RTN"),
+            "blocks": output.report.blocks,
+            "experts": output.experts_record(output.report, "RTN"),
             "peak_rss_bytes": peak_rss_bytes(),
             "environment": environment(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -7,7 +7,7 @@ fused module, with the same forward computation, so an expert is calibrated, qua
 written and loaded like any other layer. The layers are named as GPTQModel (through its Defuser) names them,
 ``mlp.experts.E.gate_proj/up_proj/down_proj``: that is where GPTQModel looks for a quantized expert.
 Float checkpoints are read through :data:`CHECKPOINT_NAMES`. Each expert sees only the tokens routed to it;
-the driver (compress.calibrate) counts them and applies the stated rule to experts that receive too few.
+the driver (compress.driver) counts them and applies the stated rule to experts that receive too few.
 """
 
 from __future__ import annotations

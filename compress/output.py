@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from compress.blocks import Activations
+from compress.activations import Activations
 from compress.errors import UserError
 from compress.fsutil import OutputLock, _make_readable, fsync_path, fsync_tree, refuse_existing, refuse_source_overlap
 from compress.shards import ShardWriter, weight_files

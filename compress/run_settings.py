@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from compress.blocks import BlockSource
-from compress.calibrate import DEFAULT_ACTIVATION_BUDGET, LayerwiseState
+from compress.driver import DEFAULT_ACTIVATION_BUDGET, DriverPlan, DriverReport
 from compress.checkpoint import MANIFEST_NAME
 from compress.data import WindowRecord, calibration_windows, load_calibration_text, tokenize
 from compress.errors import UserError
@@ -163,7 +163,7 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
 
 class RunOutput:
     """The output of a layer-by-layer run while it is written: the resumable folder (compress.output),
-    the weight writer, and the driver state that continues an interrupted run."""
+    the weight writer, the driver plan that continues an interrupted run, and the driver's report."""
 
     def __init__(self, settings: RunSettings, run: Loaded, packed: bool, extra_fingerprint: dict | None = None) -> None:
         self.settings, self.run = settings, run
@@ -186,31 +186,33 @@ class RunOutput:
                          f"from {self.partial.folder}")
         self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix, packed)
         self._extra: Callable[[], dict] = dict
+        self.report = DriverReport()
+        """What the driver measures in this run (blocks' seconds and RSS, experts)."""
 
     @property
     def resumed(self) -> bool:
         return self.resumed_at > 0
 
-    def driver_state(self, extra: Callable[[], dict]) -> LayerwiseState:
+    def driver_plan(self, extra: Callable[[], dict]) -> DriverPlan:
         """The driver's start and checkpoint hook; ``extra()`` gives what to record beside the weights."""
         total = len(self.run.source.blocks)
         self._extra = extra
-        return LayerwiseState(
+        return DriverPlan(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
             spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
             expert_min_fraction=self.settings.expert_min_share,
             block_done=lambda index, hidden: self.partial.checkpoint(index + 1, total, hidden, extra()))
 
-    def experts_record(self, state: LayerwiseState, rule: str) -> dict | None:
+    def experts_record(self, report: DriverReport, rule: str) -> dict | None:
         """The manifest's record of how every expert was calibrated (None without experts), said aloud
         when the data-free rule applied to any (a resumed run says it for the blocks it did itself)."""
-        if not state.experts:
+        if not report.experts:
             return None
-        starved = [name for name, e in state.experts.items() if e["data_free"]]
-        record = {"min_tokens": state.expert_min_tokens, "min_share": self.settings.expert_min_share,
-                  "rule": f"fewer tokens than min_tokens: {rule}", "layers": state.experts}
-        message = (f"experts: {len(state.experts) - len(starved)} of {len(state.experts)} expert layers calibrated "
-                   f"(each reached by at least {state.expert_min_tokens} calibration tokens)")
+        starved = [name for name, e in report.experts.items() if e["data_free"]]
+        record = {"min_tokens": report.expert_min_tokens, "min_share": self.settings.expert_min_share,
+                  "rule": f"fewer tokens than min_tokens: {rule}", "layers": report.experts}
+        message = (f"experts: {len(report.experts) - len(starved)} of {len(report.experts)} expert layers calibrated "
+                   f"(each reached by at least {report.expert_min_tokens} calibration tokens)")
         if starved:
             message += (f"; {len(starved)} reached by fewer were handled data-free ({rule}): "
                         f"{', '.join(starved[:4])}{', ...' if len(starved) > 4 else ''}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compress.blocks import BlockSource
-from compress.calibrate import run_layerwise
+from compress.driver import run_layerwise
 from compress.models import load_model, resolve
 from compress.select import ModuleSelection, find_blocks
 from tests.conftest import CAUSAL_ARCHS, calibration_ids

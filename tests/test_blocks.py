@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.api import QuantizeRequest, quantize
-from compress.blocks import Activations
+from compress.activations import Activations
 from compress.output import ModelOutput
 from tests.conftest import assert_same_checkpoint
 
@@ -99,7 +99,7 @@ def test_the_capture_holds_no_more_than_the_budget_plus_one_window(tmp_path):
     the budget: 48 windows of 4 MiB would be 192 MiB held; the budget is 16 MiB."""
     from transformers import AutoModelForCausalLM
 
-    from compress.calibrate import capture_block_inputs
+    from compress.driver import capture_block_inputs
     from compress.runtime import return_freed_memory
     from compress.select import find_blocks
     from compress.tiny import tiny_config

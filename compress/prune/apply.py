@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compress.blocks import BlockSource
-from compress.calibrate import LayerwiseState, run_layerwise
+from compress.driver import DriverPlan, DriverReport, run_layerwise
 from compress.prune.masks import magnitude_scores, make_mask, sparsity_of
 from compress.quant.apply import output_error
 from compress.quant.config import WeightQuantConfig
@@ -67,7 +67,7 @@ def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch
 def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
                     device: torch.device, selection: ModuleSelection | None = None,
                     quant: WeightQuantConfig | None = None, show_progress: bool = True,
-                    emit: Callable[[str, nn.Module], None] | None = None, state: LayerwiseState | None = None,
+                    emit: Callable[[str, nn.Module], None] | None = None, plan: DriverPlan | None = None, report: DriverReport | None = None,
                     stats: PruneStats | None = None) -> PruneStats:
     """Prune every selected layer; ``emit(block_name, block)`` receives each finished block. ``stats``
     carries the records of blocks an interrupted run already did."""
@@ -108,5 +108,5 @@ def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg,
         raise ValueError(f"{method.name} needs calibration windows")
     tag = f"{method.name} {cfg.tag}" + (f"+w{quant.bits}" if quant else "")
     stats.block_prefix = run_layerwise(source, windows if needs_data else None, prune_layer, selection, device,
-                                       pack_block, desc=tag, show_progress=show_progress, state=state)
+                                       pack_block, desc=tag, show_progress=show_progress, plan=plan, report=report)
     return stats

@@ -118,12 +118,12 @@ def prune(request: PruneRequest) -> PruneResult:
         if not output.resumed:
             output.writer.copy_outside_blocks()
         stats = PruneStats(layers=[PrunedLayer(**layer) for layer in output.partial.saved.get("layers", [])])
-        state = output.driver_state(lambda: {"layers": [dataclasses.asdict(x) for x in stats.layers]})
+        plan = output.driver_plan(lambda: {"layers": [dataclasses.asdict(x) for x in stats.layers]})
         prune_layerwise(run.source, method, cfg, run.windows, run.device, request.selection, quant, request.progress,
-                        emit=output.writer.write_module, state=state, stats=stats)
+                        emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
         manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started)
-        manifest["blocks"] = state.blocks
-        manifest["experts"] = output.experts_record(state, "magnitude pruning" + (" + RTN" if quant else ""))
+        manifest["blocks"] = output.report.blocks
+        manifest["experts"] = output.experts_record(output.report, "magnitude pruning" + (" + RTN" if quant else ""))
         qcfg = None if quant is None else gptq_quantization_config(
             quant, f"{method.name}+gptq", __version__, stats.block_prefix,
             [layer["shape"][1] for layer in manifest["layers"]])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.calibrate import capture_block_inputs, move, run_layerwise
+from compress.driver import capture_block_inputs, move, run_layerwise
 from compress.errors import UserError
 from compress.prune.apply import PruneStats
 from compress.prune.masks import check_sparsity

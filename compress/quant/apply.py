@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compress.blocks import BlockSource
-from compress.calibrate import LayerwiseState, run_layerwise
+from compress.driver import DriverPlan, DriverReport, run_layerwise
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
@@ -51,7 +51,7 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.
 def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: WeightQuantConfig,
                    windows: list[torch.Tensor] | None, device: torch.device, selection: ModuleSelection | None = None,
                    show_progress: bool = True, emit: Callable[[str, nn.Module], None] | None = None,
-                   state: LayerwiseState | None = None, stats: QuantizeStats | None = None) -> QuantizeStats:
+                   plan: DriverPlan | None = None, report: DriverReport | None = None, stats: QuantizeStats | None = None) -> QuantizeStats:
     """Quantize every selected layer; ``emit(block_name, block)`` receives each block once it is packed.
     ``stats`` carries the records of blocks an interrupted run already did."""
     selection = selection or ModuleSelection()
@@ -85,5 +85,5 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
         raise ValueError(f"{method.name} needs calibration windows")
     stats.block_prefix = run_layerwise(source, windows if method.needs_calibration else None, quantize_layer,
                                        selection, device, pack_block, desc=f"{method.name} w{cfg.bits}",
-                                       show_progress=show_progress, state=state)
+                                       show_progress=show_progress, plan=plan, report=report)
     return stats

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.blocks import Activations, BlockSource
+from compress.activations import Activations
+from compress.blocks import BlockSource
 from compress.shards import DTYPES
 from compress.errors import UserError
 from compress.moe import expert_groups
@@ -336,13 +337,14 @@ LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], "torch.Tensor | None
 Hessian) it may return None when ``finish_block`` replaces the layer anyway."""
 
 DEFAULT_ACTIVATION_BUDGET = 2 << 30
-"""Bytes of carried hidden states kept in memory; beyond it they go to files (``LayerwiseState.spill_folder``)."""
+"""Bytes of carried hidden states kept in memory; beyond it they go to files (``DriverPlan.spill_folder``)."""
 
 
-@dataclass
-class LayerwiseState:
-    """How a run starts and what it keeps between blocks: where to resume, where carried activations
-    go when they would not fit in memory, and a hook called after each block (to checkpoint it)."""
+@dataclass(frozen=True)
+class DriverPlan:
+    """What a run asks of the driver: where to start (resuming), where carried activations go when they
+    would not fit in memory, how experts too few tokens reach are handled, and what to call after each
+    block (to checkpoint it)."""
 
     start: int = 0
     """First block to process; the blocks before it were done by an earlier, interrupted run."""
@@ -352,15 +354,22 @@ class LayerwiseState:
     activation_budget: int = DEFAULT_ACTIVATION_BUDGET
     block_done: Callable[[int, "Activations | None"], None] | None = None
     """(index of the block just finished, the states carried out of it) after it was handed over."""
-    blocks: list[dict] = field(default_factory=list)
-    """Filled by the driver: per block processed, its index, seconds and the process's RSS after it."""
     expert_min_fraction: float = 0.005
     """An expert that fewer than this fraction of the calibration tokens reach (at least 1 token) gets no
     Hessian: the method's data-free rule applies to it instead (RTN, magnitude), as in GPTQModel."""
+
+
+@dataclass
+class DriverReport:
+    """What the driver measured while it ran (filled as it goes, so an interrupted run's report holds
+    the blocks it finished)."""
+
+    blocks: list[dict] = field(default_factory=list)
+    """Per block processed: its index, seconds and the process's RSS after it."""
     experts: dict[str, dict] = field(default_factory=dict)
-    """Filled by the driver: expert layer -> tokens that reached it and whether the data-free rule applied."""
+    """Expert layer -> tokens that reached it and whether the data-free rule applied."""
     expert_min_tokens: int | None = None
-    """Filled by the driver: the token count below which an expert was handled data-free."""
+    """The token count below which an expert was handled data-free."""
 
 
 def _first_block_output(source: BlockSource, first: BlockInputs, device: torch.device):
@@ -379,18 +388,20 @@ class _Dropped:
         pass
 
 
-def _restored(state: LayerwiseState, device: torch.device) -> Activations:
-    saved = state.saved_hidden
+def _restored(plan: DriverPlan, device: torch.device) -> Activations:
+    saved = plan.saved_hidden
     size = Activations.nbytes(saved["count"], tuple(saved["shape"]), DTYPES[saved["dtype"]])
-    spill = state.spill_folder is not None and size > state.activation_budget
-    return Activations.restore(saved, device, state.spill_folder if spill else None)
+    spill = plan.spill_folder is not None and size > plan.activation_budget
+    return Activations.restore(saved, device, plan.spill_folder if spill else None)
 
 
 @torch.no_grad()
 def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor] | None, layer_fn: LayerFn,
                   selection: ModuleSelection, device: torch.device, finish_block: Callable[[str, nn.Module], None],
-                  desc: str, show_progress: bool = True, state: LayerwiseState | None = None) -> str:
-    """Visit every selected linear layer block by block; returns the blocks' module path.
+                  desc: str, show_progress: bool = True, plan: DriverPlan | None = None,
+                  report: DriverReport | None = None) -> str:
+    """Visit every selected linear layer block by block, as ``plan`` says, recording into ``report``;
+    returns the blocks' module path.
 
     ``source`` gives the blocks (a model in memory, or a streaming BlockSource). ``layer_fn`` returns
     the new weight for a layer; it is written into the layer at once so later groups and the next
@@ -398,28 +409,29 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
     and write them out). With ``windows`` None no data is observed and ``layer_fn`` gets no Hessian.
     """
     source = source if isinstance(source, BlockSource) else BlockSource.in_memory(source)
-    state = state or LayerwiseState()
+    plan = plan or DriverPlan()
+    report = report if report is not None else DriverReport()
     prefix, blocks = source.prefix, source.blocks
     if not any(block_linears(block, selection) for block in blocks):
         # Checked before any calibration work, for every method that uses this driver.
         raise UserError(f"no linear layer in the model's blocks matches --include {selection.include} / "
                         f"--exclude {selection.exclude}: widen the patterns")
     inputs = None
-    if windows is not None and state.start < len(blocks):  # a resumed run with every block done captures nothing
-        carried = Activations([], device, state.spill_folder, budget=state.activation_budget) \
-            if state.saved_hidden is None else None
+    if windows is not None and plan.start < len(blocks):  # a resumed run with every block done captures nothing
+        carried = Activations([], device, plan.spill_folder, budget=plan.activation_budget) \
+            if plan.saved_hidden is None else None
         with source.front(device) as front_device:
             inputs = capture_block_inputs(source.model, blocks, windows, front_device,
                                           first_block_output=lambda first: _first_block_output(source, first, device),
                                           hidden=carried if carried is not None else _Dropped())
         inputs = inputs.moved(device)
-        inputs.hidden = carried if carried is not None else _restored(state, device)
+        inputs.hidden = carried if carried is not None else _restored(plan, device)
     tokens = sum(w.numel() for w in windows) if windows is not None else 0
-    expert_min_tokens = state.expert_min_tokens = max(1, math.ceil(state.expert_min_fraction * tokens))
-    bar = tqdm(total=len(blocks), initial=state.start, desc=desc, unit="block", disable=not show_progress,
+    expert_min_tokens = report.expert_min_tokens = max(1, math.ceil(plan.expert_min_fraction * tokens))
+    bar = tqdm(total=len(blocks), initial=plan.start, desc=desc, unit="block", disable=not show_progress,
                dynamic_ncols=True)
     try:
-        for index in range(state.start, len(blocks)):
+        for index in range(plan.start, len(blocks)):
             started = time.perf_counter()
             block_name = f"{prefix}.{index}"
             block = source.load(index, device)
@@ -441,7 +453,7 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                         starved = acc.n < expert_min_tokens
                         hessian = None if starved else hessian
                         for name in group:
-                            state.experts[f"{block_name}.{name}"] = {"tokens": acc.n, "data_free": starved}
+                            report.experts[f"{block_name}.{name}"] = {"tokens": acc.n, "data_free": starved}
                     for name in group:
                         layer = linears[name]
                         layer.weight.data = layer_fn(f"{block_name}.{name}", layer, hessian).to(layer.weight.dtype)
@@ -450,9 +462,9 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
             finish_block(block_name, block)
             source.unload(block, device)
             seconds = time.perf_counter() - started
-            state.blocks.append({"index": index, "seconds": round(seconds, 3), "rss_bytes": current_rss_bytes()})
-            if state.block_done is not None:
-                state.block_done(index, inputs.hidden if inputs is not None else None)
+            report.blocks.append({"index": index, "seconds": round(seconds, 3), "rss_bytes": current_rss_bytes()})
+            if plan.block_done is not None:
+                plan.block_done(index, inputs.hidden if inputs is not None else None)
             if tokens:
                 bar.set_postfix_str(f"{tokens / seconds:,.0f} tok/s")
             bar.update(1)
