@@ -26,7 +26,6 @@ class Activations:
         self.count = 0
         self.shape: tuple[int, ...] = ()
         self.dtype = torch.float32
-        self.folder: Path | None = None
         self.spill_folder = folder
         self.budget = budget
         self._memory: list[torch.Tensor] | None = []
@@ -38,7 +37,7 @@ class Activations:
 
     @staticmethod
     def nbytes(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return count * int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        return count * int(torch.Size(shape).numel()) * dtype.itemsize
 
     def add(self, tensor: torch.Tensor) -> None:
         """Append one window's state (all windows share a shape and dtype)."""
@@ -57,7 +56,6 @@ class Activations:
 
     def _spill(self) -> None:
         """Move the set to files: from here on every window lives on disk."""
-        self.folder = self.spill_folder
         target = self._slot_dir(self._set)
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
@@ -70,7 +68,7 @@ class Activations:
         return self._memory is None
 
     def _slot_dir(self, which: int) -> Path:
-        return self.folder / f"set-{which}"
+        return self.spill_folder / f"set-{which}"
 
     def _write(self, folder: Path, i: int, tensor: torch.Tensor) -> None:
         with open(folder / f"{i:06d}.bin", "wb") as f:

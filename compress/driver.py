@@ -39,21 +39,30 @@ class _StopForward(Exception):
     """Raised from a hook once everything needed from a forward pass has been seen."""
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (tensors nested in tuples, lists and dicts) with every tensor replaced by ``fn(tensor)``."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def move(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
     """``obj`` with its tensors on ``device``; a tensor reached twice (the mask every block of a layer
     type shares) is moved once and stays shared."""
     memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = (obj, obj.to(device))  # keep obj alive: its id must not be reused meanwhile
-        return memo[id(obj)][1]
-    if isinstance(obj, tuple):
-        return tuple(move(o, device, memo) for o in obj)
-    if isinstance(obj, list):
-        return [move(o, device, memo) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move(v, device, memo) for k, v in obj.items()}
-    return obj
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in memo:
+            memo[id(tensor)] = (tensor, tensor.to(device))  # keep it alive: its id must not be reused meanwhile
+        return memo[id(tensor)][1]
+
+    return map_tensors(obj, moved)
 
 
 @dataclass
@@ -80,8 +89,10 @@ class BlockInputs:
             self.kwargs = [k for _, k in self.per_block[index]]
 
     def moved(self, device: torch.device) -> "BlockInputs":
+        """The same inputs on ``device`` (hidden states held in a list too; an Activations store keeps
+        its own device)."""
         memo: dict = {}
-        return BlockInputs(self.hidden, self.hidden_as_kwarg, move(self.args, device, memo),
+        return BlockInputs(move(self.hidden, device, memo), self.hidden_as_kwarg, move(self.args, device, memo),
                            move(self.kwargs, device, memo), move(self.per_block, device, memo))
 
     def raw_call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None):
@@ -115,20 +126,15 @@ class _SharedTensors:
         self.kept: dict[tuple, list[torch.Tensor]] = {}
 
     def __call__(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            same = self.kept.setdefault((tuple(obj.shape), obj.dtype, obj.device), [])
-            for kept in same:
-                if kept is obj or torch.equal(kept, obj):
-                    return kept
-            same.append(obj)
-            return obj
-        if isinstance(obj, tuple):
-            return tuple(self(o) for o in obj)
-        if isinstance(obj, list):
-            return [self(o) for o in obj]
-        if isinstance(obj, dict):
-            return {k: self(v) for k, v in obj.items()}
-        return obj
+        return map_tensors(obj, self._one)
+
+    def _one(self, tensor: torch.Tensor) -> torch.Tensor:
+        same = self.kept.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), [])
+        for kept in same:
+            if kept is tensor or torch.equal(kept, tensor):
+                return kept
+        same.append(tensor)
+        return tensor
 
 
 @torch.no_grad()
@@ -165,20 +171,18 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
         except _StopForward:
             pass
 
-    if first_block_output is None:
+    def capture_first_block(some: list[torch.Tensor]) -> None:
         handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            for window in windows:
+            for window in some:
                 run(window)
         finally:
             handle.remove()
-        return captured
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        run(windows[0])
-    finally:
-        handle.remove()
+    if first_block_output is None:
+        capture_first_block(windows)
+        return captured
+    capture_first_block(windows[:1])
     sample = first_block_output(captured)
     captured.hidden.clear()
     shared = _SharedTensors()
@@ -376,7 +380,7 @@ def _first_block_output(source: BlockSource, first: BlockInputs, device: torch.d
     """What the first block returns for window 0 (its shape tells the capture's stand-ins what to return)."""
     block = source.load(0, device)
     try:
-        return first.moved(device).raw_call(block, 0, first.hidden[0].to(device))
+        return first.moved(device).raw_call(block, 0)
     finally:
         source.unload(block, device)
 

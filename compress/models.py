@@ -27,7 +27,7 @@ import torch
 from compress.errors import UserError
 from compress.hub import hub_reachable
 from compress.fsutil import atomic_folder
-from compress.shards import weight_files
+from compress.shards import ShardReader, weight_files
 from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
 
 
@@ -117,8 +117,10 @@ def quantized_source(config: dict, tensors: dict[str, str]) -> str | None:
     return None
 
 
-def refuse_quantized_source(reference: str, path: Path, tensors: dict[str, str]) -> None:
-    what = quantized_source(json.loads((path / "config.json").read_text()), tensors)
+def refuse_quantized_source(reference: str, reader: ShardReader) -> None:
+    """One-line error for a source whose weights are already quantized (see ``quantized_source``)."""
+    tensors = {name: entry.dtype_name for name, entry in reader.entries.items()}
+    what = quantized_source(json.loads((reader.folder / "config.json").read_text()), tensors)
     if what:
         raise UserError(f"{reference} is already quantized ({what}): quantize or prune its float original "
                         "(bf16/fp16/fp32 weights) instead")

@@ -140,8 +140,7 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
     refuse_source_overlap(out, resolved.path)
     text, text_record = load_calibration_text(settings.calib) if needs_data else (None, None)
     reader = ShardReader(resolved.path)
-    refuse_quantized_source(settings.model, resolved.path,
-                            {name: entry.dtype_name for name, entry in reader.entries.items()})
+    refuse_quantized_source(settings.model, reader)
     lazy = LazyModel(resolved.path, compute_dtype(device, reader), settings.trust_remote_code, reader=reader)
     if check is not None:
         check(lazy.model)

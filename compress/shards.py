@@ -88,10 +88,6 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 class ShardReader:
     """Every tensor of a folder's safetensors files, by name, read on demand."""
 
@@ -110,10 +106,10 @@ class ShardReader:
                 begin, end = info["data_offsets"]
                 dtype = DTYPES.get(info["dtype"])
                 shape = tuple(info["shape"])
-                if dtype is not None and end - begin != torch.Size(shape).numel() * _element_size(dtype):
-                    raise UserError(f"{file}: tensor {name} has {end - begin} bytes, not the "
-                                    f"{torch.Size(shape).numel() * _element_size(dtype)} its shape {list(shape)} and "
-                                    f"dtype {info['dtype']} need: re-download or re-create it")
+                needed = torch.Size(shape).numel() * dtype.itemsize if dtype is not None else end - begin
+                if end - begin != needed:
+                    raise UserError(f"{file}: tensor {name} has {end - begin} bytes, not the {needed} its shape "
+                                    f"{list(shape)} and dtype {info['dtype']} need: re-download or re-create it")
                 if data_start + end > size:
                     raise UserError(f"{file} is truncated ({name} ends past the end of the file): re-download or "
                                     "re-create it")

@@ -67,8 +67,8 @@ def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch
 def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
                     device: torch.device, selection: ModuleSelection | None = None,
                     quant: WeightQuantConfig | None = None, show_progress: bool = True,
-                    emit: Callable[[str, nn.Module], None] | None = None, plan: DriverPlan | None = None, report: DriverReport | None = None,
-                    stats: PruneStats | None = None) -> PruneStats:
+                    emit: Callable[[str, nn.Module], None] | None = None, plan: DriverPlan | None = None,
+                    report: DriverReport | None = None, stats: PruneStats | None = None) -> PruneStats:
     """Prune every selected layer; ``emit(block_name, block)`` receives each finished block. ``stats``
     carries the records of blocks an interrupted run already did."""
     selection = selection or ModuleSelection()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.driver import capture_block_inputs, move, run_layerwise
+from compress.driver import capture_block_inputs, run_layerwise
 from compress.errors import UserError
 from compress.prune.apply import PruneStats
 from compress.prune.masks import check_sparsity
@@ -177,10 +177,8 @@ def _prune_layers(model, cfg: StructuredConfig, windows, device, prefix: str, bl
     from tqdm.auto import tqdm
 
     remove = removal_count(len(blocks), cfg.sparsity, "layers")
-    inputs = capture_block_inputs(model, blocks, windows, first_block_output=lambda first: first.raw_call(blocks[0], 0))
-    hidden = move(inputs.hidden, device)
-    inputs = inputs.moved(device)
-    inputs.hidden = hidden
+    inputs = capture_block_inputs(model, blocks, windows,
+                                  first_block_output=lambda first: first.raw_call(blocks[0], 0)).moved(device)
     influence = []
     for index, block in enumerate(tqdm(blocks, desc=f"structured {cfg.tag}", unit="block",
                                        disable=not show_progress)):

@@ -90,8 +90,7 @@ class BitsAndBytesMethod(QuantMethod):
         from compress.models import refuse_quantized_source
         from compress.shards import ShardReader
 
-        refuse_quantized_source(request.model, resolved.path,
-                                {n: e.dtype_name for n, e in ShardReader(resolved.path).entries.items()})
+        refuse_quantized_source(request.model, ShardReader(resolved.path))
         from transformers import AutoConfig
 
         if not is_causal_lm(AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)):
