@@ -120,3 +120,27 @@ def test_gemma3_streams_to_the_bytes_of_an_in_memory_run(tmp_path, calib_file):
     in_memory = quantize(QuantizeRequest(**common, out=str(tmp_path / "in-memory"), in_memory=True))
     assert streamed.manifest["streaming"] and not in_memory.manifest["streaming"]
     assert_same_checkpoint(streamed.folder, in_memory.folder)
+
+
+def test_a_model_whose_blocks_are_not_called_once_each_is_refused():
+    """The stand-ins can only speak for blocks the forward calls once per window, in order; a model that
+    runs a block twice is refused in one line rather than calibrated with the wrong inputs."""
+    from torch import nn
+
+    from compress.driver import capture_block_inputs
+    from compress.errors import UserError
+
+    class RepeatsItsFirstBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, ids):
+            h = self.layers[0](self.layers[0](self.embed(ids)))
+            return self.layers[1](h)
+
+    model = RepeatsItsFirstBlock()
+    with pytest.raises(UserError, match=r"RepeatsItsFirstBlock: its blocks were called \[2, 4\] times for 2 windows"):
+        capture_block_inputs(model, model.layers, [torch.arange(4), torch.arange(4)],
+                             first_block_output=lambda first: first.raw_call(model.layers[0], 0))
