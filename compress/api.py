@@ -36,6 +36,8 @@ class QuantizeRequest(RunSettings):
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    scale_search: str = "none"
+    """gptq/rtn: how each group's range is chosen: none (min/max), mse or weighted (see scale_search.py)."""
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act). On by default, as in auto-gptq:
     measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
@@ -84,7 +86,8 @@ def source_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: WeightQuantConfig | None) -> dict | None:
+def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: WeightQuantConfig | None,
+                         checkpoint_format: str = "gptq") -> dict | None:
     """Everything outside the blocks, first: as stored, except a head quantized with ``head_cfg`` (from
     its float weights, before any block changes) and the float16 copy other loaders read. Returns the
     head's manifest record."""
@@ -94,7 +97,7 @@ def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: Weight
     name, head, tied = head_and_embedding(run.model)
     bias = run.lazy.read(f"{name}.bias").to(run.lazy.dtype) if head.bias is not None else None
     # In its stored dtype: pack_head converts a chunk of rows at a time (no whole float32 copy).
-    packed = pack_head(run.lazy.read(f"{name}.weight"), bias, head_cfg)
+    packed = pack_head(run.lazy.read(f"{name}.weight"), bias, head_cfg, checkpoint_format)
     record = head_record(name, head_cfg, tied)
     writer.copy_outside_blocks(skip={f"{tied or name}.weight", f"{name}.bias"})
     writer.write_tensors(head_file_tensors(record, packed), cast=False)
@@ -110,18 +113,19 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     head_cfg = request.head_config()
     started = time.perf_counter()
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
-    run = load_for_run(request, tag, method.needs_calibration)
+    run = load_for_run(request, tag, method.needs_data(cfg))
 
     def work(output: RunOutput) -> tuple[dict, dict]:
         quant_started = time.perf_counter()
         saved = output.partial.saved
-        head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg)
+        head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg,
+                                                                                    cfg.checkpoint_format)
         stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])])
         plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers]})
         quantize_model(run.source, method, cfg, run.windows, run.device, request.selection, request.progress,
                        emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
-            quantize_head(run.model, head_cfg, run.lazy.dtype)
+            quantize_head(run.model, head_cfg, run.lazy.dtype, cfg.checkpoint_format)
         quant_seconds = time.perf_counter() - quant_started
         resolved = run.resolved
         manifest = {

@@ -2,7 +2,8 @@
 
 The folder holds config.json with a ``quantization_config`` block (quant_method gptq), safetensors
 weights where every quantized linear is stored as qweight/qzeros/scales/g_idx (checkpoint_format
-"gptq", zero points minus one), the tokenizer, and ``compress_manifest.json`` recording how it was
+"gptq", zero points minus one, for symmetric grids; "gptq_v2", zero points as they are, for asymmetric
+ones), the tokenizer, and ``compress_manifest.json`` recording how it was
 made. transformers loads it with GPTQModel + optimum installed; ``load_quantized`` runs it without
 them.
 """
@@ -21,6 +22,7 @@ from compress.models import check_checkpoint
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
 from compress.quant.linear import QuantLinear
+from compress.quant.primitives import ZERO_OFFSETS
 from compress.select import set_submodule
 
 MANIFEST_NAME = "compress_manifest.json"
@@ -37,7 +39,7 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
     """
     block = {
         "quant_method": "gptq",
-        "checkpoint_format": "gptq",
+        "checkpoint_format": cfg.checkpoint_format,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "sym": cfg.sym,
@@ -100,8 +102,10 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
     qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     if qcfg.get("quant_method") != "gptq":
         raise UserError(f"{folder} uses quant_method {qcfg.get('quant_method')!r}; this loader reads gptq checkpoints")
-    if qcfg.get("checkpoint_format", "gptq") != "gptq":
-        raise UserError(f"{folder} has checkpoint_format {qcfg.get('checkpoint_format')!r}; this loader reads 'gptq'")
+    checkpoint_format = qcfg.get("checkpoint_format", "gptq")
+    if checkpoint_format not in ZERO_OFFSETS:
+        raise UserError(f"{folder} has checkpoint_format {checkpoint_format!r}; this loader reads "
+                        f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
     del config.quantization_config
     lazy = LazyModel(folder, dtype, model=empty_model(folder, dtype, config=config))
     model = lazy.model
@@ -117,7 +121,8 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         with torch.device("meta"):
             layer = QuantLinear(reader.shape_of(f"{disk_module}.g_idx")[0], reader.shape_of(f"{disk_module}.scales")[1],
                                 bits, group_size, bias=bias in reader,
-                                bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16)
+                                bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16,
+                                checkpoint_format=checkpoint_format)
         try:
             set_submodule(model, name, layer)
         except AttributeError:

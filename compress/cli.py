@@ -113,6 +113,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    help="columns per scale; -1 = per output channel (default 128)")
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
     p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S, help="asymmetric grid")
+    p.add_argument("--scale-search", dest="scale_search", default=S, choices=["none", "mse", "weighted"],
+                   help="each group's range: min/max (none), the shrink with least squared error (mse), or with "
+                        "least error weighted by the calibration inputs' mean squares (weighted)")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; the default)")
     p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,

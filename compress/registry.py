@@ -33,6 +33,11 @@ class QuantMethod:
     """A method that quantizes whole models through another library (bitsandbytes) implements
     ``quantize_checkpoint(request, cfg) -> QuantizeResult`` instead of ``quantize_weight``."""
 
+    def needs_data(self, cfg) -> bool:
+        """Whether a run with ``cfg`` observes calibration data (a data-free method may need it for some
+        settings: RTN with a weighted scale search)."""
+        return self.needs_calibration
+
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg):  # pragma: no cover
         raise NotImplementedError
 

@@ -81,3 +81,68 @@ def test_gptqmodel_loads_what_transformers_cannot(arch, tmp_path, calib_file):
     theirs = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
     with torch.no_grad():
         assert relative_gap(theirs.model(ids).logits, ours(ids).logits) < 5e-3
+
+
+def one_signed_rows_model(tmp_path):
+    """A tiny Llama in which the first rows of every linear are all positive or all negative: their
+    asymmetric zero points sit at the ends of the code range (0 and the top code), the case the GPTQ v1
+    layout cannot store for every loader."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                module.weight[:8] = module.weight[:8].abs() + 0.01
+                module.weight[8:16] = -module.weight[8:16].abs()
+    source = tmp_path / "signed"
+    model.save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    return source
+
+
+def worst_weight_gap_in_steps(theirs: torch.nn.Module, ours: torch.nn.Module) -> float:
+    """Largest |their weight - ours| over every packed layer, in units of that weight's quantization step.
+    Their kernels round in half precision (up to about an eighth of a step here); a misread zero point is a
+    whole step."""
+    worst = 0.0
+    for name, module in theirs.named_modules():
+        if not hasattr(module, "qweight"):
+            continue
+        mine = ours.get_submodule(name)
+        qw = mine.quantized_weight()
+        eye = torch.eye(mine.in_features, dtype=module.scales.dtype)
+        bias = module.bias.float()[:, None] if getattr(module, "bias", None) is not None else 0
+        their_weight = module(eye).float().t() - bias
+        step = qw.scale.t()[:, qw.g_idx.long()]
+        worst = max(worst, float(((their_weight - mine.dequantized_weight()).abs() / step).max()))
+    return worst
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_asymmetric_checkpoints_load_in_transformers_and_gptqmodel(bits, method, tmp_path, calib_file):
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM
+
+    source = one_signed_rows_model(tmp_path)
+    folder = quantized(str(source), tmp_path, calib_file, method=method, bits=bits, sym=False,
+                       scale_search="mse", out=str(tmp_path / "q"))
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["sym"] is False and qcfg["checkpoint_format"] == "gptq_v2"
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    ours, _ = load_quantized(folder)
+    zeros = [m.quantized_weight().zero for m in ours.modules() if hasattr(m, "qzeros")]
+    assert min(float(z.min()) for z in zeros) == 0 and max(float(z.max()) for z in zeros) == 2**bits - 1
+    with torch.no_grad():
+        expected = ours(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert worst_weight_gap_in_steps(theirs, ours) < 0.5
+        assert relative_gap(theirs(ids).logits, expected) < 1e-2
+        del theirs
+        peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
+        assert relative_gap(peer.model(ids).logits, expected) < 1e-2

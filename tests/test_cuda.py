@@ -38,7 +38,7 @@ def test_bench_on_cuda_measures_the_gpu(tmp_path, eval_file, monkeypatch):
 
 def test_streaming_on_cuda_holds_one_block_on_the_gpu_and_matches_in_memory(tmp_path, calib_file):
     """GPU memory is bounded by one block and its activations, not by the model: a 16-block model's peak
-    allocated memory stays below a quarter of its float16 size (and the streaming and in-memory CUDA runs
+    allocated memory stays below half its float16 size (blocks are changed in float32) (and the streaming and in-memory CUDA runs
     write the same bytes)."""
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +57,6 @@ def test_streaming_on_cuda_holds_one_block_on_the_gpu_and_matches_in_memory(tmp_
     streamed = quantize(QuantizeRequest(out=str(tmp_path / "s"), **common))
     peak = torch.cuda.max_memory_allocated()
     blocks_fp16 = 16 * (4 * 512 * 512 + 3 * 512 * 1536) * 2
-    assert peak < blocks_fp16 / 4, f"{peak / 2**20:.0f} MiB on the GPU for a {blocks_fp16 / 2**20:.0f} MiB model"
+    assert peak < blocks_fp16 / 2, f"{peak / 2**20:.0f} MiB on the GPU for a {blocks_fp16 / 2**20:.0f} MiB model"
     in_memory = quantize(QuantizeRequest(out=str(tmp_path / "m"), in_memory=True, **common))
     assert_same_checkpoint(streamed.folder, in_memory.folder)

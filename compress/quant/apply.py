@@ -4,11 +4,13 @@ is changed in place; the caller opened a private copy."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from compress.blocks import BlockSource
 from compress.driver import DriverPlan, DriverReport, run_layerwise
@@ -26,6 +28,8 @@ class LayerRecord:
     shape: tuple[int, int]
     proxy_loss: float | None
     """tr(dW H dW^T) / out_features: the layer's mean squared output error on the calibration inputs."""
+    damp_percent: float | None = None
+    """The dampening GPTQ had to raise this layer's Hessian to (None: the configured one worked)."""
     fallback: str | None = None
     """Set when a calibrated method could not calibrate this layer (an expert too few tokens reached)
     and its data-free rule was used instead, e.g. "rtn"."""
@@ -57,10 +61,11 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
     selection = selection or ModuleSelection()
     stats = stats or QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
+    needs_data = method.needs_data(cfg)
 
     def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor | None:
         shape = tuple(layer.weight.shape)
-        if not method.needs_calibration:  # data-free: nothing runs this block again before it is packed
+        if not needs_data:  # data-free: nothing runs this block again before it is packed
             pending[name] = method.quantize_weight(layer.weight.data, None, cfg)
             stats.layers.append(LayerRecord(name, shape, None))
             return None
@@ -70,20 +75,25 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
             return qw.dequantize()
         pending[name] = qw = method.quantize_weight(layer.weight.data, hessian, cfg)
         new_weight = qw.dequantize()
-        stats.layers.append(LayerRecord(name, shape, output_error(layer.weight.data, new_weight, hessian)))
+        stats.layers.append(LayerRecord(name, shape, output_error(layer.weight.data, new_weight, hessian),
+                                        damp_percent=qw.damp_percent))
+        if qw.damp_percent is not None:
+            # Said once per layer, above the progress bar: the run goes on with the stronger dampening.
+            tqdm.write(f"{name}: input Hessian not positive definite at damp_percent {cfg.damp_percent:g}; "
+                       f"used {qw.damp_percent:g}", file=sys.stderr)
         return new_weight
 
     def pack_block(block_name: str, block: nn.Module) -> None:
         for name, layer in block_linears(block, selection).items():
             qw = pending.pop(f"{block_name}.{name}")
-            packed = QuantLinear.from_quantized(qw, cfg.group_size, layer.bias)
+            packed = QuantLinear.from_quantized(qw, cfg.group_size, layer.bias, cfg.checkpoint_format)
             set_submodule(block, name, packed.to(layer.weight.device))
         if emit is not None:
             emit(block_name, block)
 
-    if method.needs_calibration and not windows:
+    if needs_data and not windows:
         raise ValueError(f"{method.name} needs calibration windows")
-    stats.block_prefix = run_layerwise(source, windows if method.needs_calibration else None, quantize_layer,
+    stats.block_prefix = run_layerwise(source, windows if needs_data else None, quantize_layer,
                                        selection, device, pack_block, desc=f"{method.name} w{cfg.bits}",
                                        show_progress=show_progress, plan=plan, report=report)
     return stats

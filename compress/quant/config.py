@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from compress.errors import UserError
 from compress.quant.primitives import SUPPORTED_BITS
+from compress.quant.scale_search import SCALE_SEARCHES
 
 
 @dataclass
@@ -16,6 +17,9 @@ class WeightQuantConfig:
     """Input columns sharing one scale; -1 means one scale per output channel."""
     sym: bool = True
     """Symmetric grid (zero point in the middle) or asymmetric (min/max)."""
+    scale_search: str = "none"
+    """How each group's range is chosen: none (min/max), mse (the shrink with least squared error) or
+    weighted (least error weighted by the calibration inputs' mean squares: needs calibration data)."""
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -24,9 +28,19 @@ class WeightQuantConfig:
             raise UserError(
                 f"invalid group size {self.group_size}: use a positive number of columns (e.g. 128) or -1 "
                 "for one scale per output channel")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise UserError(f"unknown scale search '{self.scale_search}': choose one of {', '.join(SCALE_SEARCHES)}")
+
+    @property
+    def checkpoint_format(self) -> str:
+        """GPTQ v1 for symmetric grids (every loader reads it); v2 for asymmetric ones. v1 stores zero
+        points minus one, which wraps a zero point of 0 around (see primitives.ZERO_OFFSETS), and
+        GPTQModel refuses asymmetric v1 files it did not write itself for that reason."""
+        return "gptq" if self.sym else "gptq_v2"
 
     @property
     def tag(self) -> str:
         """Short name for output folders, e.g. w4g128 or w8pc (per channel)."""
         group = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"w{self.bits}{group}{'' if self.sym else 'a'}"
+        search = "" if self.scale_search == "none" else f"-{self.scale_search}"
+        return f"w{self.bits}{group}{'' if self.sym else 'a'}{search}"

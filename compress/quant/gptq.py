@@ -8,12 +8,14 @@ driver supplies H = 2/n * sum(x x^T) over the layer's calibration inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
-from compress.quant.primitives import QuantGrid, QuantizedWeight, find_grid, quantize_codes
+from compress.quant.primitives import QuantGrid, QuantizedWeight, quantize_codes
+from compress.quant.scale_search import choose_grid
 from compress.registry import QuantMethod, register_method
 
 
@@ -63,8 +65,16 @@ def _invert_into(upper: torch.Tensor, out: torch.Tensor, base: int) -> None:
     out[:k, k:] = torch.linalg.solve_triangular(upper[k:, k:], a_inv_b, upper=True, left=False).neg_()
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float,
-                           order: torch.Tensor | None = None) -> torch.Tensor:
+class HessianNotPositiveDefinite(UserError):
+    pass
+
+
+MAX_DAMP_PERCENT = 0.5
+"""The most dampening a retry may reach; past it the layer's Hessian is unusable and the run stops."""
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float, order: torch.Tensor | None = None,
+                           on_retry: Callable[[float], None] | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) after dampening: GPTQ's numerically stable form.
     ``order`` permutes H's inputs first (act-order); an input that was never active (zero diagonal) gets
     a diagonal of 1. ``hessian`` itself is left as it is.
@@ -74,15 +84,32 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float,
     inverse and a second Cholesky (the cost that dominates GPTQ on wide layers: 11008 inputs in a 7B MLP).
     The permuted, reversed copy is made in one gather, and each matrix is dropped as soon as the next
     exists: at most three n x n matrices besides ``hessian`` (for the 7B down projection, 485 MB each).
+
+    A Hessian that is not positive definite after dampening (few calibration tokens, inputs that are
+    nearly collinear, half-precision activations) is dampened ten times more, up to MAX_DAMP_PERCENT of
+    its mean diagonal, as GPTQModel does; ``on_retry(damp_percent)`` hears of each new value.
     """
     cols = hessian.shape[0]
     reverse = torch.arange(cols - 1, -1, -1, device=hessian.device) if order is None else order.flip(0)
     flipped = hessian[reverse[:, None], reverse]  # J P H P^T J
     diagonal = torch.diagonal(flipped)
     diagonal[diagonal == 0] = 1
-    damp = damp_percent * torch.mean(diagonal.flip(0))  # summed in H's (permuted) order, as always
-    diagonal += damp
-    lower = torch.linalg.cholesky(flipped)
+    mean = torch.mean(diagonal.flip(0))  # summed in H's (permuted) order, as always
+    diagonal += damp_percent * mean
+    while True:
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if int(info) == 0:
+            break
+        del lower
+        if damp_percent >= MAX_DAMP_PERCENT:
+            raise HessianNotPositiveDefinite(
+                f"a layer's input Hessian is not positive definite even with damp_percent {damp_percent:g}: "
+                "calibrate with more samples (--nsamples)")
+        raised = min(damp_percent * 10, MAX_DAMP_PERCENT)
+        diagonal += (raised - damp_percent) * mean
+        damp_percent = raised
+        if on_retry is not None:
+            on_retry(damp_percent)
     del flipped, diagonal
     upper = torch.flip(lower, (0, 1))
     del lower
@@ -110,15 +137,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
 
     static_grids: list[QuantGrid] | None = None
     if cfg.static_groups:
-        static_grids = [find_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym) for g in range(0, cols, group_size)]
+        static_grids = [choose_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym, cfg.scale_search,
+                                    diagonal[g:g + group_size]) for g in range(0, cols, group_size)]
 
     perm = torch.arange(cols, device=wt.device)
     if cfg.act_order:
         perm = torch.argsort(diagonal, descending=True)
         wt = wt[perm]
+    importance = diagonal[perm]  # per quantization position: what a weighted grid search weighs by
     inv_perm = torch.argsort(perm)
 
-    h_inv = inverse_hessian_factor(h, cfg.damp_percent, perm if cfg.act_order else None)
+    damp_used: list[float] = []
+    h_inv = inverse_hessian_factor(h, cfg.damp_percent, perm if cfg.act_order else None, damp_used.append)
     codes = torch.empty(cols, out_features, dtype=torch.uint8, device=wt.device)
     grids: list[QuantGrid] = []  # by group of quantization positions (position // group_size)
     grid: QuantGrid | None = None
@@ -141,7 +171,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
                 group = wt[col:end].clone()
                 if end > b2:
                     group[b2 - col:] -= h_inv[b1:col, b2:end].t() @ err_blk[:i]
-                grid = find_grid(group.t(), cfg.bits, cfg.sym)
+                grid = choose_grid(group.t(), cfg.bits, cfg.sym, cfg.scale_search, importance[col:end])
                 grids.append(grid)
             column = w_blk[i]
             q = quantize_codes(column, grid.scale, grid.zero, cfg.bits)
@@ -161,7 +191,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     chosen = static_grids if static_grids is not None else grids
     scale = torch.stack([g.scale for g in chosen])
     zero = torch.stack([g.zero for g in chosen])
-    return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_idx.to(torch.int32), bits=cfg.bits)
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_idx.to(torch.int32), bits=cfg.bits,
+                           damp_percent=damp_used[-1] if damp_used else None)
 
 
 @register_method

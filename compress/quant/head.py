@@ -84,15 +84,16 @@ split on word boundaries)."""
 
 
 def pack_head(weight: torch.Tensor, bias: torch.Tensor | None, cfg: WeightQuantConfig,
-              chunk_rows: int = HEAD_CHUNK_ROWS) -> QuantLinear:
-    """The head quantized data-free (RTN, per output channel by default) and packed, ``chunk_rows`` rows
-    at a time from ``weight`` in whatever dtype it is stored in."""
+              checkpoint_format: str = "gptq", chunk_rows: int = HEAD_CHUNK_ROWS) -> QuantLinear:
+    """The head quantized data-free (RTN, per output channel by default) and packed in the file's
+    ``checkpoint_format``, ``chunk_rows`` rows at a time from ``weight`` in whatever dtype it is stored in."""
     out_features, in_features = weight.shape
     layer = QuantLinear(in_features, out_features, cfg.bits, cfg.group_size, bias is not None,
-                        bias_dtype=bias.dtype if bias is not None else torch.float16).to(weight.device)
+                        bias_dtype=bias.dtype if bias is not None else torch.float16,
+                        checkpoint_format=checkpoint_format).to(weight.device)
     for start in range(0, out_features, chunk_rows):
         end = min(start + chunk_rows, out_features)
-        packed = pack_weight(rtn_quantize(weight[start:end], cfg))
+        packed = pack_weight(rtn_quantize(weight[start:end], cfg), checkpoint_format)
         layer.qweight[:, start:end] = packed["qweight"]
         layer.qzeros[:, start * cfg.bits // 32:end * cfg.bits // 32] = packed["qzeros"]
         layer.scales[:, start:end] = packed["scales"]
@@ -128,11 +129,12 @@ def head_file_tensors(record: dict, packed: QuantLinear) -> dict[str, torch.Tens
     return tensors
 
 
-def quantize_head(model: nn.Module, cfg: WeightQuantConfig, dtype: torch.dtype) -> dict:
+def quantize_head(model: nn.Module, cfg: WeightQuantConfig, dtype: torch.dtype,
+                  checkpoint_format: str = "gptq") -> dict:
     """Replace the head by a QuantLinear (RTN) and a tied embedding by a QuantEmbedding on it; the
     manifest's record of what was done."""
     name, head, tied = head_and_embedding(model)
-    packed = pack_head(head.weight.data, head.bias, cfg)
+    packed = pack_head(head.weight.data, head.bias, cfg, checkpoint_format)
     set_submodule(model, name, packed)
     if tied:
         set_submodule(model, tied, QuantEmbedding(packed, dtype))

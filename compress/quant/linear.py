@@ -19,8 +19,10 @@ _WORD_BITS = 32
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 bias_dtype: torch.dtype = torch.float16) -> None:
+                 bias_dtype: torch.dtype = torch.float16, checkpoint_format: str = "gptq") -> None:
         super().__init__()
+        self.checkpoint_format = checkpoint_format
+        """How qzeros holds the zero points: "gptq" (v1, minus one) or "gptq_v2" (as they are)."""
         if in_features % _WORD_BITS or out_features % _WORD_BITS:
             raise ValueError(
                 f"a {in_features}x{out_features} layer cannot be packed: GPTQ packing needs both widths to be "
@@ -40,18 +42,19 @@ class QuantLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None) -> "QuantLinear":
+    def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None,
+                       checkpoint_format: str = "gptq") -> "QuantLinear":
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, qw.bits, group_size, bias is not None,
-                    bias_dtype=bias.dtype if bias is not None else torch.float16)
-        for name, tensor in pack_weight(qw).items():
+                    bias_dtype=bias.dtype if bias is not None else torch.float16, checkpoint_format=checkpoint_format)
+        for name, tensor in pack_weight(qw, checkpoint_format).items():
             getattr(layer, name).copy_(tensor)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
 
     def quantized_weight(self) -> QuantizedWeight:
-        return unpack_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        return unpack_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format)
 
     def _unpacked(self) -> QuantizedWeight:
         """Unpacking is the slow part of a forward pass, so the codes are unpacked once and kept as
@@ -84,7 +87,7 @@ class QuantLinear(nn.Module):
         multiples of 32, so the packed zero points split on word boundaries for every bit width)."""
         words = slice(start * self.bits // _WORD_BITS, end * self.bits // _WORD_BITS)
         return unpack_weight(self.qweight[:, start:end].contiguous(), self.qzeros[:, words].contiguous(),
-                             self.scales[:, start:end], self.g_idx, self.bits).dequantize()
+                             self.scales[:, start:end], self.g_idx, self.bits, self.checkpoint_format).dequantize()
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows ``ids`` of the weight (a tied embedding's lookup), dequantizing only those rows."""

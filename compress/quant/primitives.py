@@ -36,6 +36,8 @@ class QuantizedWeight:
     zero: torch.Tensor  # float32 [n_groups, out_features] (integers)
     g_idx: torch.Tensor  # int32 [in_features]
     bits: int
+    damp_percent: float | None = None
+    """Set when GPTQ had to dampen the Hessian more than asked (the value that worked)."""
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.g_idx)
@@ -64,10 +66,16 @@ def find_grid(w: torch.Tensor, bits: int, sym: bool) -> QuantGrid:
     The range always contains 0 (as in GPTQ's quantizer), so exact zeros stay exact.
     Symmetric grids put the zero point in the middle of the code range.
     """
-    maxq = max_code(bits)
     w = w.float()
-    xmin = torch.clamp(w.min(dim=1).values, max=0.0)
-    xmax = torch.clamp(w.max(dim=1).values, min=0.0)
+    return grid_from_range(w.min(dim=1).values, w.max(dim=1).values, bits, sym)
+
+
+def grid_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, sym: bool) -> QuantGrid:
+    """The grid covering [low, high] per row, widened to contain 0 (a scale search shrinks the range
+    and asks for the grid of each candidate)."""
+    maxq = max_code(bits)
+    xmin = torch.clamp(low.float(), max=0.0)
+    xmax = torch.clamp(high.float(), min=0.0)
     if sym:
         # The range is always [-a, a]. (GPTQ's reference keeps xmin = 0 for all-positive rows, which
         # with the mid-range zero point clips them at half their maximum.)
@@ -163,20 +171,27 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.reshape(rows // bits * _WORD_BITS, cols).to(torch.int32)
 
 
-def pack_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The four GPTQ tensors (checkpoint_format "gptq", i.e. v1: zero points stored minus one)."""
-    zeros_v1 = (qw.zero.to(torch.int64) - 1) & max_code(qw.bits)
+ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
+"""checkpoint_format -> what is subtracted from each zero point before it is packed. v1 ("gptq", the
+auto-gptq layout every loader reads) stores zero - 1, so an asymmetric zero point of 0 (a group whose
+weights share one sign) is written as the all-ones code, and a loader converting v1 to v2 by adding one
+to every packed word carries into the neighbouring field; v2 stores the zero point itself."""
+
+
+def pack_weight(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors in ``checkpoint_format`` ("gptq" = v1 or "gptq_v2")."""
+    stored_zeros = (qw.zero.to(torch.int64) - ZERO_OFFSETS[checkpoint_format]) & max_code(qw.bits)
     return {
         "qweight": pack_rows(qw.codes.t().contiguous(), qw.bits),
-        "qzeros": pack_rows(zeros_v1.t().contiguous(), qw.bits).t().contiguous(),
+        "qzeros": pack_rows(stored_zeros.t().contiguous(), qw.bits).t().contiguous(),
         "scales": qw.scale.half(),
         "g_idx": qw.g_idx.to(torch.int32),
     }
 
 
 def unpack_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                  bits: int) -> QuantizedWeight:
+                  bits: int, checkpoint_format: str = "gptq") -> QuantizedWeight:
     codes = unpack_rows(qweight, bits).t().contiguous()
-    zeros_v1 = unpack_rows(qzeros.t().contiguous(), bits).t()
-    zero = ((zeros_v1.to(torch.int64) + 1) & max_code(bits)).float()
+    stored_zeros = unpack_rows(qzeros.t().contiguous(), bits).t()
+    zero = ((stored_zeros.to(torch.int64) + ZERO_OFFSETS[checkpoint_format]) & max_code(bits)).float()
     return QuantizedWeight(codes=codes, scale=scales.float(), zero=zero, g_idx=g_idx.to(torch.int32), bits=bits)

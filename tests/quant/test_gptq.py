@@ -119,3 +119,18 @@ def test_gptq_holds_few_hessian_sized_matrices():
     gptq_quantize(w, h, GPTQConfig(bits=4, group_size=128, act_order=True))
     held = (peak_rss_bytes() - start) / (n * n * 4)  # VmHWM, which clear_refs reset
     assert held < 4.5, f"{held:.2f} Hessian-sized matrices at the peak"
+
+
+def test_a_hessian_that_is_not_positive_definite_is_retried_with_more_dampening():
+    from compress.quant.gptq import HessianNotPositiveDefinite
+
+    x = correlated_inputs(64, tokens=32)  # fewer tokens than inputs: H is singular
+    h = 2 * x.t() @ x / x.shape[0]
+    h -= 0.03 * torch.diag(h).mean() * torch.eye(64)  # half-precision rounding made it slightly indefinite
+    w = torch.randn(32, 64)
+    qw = gptq_quantize(w, h, GPTQConfig(4, 32, damp_percent=0.01))
+    assert qw.damp_percent == pytest.approx(0.1)
+    assert torch.isfinite(qw.dequantize()).all()
+    assert gptq_quantize(w, h + 0.1 * torch.diag(h).mean() * torch.eye(64), GPTQConfig(4, 32)).damp_percent is None
+    with pytest.raises(HessianNotPositiveDefinite, match="--nsamples"):
+        gptq_quantize(w, h - 10 * torch.diag(h).mean() * torch.eye(64), GPTQConfig(4, 32))
