@@ -17,6 +17,7 @@ from compress.checkpoint import gptq_quantization_config
 from compress.models import weight_bytes_on_disk
 from compress.shards import weight_files
 from compress.prune.run import PruneRequest, PruneResult, prune
+from compress.quant.awq import GroupScaling
 from compress.quant.apply import LayerRecord, QuantizeStats, quantize_model
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import head_and_embedding, head_file_tensors, head_record, pack_head, quantize_head
@@ -32,7 +33,7 @@ __all__ = ["QuantizeRequest", "QuantizeResult", "quantize", "PruneRequest", "Pru
 @dataclass
 class QuantizeRequest(RunSettings):
     method: str = "gptq"
-    """Quantization method: gptq or rtn (or a plugin's name)."""
+    """Quantization method: gptq, awq or rtn (or a plugin's name)."""
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -43,6 +44,8 @@ class QuantizeRequest(RunSettings):
     measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
     static_groups: bool = False
     damp_percent: float = 0.01
+    awq: bool = False
+    """gptq: fold AWQ's activation-aware channel scales into each block first."""
     quant_type: str = "nf4"
     """bnb 4-bit: nf4 or fp4."""
     double_quant: bool = True
@@ -120,8 +123,10 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         saved = output.partial.saved
         head = saved.get("head") if output.resumed else write_outside_blocks(run, output.writer, head_cfg,
                                                                                     cfg.checkpoint_format)
-        stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])])
-        plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers]})
+        stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])],
+                              scalings=[GroupScaling(**record) for record in saved.get("awq_scales", [])])
+        plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers],
+                                           "awq_scales": [dataclasses.asdict(x) for x in stats.scalings]})
         quantize_model(run.source, method, cfg, run.windows, run.device, request.selection, request.progress,
                        emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
@@ -138,6 +143,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "calibration": run.calibration.to_dict() if run.calibration else None,
             "selection": {"include": request.include, "exclude": request.exclude},
             "layers": [dataclasses.asdict(layer) for layer in stats.layers],
+            "awq_scales": [dataclasses.asdict(scaling) for scaling in stats.scalings] or None,
             "lm_head": head,
             "device": str(run.device),
             "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},

@@ -108,7 +108,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
     p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
                    "(default 4)")
-    p.add_argument("--method", default=S, help="gptq (default), rtn or bnb (bitsandbytes)")
+    p.add_argument("--method", default=S, help="gptq (default), awq, rtn or bnb (bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
                    help="columns per scale; -1 = per output channel (default 128)")
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
@@ -116,6 +116,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-search", dest="scale_search", default=S, choices=["none", "mse", "weighted"],
                    help="each group's range: min/max (none), the shrink with least squared error (mse), or with "
                         "least error weighted by the calibration inputs' mean squares (weighted)")
+    p.add_argument("--awq", action="store_const", const=True, default=S,
+                   help="gptq: fold AWQ's activation-aware channel scales into each block before GPTQ")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; the default)")
     p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,

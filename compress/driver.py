@@ -340,6 +340,11 @@ LayerFn = Callable[[str, nn.Linear, "torch.Tensor | None"], "torch.Tensor | None
 """(qualified name, layer, hessian or None) -> the layer's new (dequantized) weight; without data (no
 Hessian) it may return None when ``finish_block`` replaces the layer anyway."""
 
+PrepareFn = Callable[[str, nn.Module, "dict[str, nn.Linear]", "list[list[str]]", BlockInputs, "set[str]"], None]
+"""(block name, block, its selected linears, their call groups, the block's inputs, names of expert layers):
+runs once per block, with data, before any of its layers is observed; it may change the block's float
+weights without changing its function (AWQ folds its scales here)."""
+
 DEFAULT_ACTIVATION_BUDGET = 2 << 30
 """Bytes of carried hidden states kept in memory; beyond it they go to files (``DriverPlan.spill_folder``)."""
 
@@ -403,14 +408,15 @@ def _restored(plan: DriverPlan, device: torch.device) -> Activations:
 def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor] | None, layer_fn: LayerFn,
                   selection: ModuleSelection, device: torch.device, finish_block: Callable[[str, nn.Module], None],
                   desc: str, show_progress: bool = True, plan: DriverPlan | None = None,
-                  report: DriverReport | None = None) -> str:
+                  report: DriverReport | None = None, prepare_block: PrepareFn | None = None) -> str:
     """Visit every selected linear layer block by block, as ``plan`` says, recording into ``report``;
     returns the blocks' module path.
 
     ``source`` gives the blocks (a model in memory, or a streaming BlockSource). ``layer_fn`` returns
     the new weight for a layer; it is written into the layer at once so later groups and the next
     block see the changed model. ``finish_block`` is called when a block is done (to pack its layers
-    and write them out). With ``windows`` None no data is observed and ``layer_fn`` gets no Hessian.
+    and write them out). With ``windows`` None no data is observed and ``layer_fn`` gets no Hessian;
+    with data, ``prepare_block`` sees each block first.
     """
     source = source if isinstance(source, BlockSource) else BlockSource.in_memory(source)
     plan = plan or DriverPlan()
@@ -449,7 +455,11 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                         layer.weight.data = new_weight.to(layer.weight.dtype)
             else:
                 experts = {n for groups in expert_groups(block, set(linears)).values() for g in groups for n in g}
-                for group in linear_call_groups(block, linears, inputs):
+                groups = linear_call_groups(block, linears, inputs)
+                if prepare_block is not None:
+                    bar.set_postfix_str("preparing")
+                    prepare_block(block_name, block, linears, groups, inputs, experts)
+                for group in groups:
                     bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in group))
                     acc = accumulate_hessian(block, linears, group, inputs)
                     hessian = acc.h

@@ -13,7 +13,7 @@ import torch
 from compress.errors import UserError
 
 ENTRY_POINT_GROUP = "compress.methods"
-_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.quant.bnb", "compress.prune.magnitude", "compress.prune.wanda",
+_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.quant.awq_method", "compress.quant.bnb", "compress.prune.magnitude", "compress.prune.wanda",
                     "compress.prune.sparsegpt", "compress.prune.structured")
 
 METHODS: dict[str, "QuantMethod"] = {}
@@ -40,6 +40,12 @@ class QuantMethod:
 
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg):  # pragma: no cover
         raise NotImplementedError
+
+    def prepare_block(self, block_name: str, block, linears: dict, groups: list[list[str]], inputs, cfg,
+                      experts: set[str]) -> list | None:
+        """Runs on each block, with data, before its layers are observed; may change the block's float
+        weights without changing its function (AWQ's scales). Returns records for the manifest."""
+        return None
 
 
 class PruneMethod:

@@ -20,7 +20,7 @@ def request(arch, method, out, calib_file, **kw):
     return QuantizeRequest(**settings)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
     result = quantize(request(arch, method, tmp_path / "q", calib_file, in_memory=True))

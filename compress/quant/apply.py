@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from compress.blocks import BlockSource
 from compress.driver import DriverPlan, DriverReport, run_layerwise
+from compress.quant.awq import GroupScaling
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
@@ -40,6 +41,8 @@ class QuantizeStats:
     layers: list[LayerRecord] = field(default_factory=list)
     block_prefix: str = ""
     """Module path of the transformer blocks, e.g. model.layers."""
+    scalings: list[GroupScaling] = field(default_factory=list)
+    """AWQ: per group of layers, the producer its scales were folded into and the ratio chosen."""
 
     @property
     def quantized_names(self) -> list[str]:
@@ -91,9 +94,14 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
         if emit is not None:
             emit(block_name, block)
 
+    def prepare_block(block_name: str, block: nn.Module, linears: dict, groups: list[list[str]], inputs,
+                      experts: set[str]) -> None:
+        stats.scalings.extend(method.prepare_block(block_name, block, linears, groups, inputs, cfg, experts) or [])
+
     if needs_data and not windows:
         raise ValueError(f"{method.name} needs calibration windows")
     stats.block_prefix = run_layerwise(source, windows if needs_data else None, quantize_layer,
                                        selection, device, pack_block, desc=f"{method.name} w{cfg.bits}",
-                                       show_progress=show_progress, plan=plan, report=report)
+                                       show_progress=show_progress, plan=plan, report=report,
+                                       prepare_block=prepare_block)
     return stats

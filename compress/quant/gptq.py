@@ -29,6 +29,8 @@ class GPTQConfig(WeightQuantConfig):
     """With act_order: fix each group's grid from the original weights before any update."""
     block_size: int = 128
     """Columns updated together (lazy batch updates); changes speed, not results."""
+    awq: bool = False
+    """Fold AWQ's activation-aware channel scales into each block before GPTQ quantizes it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,3 +207,10 @@ class GPTQ(QuantMethod):
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTQConfig) -> QuantizedWeight:
         assert hessian is not None, "GPTQ needs the layer's input Hessian"
         return gptq_quantize(weight, hessian, cfg)
+
+    def prepare_block(self, block_name, block, linears, groups, inputs, cfg: GPTQConfig, experts):
+        if not cfg.awq:
+            return None
+        from compress.quant.awq_method import fold_awq_scales  # the AWQ method module registers itself
+
+        return fold_awq_scales(block_name, block, linears, groups, inputs, cfg, experts)

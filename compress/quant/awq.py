@@ -1,0 +1,260 @@
+"""AWQ (Lin et al., 2024): activation-aware per-channel scales, folded into the model before quantizing.
+
+A weight column that a large activation multiplies matters more to the layer's output than the others.
+AWQ multiplies such columns by s > 1 before quantizing (their relative rounding error shrinks) and
+divides the input by s, which costs nothing at inference when the division is folded into whatever
+produced the input: a norm's weight (and bias), or the rows of a preceding linear (v_proj before o_proj,
+up_proj before down_proj). The saved model is an ordinary model with changed weights.
+
+Per group of layers sharing one input (q/k/v, gate/up, ...) the scales are
+``s = x_mean^r / w_mean^(1-r)`` normalised so that max * min = 1, with ``r`` searched on a grid
+(``n_grid`` points in [0, 1)) as AutoAWQ, llm-compressor and GPTQModel do (``duo_scaling``). What the
+search minimises is the squared error of the group's own outputs on the calibration inputs (up to
+SEARCH_TOKENS tokens spread over every window) when its layers are quantized with the scales: AutoAWQ
+measures a whole attention or MLP module instead, which on a CPU costs a forward pass of the module per
+candidate, where ours costs one matrix product per layer. No scaling is a candidate too, so the search
+never makes that error worse than plain quantization.
+
+The producer of a group's input is found by trying, not from a table of architectures: a module of
+the block with a per-channel weight of the right length (a norm) or a linear with as many outputs as
+the group has inputs is a producer when dividing it by random positive scales and multiplying the
+group's columns by the same scales leaves the block's output unchanged. A group without one (GPT-NeoX's
+fused attention output, o_proj under grouped-query attention) is quantized without scales.
+
+The math (scales from statistics, folding, the search loop) is here as pure functions; the driver
+glue is ``awq_prepare_block``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress.driver import BlockInputs, for_each_layer_call
+from compress.quant.primitives import fake_quantize, find_grid, num_groups
+
+N_GRID = 20
+FOLD_TOLERANCE = 1e-4
+"""Largest relative change of the block's output for a fold to count as exact (float32 rounding only)."""
+
+
+@dataclass
+class GroupScaling:
+    """What AWQ did to one group of layers: the producer it folded into and the ratio chosen."""
+
+    layers: list[str]
+    producer: str | None
+    ratio: float | None
+    """None: no scaling (no producer, or no candidate beat plain quantization)."""
+    loss_plain: float | None = None
+    loss_scaled: float | None = None
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per input channel: the mean over the group's layers and rows of |w| / max|w| of its group."""
+    total = None
+    rows = 0
+    for w in weights:
+        w = w.detach().float().abs()
+        out_features, in_features = w.shape
+        step = in_features if group_size == -1 else group_size
+        normalised = torch.empty_like(w)
+        for start in range(0, in_features, step):
+            block = w[:, start:start + step]
+            normalised[:, start:start + step] = block / block.amax(dim=1, keepdim=True).clamp(min=1e-12)
+        summed = normalised.sum(dim=0)
+        total = summed if total is None else total + summed
+        rows += out_features
+    return total / rows
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """AWQ's scales for one ratio, normalised so that max * min = 1."""
+    scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    return torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """``weight`` [out, in] quantized with min/max grids per group and dequantized (AWQ's search quantizer)."""
+    w = weight.float()
+    out = torch.empty_like(w)
+    in_features = w.shape[1]
+    step = in_features if group_size == -1 else group_size
+    for g in range(num_groups(in_features, group_size)):
+        block = w[:, g * step:(g + 1) * step]
+        grid = find_grid(block, bits, sym)
+        out[:, g * step:(g + 1) * step] = fake_quantize(block, grid.scale[:, None], grid.zero[:, None], bits)
+    return out
+
+
+def search_ratio(loss: Callable[[torch.Tensor | None], float], x_mean: torch.Tensor, w_mean: torch.Tensor,
+                 n_grid: int = N_GRID) -> tuple[float | None, torch.Tensor | None, float, float]:
+    """(best ratio or None, its scales or None, plain loss, best loss) over the grid; ``loss(scales)``
+    measures the output error with the group quantized under ``scales`` (None: unscaled)."""
+    plain = best = loss(None)
+    best_ratio, best_scales = None, None
+    for i in range(n_grid):
+        ratio = i / n_grid
+        scales = candidate_scales(x_mean, w_mean, ratio)
+        value = loss(scales)
+        if value < best:
+            best, best_ratio, best_scales = value, ratio, scales
+    return best_ratio, best_scales, plain, best
+
+
+# --- folding --------------------------------------------------------------------------------------
+
+
+def producer_candidates(block: nn.Module, group_layers: dict[str, nn.Linear]) -> dict[str, nn.Module]:
+    """Modules of ``block`` whose output channels could be the group's input channels."""
+    width = next(iter(group_layers.values())).in_features
+    members = set(group_layers.values())
+    found = {}
+    for name, module in block.named_modules():
+        if module in members or not name:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.UninitializedParameter):
+            continue
+        if isinstance(module, nn.Linear):
+            if module.out_features == width:
+                found[name] = module
+        elif weight.dim() == 1 and weight.numel() == width and not list(module.children()):
+            found[name] = module
+    return found
+
+
+def scale_producer(producer: nn.Module, scales: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``scales``: a norm's weight (and bias), a linear's rows."""
+    s = scales.to(producer.weight.device)
+    if producer.weight.dim() == 1:
+        producer.weight.data = (producer.weight.data.float() / s).to(producer.weight.dtype)
+    else:
+        producer.weight.data = (producer.weight.data.float() / s[:, None]).to(producer.weight.dtype)
+    bias = getattr(producer, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        producer.bias.data = (bias.data.float() / s).to(bias.dtype)
+
+
+def scale_columns(layers: list[nn.Linear], scales: torch.Tensor) -> None:
+    for layer in layers:
+        layer.weight.data = (layer.weight.data.float() * scales.to(layer.weight.device)).to(layer.weight.dtype)
+
+
+def fold(producer: nn.Module, layers: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Move ``scales`` from the group's input onto its weights: the function the block computes is unchanged."""
+    scale_producer(producer, scales)
+    scale_columns(layers, scales)
+
+
+def snapshot(modules: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in modules]
+
+
+def restore(modules: list[nn.Module], saved: list[dict[str, torch.Tensor]]) -> None:
+    for module, params in zip(modules, saved):
+        for name, value in params.items():
+            getattr(module, name).data = value
+
+
+def find_producer(block: nn.Module, group_layers: dict[str, nn.Linear], run_block: Callable[[], torch.Tensor],
+                  seed: int = 0) -> str | None:
+    """The name of the module whose output the group reads, where folding scales into it is exact."""
+    reference = run_block()
+    layers = list(group_layers.values())
+    width = layers[0].in_features
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.empty(width).uniform_(0.5, 2.0, generator=g)
+    for name, producer in producer_candidates(block, group_layers).items():
+        saved = snapshot([producer, *layers])
+        fold(producer, layers, probe)
+        changed = run_block()
+        restore([producer, *layers], saved)
+        gap = (changed.float() - reference.float()).abs().max() / reference.float().abs().max().clamp(min=1e-12)
+        if gap < FOLD_TOLERANCE:
+            return name
+    return None
+
+
+# --- the per-block pre-step ------------------------------------------------------------------------
+
+SEARCH_TOKENS = 4096
+"""Calibration tokens (spread evenly over all windows) on which each candidate's output error is
+measured; the activation means use every token."""
+
+
+@dataclass
+class GroupInputs:
+    abs_mean: torch.Tensor
+    """Mean |x| per input channel over every calibration token."""
+    sample: torch.Tensor
+    """[tokens, in_features]: up to SEARCH_TOKENS of the inputs, every stride-th token of each window."""
+
+
+def group_inputs(block: nn.Module, first: nn.Linear, inputs: BlockInputs, max_tokens: int = SEARCH_TOKENS) -> GroupInputs:
+    """What the search needs of the input the group shares, in one pass over the windows."""
+    total, count, kept = None, 0, []
+    windows = len(inputs.hidden)
+    stride = None
+
+    def add(x: torch.Tensor, _out) -> None:
+        nonlocal total, count, stride
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = x.abs().sum(dim=0) if total is None else total + x.abs().sum(dim=0)
+        count += x.shape[0]
+        if stride is None:
+            stride = max(1, -(-x.shape[0] * windows // max_tokens))
+        kept.append(x[::stride].clone())
+
+    for_each_layer_call(block, first, inputs, add)
+    return GroupInputs(total / max(count, 1), torch.cat(kept)[:max_tokens])
+
+
+def output_error(x: torch.Tensor, weights: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
+    """Mean squared error of the layers' outputs on ``x`` when ``weights`` become ``quantized``."""
+    total = 0.0
+    for w, q in zip(weights, quantized):
+        total += float((x @ (w.float() - q).t()).square().mean())
+    return total
+
+
+@torch.no_grad()
+def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+                      inputs: BlockInputs, bits: int, group_size: int, sym: bool, skip: set[str] = frozenset(),
+                      n_grid: int = N_GRID) -> list[GroupScaling]:
+    """Search and fold AWQ scales for each group of ``block`` in call order, before any layer is
+    quantized; groups holding a layer of ``skip`` (experts: each sees its own tokens) are left alone."""
+    records = []
+    for group in groups:
+        members = {name: linears[name] for name in group}
+        layers = list(members.values())
+        qualified = [f"{block_name}.{name}" for name in group]
+        producer_name = None if skip & set(group) else find_producer(block, members, lambda: inputs.call(block, 0))
+        if producer_name is None:
+            records.append(GroupScaling(qualified, None, None))
+            continue
+        seen = group_inputs(block, layers[0], inputs)
+        weights = [layer.weight.data for layer in layers]
+        device = weights[0].device
+        x = seen.sample.to(device)
+        w_mean = weight_mean(weights, group_size).to(device)
+
+        def loss(scales: torch.Tensor | None) -> float:
+            quantized = []
+            for w in weights:
+                if scales is None:
+                    quantized.append(fake_quantize_weight(w, bits, group_size, sym))
+                else:
+                    quantized.append(fake_quantize_weight(w.float() * scales, bits, group_size, sym) / scales)
+            return output_error(x, weights, quantized)
+
+        ratio, scales, plain, best = search_ratio(loss, seen.abs_mean.to(device), w_mean, n_grid)
+        if scales is not None:
+            fold(block.get_submodule(producer_name), layers, scales)
+        records.append(GroupScaling(qualified, f"{block_name}.{producer_name}", ratio, plain, best))
+        del seen
+    return records
