@@ -18,6 +18,8 @@ from compress.models import weight_bytes_on_disk
 from compress.shards import weight_files
 from compress.prune.run import PruneRequest, PruneResult, prune
 from compress.quant.awq import GroupScaling
+from compress.quant.mixed import LayerOption, average_bits, choose_options
+from compress.quant.sensitivity import measure_sensitivities
 from compress.quant.apply import LayerRecord, QuantizeStats, quantize_model
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import head_and_embedding, head_file_tensors, head_record, pack_head, quantize_head
@@ -52,6 +54,9 @@ class QuantizeRequest(RunSettings):
     """bnb 4-bit: quantize the block scales too."""
     int8_threshold: float = 6.0
     """bnb 8-bit: LLM.int8() outlier threshold."""
+    avg_bits: float | None = None
+    """Mixed precision: measure each layer's sensitivity, then give every layer the option (3, 4 or 8 bits)
+    with the least predicted loss within this average of stored bits per weight (e.g. 4.25)."""
     lm_head_bits: int | None = None
     """Also quantize the output head (and an embedding tied to it), data-free, per output channel at
     these bits (8 is the usual choice); None keeps it in float."""
@@ -107,16 +112,55 @@ def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: Weight
     return record
 
 
+MIXED_BITS = (3, 4, 8)
+"""The bit widths a mixed-precision run chooses among, at the run's group size, besides 4 bits at group 32."""
+
+
+def mixed_options(cfg: WeightQuantConfig) -> list[LayerOption]:
+    options = {LayerOption(bits, cfg.group_size) for bits in (*MIXED_BITS, cfg.bits)}
+    if cfg.group_size == -1 or cfg.group_size > 32:
+        options.add(LayerOption(4, 32))
+    return sorted(options, key=lambda o: (o.bits, -o.group_size if o.group_size != -1 else -10**9))
+
+
+def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loaded) -> dict | None:
+    """With ``avg_bits``: measure every layer's sensitivity, choose its option within the budget, and
+    return the manifest's record of it (which the quantizing pass and a resumed run read)."""
+    if request.avg_bits is None:
+        return None
+    options = mixed_options(cfg)
+    request.say(f"measuring each layer's sensitivity to {', '.join(o.label for o in options)} ...")
+    costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
+                                  request.progress)
+    choice = choose_options(costs, request.avg_bits)
+    achieved = average_bits(costs, choice)
+    counts = {o.label: sum(1 for c in choice.values() if c == o) for o in options}
+    request.say(f"mixed precision: {achieved:.3f} bits per weight (target {request.avg_bits:g}); layers per "
+                 "option: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    return {
+        "target_avg_bits": request.avg_bits,
+        "avg_bits": round(achieved, 4),
+        "predicted_loss": sum(c.losses[choice[c.name]] for c in costs),
+        "measure": "block output mean squared error with the layer alone quantized (RTN, min/max grids)",
+        "layers": {c.name: {"option": dataclasses.asdict(choice[c.name]),
+                            "sensitivity": {o.label: loss for o, loss in c.losses.items()}} for c in costs},
+    }
+
+
 def quantize(request: QuantizeRequest) -> QuantizeResult:
     method, cfg = request.method_config()
     if method.writes_own_checkpoint:
         if request.lm_head_bits is not None:
-            raise UserError(f"--lm-head-bits applies to gptq and rtn; {method.name} decides its own head")
+            raise UserError(f"--lm-head-bits applies to gptq, awq and rtn; {method.name} decides its own head")
+        if request.avg_bits is not None:
+            raise UserError(f"--avg-bits applies to gptq, awq and rtn; {method.name} has one precision")
         return method.quantize_checkpoint(request, cfg)
     head_cfg = request.head_config()
     started = time.perf_counter()
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
-    run = load_for_run(request, tag, method.needs_data(cfg))
+    if request.avg_bits is not None:
+        tag += f"-avg{request.avg_bits:g}"
+    run = load_for_run(request, tag, method.needs_data(cfg) or request.avg_bits is not None)
 
     def work(output: RunOutput) -> tuple[dict, dict]:
         quant_started = time.perf_counter()
@@ -125,10 +169,14 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
                                                                                     cfg.checkpoint_format)
         stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])],
                               scalings=[GroupScaling(**record) for record in saved.get("awq_scales", [])])
+        mixed = saved.get("mixed") if output.resumed else mixed_precision(request, cfg, run)
+        overrides = {name: LayerOption(**c["option"]) for name, c in (mixed or {}).get("layers", {}).items()}
         plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers],
-                                           "awq_scales": [dataclasses.asdict(x) for x in stats.scalings]})
-        quantize_model(run.source, method, cfg, run.windows, run.device, request.selection, request.progress,
-                       emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
+                                           "awq_scales": [dataclasses.asdict(x) for x in stats.scalings],
+                                           "mixed": mixed})
+        quantize_model(run.source, method, cfg, run.windows if method.needs_data(cfg) else None, run.device,
+                       request.selection, request.progress, emit=output.writer.write_module, plan=plan,
+                       report=output.report, stats=stats, overrides=overrides)
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
             quantize_head(run.model, head_cfg, run.lazy.dtype, cfg.checkpoint_format)
         quant_seconds = time.perf_counter() - quant_started
@@ -144,6 +192,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "selection": {"include": request.include, "exclude": request.exclude},
             "layers": [dataclasses.asdict(layer) for layer in stats.layers],
             "awq_scales": [dataclasses.asdict(scaling) for scaling in stats.scalings] or None,
+            "mixed_precision": mixed,
             "lm_head": head,
             "device": str(run.device),
             "timings_s": {"load": round(run.load_seconds, 3), "quantize": round(quant_seconds, 3)},
@@ -154,7 +203,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         qcfg = gptq_quantization_config(cfg, method.name, __version__, stats.block_prefix,
-                                        [layer.shape[1] for layer in stats.layers], head)
+                                        [layer.shape[1] for layer in stats.layers], head, overrides)
         return qcfg, manifest
 
     folder, manifest = run_streaming(request, run, True, work)

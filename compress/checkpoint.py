@@ -11,6 +11,7 @@ them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -30,8 +31,12 @@ QUANTIZED_SUFFIX = ".qweight"
 
 
 def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, block_prefix: str,
-                              in_features: list[int] = (), head: dict | None = None) -> dict:
+                              in_features: list[int] = (), head: dict | None = None,
+                              layer_overrides: dict | None = None) -> dict:
     """The config.json block that transformers, optimum and GPTQModel read.
+
+    ``layer_overrides`` (qualified layer name -> LayerOption) become GPTQModel's ``dynamic`` per-module
+    settings, which GPTQModel and our loader read (mixed precision).
 
     GPTQModel's automatic CPU kernel (torch's int4 pack-mm) needs every input width to be a multiple
     of the group size. Where a layer has a partial last group (SmolLM2: 576 at group 128) we name
@@ -54,12 +59,16 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
     }
     if cfg.group_size != -1 and any(width % cfg.group_size for width in in_features):
         block["backend"] = "torch"
+    dynamic = {}
+    for name, option in sorted((layer_overrides or {}).items()):
+        if (option.bits, option.group_size) != (cfg.bits, cfg.group_size):
+            dynamic[f"+:^{re.escape(name)}$"] = {"bits": option.bits, "group_size": option.group_size}
     if head is not None:
         # GPTQModel's and vLLM's names for a quantized head and for per-module settings.
         block["lm_head"] = True
-        dynamic = dynamic_override(head, cfg)
-        if dynamic:
-            block["dynamic"] = dynamic
+        dynamic.update(dynamic_override(head, cfg))
+    if dynamic:
+        block["dynamic"] = dynamic
     return block
 
 

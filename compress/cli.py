@@ -131,6 +131,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    help="bnb --bits 4: keep block scales in float (reloads lossily on CPU)")
     p.add_argument("--int8-threshold", dest="int8_threshold", type=float, default=S,
                    help="bnb --bits 8: LLM.int8() outlier threshold (default 6.0)")
+    p.add_argument("--avg-bits", dest="avg_bits", type=float, default=S,
+                   help="mixed precision: measure each layer's sensitivity and give it 3, 4 or 8 bits (or 4 at group "
+                        "32) for the least predicted loss within this average of stored bits per weight (e.g. 4.25)")
     p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=S,
                    help="also quantize the output head (and an embedding tied to it) per channel, data-free, at "
                         "these bits (8 recommended; default: keep it in float)")

@@ -408,7 +408,8 @@ def _restored(plan: DriverPlan, device: torch.device) -> Activations:
 def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor] | None, layer_fn: LayerFn,
                   selection: ModuleSelection, device: torch.device, finish_block: Callable[[str, nn.Module], None],
                   desc: str, show_progress: bool = True, plan: DriverPlan | None = None,
-                  report: DriverReport | None = None, prepare_block: PrepareFn | None = None) -> str:
+                  report: DriverReport | None = None, prepare_block: PrepareFn | None = None,
+                  observe: bool = True) -> str:
     """Visit every selected linear layer block by block, as ``plan`` says, recording into ``report``;
     returns the blocks' module path.
 
@@ -416,7 +417,9 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
     the new weight for a layer; it is written into the layer at once so later groups and the next
     block see the changed model. ``finish_block`` is called when a block is done (to pack its layers
     and write them out). With ``windows`` None no data is observed and ``layer_fn`` gets no Hessian;
-    with data, ``prepare_block`` sees each block first.
+    with data, ``prepare_block`` sees each block first. With ``observe`` False the windows are carried
+    through the blocks for ``prepare_block`` only: no Hessian is made and no layer is changed (a
+    measuring pass).
     """
     source = source if isinstance(source, BlockSource) else BlockSource.in_memory(source)
     plan = plan or DriverPlan()
@@ -459,7 +462,7 @@ def run_layerwise(source: "BlockSource | nn.Module", windows: list[torch.Tensor]
                 if prepare_block is not None:
                     bar.set_postfix_str("preparing")
                     prepare_block(block_name, block, linears, groups, inputs, experts)
-                for group in groups:
+                for group in groups if observe else []:
                     bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in group))
                     acc = accumulate_hessian(block, linears, group, inputs)
                     hessian = acc.h

@@ -146,3 +146,20 @@ def test_asymmetric_checkpoints_load_in_transformers_and_gptqmodel(bits, method,
         peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
         assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
         assert relative_gap(peer.model(ids).logits, expected) < 1e-2
+
+
+def test_mixed_precision_checkpoint_loads_in_gptqmodel(tmp_path, calib_file):
+    from gptqmodel import BACKEND, GPTQModel
+
+    folder = quantized("llama", tmp_path, calib_file, avg_bits=4.9)
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qcfg.get("dynamic"), "the budget should have given some layers other bits"
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    ours, _ = load_quantized(folder)
+    peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+    bits = {name: m.bits for name, m in peer.model.named_modules() if hasattr(m, "qweight")}
+    assert len(set(bits.values())) > 1
+    assert bits == {name: m.bits for name, m in ours.named_modules() if hasattr(m, "qweight")}
+    with torch.no_grad():
+        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
+        assert relative_gap(peer.model(ids).logits, ours(ids).logits) < 1e-2

@@ -4,6 +4,7 @@ is changed in place; the caller opened a private copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +18,7 @@ from compress.driver import DriverPlan, DriverReport, run_layerwise
 from compress.quant.awq import GroupScaling
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
+from compress.quant.mixed import LayerOption
 from compress.quant.primitives import QuantizedWeight
 from compress.quant.rtn import rtn_quantize
 from compress.registry import QuantMethod
@@ -58,25 +60,38 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.
 def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: WeightQuantConfig,
                    windows: list[torch.Tensor] | None, device: torch.device, selection: ModuleSelection | None = None,
                    show_progress: bool = True, emit: Callable[[str, nn.Module], None] | None = None,
-                   plan: DriverPlan | None = None, report: DriverReport | None = None, stats: QuantizeStats | None = None) -> QuantizeStats:
+                   plan: DriverPlan | None = None, report: DriverReport | None = None, stats: QuantizeStats | None = None,
+                   overrides: dict[str, LayerOption] | None = None) -> QuantizeStats:
     """Quantize every selected layer; ``emit(block_name, block)`` receives each block once it is packed.
-    ``stats`` carries the records of blocks an interrupted run already did."""
+    ``stats`` carries the records of blocks an interrupted run already did; ``overrides`` gives layers
+    (by qualified name) bits and group sizes of their own (mixed precision)."""
     selection = selection or ModuleSelection()
     stats = stats or QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
     needs_data = method.needs_data(cfg)
+    overrides = overrides or {}
+    layer_configs: dict[LayerOption, WeightQuantConfig] = {}
+
+    def cfg_for(name: str) -> WeightQuantConfig:
+        option = overrides.get(name)
+        if option is None or (option.bits, option.group_size) == (cfg.bits, cfg.group_size):
+            return cfg
+        if option not in layer_configs:
+            layer_configs[option] = dataclasses.replace(cfg, bits=option.bits, group_size=option.group_size)
+        return layer_configs[option]
 
     def quantize_layer(name: str, layer: nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor | None:
         shape = tuple(layer.weight.shape)
+        layer_cfg = cfg_for(name)
         if not needs_data:  # data-free: nothing runs this block again before it is packed
-            pending[name] = method.quantize_weight(layer.weight.data, None, cfg)
+            pending[name] = method.quantize_weight(layer.weight.data, None, layer_cfg)
             stats.layers.append(LayerRecord(name, shape, None))
             return None
         if hessian is None:  # an expert too few calibration tokens reached: the data-free rule
-            pending[name] = qw = rtn_quantize(layer.weight.data, cfg)
+            pending[name] = qw = rtn_quantize(layer.weight.data, layer_cfg)
             stats.layers.append(LayerRecord(name, shape, None, fallback="rtn"))
             return qw.dequantize()
-        pending[name] = qw = method.quantize_weight(layer.weight.data, hessian, cfg)
+        pending[name] = qw = method.quantize_weight(layer.weight.data, hessian, layer_cfg)
         new_weight = qw.dequantize()
         stats.layers.append(LayerRecord(name, shape, output_error(layer.weight.data, new_weight, hessian),
                                         damp_percent=qw.damp_percent))
@@ -88,8 +103,9 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
 
     def pack_block(block_name: str, block: nn.Module) -> None:
         for name, layer in block_linears(block, selection).items():
-            qw = pending.pop(f"{block_name}.{name}")
-            packed = QuantLinear.from_quantized(qw, cfg.group_size, layer.bias, cfg.checkpoint_format)
+            qualified = f"{block_name}.{name}"
+            qw = pending.pop(qualified)
+            packed = QuantLinear.from_quantized(qw, cfg_for(qualified).group_size, layer.bias, cfg.checkpoint_format)
             set_submodule(block, name, packed.to(layer.weight.device))
         if emit is not None:
             emit(block_name, block)

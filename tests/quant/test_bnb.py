@@ -39,7 +39,7 @@ def test_a_bnb_checkpoint_reloads_with_the_same_logits(bits, layer, tmp_path):
 def test_bnb_refuses_other_bits_and_a_head_setting(tmp_path):
     with pytest.raises(UserError, match="8 or 4 bits, not 3"):
         quantize(QuantizeRequest(model="tiny-llama", method="bnb", bits=3, out=str(tmp_path / "x"), progress=False))
-    with pytest.raises(UserError, match="--lm-head-bits applies to gptq and rtn"):
+    with pytest.raises(UserError, match="--lm-head-bits applies to gptq, awq and rtn"):
         quantize(QuantizeRequest(model="tiny-llama", method="bnb", bits=4, lm_head_bits=8, out=str(tmp_path / "y"),
                                  progress=False))
 

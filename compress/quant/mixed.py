@@ -1,0 +1,105 @@
+"""Mixed precision under a budget: per-layer bits chosen to minimise the predicted loss at a target
+average of stored bits per weight.
+
+Each layer's sensitivity to an option (bits at a group size) is measured once, as the mean squared error
+of its block's output when that layer alone is quantized with the option and every other layer is left
+in float. Errors made in different blocks are comparable: each is added to the residual stream, which
+carries it to the final norm, and that norm scales all of them alike. The predicted loss of a choice is
+the sum of its layers' sensitivities; the choice is the one with the least predicted loss whose stored
+bits (packed codes, zero points, scales, group index: what the checkpoint holds) fit the budget, found
+by a Lagrangian relaxation (each layer independently minimises loss + lambda * bits; lambda bisected to
+the budget) followed by greedy upgrades into the budget that is left.
+
+Pure functions of the measured numbers; ``compress.quant.sensitivity`` measures them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress.errors import UserError
+from compress.quant.primitives import num_groups
+
+_WORD_BITS = 32
+
+
+@dataclass(frozen=True, order=True)
+class LayerOption:
+    bits: int
+    group_size: int
+
+    @property
+    def label(self) -> str:
+        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+
+
+def stored_bits(out_features: int, in_features: int, option: LayerOption) -> int:
+    """Bits a packed GPTQ layer stores: codes, zero points (packed like the codes), fp16 scales, int32 g_idx."""
+    groups = num_groups(in_features, option.group_size)
+    return (in_features * out_features * option.bits + groups * out_features * option.bits
+            + groups * out_features * 16 + in_features * _WORD_BITS)
+
+
+@dataclass
+class LayerCost:
+    name: str
+    shape: tuple[int, int]
+    """(out_features, in_features)"""
+    losses: dict[LayerOption, float]
+    """Measured sensitivity of each option (block output mean squared error)."""
+
+    def bits(self, option: LayerOption) -> int:
+        return stored_bits(self.shape[0], self.shape[1], option)
+
+
+def average_bits(costs: list[LayerCost], choice: dict[str, LayerOption]) -> float:
+    weights = sum(c.shape[0] * c.shape[1] for c in costs)
+    return sum(c.bits(choice[c.name]) for c in costs) / weights
+
+
+def _pick(costs: list[LayerCost], lam: float) -> dict[str, LayerOption]:
+    return {c.name: min(c.losses, key=lambda o: (c.losses[o] + lam * c.bits(o), c.bits(o))) for c in costs}
+
+
+def choose_options(costs: list[LayerCost], avg_bits: float) -> dict[str, LayerOption]:
+    """The per-layer options with the least summed loss whose average stored bits per weight is at most
+    ``avg_bits``."""
+    weights = sum(c.shape[0] * c.shape[1] for c in costs)
+    budget = avg_bits * weights
+    cheapest = {c.name: min(c.losses, key=c.bits) for c in costs}
+    floor = average_bits(costs, cheapest)
+    if floor > avg_bits:
+        raise UserError(f"--avg-bits {avg_bits:g} is below {floor:.3f}, the average of the smallest option: "
+                        "raise it or allow fewer bits")
+    total = lambda choice: sum(c.bits(choice[c.name]) for c in costs)  # noqa: E731
+    best = _pick(costs, 0.0)
+    if total(best) > budget:
+        # Bisect lambda (loss per stored bit) to the smallest value whose choice fits.
+        top_loss = max(max(c.losses.values()) for c in costs) or 1.0
+        low, high = 0.0, top_loss
+        while total(_pick(costs, high)) > budget:
+            high *= 4
+        for _ in range(100):
+            mid = (low + high) / 2
+            if total(_pick(costs, mid)) > budget:
+                low = mid
+            else:
+                high = mid
+        best = _pick(costs, high)
+    # Spend what is left: the upgrade with the most loss saved per extra bit that still fits, repeatedly.
+    spent = total(best)
+    by_name = {c.name: c for c in costs}
+    while True:
+        move, gain = None, 0.0
+        for name, option in best.items():
+            cost = by_name[name]
+            for other in cost.losses:
+                extra = cost.bits(other) - cost.bits(option)
+                saved = cost.losses[option] - cost.losses[other]
+                if extra > 0 and saved > 0 and spent + extra <= budget and saved / extra > gain:
+                    move, gain = (name, other, extra), saved / extra
+        if move is None:
+            return best
+        name, other, extra = move
+        best[name] = other
+        spent += extra

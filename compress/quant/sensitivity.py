@@ -1,0 +1,52 @@
+"""Measure each layer's sensitivity to each quantization option once, for the mixed-precision choice
+(``compress.quant.mixed``): a pass over the blocks with the float model's calibration activations, in
+which every layer in turn is quantized alone (round-to-nearest with min/max grids: fast, and what
+matters is the order of the layers, not GPTQ's absolute error) and its block's output error measured."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.blocks import BlockSource
+from compress.driver import run_layerwise
+from compress.quant.awq import fake_quantize_weight
+from compress.quant.mixed import LayerCost, LayerOption
+from compress.select import ModuleSelection
+
+SENSITIVITY_WINDOWS = 8
+"""Calibration windows whose block output each (layer, option) is measured on: one block pass each."""
+
+
+@torch.no_grad()
+def block_sensitivities(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], inputs,
+                        options: list[LayerOption], sym: bool) -> list[LayerCost]:
+    windows = range(min(SENSITIVITY_WINDOWS, len(inputs.hidden)))
+    reference = [inputs.call(block, i) for i in windows]
+    costs = []
+    for name, layer in linears.items():
+        original = layer.weight.data
+        losses = {}
+        for option in options:
+            layer.weight.data = fake_quantize_weight(original, option.bits, option.group_size, sym).to(original.dtype)
+            losses[option] = sum(float((inputs.call(block, i).float() - ref.float()).square().mean())
+                                 for i, ref in zip(windows, reference)) / len(reference)
+        layer.weight.data = original
+        costs.append(LayerCost(f"{block_name}.{name}", tuple(layer.weight.shape), losses))
+    return costs
+
+
+def measure_sensitivities(source: "BlockSource | nn.Module", windows: list[torch.Tensor], options: list[LayerOption],
+                          sym: bool, selection: ModuleSelection, device: torch.device,
+                          show_progress: bool = True) -> list[LayerCost]:
+    """Every selected layer's block-output error under each option, the rest of the model in float. The
+    blocks are read and run as they are (streaming: one at a time) and left unchanged."""
+    costs: list[LayerCost] = []
+
+    def measure(block_name, block, linears, _groups, inputs, _experts) -> None:
+        costs.extend(block_sensitivities(block_name, block, linears, inputs, options, sym))
+
+    run_layerwise(source, windows, lambda name, layer, hessian: layer.weight.data, selection, device,
+                  lambda _name, _block: None, desc="sensitivity", show_progress=show_progress,
+                  prepare_block=measure, observe=False)
+    return costs

@@ -1,0 +1,62 @@
+"""Mixed precision: the budget selection meets its target and spends it where the loss is, and the
+checkpoint it writes holds each layer's own bits for our loader and GPTQModel."""
+
+import json
+
+import pytest
+import torch
+
+from compress.api import QuantizeRequest, quantize
+from compress.checkpoint import load_quantized
+from compress.errors import UserError
+from compress.quant.mixed import LayerCost, LayerOption, average_bits, choose_options, stored_bits
+
+W3, W4, W8 = LayerOption(3, 128), LayerOption(4, 128), LayerOption(8, 128)
+
+
+def costs():
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for i in range(12):
+        base = float(torch.rand(1, generator=g)) * (20 if i == 3 else 1)  # one layer far more sensitive
+        layers.append(LayerCost(f"l{i}", (1024, 512), {W3: base * 4, W4: base, W8: base / 100}))
+    return layers
+
+
+def test_stored_bits_count_every_tensor_of_the_packed_layer():
+    # 576 inputs at group 128: 5 groups; codes + zeros at 4 bits, fp16 scales, int32 g_idx.
+    assert stored_bits(1536, 576, W4) == 576 * 1536 * 4 + 5 * 1536 * 4 + 5 * 1536 * 16 + 576 * 32
+
+
+@pytest.mark.parametrize("target", [3.3, 4.25, 5.0, 8.3])
+def test_the_choice_meets_its_budget_and_beats_uniform(target):
+    layers = costs()
+    choice = choose_options(layers, target)
+    assert average_bits(layers, choice) <= target
+    loss = sum(c.losses[choice[c.name]] for c in layers)
+    for uniform in (W3, W4, W8):
+        if average_bits(layers, {c.name: uniform for c in layers}) <= target:
+            assert loss <= sum(c.losses[uniform] for c in layers)
+    assert choice["l3"] != W3  # the most sensitive layer is the last to lose bits
+    if target == 5.0:  # enough above uniform W4 (4.19 here) to give it 8 bits
+        assert choice["l3"] == W8
+
+
+def test_a_budget_below_the_smallest_option_is_refused():
+    with pytest.raises(UserError, match="--avg-bits 2.5 is below"):
+        choose_options(costs(), 2.5)
+
+
+def test_mixed_precision_checkpoint_loads_with_each_layers_bits(tmp_path, calib_file):
+    result = quantize(QuantizeRequest(model="tiny-llama", method="gptq", bits=4, group_size=32, avg_bits=4.9,
+                                      calib=str(calib_file), nsamples=4, seqlen=32, out=str(tmp_path / "m"),
+                                      device="cpu", progress=False))
+    mixed = result.manifest["mixed_precision"]
+    assert mixed["avg_bits"] <= 4.9
+    chosen = {name: c["option"]["bits"] for name, c in mixed["layers"].items()}
+    assert len(set(chosen.values())) > 1, chosen
+    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
+    assert len(qcfg["dynamic"]) == sum(1 for b in chosen.values() if b != 4)
+    model, _ = load_quantized(result.folder)
+    for name, bits in chosen.items():
+        assert model.get_submodule(name).bits == bits
