@@ -22,7 +22,8 @@ from compress.quant.mixed import LayerOption, average_bits, choose_options
 from compress.quant.sensitivity import measure_sensitivities
 from compress.quant.apply import LayerRecord, QuantizeStats, quantize_model
 from compress.quant.config import WeightQuantConfig
-from compress.quant.head import head_and_embedding, head_file_tensors, head_record, pack_head, quantize_head
+from compress.quant.head import (check_reproducible, head_and_embedding, head_file_tensors, head_record, pack_head,
+                                  quantize_head)
 from compress.registry import get_method
 from compress.errors import UserError
 from compress.run_settings import Loaded, RunOutput, RunSettings, load_for_run, run_streaming
@@ -105,7 +106,11 @@ def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: Weight
     name, head, tied = head_and_embedding(run.model)
     bias = run.lazy.read(f"{name}.bias").to(run.lazy.dtype) if head.bias is not None else None
     # In its stored dtype: pack_head converts a chunk of rows at a time (no whole float32 copy).
-    packed = pack_head(run.lazy.read(f"{name}.weight"), bias, head_cfg, checkpoint_format)
+    weight = run.lazy.read(f"{name}.weight")
+    if tied:
+        check_reproducible(run.model.get_submodule(tied), weight)
+    packed = pack_head(weight, bias, head_cfg, checkpoint_format)
+    del weight
     record = head_record(name, head_cfg, tied)
     writer.copy_outside_blocks(skip={f"{tied or name}.weight", f"{name}.bias"})
     writer.write_tensors(head_file_tensors(record, packed), cast=False)

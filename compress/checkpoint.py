@@ -139,7 +139,8 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
                             "checkpoint")
     if head.get("tied_embedding"):
         # The file's float16 embedding is for other loaders; ours reads rows from the packed head.
-        set_submodule(model, head["tied_embedding"], QuantEmbedding(model.get_submodule(head["module"]), dtype))
+        set_submodule(model, head["tied_embedding"], QuantEmbedding(model.get_submodule(head["module"]), dtype,
+                                                                    model.get_submodule(head["tied_embedding"])))
     lazy.materialize_all(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None

@@ -33,12 +33,16 @@ class QuantEmbedding(nn.Module):
     """An embedding whose rows are read from a quantized head's codes (no weights of its own).
 
     The source layer is kept outside the module tree (a tuple), so the state dict and the weight
-    count hold the head's tensors once, under the head's name.
+    count hold the head's tensors once, under the head's name. A subclass of nn.Embedding with its own
+    forward (Gemma's scaled embedding multiplies by sqrt(hidden)) is kept too: its forward runs on just
+    the rows the ids need, with the ids renumbered into them (``check_reproducible`` proves it can).
     """
 
-    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, source: nn.Module, dtype: torch.dtype, original: nn.Module | None = None) -> None:
         super().__init__()
         self._source = (source,)
+        # Kept outside the module tree too (its weight is never read); its computed buffers move with the ids.
+        self._lookup = (original,) if original is not None and type(original) is not nn.Embedding else None
         # An empty non-persistent buffer carries the output dtype, so model.to(dtype) moves it along.
         self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)
         self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
@@ -52,10 +56,42 @@ class QuantEmbedding(nn.Module):
         self._source = (source,)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.source.embedding_rows(ids).to(self._dtype.dtype)
+        if self._lookup is None:
+            return self.source.embedding_rows(ids).to(self._dtype.dtype)
+        unique, renumbered = torch.unique(ids, return_inverse=True)
+        rows = self.source.embedding_rows(unique).to(self._dtype.dtype)
+        return run_on_rows(self._lookup[0], rows, renumbered)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows from the quantized head"
+        kind = "" if self._lookup is None else f", through {type(self._lookup[0]).__name__}'s forward"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows from the quantized head{kind}"
+
+
+def run_on_rows(embedding: nn.Module, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``embedding``'s own forward with ``rows`` as its weight table (its buffers on the ids' device)."""
+    from torch.func import functional_call
+
+    tensors = {name: b.to(ids.device) for name, b in embedding.named_buffers()}
+    tensors["weight"] = rows
+    return functional_call(embedding, tensors, (ids,))
+
+
+def check_reproducible(embedding: nn.Module, weight: torch.Tensor) -> None:
+    """Refuse an embedding whose forward a table of just the needed rows cannot reproduce exactly (one that
+    looks at the ids themselves beyond the lookup, or is no nn.Embedding at all). ``weight``: its table,
+    or any rows of the same width (the check runs on the first 64)."""
+    if type(embedding) is nn.Embedding:
+        return
+    if not isinstance(embedding, nn.Embedding):
+        raise UserError(f"the input embedding tied to the head is a {type(embedding).__name__}, not an embedding "
+                        "table: drop --lm-head-bits")
+    table = weight[:64].float()
+    ids = torch.randint(0, table.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
+    full = run_on_rows(embedding, table, ids)
+    unique, renumbered = torch.unique(ids, return_inverse=True)
+    if not torch.equal(full, run_on_rows(embedding, table[unique], renumbered)):
+        raise UserError(f"the input embedding tied to the head ({type(embedding).__name__}) computes more than a "
+                        "row lookup, which a quantized head cannot reproduce: drop --lm-head-bits")
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -71,7 +107,7 @@ def head_and_embedding(model: nn.Module) -> tuple[str, nn.Linear, str | None]:
     if not isinstance(head, nn.Linear):
         raise UserError(f"{type(model).__name__} has no linear output head to quantize: drop --lm-head-bits")
     embedding = model.get_input_embeddings()
-    tied = isinstance(embedding, nn.Embedding) and (embedding.weight is head.weight or (
+    tied = isinstance(getattr(embedding, "weight", None), torch.Tensor) and (embedding.weight is head.weight or (
         not head.weight.is_meta and embedding.weight.data_ptr() == head.weight.data_ptr()))
     return module_name(model, head), head, module_name(model, embedding) if tied else None
 
@@ -134,10 +170,12 @@ def quantize_head(model: nn.Module, cfg: WeightQuantConfig, dtype: torch.dtype,
     """Replace the head by a QuantLinear (RTN) and a tied embedding by a QuantEmbedding on it; the
     manifest's record of what was done."""
     name, head, tied = head_and_embedding(model)
+    if tied:
+        check_reproducible(model.get_submodule(tied), head.weight.data)
     packed = pack_head(head.weight.data, head.bias, cfg, checkpoint_format)
     set_submodule(model, name, packed)
     if tied:
-        set_submodule(model, tied, QuantEmbedding(packed, dtype))
+        set_submodule(model, tied, QuantEmbedding(packed, dtype, model.get_submodule(tied)))
     return head_record(name, cfg, tied)
 
 

@@ -96,3 +96,50 @@ def test_the_head_is_packed_and_copied_a_chunk_of_rows_at_a_time_with_the_same_b
         assert torch.equal(tensor, chunked.state_dict()[name]), name
     rows = whole.embedding_rows(torch.arange(320)).half()
     assert torch.equal(float16_rows(chunked, chunk_rows=96), rows)
+def tiny_gemma3(folder):
+    """Gemma-3's tied embedding is a subclass (Gemma3TextScaledWordEmbedding) that scales its rows by
+    sqrt(hidden): a quantized head must keep that."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from compress.tiny import tiny_tokenizer
+
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=512, tie_word_embeddings=True, sliding_window=32)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_scaled_embedding_subclass_keeps_its_scale(tmp_path, in_memory):
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_gemma3(tmp_path / "gemma3")
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    result = quantize(QuantizeRequest(model=str(source), method="rtn", bits=8, group_size=-1, lm_head_bits=8,
+                                      out=str(tmp_path / "q"), device="cpu", progress=False, in_memory=in_memory))
+    loaded, _ = load_quantized(result.folder)
+    embedding = loaded.get_input_embeddings()
+    assert isinstance(embedding, QuantEmbedding)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+    # The same codes through the original module's forward: equal, scale included.
+    table = loaded.get_output_embeddings().dequantized_weight()
+    reference = original.get_input_embeddings()
+    reference.weight.data = table
+    with torch.no_grad():
+        assert torch.equal(embedding(ids), reference(ids))
+        ours, theirs = loaded(ids).logits, original(ids).logits
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 0.05
+
+
+def test_an_embedding_that_is_more_than_a_lookup_is_refused():
+    from compress.quant.head import check_reproducible
+
+    class Positional(torch.nn.Embedding):  # looks at the ids themselves: renumbering them changes its output
+        def forward(self, ids):
+            return super().forward(ids) * ids.unsqueeze(-1)
+
+    with pytest.raises(UserError, match="drop --lm-head-bits"):
+        check_reproducible(Positional(10, 4), torch.randn(10, 4))
