@@ -39,9 +39,11 @@ class QuantizeRequest(RunSettings):
     """Quantization method: gptq, awq or rtn (or a plugin's name)."""
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
-    scale_search: str = "none"
-    """gptq/rtn: how each group's range is chosen: none (min/max), mse or weighted (see scale_search.py)."""
+    sym: bool | None = None
+    """Symmetric grids; None: the method's default (asymmetric for gptq, awq and rtn)."""
+    scale_search: str | None = None
+    """How each group's range is chosen: none (min/max), mse or weighted (see scale_search.py); None: the
+    method's default (weighted for gptq and awq, none for the data-free rtn)."""
     act_order: bool = True
     """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act). On by default, as in auto-gptq:
     measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
@@ -65,7 +67,8 @@ class QuantizeRequest(RunSettings):
     def method_config(self):
         method = get_method(self.method)
         names = {f.name for f in dataclasses.fields(method.config_cls)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        # A setting left at None takes the method's own default (its config dataclass holds them).
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
         return method, method.config_cls(**values)
 
     def head_config(self) -> WeightQuantConfig | None:

@@ -111,11 +111,12 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=S, help="gptq (default), awq, rtn or bnb (bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
                    help="columns per scale; -1 = per output channel (default 128)")
-    p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid (default)")
-    p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S, help="asymmetric grid")
+    p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid")
+    p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S,
+                   help="asymmetric grid (the default of gptq, awq and rtn)")
     p.add_argument("--scale-search", dest="scale_search", default=S, choices=["none", "mse", "weighted"],
                    help="each group's range: min/max (none), the shrink with least squared error (mse), or with "
-                        "least error weighted by the calibration inputs' mean squares (weighted)")
+                        "least error weighted by the calibration inputs' mean squares (weighted; the default of gptq and awq)")
     p.add_argument("--awq", action="store_const", const=True, default=S,
                    help="gptq: fold AWQ's activation-aware channel scales into each block before GPTQ")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,

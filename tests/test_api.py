@@ -51,8 +51,9 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
         assert len(manifest["calibration"]["starts"]) == 8
         assert all(layer["proxy_loss"] > 0 for layer in manifest["layers"])
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq" and qcfg["bits"] == 4
-    assert qcfg["group_size"] == 32 and qcfg["sym"] is True
+    # Asymmetric is the default; its zero points are written as they are (GPTQ v2), so no loader has to undo v1's -1.
+    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq_v2" and qcfg["bits"] == 4
+    assert qcfg["group_size"] == 32 and qcfg["sym"] is False
     assert qcfg["desc_act"] is (method == "gptq")  # act-order is GPTQ's default
 
 
@@ -66,6 +67,7 @@ def test_bit_widths_and_options_round_trip(bits, group_size, sym, act_order, tmp
     assert torch.equal(model_output(reloaded, ids), model_output(result.model, ids))
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
     assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (bits, group_size, sym, act_order)
+    assert qcfg["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
 
 
 def test_source_model_is_not_modified(tmp_path, calib_file):

@@ -17,6 +17,9 @@ from compress.registry import QuantMethod, register_method
 
 @dataclass
 class AWQConfig(WeightQuantConfig):
+    sym: bool = False
+    scale_search: str = "weighted"
+    """AWQ's own clipping search, in the form every method here shares."""
     n_grid: int = N_GRID
     """Scale ratios tried per group of layers (0, 1/n_grid, ...)."""
 

@@ -21,6 +21,10 @@ from compress.registry import QuantMethod, register_method
 
 @dataclass
 class GPTQConfig(WeightQuantConfig):
+    sym: bool = False
+    scale_search: str = "weighted"
+    """Asymmetric grids whose ranges are searched with the Hessian's diagonal: the best settings measured
+    on SmolLM2 (reports/quantize_smollm2.md)."""
     damp_percent: float = 0.01
     """Dampening added to the Hessian diagonal, as a fraction of its mean."""
     act_order: bool = True

@@ -15,7 +15,8 @@ from compress.registry import QuantMethod, register_method
 
 @dataclass
 class RTNConfig(WeightQuantConfig):
-    pass
+    sym: bool = False
+    """Asymmetric by default: SmolLM2 W4 g128 perplexity 49.98 against 57.30 symmetric (16 windows)."""
 
 
 def rtn_quantize(weight: torch.Tensor, cfg: WeightQuantConfig, hessian: torch.Tensor | None = None) -> QuantizedWeight:

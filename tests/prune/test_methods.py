@@ -59,7 +59,7 @@ def test_sparsegpt_without_pruning_is_gptq():
     w, h = _problem()
     quant = WeightQuantConfig(bits=4, group_size=64)
     joint = sparsegpt(w, h, 0.0, quant=quant)
-    gptq = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=64, act_order=False))
+    gptq = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=64, act_order=False, sym=quant.sym, scale_search="none"))
     assert torch.allclose(joint.weight, gptq.dequantize(), atol=1e-5)
     assert torch.equal(joint.quantized.codes, gptq.codes)
 
