@@ -140,7 +140,7 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
     request.say(f"measuring each layer's sensitivity to {', '.join(o.label for o in options)} ...")
     costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
                                   request.progress)
-    choice = choose_options(costs, request.avg_bits)
+    choice = choose_options(costs, request.avg_bits, LayerOption(cfg.bits, cfg.group_size))
     achieved = average_bits(costs, choice)
     counts = {o.label: sum(1 for c in choice.values() if c == o) for o in options}
     request.say(f"mixed precision: {achieved:.3f} bits per weight (target {request.avg_bits:g}); layers per "

@@ -60,3 +60,13 @@ def test_mixed_precision_checkpoint_loads_with_each_layers_bits(tmp_path, calib_
     model, _ = load_quantized(result.folder)
     for name, bits in chosen.items():
         assert model.get_submodule(name).bits == bits
+
+
+def test_a_budget_the_base_fits_only_buys_upgrades():
+    layers = costs()
+    uniform = average_bits(layers, {c.name: W4 for c in layers})
+    choice = choose_options(layers, uniform + 0.4, base=W4)  # one of 12 layers to 8 bits costs 0.33
+    assert W3 not in choice.values() and W8 in choice.values()
+    assert average_bits(layers, choice) <= uniform + 0.4
+    # Below the base's cost some layers must go down.
+    assert W3 in choose_options(layers, uniform - 0.3, base=W4).values()
