@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from compress.errors import UserError
@@ -40,7 +41,11 @@ class WeightQuantConfig:
 
     @property
     def tag(self) -> str:
-        """Short name for output folders, e.g. w4g128 or w8pc (per channel)."""
+        """Short name for output folders, e.g. w4g128 or w8pc (per channel), with a suffix for each grid
+        setting that departs from the method's default (-sym, -asym, -mse, ...)."""
         group = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        search = "" if self.scale_search == "none" else f"-{self.scale_search}"
-        return f"w{self.bits}{group}{'' if self.sym else 'a'}{search}"
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        suffix = "" if self.sym == defaults["sym"] else ("-sym" if self.sym else "-asym")
+        if self.scale_search != defaults["scale_search"]:
+            suffix += f"-{self.scale_search}"
+        return f"w{self.bits}{group}{suffix}"
