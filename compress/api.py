@@ -33,6 +33,12 @@ from compress.writer import CheckpointWriter
 __all__ = ["QuantizeRequest", "QuantizeResult", "quantize", "PruneRequest", "PruneResult", "prune", "source_hash"]
 
 
+METHOD_ONLY_OPTIONS = {"scale_search": (None,), "awq": (False,)}
+"""Options some methods take, with the values that mean "not asked for": asking another method for them is
+an error, not a silent no-op."""
+METHOD_ONLY_OPTIONS_HELP = {"scale_search": "it applies to gptq, awq and rtn", "awq": "use --method awq, or --method gptq --awq"}
+
+
 @dataclass
 class QuantizeRequest(RunSettings):
     method: str = "gptq"
@@ -69,6 +75,10 @@ class QuantizeRequest(RunSettings):
         names = {f.name for f in dataclasses.fields(method.config_cls)}
         # A setting left at None takes the method's own default (its config dataclass holds them).
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
+        for option, unset in METHOD_ONLY_OPTIONS.items():
+            if getattr(self, option) not in unset and option not in names:
+                raise UserError(f"--{option.replace('_', '-')} does not apply to {method.name}: "
+                                f"{METHOD_ONLY_OPTIONS_HELP[option]}")
         return method, method.config_cls(**values)
 
     def head_config(self) -> WeightQuantConfig | None:

@@ -169,3 +169,14 @@ def test_scale_search_is_recorded_and_a_weighted_rtn_reads_calibration_data(tmp_
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", "tiny-llama", "--scale-search", "best", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "rtn", "--awq"], "--awq does not apply to rtn: use --method awq, or --method gptq --awq"),
+    (["--method", "bnb", "--scale-search", "mse"], "--scale-search does not apply to bnb"),
+])
+def test_options_a_method_does_not_take_are_refused(args, message, tmp_path, capsys):
+    assert main(["quantize", "tiny-llama", *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
