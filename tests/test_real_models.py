@@ -47,7 +47,9 @@ def test_smollm2_checkpoint_loads_in_transformers(tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32)
     with torch.no_grad():
         a, b = theirs(ids).logits, ours(ids).logits
-    assert float((a - b).abs().max() / b.abs().max()) < 5e-3
+    # Asymmetric by default (GPTQ v2); their kernel rounds in half precision (about 0.5% of the logits' scale).
+    assert json.loads((result.folder / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-2
 
 
 def test_minilm_bert_int8_keeps_embeddings(tmp_path):
