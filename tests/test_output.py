@@ -255,3 +255,27 @@ def test_resume_refuses_an_edited_calibration_text(deep_llama, tmp_path, calib_f
     with pytest.raises(UserError, match="other calibration text"):
         quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", text, resume=True)))
     assert (tmp_path / ".q.partial" / PROGRESS_FILE).is_file()  # still there for the right text
+
+
+def test_a_resumed_awq_mixed_precision_run_equals_an_uninterrupted_one(deep_llama, tmp_path, calib_file, monkeypatch):
+    """AWQ's folded scales and the mixed-precision choice are kept with the partial run: the resumed run does
+    not measure again and writes the same bytes, manifest records included."""
+    kw = dict(method="awq", avg_bits=4.9)
+    whole = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "whole", calib_file, **kw)))
+    target = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        stop_after_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(QuantizeRequest(**settings(deep_llama, target, calib_file, **kw)))
+    import compress.api as api_module
+
+    def no_second_measure(*_args, **_kwargs):
+        raise AssertionError("a resumed run measured the sensitivities again")
+
+    monkeypatch.setattr(api_module, "measure_sensitivities", no_second_measure)
+    resumed = quantize(QuantizeRequest(**settings(deep_llama, target, calib_file, resume=True, **kw)))
+    saved = lambda result: json.loads((result.folder / "compress_manifest.json").read_text())  # noqa: E731
+    for key in ("awq_scales", "mixed_precision", "layers"):
+        assert saved(resumed)[key] == saved(whole)[key], key
+    assert len(saved(whole)["awq_scales"]) == 4 * LAYERS
+    assert_same_checkpoint(resumed.folder, whole.folder)
