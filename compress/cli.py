@@ -279,6 +279,31 @@ def _export_onnx_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compress export-gguf -------------------------------------------------------------------------
+
+
+def _export_gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="one of our GPTQ-format checkpoints (Llama or Mistral) whose grid fits the type")
+    p.add_argument("--type", dest="type_name", default="q4_0",
+                   help="q4_0 (4-bit symmetric, group 32), q4_1 (4-bit asymmetric, group 32) or q8_0 (8-bit "
+                        "symmetric, group 32); default q4_0")
+    p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+
+
+def _export_gguf_run(args: argparse.Namespace) -> int:
+    from compress.bench.summary import human_bytes
+    from compress.export_gguf.run import export_gguf
+
+    record = export_gguf(args.model, args.type_name, args.out, args.force)
+    counts = record["tensors"]
+    print(f"exported {args.model} to GGUF {record['type']}: {counts['blocks']} quantized tensors with our codes, "
+          f"{counts['float16']} float16, {counts['float32']} float32")
+    print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
+    print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
+    return 0
+
+
 # --- compress report ------------------------------------------------------------------------------
 
 
@@ -324,6 +349,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "prune": ("prune a model (magnitude, Wanda, SparseGPT, N:M or structured) and save it", _prune_args, _prune_run),
     "export-onnx": ("export a decoder with its KV cache to ONNX (float, INT8 dynamic, or packed INT4/INT8)",
                     _export_onnx_args, _export_onnx_run),
+    "export-gguf": ("write one of our GPTQ checkpoints as a GGUF file for llama.cpp, codes unchanged",
+                    _export_gguf_args, _export_gguf_run),
     "bench": ("measure memory, speed, perplexity and agreement with a base model", _bench_args, _bench_run),
     "report": ("Markdown + HTML report with plots from bench results", _report_args, _report_run),
     "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),

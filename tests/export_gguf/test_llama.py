@@ -1,0 +1,90 @@
+"""`compress export-gguf`: a tiny Llama's codes written into GGUF read back as our weights (gguf package), the
+file runs in llama.cpp (llama-cpp-python) with our logits and our tokenizer's ids, and bad requests are one-line
+errors."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from compress.api import QuantizeRequest, quantize
+from compress.checkpoint import load_quantized
+from compress.cli import main
+from compress.export_gguf.llama import rotary_row_order
+from compress.export_gguf.run import export_gguf
+
+GRIDS = {"q4_0": dict(bits=4, sym=True), "q4_1": dict(bits=4, sym=False), "q8_0": dict(bits=8, sym=True)}
+
+
+def checkpoint(tmp_path, kind, arch="llama", **kw):
+    settings = dict(model=f"tiny-{arch}", method="rtn", group_size=32, out=str(tmp_path / f"{arch}-{kind}"),
+                    progress=False, device="cpu", **GRIDS[kind])
+    settings.update(kw)
+    return quantize(QuantizeRequest(**settings)).folder
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_the_file_holds_our_codes(kind, tmp_path):
+    folder = checkpoint(tmp_path, kind)
+    record = export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
+    assert record["tensors"]["blocks"] == 14 and record["pre_tokenizer"] == "gpt-2"
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    ours, _ = load_quantized(folder)
+    for hf_name, gguf_name, heads in (("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight", None),
+                                      ("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight", 4),
+                                      ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight", 2)):
+        layer = ours.get_submodule(hf_name)
+        expected = layer.dequantized_weight()
+        if heads:
+            expected = expected[rotary_row_order(expected.shape[0], heads)]
+        t = tensors[gguf_name]
+        theirs = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape))
+        if kind == "q4_1":  # the block minimum is stored in fp16 (see blocks.py)
+            assert float((theirs - expected).abs().max()) <= 0.0074 * float(layer.scales.float().max())
+        else:
+            assert torch.equal(theirs, expected)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.block_count"].contents() == 2 and fields["llama.attention.head_count_kv"].contents() == 2
+    assert len(fields["tokenizer.ggml.tokens"].data) == 512
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    folder = checkpoint(tmp_path, kind)
+    export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
+    ours, tokenizer = load_quantized(folder)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    try:
+        text = "the quick brown fox, 42 times"
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+        ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3]
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    # llama.cpp rounds activations to 8 bits per block of 32 for these matrix products (and keeps the
+    # embedding in float16): within 2% of the logits' scale; a misplaced row or code is far more.
+    assert float((theirs - expected).abs().max() / expected.abs().max()) < 0.02
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny-llama"], "is not a GPTQ-format checkpoint: quantize it first"),
+    (["{q}", "--type", "q4_0"], "asymmetric zero points"),
+    (["{q}", "--type", "q5_k"], "unknown GGUF type 'q5_k'"),
+    (["{opt}", "--type", "q4_0"], "export-gguf writes Llama and Mistral checkpoints so far"),
+    (["{act}", "--type", "q4_1"], "--group-size 32 --asym --no-act-order"),
+])
+def test_bad_requests_are_one_line_errors(args, message, tmp_path, capsys, calib_file):
+    paths = {"q": lambda: checkpoint(tmp_path, "q4_1"), "opt": lambda: checkpoint(tmp_path, "q4_0", arch="opt"),
+             "act": lambda: checkpoint(tmp_path, "q4_1", method="gptq", calib=str(calib_file), nsamples=4, seqlen=32)}
+    resolved = [str(paths[a[1:-1]]()) if a.startswith("{") else a for a in args]
+    assert main(["export-gguf", *resolved, "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
