@@ -286,7 +286,8 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="one of our GPTQ-format checkpoints (Llama or Mistral) whose grid fits the type")
     p.add_argument("--type", dest="type_name", default="q4_0",
                    help="q4_0 (4-bit symmetric, group 32), q4_1 (4-bit asymmetric, group 32) or q8_0 (8-bit "
-                        "symmetric, group 32); default q4_0")
+                        "symmetric, group 32) from our checkpoints, or f16 from a float model (what llama.cpp's "
+                        "own quantizer takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
 

@@ -24,7 +24,7 @@ from compress.quant.primitives import QuantizedWeight
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA}
 FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}
 GGML_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
@@ -66,18 +66,20 @@ def write_metadata(writer: gguf.GGUFWriter, config: dict, name: str, type_name: 
 
 
 def export_llama(folder: Path, out: Path, type_name: str) -> dict:
-    """Write ``folder`` (a GPTQ checkpoint of ours whose grid fits ``type_name``) to ``out``; returns a record
-    of what was written."""
+    """Write ``folder`` to ``out``: a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
+    (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
+    was written."""
     from compress.checkpoint import load_quantized
+    from compress.models import load_model
     from compress.quant.linear import QuantLinear
 
     config = json.loads((folder / "config.json").read_text())
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in ARCHITECTURES:
         raise UserError(f"{folder} is a {architecture}; export-gguf writes Llama and Mistral checkpoints so far")
-    block_type: BlockType = BLOCK_TYPES[type_name]
+    block_type: BlockType | None = BLOCK_TYPES.get(type_name)
     vocab = read_vocabulary(folder, config["vocab_size"])
-    model, _ = load_quantized(folder, torch.float32)
+    model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
     names = gguf.get_tensor_name_map(ARCHITECTURES[architecture], config["num_hidden_layers"])
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -108,6 +110,10 @@ def export_llama(folder: Path, out: Path, type_name: str) -> dict:
         target = names.get_name(param_name, try_suffixes=(".weight",))
         if target is None:
             raise UserError(f"{param_name} has no place in llama.cpp's {architecture} layout")
+        if param_name.endswith("q_proj.weight"):
+            param = param[rotary_row_order(param.shape[0], heads)]
+        elif param_name.endswith("k_proj.weight"):
+            param = param[rotary_row_order(param.shape[0], kv_heads)]
         if param.dim() == 1:
             writer.add_tensor(target, _numpy(param, np.float32))
             counts["float32"] += 1

@@ -18,11 +18,14 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     from compress.export_gguf.llama import export_llama
     from compress.models import resolve
 
-    if type_name not in BLOCK_TYPES:
-        raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)}")
+    if type_name not in (*BLOCK_TYPES, "f16"):
+        raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)} or f16")
     folder = resolve(model).path
     qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if qcfg.get("quant_method") != "gptq":
+    if type_name == "f16":
+        if qcfg:
+            raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
+    elif qcfg.get("quant_method") != "gptq":
         block = BLOCK_TYPES[type_name]
         raise UserError(f"{model} is not a GPTQ-format checkpoint: quantize it first, e.g. `compress quantize {model} "
                         f"--bits {block.bits} --group-size 32 {'--sym' if block.sym else '--asym'} --no-act-order`")
