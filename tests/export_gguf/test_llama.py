@@ -91,13 +91,25 @@ def test_bad_requests_are_one_line_errors(args, message, tmp_path, capsys, calib
 
 
 def test_a_float_model_exports_to_f16_that_llama_cpp_runs_and_quantizes(tmp_path):
-    """f16 is the input llama.cpp's own quantizer takes: the comparison with its Q4_0/Q4_1 starts here."""
+    """f16 is the input llama.cpp's own quantizer takes: the comparison with its Q4_0/Q4_1 starts here. The
+    model has a rotary base other than the default (SmolLM2's 100,000), which transformers 5 keeps in
+    rope_parameters."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
-    from compress.models import load_model, resolve
+    from transformers import AutoModelForCausalLM
 
-    record = export_gguf("tiny-llama", "f16", str(tmp_path / "f16.gguf"))
+    from compress.models import load_model
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_theta": 100000.0, "rope_type": "default"}
+    torch.manual_seed(0)
+    source = tmp_path / "theta"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    record = export_gguf(str(source), "f16", str(tmp_path / "f16.gguf"))
     assert record["tensors"]["blocks"] == 0
-    model, _ = load_model(resolve("tiny-llama").path)
+    assert GGUFReader(str(tmp_path / "f16.gguf")).fields["llama.rope.freq_base"].contents() == 100000.0
+    model, _ = load_model(source)
     ids = [5, 17, 99, 200, 301, 44, 7, 8]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
