@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from compress.driver import BlockInputs, for_each_layer_call
-from compress.quant.primitives import fake_quantize, find_grid, num_groups
+from compress.quant.config import WeightQuantConfig
+from compress.quant.rtn import rtn_quantize
 
 N_GRID = 20
 FOLD_TOLERANCE = 1e-4
@@ -79,16 +80,9 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """``weight`` [out, in] quantized with min/max grids per group and dequantized (AWQ's search quantizer)."""
-    w = weight.float()
-    out = torch.empty_like(w)
-    in_features = w.shape[1]
-    step = in_features if group_size == -1 else group_size
-    for g in range(num_groups(in_features, group_size)):
-        block = w[:, g * step:(g + 1) * step]
-        grid = find_grid(block, bits, sym)
-        out[:, g * step:(g + 1) * step] = fake_quantize(block, grid.scale[:, None], grid.zero[:, None], bits)
-    return out
+    """``weight`` [out, in] quantized with min/max grids per group and dequantized (AWQ's search quantizer):
+    round-to-nearest itself, so the search and the sensitivity pass round as ``--method rtn`` does."""
+    return rtn_quantize(weight, WeightQuantConfig(bits, group_size, sym)).dequantize()
 
 
 def search_ratio(loss: Callable[[torch.Tensor | None], float], x_mean: torch.Tensor, w_mean: torch.Tensor,
