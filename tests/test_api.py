@@ -174,6 +174,7 @@ def test_scale_search_is_recorded_and_a_weighted_rtn_reads_calibration_data(tmp_
 @pytest.mark.parametrize("args, message", [
     (["--method", "rtn", "--awq"], "--awq does not apply to rtn: use --method awq, or --method gptq --awq"),
     (["--method", "bnb", "--scale-search", "mse"], "--scale-search does not apply to bnb"),
+    (["--method", "bnb", "--avg-bits", "4.25"], "--avg-bits applies to gptq, awq and rtn; bnb has one precision"),
 ])
 def test_options_a_method_does_not_take_are_refused(args, message, tmp_path, capsys):
     assert main(["quantize", "tiny-llama", *args, "--out", str(tmp_path / "x")]) == 2
