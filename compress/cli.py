@@ -221,7 +221,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the backend's dtype, else float32 on CPU and float16 on "
                    "CUDA), float32, bfloat16, float16")
     p.add_argument("--backend", default="auto", help="what runs the model: auto (fastest that can), dense, dequant "
-                   "(reference), torch (fused int4/int8 CPU kernels), gptqmodel, bitsandbytes")
+                   "(reference), torch (fused int4/int8 CPU kernels), gptqmodel, bitsandbytes, onnxruntime (an "
+                   "export-onnx folder), llamacpp (a .gguf file)")
     p.add_argument("--base-dtype", dest="base_dtype", help="dtype of --base (default: --dtype)")
     p.add_argument("--transform", help="a peer's in-memory scheme applied after loading: torchao-int8wo")
     p.add_argument("--eval", default="wikitext2", help="perplexity text: NAME[:SPLIT] or a file (default wikitext2 test)")

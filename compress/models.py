@@ -160,9 +160,37 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
 # --- resolution -------------------------------------------------------------------------------
 
 
-def resolve(reference: str, trust_remote_code: bool = False) -> ResolvedModel:
-    """Turn a model reference into a local folder, fetching or building it if needed."""
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def gguf_config_and_tokenizer(path: Path):
+    """(config, tokenizer) a GGUF file carries, through transformers' GGUF reader. Every file llama.cpp runs
+    is a causal LM, which the config read back does not say: its architectures are set from the model type."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"transformers cannot read {path}'s config and tokenizer ({str(err).splitlines()[0][:160]})")
+    if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config, tokenizer
+
+
+def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = False) -> ResolvedModel:
+    """Turn a model reference into a local folder, fetching or building it if needed. With ``allow_gguf``
+    (what the benchmark runs) a GGUF file is a model too, its path the file."""
     path = Path(reference).expanduser()
+    if is_gguf(path):
+        if allow_gguf:
+            return ResolvedModel(reference, path.resolve(), "local:gguf")
+        raise UserError(f"{reference} is a GGUF file: `compress bench {reference}` runs it through llama.cpp; "
+                        "this command takes a model folder or alias")
+    if path.is_file():
+        raise UserError(f"{reference} is a file, not a model folder: pass the folder holding config.json")
     if path.is_dir():
         check_checkpoint(path, trust_remote_code)
         return ResolvedModel(reference, path.resolve(), "local")
@@ -336,6 +364,8 @@ def quiet_transformers():
 
 
 def weight_bytes_on_disk(path: Path) -> int:
-    """Bytes of the weight files: safetensors, or an ONNX graph with its external data."""
+    """Bytes of the weight files: safetensors, an ONNX graph with its external data, or a GGUF file."""
+    if path.is_file():
+        return path.stat().st_size
     files = weight_files(path) or list(path.glob("*.onnx")) + list(path.glob("*.onnx.data"))
     return sum(p.stat().st_size for p in files)

@@ -19,7 +19,7 @@ from compress.errors import UserError
 
 _BUILTIN_MODULES = ("compress.backends.reference", "compress.backends.torch_backend",
                     "compress.backends.gptqmodel_backend", "compress.backends.bnb",
-                    "compress.backends.onnxruntime_backend")
+                    "compress.backends.onnxruntime_backend", "compress.backends.llamacpp_backend")
 
 BACKENDS: dict[str, "Backend"] = {}
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
@@ -28,6 +28,7 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "gptq": {"cpu": ("torch", "dequant"), "cuda": ("gptqmodel", "dequant")},
     "bitsandbytes": {"cpu": ("bitsandbytes",), "cuda": ("bitsandbytes",)},
     "onnx": {"cpu": ("onnxruntime",), "cuda": ()},
+    "gguf": {"cpu": ("llamacpp",), "cuda": ()},
 }
 _loaded = False
 
@@ -73,7 +74,9 @@ def available_backends() -> dict[str, Backend]:
     return dict(BACKENDS)
 
 
-def checkpoint_format(qcfg: dict | None, onnx: bool = False) -> str:
+def checkpoint_format(qcfg: dict | None, onnx: bool = False, gguf: bool = False) -> str:
+    if gguf:
+        return "gguf"
     if onnx:
         return "onnx"
     if qcfg is None:
@@ -81,20 +84,25 @@ def checkpoint_format(qcfg: dict | None, onnx: bool = False) -> str:
     method = qcfg.get("quant_method")
     if method not in AUTO_ORDER:
         raise UserError(f"checkpoints quantized with {method!r} have no backend here; the benchmark reads dense, "
-                        "GPTQ-format and bitsandbytes checkpoints and `compress export-onnx` folders")
+                        "GPTQ-format and bitsandbytes checkpoints, `compress export-onnx` folders and GGUF files")
     return method
 
 
 def choose_backend(name: str, qcfg: dict | None, device: torch.device,
-                   dtype: torch.dtype | None = None, onnx: bool = False) -> tuple[Backend, list[str]]:
+                   dtype: torch.dtype | None = None, onnx: bool = False, gguf: bool = False
+                   ) -> tuple[Backend, list[str]]:
     """(backend, why each faster candidate was passed over by ``auto``)."""
     backends = available_backends()
-    fmt = checkpoint_format(qcfg, onnx)
+    fmt = checkpoint_format(qcfg, onnx, gguf)
     if name == "auto":
         reasons = []
+        if not AUTO_ORDER[fmt][device.type]:
+            others = [d for d, names in AUTO_ORDER[fmt].items() if names]
+            raise UserError(f"no backend here runs {fmt} models on {device.type}: use --device {' or '.join(others)}")
         for candidate in AUTO_ORDER[fmt][device.type]:
             backend = backends[candidate]
-            why = None if backend.available() else f"needs {backend.requires}"
+            why = None if backend.available() else \
+                f"needs {backend.requires}: pip install 'compress-workbench[{backend.extra}]'"
             why = why or backend.unsupported(qcfg, device, dtype)
             if why is None:
                 return backend, reasons

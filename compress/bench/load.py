@@ -49,6 +49,8 @@ def resolve_dtype(name: str, device: torch.device, preferred: torch.dtype | None
 
 
 def _quantization_config(path: Path) -> dict | None:
+    if path.is_file():  # a GGUF file: its types are read by the llamacpp backend
+        return None
     config = json.loads((path / "config.json").read_text())
     return config.get("quantization_config")
 
@@ -59,12 +61,13 @@ def choose_for(reference: str, dtype: str | torch.dtype, device: torch.device, t
     folder's config alone: cheap, so a backend that cannot run the model fails before any work."""
     from compress.backends import choose_backend
 
-    resolved = resolve(reference, trust_remote_code)
+    resolved = resolve(reference, trust_remote_code, allow_gguf=True)
     qcfg = _quantization_config(resolved.path)
     pinned = dtype if isinstance(dtype, torch.dtype) else None if dtype == "auto" else resolve_dtype(dtype, device)
-    from compress.models import ONNX_MODEL_FILE
+    from compress.models import ONNX_MODEL_FILE, is_gguf
 
-    chosen, passed_over = choose_backend(backend, qcfg, device, pinned, onnx=(resolved.path / ONNX_MODEL_FILE).is_file())
+    chosen, passed_over = choose_backend(backend, qcfg, device, pinned, onnx=(resolved.path / ONNX_MODEL_FILE).is_file(),
+                                         gguf=is_gguf(resolved.path))
     return resolved, qcfg, chosen, pinned or resolve_dtype("auto", device, chosen.preferred_dtype(qcfg, device)), \
         passed_over
 

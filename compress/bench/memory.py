@@ -51,7 +51,10 @@ def runtime_cache_bytes(model: torch.nn.Module) -> int:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Logical weights (a packed 4-bit layer still counts in_features x out_features), tied once."""
+    """Logical weights (a packed 4-bit layer still counts in_features x out_features), tied once; a model run
+    by another runtime (llama.cpp) counts its own."""
+    if hasattr(model, "parameter_count"):
+        return int(model.parameter_count())
     seen: set = set()
     total = 0
     for module in model.modules():
@@ -71,6 +74,8 @@ def kv_cache_bytes(cache) -> int:
     """Bytes of every tensor a transformers cache holds (DynamicCache layers, or legacy tuples)."""
     if cache is None:
         return 0
+    if hasattr(cache, "bytes_held"):  # a runtime that keeps the cache itself (llama.cpp) says what it holds
+        return int(cache.bytes_held())
     if isinstance(cache, torch.Tensor):
         return tensor_bytes(cache)
     if isinstance(cache, (tuple, list)):

@@ -50,7 +50,8 @@ class BenchRequest:
     transform: str | None = None
     """A peer's in-memory scheme applied after loading (e.g. torchao-int8wo)."""
     backend: str = "auto"
-    """What runs the model: auto, dense, dequant, torch, gptqmodel, bitsandbytes, onnxruntime (compress.backends)."""
+    """What runs the model: auto, dense, dequant, torch, gptqmodel, bitsandbytes, onnxruntime, llamacpp
+    (compress.backends)."""
     eval: str = "wikitext2"
     """Perplexity text: NAME[:SPLIT] or a file (WikiText-2 test by default)."""
     seqlen: int | None = None
@@ -147,9 +148,11 @@ def _config_and_tokenizer(request: BenchRequest):
     """(config, tokenizer) of the measured model, without loading its weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from compress.models import resolve
+    from compress.models import gguf_config_and_tokenizer, resolve
 
-    resolved = resolve(request.model, request.trust_remote_code)
+    resolved = resolve(request.model, request.trust_remote_code, allow_gguf=True)
+    if resolved.path.is_file():  # a GGUF file carries its config and tokenizer
+        return gguf_config_and_tokenizer(resolved.path)
     config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)
     if not (resolved.path / "tokenizer_config.json").is_file() and not (resolved.path / "tokenizer.json").is_file():
         raise UserError(f"{request.model} has no tokenizer in its folder: the benchmark needs one to make windows")
