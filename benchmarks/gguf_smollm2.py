@@ -1,10 +1,11 @@
-"""Our GPTQ W4 g32 codes in GGUF (Q4_0 / Q4_1) beside llama.cpp's own quantization of the same float model,
-all run by llama.cpp (llama-cpp-python) on the same WikiText-2 token ids, with KL against our fp32 model.
+"""Our GPTQ / AWQ codes in GGUF beside llama.cpp's own quantization of the same float model, every GGUF file
+run by llama.cpp through `compress bench FILE.gguf` on the same WikiText-2 token ids, with KL against fp32.
 
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/gguf_smollm2.py
 
-writes reports/gguf_smollm2.json and reports/gguf_smollm2.md. Note (../shared/MODELS.md): the offline
-SmolLM2 weights were dequantized from 4-bit blocks of 32, so every 4-bit grid of 32 lines up with them and
+writes reports/gguf_smollm2.json and reports/gguf_smollm2.md (about 45 min on 2 cores). Each bench row runs in
+its own process (`compress bench`), so its peak memory is its own. Note (../shared/MODELS.md): the offline
+SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up with them and
 looks nearly lossless; the comparison between tools is still on equal terms.
 """
 
@@ -19,45 +20,45 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, offline_defaults  # noqa: E402
+from common import ROOT, bench_subprocess, offline_defaults  # noqa: E402
 
 offline_defaults()
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 MODEL = "smollm2-135m"
+OURS = (
+    # (label, quantize settings, GGUF type; None where no legacy type holds the grid)
+    ("our GPTQ W4 g32 sym", dict(method="gptq", bits=4, sym=True), "q4_0"),
+    ("our GPTQ W4 g32 asym", dict(method="gptq", bits=4, sym=False), "q4_1"),
+    ("our AWQ W4 g32 asym", dict(method="awq", bits=4, sym=False), "q4_1"),
+    ("our GPTQ W8 g32 sym", dict(method="gptq", bits=8, sym=True), "q8_0"),
+    ("our GPTQ W3 g32 asym", dict(method="gptq", bits=3, sym=False), None),
+)
+THEIRS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q3_k_m", "q3_k_s")
 
 
-def llama_cpp_scores(gguf: Path, windows: list[torch.Tensor], reference, threads: int) -> dict:
-    """Perplexity, KL and top-1 against ``reference`` of llama.cpp running ``gguf`` on ``windows``."""
-    from llama_cpp import Llama
+def transformers_gguf_perplexity(gguf: Path, windows: list[torch.Tensor]) -> float:
+    """Perplexity of ``gguf`` read back by transformers' own GGUF loader (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM
 
-    from compress.bench.agreement import kl_topk, top1_matches
+    from compress.bench.score import score_windows
 
-    llm = Llama(model_path=str(gguf), n_ctx=len(windows[0]), n_threads=threads, n_threads_batch=threads,
-                logits_all=True, verbose=False, n_batch=len(windows[0]))
-    nll, count, kls, matches, offset = 0.0, 0, [], [], 0
-    started = time.perf_counter()
-    try:
-        for window in windows:
-            ids = window.tolist()
-            llm.reset()
-            llm.eval(ids)
-            logits = torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
-            logprobs = torch.log_softmax(logits.double(), dim=1).float()
-            targets = window[1:].long()
-            nll -= float(logprobs[:-1].gather(1, targets[:, None]).sum())
-            count += len(targets)
-            rows = slice(offset, offset + len(targets))
-            kls.append(kl_topk(reference.logprobs[rows], reference.token_ids[rows], logprobs[:-1]))
-            matches.append(top1_matches(reference.token_ids[rows], logprobs[:-1]))
-            offset += len(targets)
-    finally:
-        llm.close()
-    return {"perplexity": float(np.exp(nll / count)), "kl_mean": float(torch.cat(kls).double().mean()),
-            "top1_agreement": float(torch.cat(matches).double().mean()), "tokens": count,
-            "seconds": round(time.perf_counter() - started, 1), "bytes": gguf.stat().st_size}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    return score_windows(model, windows, torch.device("cpu"), tune_threads=False)[0].perplexity.perplexity
+
+
+def summarize(result: dict) -> dict:
+    """The figures of one `compress bench` result this report shows."""
+    accuracy, speed = result["accuracy"], result["speed"] or {}
+    decode = {d["batch"]: d["tokens_per_s"] for d in speed.get("decode", [])}
+    return {"perplexity": accuracy["perplexity"]["perplexity"], "kl_mean": accuracy["agreement"]["kl_mean"],
+            "top1_agreement": accuracy["agreement"]["top1_agreement"], "file_bytes": result["memory"]["artifact_bytes"],
+            "peak_bytes": result["memory"]["peak_bytes"], "prefill_tokens_per_s": speed["prefill"]["tokens_per_s"],
+            "decode_tokens_per_s": decode.get(1), "kernel": result["model"]["kernel"],
+            "bits_per_weight": (result["model"]["quantization"] or {}).get("bits_per_weight"),
+            "scored_tokens": result["protocol"]["scored_tokens"]}
 
 
 def main() -> int:
@@ -72,84 +73,110 @@ def main() -> int:
     import llama_cpp
 
     from compress.api import QuantizeRequest, quantize
-    from compress.bench.score import score_windows
-    from compress.checkpoint import load_quantized
     from compress.data import eval_windows, load_text, tokenize
     from compress.export_gguf.run import export_gguf
     from compress.models import load_model, resolve
 
-    model, tokenizer = load_model(resolve(MODEL).path)
+    common = ["--base", MODEL, "--seqlen", "512", "--windows", str(args.eval_windows), "--decode-batches", "1",
+              "--no-progress"]
+    _, tokenizer = load_model(resolve(MODEL).path)
     text, record = load_text("wikitext2:test")
     windows, info = eval_windows(tokenize(tokenizer, text), record, 512, args.eval_windows)
-    fp32, reference = score_windows(model, windows, torch.device("cpu"), make_reference_k=256, tune_threads=False)
-    del model
-    rows = [{"name": "fp32 (ours, torch)", "perplexity": fp32.perplexity.perplexity}]
+    rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         work = Path(work)
+
+        def bench(name: str, model: str, extra: list[str], **fields) -> dict:
+            out = work / f"bench-{len(rows)}.json"
+            bench_subprocess(model, out, [*common, "--name", name, *extra])
+            row = {"name": name, **fields, **summarize(json.loads(out.read_text()))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            return row
+
+        bench("fp32 (torch)", MODEL, ["--dtype", "float32", "--backend", "dense"])
         f16 = work / "f16.gguf"
         export_gguf(MODEL, "f16", str(f16))
-        rows.append({"name": "f16 GGUF (llama.cpp)", **llama_cpp_scores(f16, windows, reference, threads)})
-        for kind, sym, ftype in (("q4_0", True, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
-                                 ("q4_1", False, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)):
+        bench("f16 GGUF (llama.cpp)", str(f16), [], tool="llama.cpp", type="f16")
+        for index, (label, settings, kind) in enumerate(OURS):
             started = time.perf_counter()
-            result = quantize(QuantizeRequest(model=MODEL, bits=4, group_size=32, sym=sym, act_order=False,
-                                              nsamples=args.nsamples, out=str(work / f"gptq-{kind}"), progress=False,
-                                              device="cpu"))
-            ours_gguf = work / f"gptq-{kind}.gguf"
-            export_gguf(str(result.folder), kind, str(ours_gguf))
-            seconds = time.perf_counter() - started
-            loader = score_windows(load_quantized(result.folder)[0], windows, torch.device("cpu"), reference=reference,
-                                   tune_threads=False)[0]
-            rows.append({"name": f"our GPTQ W4 g32 -> {kind} (llama.cpp)", "type": kind,
-                         "settings": {k: result.manifest["config"][k] for k in ("sym", "scale_search", "act_order")},
-                         "quantize_seconds": round(seconds, 1),
-                         "our_loader_perplexity": loader.perplexity.perplexity,
-                         **llama_cpp_scores(ours_gguf, windows, reference, threads)})
+            result = quantize(QuantizeRequest(model=MODEL, group_size=32, act_order=False, nsamples=args.nsamples,
+                                              out=str(work / f"ours-{index}"), progress=False, device="cpu",
+                                              **settings))
+            seconds = round(time.perf_counter() - started, 1)
+            config = result.manifest["config"]
+            fields = {"tool": "ours", "settings": {k: config.get(k) for k in ("sym", "scale_search", "act_order")},
+                      "quantize_seconds": seconds}
+            where = "" if kind else "; no legacy GGUF type holds 3-bit codes"
+            loader = bench(f"{label} (our loader{where})", str(result.folder),
+                           ["--backend", "dequant", "--dtype", "float32"], **fields)
+            if kind is None:
+                continue
+            gguf = work / f"ours-{index}-{kind}.gguf"
+            export_gguf(str(result.folder), kind, str(gguf))
+            row = bench(f"{label} -> {kind} (llama.cpp)", str(gguf), [], type=kind, **fields)
+            row["our_loader_perplexity"] = loader["perplexity"]
+            row["transformers_gguf_perplexity"] = transformers_gguf_perplexity(gguf, windows)
+        for kind in THEIRS:
             theirs = work / f"llamacpp-{kind}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = ftype
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
             params.nthread = threads
             started = time.perf_counter()
             if llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), params) != 0:
                 raise RuntimeError(f"llama.cpp could not quantize {f16} to {kind}")
-            rows.append({"name": f"llama.cpp's own {kind} (llama.cpp)", "type": kind,
-                         "quantize_seconds": round(time.perf_counter() - started, 1),
-                         **llama_cpp_scores(theirs, windows, reference, threads)})
-            print(json.dumps(rows[-2:]), flush=True)
+            bench(f"llama.cpp's own {kind} (llama.cpp)", str(theirs), [], tool="llama.cpp", type=kind,
+                  quantize_seconds=round(time.perf_counter() - started, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"evaluation": info.to_dict(), "rows": rows}, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps({"evaluation": info.to_dict(), "threads": threads,
+                                                         "llama_cpp_python": llama_cpp.__version__, "rows": rows},
+                                                        indent=2))
+    write_markdown(args, rows, info, threads, llama_cpp.__version__)
+    return 0
+
+
+def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> None:
     base = rows[0]["perplexity"]
     lines = [
-        "# SmolLM2-135M: our GPTQ codes in GGUF beside llama.cpp's own quantization",
+        "# SmolLM2-135M: our GPTQ / AWQ codes in GGUF beside llama.cpp's own quantization",
         "",
-        f"Generated by `python benchmarks/gguf_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU, {threads} threads. "
-        "CUDA was not measured.",
+        f"Generated by `python benchmarks/gguf_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU, {threads} threads "
+        f"(llama.cpp and torch alike). CUDA was not measured.",
         "",
-        f"- Every GGUF row is run by llama.cpp (llama-cpp-python {llama_cpp.__version__}) on the same token ids: the "
-        f"first {info.count} x {info.seqlen} WikiText-2 test windows, no BOS. KL: KL(fp32 || row) per token on the "
-        "fp32 model's top-256 tokens plus the rest as one bucket; the fp32 row is our torch model.",
-        f"- Ours: `compress quantize {MODEL} --bits 4 --group-size 32 --no-act-order [--sym]` ({args.nsamples} x 512 "
-        "calibration windows; asymmetric grids searched with the inputs' weights unless --sym), then "
-        "`compress export-gguf --type q4_0|q4_1`: the codes unchanged. llama.cpp's own: `compress export-gguf "
-        "--type f16` of the float model, then llama.cpp's quantizer (`llama_model_quantize`, its default "
-        "settings: rounding within each block, the embedding and output in their default types).",
-        "- llama.cpp's importance matrix is not compared: llama-cpp-python exposes no way to compute one.",
+        f"- Every row is one `compress bench` run on the same token ids: the first {info.count} x {info.seqlen} "
+        "WikiText-2 test windows, no BOS; KL(fp32 || row) per token on fp32's top-256 tokens plus the rest as one "
+        f"bucket. GGUF rows run in llama.cpp (llama-cpp-python {version}, its CPU kernels), batch-1 decode of 32 "
+        "tokens after a 128-token prompt.",
+        f"- Ours: `compress quantize {MODEL} --group-size 32 --no-act-order --bits B [--sym]` ({args.nsamples} x 512 "
+        "calibration windows; asymmetric grids searched with the inputs' weights), then `compress export-gguf "
+        "--type q4_0|q4_1|q8_0`: the codes unchanged. llama.cpp's own: `compress export-gguf --type f16` of the "
+        "float model, then llama.cpp's quantizer (`llama_model_quantize`, default settings). The embedding stays "
+        "f16 in our files; llama.cpp's quantizer also quantizes it (to the file's type, Q6_K/Q4_K for K-quants).",
+        "- llama.cpp's importance matrix is not compared: llama-cpp-python exposes no way to compute one (the "
+        "`llama-imatrix` tool is not part of it).",
         "- The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up "
-        "with them: all 4-bit rows here look nearly lossless.",
+        "with them: the 4-bit rows look nearly lossless, and Q4_1 most of all. The Q4_0, 8-bit and 3-bit rows do "
+        "not share that advantage.",
         "",
-        "| row | perplexity | vs fp32 | KL | top-1 | file MiB | our loader's perplexity on the same codes |",
-        "|---|---|---|---|---|---|---|",
+        "| row | perplexity | vs fp32 | KL | top-1 | file MiB | bits/weight (blocks) | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        kl = f"{r['kl_mean']:.4f}" if "kl_mean" in r else "-"
-        top1 = f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "-"
-        size = f"{r['bytes'] / 2**20:.1f}" if "bytes" in r else "-"
-        loader = f"{r['our_loader_perplexity']:.3f}" if "our_loader_perplexity" in r else "-"
-        lines.append(f"| {r['name']} | {r['perplexity']:.3f} | x{r['perplexity'] / base:.3f} | {kl} | {top1} | {size} | "
-                     f"{loader} |")
+        bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
+        lines.append(f"| {r['name']} | {r['perplexity']:.3f} | x{r['perplexity'] / base:.3f} | {r['kl_mean']:.4f} | "
+                     f"{100 * r['top1_agreement']:.1f}% | {r['file_bytes'] / 2**20:.1f} | {bits} | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |")
+    lines += ["", "## The same codes through three readers", "",
+              "| exported file | llama.cpp | our loader | difference | transformers' GGUF loader |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "our_loader_perplexity" in r:
+            ours = r["our_loader_perplexity"]
+            lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {ours:.3f} | "
+                         f"{100 * (r['perplexity'] / ours - 1):+.2f}% | {r['transformers_gguf_perplexity']:.3f} |")
+    lines += ["", "llama.cpp rounds the activations of every quantized matrix product to 8 bits per block of 32 "
+              "(q8_0 / q8_1); our loader and transformers compute in float32 on the dequantized weights.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
