@@ -49,6 +49,28 @@ def transformers_gguf_perplexity(gguf: Path, windows: list[torch.Tensor]) -> flo
     return score_windows(model, windows, torch.device("cpu"), tune_threads=False)[0].perplexity.perplexity
 
 
+def alternating_speed(files: dict[str, Path], prompt: torch.Tensor, threads: int, rounds: int = 3) -> dict:
+    """Batch-1 decode and prefill of each file, measured in turns (A B C, A B C, ...) so that load drifting
+    over the run falls on every file alike; the median over rounds of each round's median of 3."""
+    from transformers import AutoConfig
+
+    from compress.backends.llamacpp_model import LlamaCppCausalLM
+    from compress.bench import throughput
+
+    cpu = torch.device("cpu")
+    seen: dict[str, dict[str, list[float]]] = {name: {"decode": [], "prefill": []} for name in files}
+    for _ in range(rounds):
+        for name, path in files.items():
+            model = LlamaCppCausalLM(path, AutoConfig.from_pretrained(path.parent, gguf_file=path.name), threads)
+            try:
+                seen[name]["decode"].append(throughput.decode(model, prompt[:128], 32, 1, cpu, 1, 3).tokens_per_s)
+                seen[name]["prefill"].append(throughput.prefill(model, prompt, cpu, 1, 3).tokens_per_s)
+            finally:
+                model.close()
+    return {name: {kind: sorted(values)[len(values) // 2] for kind, values in figures.items()}
+            for name, figures in seen.items()}
+
+
 def summarize(result: dict) -> dict:
     """The figures of one `compress bench` result this report shows."""
     accuracy, speed = result["accuracy"], result["speed"] or {}
@@ -98,6 +120,7 @@ def main() -> int:
         f16 = work / "f16.gguf"
         export_gguf(MODEL, "f16", str(f16))
         bench("f16 GGUF (llama.cpp)", str(f16), [], tool="llama.cpp", type="f16")
+        gguf_files = {"f16 GGUF (llama.cpp)": f16}
         for index, (label, settings, kind) in enumerate(OURS):
             started = time.perf_counter()
             result = quantize(QuantizeRequest(model=MODEL, group_size=32, act_order=False, nsamples=args.nsamples,
@@ -115,6 +138,7 @@ def main() -> int:
             gguf = work / f"ours-{index}-{kind}.gguf"
             export_gguf(str(result.folder), kind, str(gguf))
             row = bench(f"{label} -> {kind} (llama.cpp)", str(gguf), [], type=kind, **fields)
+            gguf_files[row["name"]] = gguf
             row["our_loader_perplexity"] = loader["perplexity"]
             row["transformers_gguf_perplexity"] = transformers_gguf_perplexity(gguf, windows)
         for kind in THEIRS:
@@ -125,8 +149,16 @@ def main() -> int:
             started = time.perf_counter()
             if llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), params) != 0:
                 raise RuntimeError(f"llama.cpp could not quantize {f16} to {kind}")
-            bench(f"llama.cpp's own {kind} (llama.cpp)", str(theirs), [], tool="llama.cpp", type=kind,
-                  quantize_seconds=round(time.perf_counter() - started, 1))
+            row = bench(f"llama.cpp's own {kind} (llama.cpp)", str(theirs), [], tool="llama.cpp", type=kind,
+                        quantize_seconds=round(time.perf_counter() - started, 1))
+            gguf_files[row["name"]] = theirs
+        # Speed side by side, files of one type in turns: the one-row-at-a-time figures above are each taken
+        # at a different moment of the run.
+        print("speed in turns", flush=True)
+        turns = alternating_speed(gguf_files, windows[0], threads)
+        for row in rows:
+            if row["name"] in turns:
+                row["turns"] = turns[row["name"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"evaluation": info.to_dict(), "threads": threads,
                                                          "llama_cpp_python": llama_cpp.__version__, "rows": rows},
@@ -166,6 +198,14 @@ def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> 
         lines.append(f"| {r['name']} | {r['perplexity']:.3f} | x{r['perplexity'] / base:.3f} | {r['kl_mean']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['file_bytes'] / 2**20:.1f} | {bits} | "
                      f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |")
+    lines += ["", "## Speed in turns", "",
+              "Every GGUF file loaded and measured in turns, three rounds (batch-1 decode of 32 tokens after a "
+              "128-token prompt; prefill of one 512-token window), the median round. The table above takes each "
+              "row at its own moment of the run; this one is the fair comparison of files of one type.", "",
+              "| file | decode tok/s | prefill tok/s |", "|---|---|---|"]
+    for r in rows:
+        if "turns" in r:
+            lines.append(f"| {r['name']} | {r['turns']['decode']:.1f} | {r['turns']['prefill']:.0f} |")
     lines += ["", "## The same codes through three readers", "",
               "| exported file | llama.cpp | our loader | difference | transformers' GGUF loader |", "|---|---|---|---|---|"]
     for r in rows:

@@ -284,21 +284,46 @@ def _export_onnx_run(args: argparse.Namespace) -> int:
 
 
 def _export_gguf_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="one of our GPTQ-format checkpoints (Llama or Mistral) whose grid fits the type")
+    from compress.data import SOURCES
+
+    S = argparse.SUPPRESS  # quantize settings: only those given reach the quantize request
+    p.add_argument("model", help="one of our GPTQ-format checkpoints (Llama or Mistral) whose grid fits the type, "
+                   "or a float model (with --method, or --type f16)")
     p.add_argument("--type", dest="type_name", default="q4_0",
                    help="q4_0 (4-bit symmetric, group 32), q4_1 (4-bit asymmetric, group 32) or q8_0 (8-bit "
                         "symmetric, group 32) from our checkpoints, or f16 from a float model (what llama.cpp's "
                         "own quantizer takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
+                   "or rtn (the checkpoint is kept, see --checkpoint)")
+    p.add_argument("--checkpoint", dest="out_checkpoint", default=S,
+                   help="with --method: folder of the quantized checkpoint (default out/<model>-<method>-<tag>)")
+    p.add_argument("--calib", default=S, help=f"with --method: calibration text: auto (default), "
+                   f"{', '.join(SOURCES)} (NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
+    p.add_argument("--nsamples", type=int, default=S, help="with --method: calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=S, help="with --method: tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=S, help="with --method: seed of the window starts (default 0)")
+    p.add_argument("--device", default=S, help="with --method: cpu, cuda or auto (default: cuda if present)")
+    p.add_argument("--resume", action="store_const", const=True, default=S,
+                   help="with --method: continue an interrupted quantization from its last finished block")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
+                   help="no progress bar")
 
 
 def _export_gguf_run(args: argparse.Namespace) -> int:
     from compress.bench.summary import human_bytes
     from compress.export_gguf.run import export_gguf
 
-    record = export_gguf(args.model, args.type_name, args.out, args.force)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("command", "handler", "model", "type_name", "out", "force", "method")}
+    if "out_checkpoint" in settings:
+        settings["out"] = settings.pop("out_checkpoint")
+    record = export_gguf(args.model, args.type_name, args.out, args.force, args.method, settings)
     counts = record["tensors"]
+    if "checkpoint" in record:
+        made = record["checkpoint"]
+        print(f"quantized {args.model} with {made['method']} in {made['seconds']:.0f} s: {made['folder']}")
     print(f"exported {args.model} to GGUF {record['type']}: {counts['blocks']} quantized tensors with our codes, "
           f"{counts['float16']} float16, {counts['float32']} float32")
     print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")

@@ -74,6 +74,20 @@ def write_metadata(writer: gguf.GGUFWriter, config: dict, name: str, type_name: 
                         "does not write yet")
 
 
+def check_exportable(config: dict, where: str) -> None:
+    """One-line errors, before any work, for a model this writer cannot put in a GGUF file with 32-wide blocks."""
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"{where} is a {architecture}; export-gguf writes Llama and Mistral checkpoints so far")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    widths = {"hidden_size": hidden, "intermediate_size": config["intermediate_size"],
+              "attention width": heads * (config.get("head_dim") or hidden // heads)}
+    for name, width in widths.items():
+        if width % 32:
+            raise UserError(f"{where}'s {name} is {width}, not a multiple of 32: ggml's blocks of 32 cannot hold "
+                            "its layers")
+
+
 def export_llama(folder: Path, out: Path, type_name: str) -> dict:
     """Write ``folder`` to ``out``: a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
     (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
@@ -83,9 +97,8 @@ def export_llama(folder: Path, out: Path, type_name: str) -> dict:
     from compress.quant.linear import QuantLinear
 
     config = json.loads((folder / "config.json").read_text())
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in ARCHITECTURES:
-        raise UserError(f"{folder} is a {architecture}; export-gguf writes Llama and Mistral checkpoints so far")
+    check_exportable(config, str(folder))
+    architecture = config["architectures"][0]
     block_type: BlockType | None = BLOCK_TYPES.get(type_name)
     vocab = read_vocabulary(folder, config["vocab_size"])
     model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]

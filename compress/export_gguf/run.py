@@ -1,4 +1,5 @@
-"""`compress export-gguf`: check the request, then write one of our GPTQ checkpoints as a GGUF file."""
+"""`compress export-gguf`: check the request, quantize a float model on the way if asked, then write the
+checkpoint's codes as a GGUF file."""
 
 from __future__ import annotations
 
@@ -9,31 +10,71 @@ from pathlib import Path
 from compress.errors import UserError
 from compress.export_gguf.blocks import BLOCK_TYPES
 
+QUANTIZE_METHODS = ("gptq", "awq", "rtn")
+"""Methods whose codes are w = s * (q - z) per group: the grids ggml's legacy blocks hold."""
+
 
 def default_output(folder: Path, type_name: str) -> Path:
     return Path("out") / f"{folder.name}-{type_name}.gguf"
 
 
-def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, force: bool = False) -> dict:
-    from compress.export_gguf.llama import export_llama
+def _quantize_flags(type_name: str) -> str:
+    block = BLOCK_TYPES[type_name]
+    return f"--bits {block.bits} --group-size 32 {'--sym' if block.sym else '--asym'} --no-act-order"
+
+
+def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, force: bool = False,
+                method: str | None = None, quantize_settings: dict | None = None) -> dict:
+    """Write ``model`` as a GGUF file of ``type_name``. A GPTQ-format checkpoint of ours is written with its
+    codes; a float model is written as f16, or (``method``) quantized first with the grid the type needs,
+    into a checkpoint kept beside (``quantize_settings``: the quantize request's other settings, its ``out``
+    the checkpoint's folder)."""
+    from compress.export_gguf.llama import check_exportable, export_llama
     from compress.models import resolve
 
     if type_name not in (*BLOCK_TYPES, "f16"):
         raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)} or f16")
-    folder = resolve(model).path
-    qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    settings = dict(quantize_settings or {})
+    asked = [k for k in settings if k != "progress"]
+    if asked and method is None:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in asked)} set how a float model is "
+                        "quantized on the way: add --method gptq, awq or rtn")
+    folder = resolve(model, settings.get("trust_remote_code", False)).path
+    config = json.loads((folder / "config.json").read_text())
+    qcfg = config.get("quantization_config") or {}
+    check_exportable(config, model)
     if type_name == "f16":
         if qcfg:
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
+        if method:
+            raise UserError("--method quantizes on the way to q4_0, q4_1 or q8_0; f16 writes the float model as it is")
+    elif method is not None:
+        if qcfg:
+            raise UserError(f"{model} is already quantized: drop --method to write its own codes")
+        if method not in QUANTIZE_METHODS:
+            raise UserError(f"--method {method} does not make ggml's block grids: choose {', '.join(QUANTIZE_METHODS)}")
     elif qcfg.get("quant_method") != "gptq":
+        raise UserError(f"{model} is not a GPTQ-format checkpoint: add --method gptq (or awq, rtn) to quantize it on "
+                        f"the way, or quantize it first: `compress quantize {model} {_quantize_flags(type_name)}`")
+    target = Path(out) if out else None
+    if target is not None and target.exists() and not force:
+        raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
+    quantized = None
+    if method is not None:
+        from compress.api import QuantizeRequest, quantize
+
         block = BLOCK_TYPES[type_name]
-        raise UserError(f"{model} is not a GPTQ-format checkpoint: quantize it first, e.g. `compress quantize {model} "
-                        f"--bits {block.bits} --group-size 32 {'--sym' if block.sym else '--asym'} --no-act-order`")
-    target = Path(out) if out else default_output(folder, type_name)
+        quantized = quantize(QuantizeRequest(model=model, method=method, bits=block.bits, group_size=32,
+                                             sym=block.sym, act_order=False, **settings))
+        folder = quantized.folder
+    target = target or default_output(folder, type_name)
     if target.exists() and not force:
         raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     record = export_llama(folder, target, type_name)
     record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
+    if quantized is not None:
+        record["checkpoint"] = {"folder": str(quantized.folder), "method": method,
+                                "seconds": round(quantized.seconds, 1)}
     return record

@@ -74,7 +74,12 @@ def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["tiny-llama"], "is not a GPTQ-format checkpoint: quantize it first"),
+    (["tiny-llama"], "is not a GPTQ-format checkpoint: add --method gptq"),
+    (["tiny-llama", "--type", "f16", "--method", "rtn"], "f16 writes the float model as it is"),
+    (["{q}", "--type", "q4_1", "--method", "rtn"], "is already quantized: drop --method"),
+    (["tiny-llama", "--method", "bnb"], "--method bnb does not make ggml's block grids"),
+    (["tiny-llama", "--nsamples", "8"], "--nsamples set how a float model is quantized on the way: add --method"),
+    (["tiny-opt", "--method", "rtn"], "export-gguf writes Llama and Mistral checkpoints so far"),
     (["{q}", "--type", "q4_0"], "asymmetric zero points"),
     (["{q}", "--type", "q5_k"], "unknown GGUF type 'q5_k'"),
     (["{opt}", "--type", "q4_0"], "export-gguf writes Llama and Mistral checkpoints so far"),
@@ -88,6 +93,23 @@ def test_bad_requests_are_one_line_errors(args, message, tmp_path, capsys, calib
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+@pytest.mark.parametrize("method, kind", [("rtn", "q4_1"), ("gptq", "q4_0"), ("awq", "q8_0")])
+def test_a_float_model_is_quantized_on_the_way_with_the_grid_the_type_needs(method, kind, tmp_path, calib_file):
+    settings = {"out": str(tmp_path / "ckpt"), "progress": False, "device": "cpu"}
+    if method != "rtn":
+        settings.update(calib=str(calib_file), nsamples=4, seqlen=32)
+    record = export_gguf("tiny-llama", kind, str(tmp_path / "m.gguf"), method=method, quantize_settings=settings)
+    assert record["checkpoint"]["folder"] == str(tmp_path / "ckpt") and record["checkpoint"]["method"] == method
+    import json
+
+    qcfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == \
+        (GRIDS[kind]["bits"], 32, GRIDS[kind]["sym"], False)
+    # The file is exactly what exporting the kept checkpoint writes.
+    export_gguf(str(tmp_path / "ckpt"), kind, str(tmp_path / "again.gguf"))
+    assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "again.gguf").read_bytes()
 
 
 def test_a_float_model_exports_to_f16_that_llama_cpp_runs_and_quantizes(tmp_path):
@@ -126,3 +148,11 @@ def test_a_float_model_exports_to_f16_that_llama_cpp_runs_and_quantizes(tmp_path
         finally:
             llm.close()
         assert float((theirs - expected).abs().max() / expected.abs().max()) < bound, name
+
+
+def test_the_command_quantizes_on_the_way_and_keeps_the_checkpoint(tmp_path, capsys):
+    assert main(["export-gguf", "tiny-llama", "--type", "q4_0", "--method", "rtn", "--checkpoint",
+                 str(tmp_path / "ckpt"), "--out", str(tmp_path / "m.gguf"), "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized tiny-llama with rtn" in out and str(tmp_path / "ckpt") in out
+    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "m.gguf").is_file()
