@@ -29,7 +29,8 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     codes; a float model is written as f16, or (``method``) quantized first with the grid the type needs,
     into a checkpoint kept beside (``quantize_settings``: the quantize request's other settings, its ``out``
     the checkpoint's folder)."""
-    from compress.export_gguf.llama import check_exportable, export_llama
+    from compress.export_gguf.layouts import layout_for
+    from compress.export_gguf.writer import check_widths, export_checkpoint
     from compress.models import resolve
 
     if type_name not in (*BLOCK_TYPES, "f16"):
@@ -42,7 +43,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     folder = resolve(model, settings.get("trust_remote_code", False)).path
     config = json.loads((folder / "config.json").read_text())
     qcfg = config.get("quantization_config") or {}
-    check_exportable(config, model)
+    layout_for(config, model)
     if type_name == "f16":
         if qcfg:
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
@@ -53,6 +54,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
             raise UserError(f"{model} is already quantized: drop --method to write its own codes")
         if method not in QUANTIZE_METHODS:
             raise UserError(f"--method {method} does not make ggml's block grids: choose {', '.join(QUANTIZE_METHODS)}")
+        check_widths(folder, model)
     elif qcfg.get("quant_method") != "gptq":
         raise UserError(f"{model} is not a GPTQ-format checkpoint: add --method gptq (or awq, rtn) to quantize it on "
                         f"the way, or quantize it first: `compress quantize {model} {_quantize_flags(type_name)}`")
@@ -72,7 +74,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    record = export_llama(folder, target, type_name)
+    record = export_checkpoint(folder, target, type_name)
     record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
     if quantized is not None:
         record["checkpoint"] = {"folder": str(quantized.folder), "method": method,

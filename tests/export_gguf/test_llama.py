@@ -11,7 +11,7 @@ from gguf.quants import dequantize
 from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import load_quantized
 from compress.cli import main
-from compress.export_gguf.llama import rotary_row_order
+from compress.export_gguf.layouts import rotary_row_order
 from compress.export_gguf.run import export_gguf
 
 GRIDS = {"q4_0": dict(bits=4, sym=True), "q4_1": dict(bits=4, sym=False), "q8_0": dict(bits=8, sym=True)}
@@ -79,10 +79,11 @@ def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
     (["{q}", "--type", "q4_1", "--method", "rtn"], "is already quantized: drop --method"),
     (["tiny-llama", "--method", "bnb"], "--method bnb does not make ggml's block grids"),
     (["tiny-llama", "--nsamples", "8"], "--nsamples set how a float model is quantized on the way: add --method"),
-    (["tiny-opt", "--method", "rtn"], "export-gguf writes Llama and Mistral checkpoints so far"),
+    (["tiny-opt", "--method", "rtn"], "llama.cpp has no OPT architecture"),
+    (["tiny-gptj", "--method", "rtn"], "llama.cpp has no GPT-J graph"),
     (["{q}", "--type", "q4_0"], "asymmetric zero points"),
     (["{q}", "--type", "q5_k"], "unknown GGUF type 'q5_k'"),
-    (["{opt}", "--type", "q4_0"], "export-gguf writes Llama and Mistral checkpoints so far"),
+    (["{opt}", "--type", "q4_0"], "is a OPTForCausalLM: llama.cpp has no OPT architecture"),
     (["{act}", "--type", "q4_1"], "--group-size 32 --asym --no-act-order"),
 ])
 def test_bad_requests_are_one_line_errors(args, message, tmp_path, capsys, calib_file):

@@ -1,0 +1,205 @@
+"""Per architecture: llama.cpp's name for it, the metadata its loader reads, and the row orders its graph
+expects where they differ from Hugging Face's (the same as llama.cpp's converter, convert_hf_to_gguf.py).
+
+A row order moves whole output rows, so it applies to a quantized weight exactly: each row's codes move with
+its scales and zero points, and a bias moves with its rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import gguf
+import torch
+
+from compress.errors import UserError
+
+
+def rope_theta(config: dict) -> float:
+    """The rotary base: transformers 5 writes it inside ``rope_parameters``, older versions as ``rope_theta``
+    (SmolLM2: 100,000; a wrong base shifts every position's rotation and costs 15% perplexity)."""
+    parameters = config.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0))))
+
+
+def _plain_rope(config: dict) -> None:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"the model uses {rope.get('rope_type', rope.get('type'))} rope scaling, which export-gguf "
+                        "does not write yet")
+
+
+# --- row orders ------------------------------------------------------------------------------------
+
+
+def rotary_row_order(rows: int, heads: int) -> torch.Tensor:
+    """Row i of the GGUF tensor is row order[i] of the Hugging Face one: within each head, the first and
+    second halves interleaved (llama.cpp's rotary layout for Llama, which rotates pairs where Hugging Face
+    rotates halves)."""
+    half = rows // heads // 2
+    index = torch.arange(rows).reshape(heads, 2, half)
+    return index.transpose(1, 2).reshape(rows)
+
+
+def per_head_qkv_order(rows: int, heads: int) -> torch.Tensor:
+    """Fused QKV stored per head as [q_h, k_h, v_h] (GPT-NeoX, BLOOM) -> all q heads, all k, all v."""
+    return torch.arange(rows).reshape(heads, 3, rows // heads // 3).transpose(0, 1).reshape(rows)
+
+
+def grouped_qkv_order(rows: int, heads: int, kv_heads: int) -> torch.Tensor:
+    """Falcon's fused QKV, kv_heads groups of (heads / kv_heads queries, one key, one value) -> all queries,
+    all keys, all values (llama.cpp's "jploski" layout)."""
+    head_dim = rows // (heads + 2 * kv_heads)
+    index = torch.arange(rows).reshape(kv_heads, heads // kv_heads + 2, head_dim)
+    return torch.cat([index[:, :-2].reshape(-1), index[:, -2].reshape(-1), index[:, -1].reshape(-1)])
+
+
+# --- the layouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    arch: gguf.MODEL_ARCH
+    metadata: Callable[[gguf.GGUFWriter, dict], None]
+    """Writes the architecture's hyperparameters (beyond name, file type and vocabulary)."""
+    row_order: Callable[[str, int, dict], torch.Tensor | None]
+    """(Hugging Face module name, rows, config) -> the rows' order in the GGUF tensor, or None to keep it."""
+    strip_prefix: str = ""
+    """A prefix the gguf name map does not expect on some names (BLOOM's "transformer.")."""
+    writes_tied_output: bool = False
+    """Write a tied head as its own tensor (llama.cpp's converter does for BLOOM)."""
+
+
+def _heads(config: dict) -> int:
+    return config.get("num_attention_heads") or config.get("n_head") or config["n_heads"]
+
+
+def _llama_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _plain_rope(config)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+
+
+def _llama_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
+    heads = config["num_attention_heads"]
+    if module.endswith("self_attn.q_proj"):
+        return rotary_row_order(rows, heads)
+    if module.endswith("self_attn.k_proj"):
+        return rotary_row_order(rows, config.get("num_key_value_heads") or heads)
+    return None
+
+
+def _neox_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _plain_rope(config)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    fraction = (config.get("rope_parameters") or {}).get("partial_rotary_factor", config.get("rotary_pct", 1.0))
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_rope_dimension_count(int(fraction * (hidden // heads)))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_head_count(heads)
+    writer.add_parallel_residual(config.get("use_parallel_residual", True))
+    writer.add_layer_norm_eps(float(config["layer_norm_eps"]))
+
+
+def _per_head_qkv_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
+    if module.endswith("query_key_value"):
+        return per_head_qkv_order(rows, _heads(config))
+    return None
+
+
+def _bloom_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    hidden, heads = config["hidden_size"], _heads(config)
+    writer.add_context_length(config.get("seq_length", 2048))  # ALiBi: no trained length in the config
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(4 * hidden)
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_eps(float(config["layer_norm_epsilon"]))
+
+
+def _mpt_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    attn = config.get("attn_config") or {}
+    if not attn.get("alibi", False):
+        raise UserError("this MPT has no ALiBi (learned positions): llama.cpp's mpt graph runs ALiBi models only")
+    writer.add_context_length(config["max_seq_len"])
+    writer.add_embedding_length(config["d_model"])
+    writer.add_block_count(config["n_layers"])
+    writer.add_feed_forward_length(4 * config["d_model"])  # Hugging Face's MPT is 4x wide, whatever expansion_ratio says
+    writer.add_head_count(config["n_heads"])
+    if attn.get("kv_n_heads"):
+        writer.add_head_count_kv(attn["kv_n_heads"])
+    writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon", 1e-5)))
+    if attn.get("clip_qkv") is not None:
+        writer.add_clamp_kqv(float(attn["clip_qkv"]))
+    writer.add_max_alibi_bias(float(attn.get("alibi_bias_max", 8)))
+
+
+def falcon_kv_heads(config: dict) -> int:
+    """The key/value heads Hugging Face's Falcon really uses: one for the old multi-query layout, whatever
+    num_kv_heads says."""
+    if config.get("new_decoder_architecture") or not config.get("multi_query", True):
+        return config.get("num_kv_heads") or _heads(config)
+    return 1
+
+
+def _falcon_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _plain_rope(config)
+    if config.get("alibi"):
+        raise UserError("this Falcon uses ALiBi: llama.cpp's falcon graph runs rotary Falcons only")
+    if not config.get("parallel_attn", True) and not config.get("new_decoder_architecture"):
+        raise UserError("this Falcon runs attention and MLP one after the other: llama.cpp's falcon graph runs "
+                        "them in parallel only")
+    hidden = config["hidden_size"]
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_tensor_data_layout("jploski")  # the fused QKV reordered, see grouped_qkv_order
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config.get("ffn_hidden_size") or 4 * hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(_heads(config))
+    writer.add_head_count_kv(falcon_kv_heads(config))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_eps(float(config["layer_norm_epsilon"]))
+
+
+def _falcon_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
+    if module.endswith("query_key_value"):
+        return grouped_qkv_order(rows, _heads(config), falcon_kv_heads(config))
+    return None
+
+
+LAYOUTS: dict[str, Layout] = {
+    "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
+    "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
+    "GPTNeoXForCausalLM": Layout(gguf.MODEL_ARCH.GPTNEOX, _neox_metadata, _per_head_qkv_rows),
+    "BloomForCausalLM": Layout(gguf.MODEL_ARCH.BLOOM, _bloom_metadata, _per_head_qkv_rows,
+                               strip_prefix="transformer.", writes_tied_output=True),
+    "MptForCausalLM": Layout(gguf.MODEL_ARCH.MPT, _mpt_metadata, lambda module, rows, config: None),
+    "FalconForCausalLM": Layout(gguf.MODEL_ARCH.FALCON, _falcon_metadata, _falcon_rows),
+}
+NOT_IN_LLAMA_CPP = {
+    "GPTJForCausalLM": "llama.cpp has no GPT-J graph (its converter does not take GPT-J)",
+    "OPTForCausalLM": "llama.cpp has no OPT architecture",
+    "MixtralForCausalLM": "export-gguf does not write mixture-of-experts layers yet",
+}
+
+
+def layout_for(config: dict, where: str) -> Layout:
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture in LAYOUTS:
+        return LAYOUTS[architecture]
+    why = NOT_IN_LLAMA_CPP.get(architecture, "export-gguf does not know it")
+    raise UserError(f"{where} is a {architecture}: {why}. export-gguf writes "
+                    f"{', '.join(sorted({a.removesuffix('ForCausalLM') for a in LAYOUTS}))}")

@@ -1,0 +1,129 @@
+"""One of our checkpoints (GPTQ layout, or a float model for f16) written as a GGUF file llama.cpp runs.
+
+The quantized linears' codes go into ggml blocks as they are (``blocks.encode``), in the row order llama.cpp's
+graph expects (``layouts``); embeddings and float matrices are written in float16, norms and biases in
+float32, as llama.cpp's converter writes them; the metadata and tensor names are those of llama.cpp's
+architecture (the gguf package's constants and name map).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from compress.errors import UserError
+from compress.export_gguf.blocks import BLOCK_TYPES, BlockType, encode
+from compress.export_gguf.layouts import Layout, layout_for
+from compress.export_gguf.vocab import add_vocabulary, read_vocabulary
+from compress.quant.primitives import QuantizedWeight
+
+FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}
+GGML_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+              "q8_0": gguf.GGMLQuantizationType.Q8_0}
+PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def check_widths(folder: Path, where: str) -> None:
+    """One-line error, before any quantizing, for a float model with a linear layer ggml's blocks of 32 cannot
+    hold (the model is built on the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.in_features % 32:
+            raise UserError(f"{where}'s {name} has {module.in_features} input columns, not a multiple of 32: "
+                            "ggml's blocks of 32 cannot hold it")
+
+
+def reorder_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(codes=qw.codes[order], scale=qw.scale[:, order], zero=qw.zero[:, order], g_idx=qw.g_idx,
+                           bits=qw.bits)
+
+
+def _numpy(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy().astype(dtype)
+
+
+class _Names:
+    def __init__(self, layout: Layout, config: dict) -> None:
+        self.layout = layout
+        self.map = gguf.get_tensor_name_map(layout.arch, _block_count(config))
+
+    def __call__(self, hf_name: str) -> str:
+        suffixes = (".weight", ".bias")
+        target = self.map.get_name(hf_name, try_suffixes=suffixes)
+        if target is None and self.layout.strip_prefix and hf_name.startswith(self.layout.strip_prefix):
+            target = self.map.get_name(hf_name.removeprefix(self.layout.strip_prefix), try_suffixes=suffixes)
+        if target is None:
+            raise UserError(f"{hf_name} has no place in llama.cpp's {self.layout.arch.name.lower()} layout")
+        return target
+
+
+def _block_count(config: dict) -> int:
+    return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
+
+
+def export_checkpoint(folder: Path, out: Path, type_name: str) -> dict:
+    """Write ``folder`` to ``out``: a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
+    (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
+    was written."""
+    from compress.checkpoint import load_quantized
+    from compress.models import load_model
+    from compress.quant.linear import QuantLinear
+
+    config = json.loads((folder / "config.json").read_text())
+    layout = layout_for(config, str(folder))
+    block_type: BlockType | None = BLOCK_TYPES.get(type_name)
+    vocab = read_vocabulary(folder, config["vocab_size"])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[layout.arch])
+    writer.add_name(folder.name)
+    layout.metadata(writer, config)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(FILE_TYPES[type_name])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocabulary(writer, vocab)
+    model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
+    names = _Names(layout, config)
+    counts = {"blocks": 0, "float16": 0, "float32": 0}
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            qw = module.quantized_weight()
+            order = layout.row_order(module_name, qw.codes.shape[0], config)
+            if order is not None:
+                qw = reorder_rows(qw, order)
+            writer.add_tensor(names(f"{module_name}.weight"), encode(qw, block_type, module_name),
+                              raw_dtype=GGML_TYPES[type_name])
+            counts["blocks"] += 1
+    tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    for param_name, param in model.state_dict().items():
+        module_name, _, kind = param_name.rpartition(".")
+        if kind not in ("weight", "bias") or (module_name in quantized and kind == "weight"):
+            continue  # the packed layers' tensors (.qweight, ...) were written above as blocks
+        if tied and module_name == "lm_head":
+            continue  # llama.cpp reads the embedding when the file has no output tensor
+        order = layout.row_order(module_name, param.shape[0], config)
+        if order is not None:
+            param = param[order]
+        if param.dim() == 1:
+            writer.add_tensor(names(param_name), _numpy(param, np.float32))
+            counts["float32"] += 1
+        else:
+            writer.add_tensor(names(param_name), _numpy(param, np.float16))
+            counts["float16"] += 1
+    tmp = out.with_name(f".{out.name}.partial")
+    # Written whole under another name, then renamed: a killed export leaves no file that looks complete.
+    writer.write_header_to_file(path=tmp)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
+            gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "pre_tokenizer": vocab.pre}
