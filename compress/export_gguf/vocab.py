@@ -1,4 +1,11 @@
-"""A Hugging Face byte-level BPE tokenizer as GGUF's tokenizer metadata (what llama.cpp's tokenizer reads).
+"""A Hugging Face tokenizer as GGUF's tokenizer metadata (what llama.cpp's tokenizer reads): a byte-level BPE
+one ("gpt2"), or a SentencePiece one from its tokenizer.model ("llama": Llama-2, Mistral), as llama.cpp's
+converter writes each.
+
+SentencePiece: every piece with its score and type (unknown, control, byte, ...), ids beyond the model's
+pieces "[PAD<id>]" (unused), the tokenizer config's added tokens as control or user-defined tokens.
+
+Byte-level BPE:
 
 tokens in id order (ids no token has become "[PAD<id>]", unused), each token's type (special added tokens are
 control tokens, other added tokens user-defined), the merges, the special token ids, and the pre-tokenizer:
@@ -28,6 +35,12 @@ class Vocabulary:
     """bos / eos / unk / pad -> id, where the tokenizer has them."""
     add_bos: bool
     chat_template: str | None
+    model: str = "gpt2"
+    """llama.cpp's tokenizer: gpt2 (byte-level BPE) or llama (SentencePiece)."""
+    scores: list[float] | None = None
+    """SentencePiece: each token's score (llama.cpp merges by it)."""
+    add_space_prefix: bool | None = None
+    add_eos: bool = False
 
 
 def pre_tokenizer_name(spec: dict | None) -> str:
@@ -44,11 +57,69 @@ def pre_tokenizer_name(spec: dict | None) -> str:
                     "here: export-gguf handles byte-level BPE tokenizers (GPT-2, SmolLM, StarCoder style)")
 
 
+def _is_sentencepiece(folder: Path, spec: dict | None) -> bool:
+    """A tokenizer.model beside a tokenizer.json that is its conversion (byte-fallback BPE: Llama-2, Mistral),
+    or alone."""
+    if not (folder / "tokenizer.model").is_file():
+        return False
+    return spec is None or bool((spec.get("model") or {}).get("byte_fallback"))
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    config_file = folder / "tokenizer_config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def _special_ids(config: dict, tokens: list[str]) -> dict[str, int]:
+    ids = {content: i for i, content in enumerate(tokens)}
+    special = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        value = config.get(f"{role}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if value in ids:
+            special[role] = ids[value]
+    return special
+
+
+def read_sentencepiece_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
+    from compress.export_gguf.sentencepiece import CONTROL, UNUSED, USER_DEFINED, read_sentencepiece
+
+    try:
+        model = read_sentencepiece((folder / "tokenizer.model").read_bytes())
+    except (ValueError, IndexError, UnicodeDecodeError) as err:
+        raise UserError(f"{folder}/tokenizer.model is not a SentencePiece model ({err})")
+    if len(model.pieces) > vocab_size:
+        raise UserError(f"{folder}/tokenizer.model has {len(model.pieces)} pieces, more than the model's "
+                        f"{vocab_size} embeddings")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [UNUSED] * vocab_size
+    for i, piece in enumerate(model.pieces):
+        tokens[i], scores[i], types[i] = piece.text, piece.score, piece.kind
+    config = _tokenizer_config(folder)
+    for key, added in (config.get("added_tokens_decoder") or {}).items():
+        i = int(key)
+        if i >= vocab_size:
+            continue
+        content = added["content"]
+        special = added.get("special", False)
+        tokens[i] = content if special else content.replace("\u2581", " ")
+        types[i] = CONTROL if special else USER_DEFINED
+        scores[i] = -1000.0
+    template = config.get("chat_template")
+    return Vocabulary(tokens, types, [], "default", _special_ids(config, tokens), bool(config.get("add_bos_token", True)),
+                      template if isinstance(template, str) else None, model="llama", scores=scores,
+                      add_space_prefix=model.add_dummy_prefix, add_eos=bool(config.get("add_eos_token", False)))
+
+
 def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     tokenizer_file = folder / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise UserError(f"{folder} has no tokenizer.json: export-gguf writes the tokenizer from it")
-    spec = json.loads(tokenizer_file.read_text())
+    spec = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else None
+    if _is_sentencepiece(folder, spec):
+        return read_sentencepiece_vocabulary(folder, vocab_size)
+    if spec is None:
+        raise UserError(f"{folder} has no tokenizer.json or tokenizer.model: export-gguf writes the tokenizer "
+                        "from one of them")
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"{folder}'s tokenizer is {model.get('type')}, not byte-level BPE: export-gguf does not "
@@ -68,30 +139,29 @@ def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    ids = {content: i for i, content in enumerate(tokens)}
-    special = {}
-    for role in ("bos", "eos", "unk", "pad"):
-        value = config.get(f"{role}_token")
-        value = value.get("content") if isinstance(value, dict) else value
-        if value in ids:
-            special[role] = ids[value]
+    config = _tokenizer_config(folder)
     template = config.get("chat_template")
-    return Vocabulary(tokens, [int(t) for t in types], merges, pre, special, bool(config.get("add_bos_token")),
-                      template if isinstance(template, str) else None)
+    return Vocabulary(tokens, [int(t) for t in types], merges, pre, _special_ids(config, tokens),
+                      bool(config.get("add_bos_token")), template if isinstance(template, str) else None,
+                      add_eos=bool(config.get("add_eos_token", False)))
 
 
 def add_vocabulary(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
               "pad": writer.add_pad_token_id}
     for role, token_id in vocab.special_ids.items():
         adders[role](token_id)
     writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
