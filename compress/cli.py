@@ -231,6 +231,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, help="windows per scoring pass (default: auto)")
     p.add_argument("--top-k", dest="top_k", type=int, default=256, help="base log-probs kept per token for KL")
     p.add_argument("--task", default="sst2:dev", help="labelled task for classifiers (default sst2:dev)")
+    p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t],
+                   help="language models: lm-evaluation-harness tasks, comma-separated (e.g. lambada_openai,"
+                        "arc_easy,arc_challenge,piqa,hellaswag,winogrande); needs the [eval] extra")
+    p.add_argument("--limit", type=int, help="--tasks: the first N examples of each task (default all)")
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, help="--tasks: examples in each prompt (default 0)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the prefill/decode timings")
     p.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32, help="timed decode steps")
     p.add_argument("--decode-batches", dest="decode_batches", type=int, nargs="+", default=[1, 8],

@@ -64,6 +64,12 @@ class BenchRequest:
     """Base log-probs kept per position for KL."""
     task: str = "sst2:dev"
     """Labelled task for classifiers."""
+    tasks: list[str] | None = None
+    """Language models: lm-evaluation-harness tasks (e.g. lambada_openai, arc_easy), run on the model as this
+    backend runs it."""
+    limit: int | None = None
+    """Examples per task (the first N of its split; default all)."""
+    num_fewshot: int = 0
     speed: bool = True
     prompt_tokens: int = 128
     decode_tokens: int = 32
@@ -173,6 +179,11 @@ def ensure_reference(request: BenchRequest) -> dict:
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
+def _vocab(model) -> int:
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
 def _context(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -215,6 +226,13 @@ def bench(request: BenchRequest) -> dict:
     choose_for(request.model, request.dtype, device, request.trust_remote_code, request.backend)  # fail fast
     causal = is_causal_lm(config)
     classifier = is_classifier(config)
+    if request.tasks:
+        if not causal:
+            raise UserError("--tasks are language-model tasks (lm-evaluation-harness); this model has no LM head: "
+                            "use --task for a classifier")
+        from compress.tasks.run import check_tasks
+
+        check_tasks(request.tasks, request.limit, request.num_fewshot)  # before the model loads
 
     windows = record = reference = reference_info = None
     if causal:
@@ -256,6 +274,13 @@ def bench(request: BenchRequest) -> dict:
     if classifier:
         acc = task_accuracy(model, tokenizer, task_rows, device, request.task)
         accuracy["task"] = dataclasses.asdict(acc) | {"data": dataclasses.asdict(task_record)}
+    if request.tasks:
+        from compress.tasks.run import run_tasks
+
+        context = min(_context(config) or 2048, 2048)
+        accuracy["tasks"] = run_tasks(model, tokenizer, device, request.tasks, context, _vocab(model),
+                                      request.limit, request.num_fewshot, request.batch_size,
+                                      request.progress).to_dict() | {"dtype": str(dtype)[6:], "max_length": context}
 
     speed: dict | None = None
     weight_bytes = memory.model_weight_bytes(model)

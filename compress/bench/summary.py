@@ -28,6 +28,11 @@ def summary_lines(result: dict) -> list[str]:
     if agreement:
         lines.append(f"  vs base  KL {agreement['kl_mean']:.5f} (top-{agreement['top_k']}), "
                      f"top-1 agreement {100 * agreement['top1_agreement']:.2f}%")
+    for row in (acc.get("tasks") or {}).get("results", []):
+        shown = ", ".join(f"{k} {100 * v:.2f}%" if k.startswith("acc") else f"{k} {v:.3f}"
+                          for k, v in row["metrics"].items())
+        lines.append(f"  {row['task']:<8} {shown} ({row['examples']} of {row['split_examples']} examples, "
+                     f"{row['num_fewshot']}-shot, {row['source']})")
     task = acc.get("task")
     if task:
         lines.append(f"  task     {task['task']} accuracy {100 * task['accuracy']:.2f}% ({task['examples']} examples)")
