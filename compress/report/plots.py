@@ -85,4 +85,25 @@ def make_plots(rows: list[Row]) -> dict[str, bytes]:
             rows, [r.bits for r in rows], [r.kl_mean for r in rows], "weight bits (log2 scale)",
             "mean KL divergence to the base", "KL vs bits (lower-left is better)", maximize_y=False, log_x=True),
     }
+    plots["task_recovery.png"] = _task_recovery(rows)
     return {name: png for name, png in plots.items() if png is not None}
+
+
+def _task_recovery(rows: list[Row]) -> bytes | None:
+    """Grouped bars: each task's recovery (score / the base's) per compressed row, 100% drawn."""
+    compared = [r for r in rows if not r.is_base and any(v is not None for v in r.task_recovery.values())]
+    tasks = list(dict.fromkeys(t for r in compared for t, v in r.task_recovery.items() if v is not None))
+    if not compared or not tasks:
+        return None
+    plt, fig, ax = _figure()
+    width = 0.8 / len(compared)
+    for k, row in enumerate(compared):
+        values = [100 * (row.task_recovery.get(t) or 0.0) for t in tasks]
+        ax.bar([i + k * width for i in range(len(tasks))], values, width, label=row.name)
+    ax.axhline(100, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(compared) - 1) / 2 for i in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=20, fontsize=8)
+    ax.set_ylabel("recovery, % of the base's score")
+    ax.set_title("Task accuracy recovery (higher is better, 100% = the base)", fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(plt, fig)

@@ -14,6 +14,7 @@ PLOT_TITLES = {
     "perplexity_vs_size.png": "Perplexity vs size",
     "decode_vs_size.png": "Decode tokens/s vs size",
     "kl_vs_bits.png": "KL divergence vs bits",
+    "task_recovery.png": "Task accuracy recovery vs the base",
 }
 
 
@@ -154,6 +155,34 @@ def kernels(rows: list[Row]) -> list[str]:
     return lines
 
 
+def task_table(rows: list[Row]) -> tuple[list[str], list[list[str]]] | None:
+    """Rows x tasks: score (recovery vs the base), and the mean recovery; None when no row ran tasks."""
+    names = list(dict.fromkeys(task for r in rows for task in r.tasks))
+    if not names:
+        return None
+    metrics = {task: next(r.tasks[task].metric for r in rows if task in r.tasks) for task in names}
+    header = ["variant", *[f"{task} {metrics[task]} %" for task in names], "mean recovery"]
+    body = []
+    for r in rows:
+        cells = [("base " if r.is_base else "") + r.name]
+        for task in names:
+            score = r.tasks.get(task)
+            if score is None:
+                cells.append("-")
+                continue
+            spread = f" ±{100 * score.stderr:.1f}" if score.stderr is not None else ""
+            rec = r.task_recovery.get(task)
+            cells.append(f"{100 * score.value:.1f}{spread}" + ("" if r.is_base or rec is None else f" ({100 * rec:.1f}%)"))
+        cells.append("-" if r.is_base or r.mean_task_recovery is None else f"{100 * r.mean_task_recovery:.1f}%")
+        body.append(cells)
+    return header, body
+
+
+def task_lines(rows: list[Row]) -> list[str]:
+    settings = sorted({(task, s.examples, s.setting[1], s.setting[2]) for r in rows for task, s in r.tasks.items()})
+    return [f"{task}: {n} examples, {shots}-shot, {source}" for task, n, shots, source in settings]
+
+
 def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: list[str], notes: list[str]) -> str:
     header, body = table(rows)
     out = [f"# {title}", ""]
@@ -162,6 +191,12 @@ def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: li
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in body]
     out += ["", "★ = on the Pareto frontier of size and perplexity; ratios are to the base row.", ""]
+    tasks = task_table(rows)
+    if tasks:
+        out += ["## Tasks (lm-evaluation-harness)", "", "| " + " | ".join(tasks[0]) + " |", "|" + "---|" * len(tasks[0])]
+        out += ["| " + " | ".join(cells) + " |" for cells in tasks[1]]
+        out += ["", "Score ± standard error, (recovery = score / the base's); recovery only between runs of the same "
+                "examples, few-shot count and data.", "", *[f"- {line}" for line in task_lines(rows)], ""]
     warnings = isa_warnings(rows)
     if warnings:
         out += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
@@ -193,6 +228,13 @@ def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: l
         cls = " ".join(c for c, on in (("base", row.is_base), ("front", "★" in cells[0])) if on)
         parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table><p>★ = on the Pareto frontier of size and perplexity; ratios are to the base row.</p>")
+    tasks = task_table(rows)
+    if tasks:
+        parts.append("<h2>Tasks (lm-evaluation-harness)</h2><table><tr>" +
+                     "".join(f"<th>{esc(h)}</th>" for h in tasks[0]) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in tasks[1]]
+        parts.append("</table><p>Score ± standard error, (recovery = score / the base's).</p><ul>" +
+                     "".join(f"<li>{esc(x)}</li>" for x in task_lines(rows)) + "</ul>")
     warnings = isa_warnings(rows)
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compress.bench.run import read_result
 from compress.errors import UserError
+from compress.report.task_rows import TaskScore, mean_recovery, recovery, task_scores
 
 
 @dataclass
@@ -40,6 +41,11 @@ class Row:
     """The CPU instruction sets that picked the kernels (compress.cpu_features); None in results made
     before they were recorded, or on CUDA."""
     is_base: bool = False
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    """lm-eval task scores (``compress bench --tasks``)."""
+    task_recovery: dict[str, float | None] = field(default_factory=dict)
+    """Each task's score / the base row's (None where the two ran different examples or settings)."""
+    mean_task_recovery: float | None = None
     ratios: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict, repr=False)
 
@@ -81,7 +87,7 @@ def _row(result: dict) -> Row:
         classify_eps=speed["classify"]["examples_per_s"] if speed.get("classify") else None,
         classify_batch=speed["classify"]["batch"] if speed.get("classify") else None,
         achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"),
-        isa=_isa(result), result=result)
+        isa=_isa(result), tasks=task_scores(result), result=result)
 
 
 def _isa(result: dict) -> str | None:
@@ -125,6 +131,8 @@ def load_rows(paths: list[Path]) -> list[Row]:
         row.ratios = {key: _ratio(getattr(row, key), getattr(ref, key)) for key in
                       ("weight_bytes", "artifact_bytes", "peak_bytes", "perplexity", "prefill_tps", "decode_tps",
                        "decode_batch_tps", "task_accuracy", "classify_eps")}
+        row.task_recovery = recovery(row.tasks, ref.tasks)
+        row.mean_task_recovery = mean_recovery(row.task_recovery)
     return rows
 
 

@@ -99,3 +99,34 @@ def test_rows_from_different_instruction_sets_are_flagged(two_results, tmp_path)
     write_result(other, tmp_path / "mixed" / "bf16.json")
     md = (build_report([tmp_path / "mixed"], tmp_path / "rep2") / "README.md").read_text()
     assert "not recorded: bf16" in md
+
+
+def _with_tasks(result: dict, scores: dict[str, tuple[float, int]]) -> dict:
+    result = copy.deepcopy(result)
+    result["accuracy"]["tasks"] = {"results": [
+        {"task": task, "metrics": {"acc": value - 0.05, "acc_norm": value} if task != "winogrande" else {"acc": value},
+         "stderr": {"acc": 0.02, "acc_norm": 0.02}, "examples": n, "split_examples": 2000, "num_fewshot": 0,
+         "source": "local:/data/tasks/" + task, "note": None, "seconds": 1.0}
+        for task, (value, n) in scores.items()]}
+    return result
+
+
+def test_task_recovery_is_the_score_over_the_bases_on_the_same_examples(two_results, tmp_path):
+    _, a, b = two_results
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_result(_with_tasks(a, {"arc_easy": (0.50, 500), "winogrande": (0.60, 500), "piqa": (0.70, 500)}),
+                 folder / "fp32.json")
+    # piqa on other examples than the base's: no recovery for it, and so no mean.
+    write_result(_with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.69, 400)}),
+                 folder / "bf16.json")
+    out = build_report([folder], tmp_path / "rep")
+    md = (out / "README.md").read_text()
+    assert "| variant | arc_easy acc_norm % | winogrande acc % | piqa acc_norm % | mean recovery |" in md
+    assert "| bf16 | 45.0 ±2.0 (90.0%) | 57.0 ±2.0 (95.0%) | 69.0 ±2.0 | - |" in md
+    assert "| base fp32 | 50.0 ±2.0 | 60.0 ±2.0 | 70.0 ±2.0 | - |" in md
+    assert (out / "plots" / "task_recovery.png").stat().st_size > 1000
+    write_result(_with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.63, 500)}),
+                 folder / "bf16.json")
+    md = (build_report([folder], tmp_path / "rep2") / "README.md").read_text()
+    assert "| bf16 | 45.0 ±2.0 (90.0%) | 57.0 ±2.0 (95.0%) | 63.0 ±2.0 (90.0%) | 91.7% |" in md

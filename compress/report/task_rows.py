@@ -1,0 +1,43 @@
+"""Task accuracy in a report: each row's lm-eval figures and their recovery against the base row
+(compressed / base, as llm-compressor reports it), only where both ran the same examples the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    metric: str
+    """acc_norm where the task reports it (length-normalized multiple choice), else acc."""
+    value: float
+    stderr: float | None
+    examples: int
+    setting: tuple
+    """(examples, few-shot, data source): recovery is computed between equal settings only."""
+
+
+def task_scores(result: dict) -> dict[str, TaskScore]:
+    tasks = (result.get("accuracy") or {}).get("tasks") or {}
+    scores = {}
+    for row in tasks.get("results", []):
+        metric = "acc_norm" if "acc_norm" in row["metrics"] else "acc"
+        if metric not in row["metrics"]:
+            continue
+        scores[row["task"]] = TaskScore(metric, row["metrics"][metric], row["stderr"].get(metric), row["examples"],
+                                        (row["examples"], row["num_fewshot"], row["source"]))
+    return scores
+
+
+def recovery(scores: dict[str, TaskScore], base: dict[str, TaskScore]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for task, score in scores.items():
+        reference = base.get(task)
+        same = reference is not None and reference.setting == score.setting and reference.value > 0
+        out[task] = score.value / reference.value if same else None
+    return out
+
+
+def mean_recovery(values: dict[str, float | None]) -> float | None:
+    known = [v for v in values.values() if v is not None]
+    return sum(known) / len(known) if known and len(known) == len(values) else None
