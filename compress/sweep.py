@@ -57,6 +57,11 @@ class SweepConfig:
     seqlen: int | None = None
     windows: int | None = None
     top_k: int = 256
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on every row (needs the [eval] extra): their recovery in the report."""
+    limit: int | None = None
+    """Examples per task (the first N; default all)."""
+    num_fewshot: int = 0
     decode_tokens: int = 32
     decode_batches: list[int] = field(default_factory=lambda: [1, 8])
     repeats: int = 3
@@ -146,7 +151,8 @@ def _bench_settings(cfg: SweepConfig, variant: Variant) -> dict:
     return _quant_settings(cfg, variant) | {
         "base_dtype": cfg.dtypes[0], "eval": cfg.eval, "seqlen": cfg.seqlen, "windows": cfg.windows,
         "top_k": cfg.top_k, "decode_tokens": cfg.decode_tokens, "decode_batches": cfg.decode_batches,
-        "repeats": cfg.repeats}
+        "repeats": cfg.repeats} | ({"tasks": cfg.tasks, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot}
+                                  if cfg.tasks else {})
 
 
 # --- one variant ---------------------------------------------------------------------------------
@@ -194,7 +200,8 @@ def bench_request(cfg: SweepConfig, variant: Variant, model_ref: str, out: Path)
                         base_dtype=cfg.dtypes[0], transform=variant.peer if variant.kind == "peer-transform" else None,
                         eval=cfg.eval, seqlen=cfg.seqlen, windows=cfg.windows, top_k=cfg.top_k,
                         decode_tokens=cfg.decode_tokens, decode_batches=list(cfg.decode_batches),
-                        repeats=cfg.repeats, progress=cfg.progress, out=str(out))
+                        repeats=cfg.repeats, progress=cfg.progress, out=str(out), tasks=list(cfg.tasks) or None,
+                        limit=cfg.limit, num_fewshot=cfg.num_fewshot)
 
 
 def _bench_command(request) -> list[str]:
@@ -205,7 +212,8 @@ def _bench_command(request) -> list[str]:
             "--decode-batches", *map(str, request.decode_batches), "--repeats", str(request.repeats),
             "--out", request.out]
     for flag, value in (("--seqlen", request.seqlen), ("--windows", request.windows),
-                        ("--transform", request.transform)):
+                        ("--transform", request.transform), ("--tasks", ",".join(request.tasks or []) or None),
+                        ("--limit", request.limit), ("--num-fewshot", request.num_fewshot or None)):
         if value is not None:
             args += [flag, str(value)]
     if not request.progress:
@@ -259,6 +267,10 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
 
     resolve_device(cfg.device)
     variants, notes = expand(cfg)
+    if cfg.tasks:
+        from compress.tasks.run import check_tasks
+
+        check_tasks(list(cfg.tasks), cfg.limit, cfg.num_fewshot)  # before any quantizing
     root = Path(cfg.runs) / cfg.name
     started = time.perf_counter()
     _say(cfg, f"sweep {cfg.name}: {len(variants)} variants of {cfg.model} on {cfg.device} -> {root}")

@@ -108,3 +108,18 @@ def test_isolated_benchmarks_run_in_child_processes(tmp_path, calib_file, eval_f
     result = json.loads((tmp_path / "runs" / "t" / "results" / "fp32.json").read_text())
     assert result["command"][:2] == ["compress", "bench"] and "--out" in result["command"]
     assert (report / "report.html").is_file()
+
+
+def test_a_sweep_with_tasks_reports_their_recovery_from_child_processes(tmp_path, calib_file, eval_file, data_dir,
+                                                                         monkeypatch):
+    pytest.importorskip("lm_eval", reason="install the [eval] extra")
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        run_sweep(tiny_config(tmp_path, calib_file, eval_file, methods=["rtn"], tasks=["nope"]), ["x"])
+    assert not (tmp_path / "runs" / "t" / "models").exists()  # refused before any quantizing
+    report = run_sweep(tiny_config(tmp_path, calib_file, eval_file, methods=["rtn"], tasks=["winogrande"], limit=4,
+                                   isolate=True), ["x"])
+    result = json.loads((tmp_path / "runs" / "t" / "results" / "rtn-w4g32.json").read_text())
+    assert "--tasks" in result["command"] and result["accuracy"]["tasks"]["results"][0]["examples"] == 4
+    md = (report / "README.md").read_text()
+    assert "## Tasks (lm-evaluation-harness)" in md and "| rtn-w4g32 |" in md.split("## Tasks")[1]
