@@ -1,0 +1,111 @@
+"""Task accuracy loss on SmolLM2-135M: lm-evaluation-harness tasks on fp32, bf16, our GPTQ W8 / W4 / W3,
+bitsandbytes NF4 and Wanda 50%, each run by the backend that runs it, beside WikiText-2 perplexity.
+
+    OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/tasks_smollm2.py
+
+writes reports/tasks-smollm2/ (the `compress report` of every row: task table with recovery, plots). LAMBADA is
+scored on its whole test set (5,153 examples), the other tasks on their first 500 examples (--limit), zero-shot,
+from the offline copies under $COMPRESS_DATA_DIR/tasks (HellaSwag: llama.cpp's derived text, see the report).
+Each row is one `compress bench` process (LAMBADA) plus one for the other tasks, merged into one record. About
+3 hours on 2 cores; checkpoints are made first, then every row is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, bench_subprocess, offline_defaults, report_with_extras  # noqa: E402
+
+offline_defaults()
+
+MODEL = "smollm2-135m"
+WHOLE = ["lambada_openai"]
+LIMITED = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande"]
+QUANTIZED = [("gptq-w8", ["--bits", "8"]), ("gptq-w4", ["--bits", "4"]), ("gptq-w3", ["--bits", "3"]),
+             ("bnb-nf4", ["--method", "bnb", "--bits", "4"])]
+
+
+def make_checkpoints(work: Path, nsamples: int) -> dict[str, str]:
+    """name -> folder of each compressed row, made with the commands a user would run."""
+    import subprocess
+
+    folders = {}
+    for name, flags in QUANTIZED:
+        out = work / name
+        command = [sys.executable, "-m", "compress.cli", "quantize", MODEL, *flags, "--nsamples", str(nsamples),
+                   "--out", str(out), "--no-progress", "--device", "cpu"]
+        print("$", " ".join(command), file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+        folders[name] = str(out)
+    out = work / "wanda-50"
+    command = [sys.executable, "-m", "compress.cli", "prune", MODEL, "--method", "wanda", "--sparsity", "0.5",
+               "--nsamples", str(nsamples), "--out", str(out), "--no-progress", "--device", "cpu"]
+    print("$", " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+    folders["wanda-50"] = str(out)
+    return folders
+
+
+def measure(name: str, model: str, extra: list[str], work: Path, results: Path, limit: int, windows: int) -> Path:
+    """One record: perplexity and the limited tasks in one bench run, LAMBADA whole in a second, merged."""
+    common = ["--base", MODEL, "--base-dtype", "float32", "--name", name, "--no-speed", "--no-progress", *extra]
+    first, second = work / f"{name}-tasks.json", work / f"{name}-lambada.json"
+    bench_subprocess(model, first, [*common, "--seqlen", "512", "--windows", str(windows),
+                                    "--tasks", ",".join(LIMITED), "--limit", str(limit)])
+    # The second run's perplexity is not kept: one window is enough for it.
+    bench_subprocess(model, second, [*common, "--seqlen", "512", "--windows", "1", "--tasks", ",".join(WHOLE)])
+    record = json.loads(first.read_text())
+    lambada = json.loads(second.read_text())["accuracy"]["tasks"]
+    record["accuracy"]["tasks"]["results"] = lambada["results"] + record["accuracy"]["tasks"]["results"]
+    record["accuracy"]["tasks"]["limit"] = {"lambada_openai": None, **{t: limit for t in LIMITED}}
+    record["command"] = [*record["command"], "&&", *json.loads(second.read_text())["command"]]
+    out = results / f"{name}.json"
+    out.write_text(json.dumps(record, indent=1))
+    print(f"{name}: " + ", ".join(f"{r['task']} {r['metrics']}" for r in record["accuracy"]["tasks"]["results"]),
+          flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "tasks-smollm2")
+    parser.add_argument("--work", default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        work = Path(work)
+        results = work / "results"
+        results.mkdir()
+        folders = make_checkpoints(work, args.nsamples)
+        files = [measure("fp32", MODEL, ["--dtype", "float32"], work, results, args.limit, args.windows),
+                 measure("bf16", MODEL, ["--dtype", "bfloat16"], work, results, args.limit, args.windows)]
+        for name, folder in folders.items():
+            files.append(measure(name, folder, [], work, results, args.limit, args.windows))
+        minutes = (time.perf_counter() - started) / 60
+        report_with_extras(files, args.out, "SmolLM2-135M: task accuracy loss (lm-evaluation-harness)",
+                           [f"OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/tasks_smollm2.py "
+                            f"--limit {args.limit}"],
+                           [f"LAMBADA (OpenAI) on its whole test set; {', '.join(LIMITED)} on their first "
+                            f"{args.limit} examples; zero-shot; offline copies of the released splits.",
+                            "GPTQ rows: `compress quantize smollm2-135m --bits B` with the defaults (group 128, "
+                            f"asymmetric, weighted scale search), {args.nsamples} calibration windows, run by the "
+                            "torch int8/int4 kernels in bfloat16 (the auto backend); NF4 by bitsandbytes; Wanda 50% "
+                            "dense in float32.",
+                            "The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32 (see the README): "
+                            "4-bit grids line up with them.",
+                            f"The run took {minutes:.0f} minutes on 2 cores. CUDA was not measured."],
+                           results, ())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
