@@ -93,3 +93,23 @@ def test_gguf_requests_a_command_cannot_serve_are_one_line_errors(args, message,
     assert main([a.replace("{gguf}", gguf) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_lm_eval_scores_the_gguf_as_llama_cpp_runs_it(q8_files):
+    """lm-eval's requests through llama.cpp: the log-likelihoods of our loader on the same codes, in batches
+    of several llama.cpp sequences."""
+    pytest.importorskip("lm_eval", reason="install the [eval] extra")
+    from lm_eval.api.instance import Instance
+
+    from compress.tasks.lm import CompressLM
+
+    folder, gguf = q8_files
+    pairs = [("The quick brown fox", " jumps over"), ("Paragraph 3: the model", " reads the text"), ("a b c", " d")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    scores = {}
+    for name, backend, model in (("ours", "dequant", str(folder)), ("llama.cpp", "auto", str(gguf))):
+        loaded = load_for_bench(model, "float32", CPU, backend=backend)
+        lm = CompressLM(loaded.model, loaded.tokenizer, CPU, 64, 512)
+        scores[name] = [lp for lp, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    for ours, theirs in zip(scores["ours"], scores["llama.cpp"]):
+        assert theirs == pytest.approx(ours, rel=0.02)
