@@ -13,6 +13,7 @@ from compress.checkpoint import load_quantized
 from compress.cli import main
 from compress.export_gguf.layouts import rotary_row_order
 from compress.export_gguf.run import export_gguf
+from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 GRIDS = {"q4_0": dict(bits=4, sym=True), "q4_1": dict(bits=4, sym=False), "q8_0": dict(bits=8, sym=True)}
 
@@ -53,24 +54,19 @@ def test_the_file_holds_our_codes(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
 def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
     folder = checkpoint(tmp_path, kind)
     export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
     ours, tokenizer = load_quantized(folder)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
-    try:
-        text = "the quick brown fox, 42 times"
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
-        ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3]
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
-    finally:
-        llm.close()
+    text = "the quick brown fox, 42 times"
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3]
+    theirs, (tokens,) = llama_cpp_logits(tmp_path / "m.gguf", ids, (text,))
+    assert tokens == tokenizer(text)["input_ids"]
     with torch.no_grad():
         expected = ours(torch.tensor([ids])).logits[0]
     # llama.cpp rounds activations to 8 bits per block of 32 for these matrix products (and keeps the
     # embedding in float16): within 2% of the logits' scale; a misplaced row or code is far more.
-    assert float((theirs - expected).abs().max() / expected.abs().max()) < 0.02
+    assert relative_error(theirs, expected) < 0.02
 
 
 @pytest.mark.parametrize("args, message", [
@@ -142,13 +138,8 @@ def test_a_float_model_exports_to_f16_that_llama_cpp_runs_and_quantizes(tmp_path
         expected = model(torch.tensor([ids])).logits[0]
     # f16: 0.04% seen; llama.cpp's own 4-bit rounding of a random tiny model: 13% seen.
     for name, bound in (("f16.gguf", 0.005), ("q4.gguf", 0.3)):
-        llm = llama_cpp.Llama(model_path=str(tmp_path / name), n_ctx=64, logits_all=True, verbose=False)
-        try:
-            llm.eval(ids)
-            theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
-        finally:
-            llm.close()
-        assert float((theirs - expected).abs().max() / expected.abs().max()) < bound, name
+        theirs, _ = llama_cpp_logits(tmp_path / name, ids)
+        assert relative_error(theirs, expected) < bound, name
 
 
 def test_the_command_quantizes_on_the_way_and_keeps_the_checkpoint(tmp_path, capsys):

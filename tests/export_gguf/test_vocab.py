@@ -4,13 +4,13 @@ one-line error."""
 
 import io
 
-import numpy as np
 import pytest
 import torch
 
 from compress.cli import main
 from compress.export_gguf.run import export_gguf
 from compress.export_gguf.sentencepiece import BYTE, CONTROL, UNKNOWN, read_sentencepiece
+from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 TEXTS = ["the quick brown fox, 42 times", "Über naïve café — 3.14159!", "  two  spaces\nand a new line"]
 
@@ -53,7 +53,7 @@ def test_the_sentencepiece_pieces_are_read_as_written(spm_llama):
 
 
 def test_llama_cpp_tokenizes_as_the_model_tokenizer_and_runs_it(spm_llama, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
@@ -62,28 +62,22 @@ def test_llama_cpp_tokenizes_as_the_model_tokenizer_and_runs_it(spm_llama, tmp_p
     assert fields["tokenizer.ggml.model"].contents() == "llama"
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
     tokenizer = AutoTokenizer.from_pretrained(spm_llama)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
-    try:
-        import sentencepiece as spm
+    import sentencepiece as spm
 
-        processor = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
-        for text in TEXTS:
-            ours = llm.tokenize(text.encode(), add_bos=True, special=False)
-            assert ours == [1] + processor.encode(text), text
-            # transformers' converted tokenizer agrees except at leading spaces, where its Metaspace
-            # ("prepend_scheme": "first") adds no dummy space before one already there, SentencePiece does.
-            if not text.startswith(" "):
-                assert ours == tokenizer(text)["input_ids"], text
-        ids = tokenizer(TEXTS[0])["input_ids"]
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
-    finally:
-        llm.close()
+    processor = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
+    ids = tokenizer(TEXTS[0])["input_ids"]
+    theirs, tokenized = llama_cpp_logits(tmp_path / "m.gguf", ids, tuple(TEXTS), add_bos=True)
+    for text, ours in zip(TEXTS, tokenized):
+        assert ours == [1] + processor.encode(text), text
+        # transformers' converted tokenizer agrees except at leading spaces, where its Metaspace
+        # ("prepend_scheme": "first") adds no dummy space before one already there, SentencePiece does.
+        if not text.startswith(" "):
+            assert ours == tokenizer(text)["input_ids"], text
     from compress.models import load_model
 
     with torch.no_grad():
         expected = load_model(spm_llama)[0](torch.tensor([ids])).logits[0]
-    assert float((theirs - expected).abs().max() / expected.abs().max()) < 0.005
+    assert relative_error(theirs, expected) < 0.005
 
 
 def test_a_broken_tokenizer_model_is_a_one_line_error(spm_llama, tmp_path, capsys):
