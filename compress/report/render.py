@@ -26,8 +26,14 @@ def _num(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _sig(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
+def _kl(value) -> str:
+    """Four decimals (1.0016, not '1'; 0.1001, not '0.1'); below 0.001 in scientific notation, so a small KL
+    keeps its digits."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def _ratio(value) -> str:
@@ -55,7 +61,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
         line = [mark.strip(), r.name, _variant(r),
                 _num(r.weight_bytes / MIB, 1) + _ratio(r.ratios.get("weight_bytes")),
                 _num(r.artifact_bytes / MIB, 1), _num(r.peak_bytes / MIB, 0),
-                _num(r.perplexity, 3) + _ratio(r.ratios.get("perplexity")), _sig(r.kl_mean),
+                _num(r.perplexity, 3) + _ratio(r.ratios.get("perplexity")), _kl(r.kl_mean),
                 _num(None if r.top1 is None else 100 * r.top1, 2),
                 _num(r.prefill_tps, 1) + _ratio(r.ratios.get("prefill_tps")),
                 _num(r.decode_tps, 1) + _ratio(r.ratios.get("decode_tps")),

@@ -130,3 +130,10 @@ def test_task_recovery_is_the_score_over_the_bases_on_the_same_examples(two_resu
                  folder / "bf16.json")
     md = (build_report([folder], tmp_path / "rep2") / "README.md").read_text()
     assert "| bf16 | 45.0 ±2.0 (90.0%) | 57.0 ±2.0 (95.0%) | 63.0 ±2.0 (90.0%) | 91.7% |" in md
+
+
+def test_kl_keeps_its_digits_in_the_table():
+    from compress.report.render import _kl
+
+    assert [_kl(v) for v in (1.0016, 0.10007, 0.0010, 3.6e-06, 0.0, None)] == \
+        ["1.0016", "0.1001", "0.0010", "3.60e-06", "0", "-"]
