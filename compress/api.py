@@ -165,6 +165,23 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
     }
 
 
+PACK_WIDTH = 32
+"""The GPTQ format packs codes into int32 words along the input features, and zero points along the output
+features: both must be multiples of 32."""
+
+
+def check_packable(model, selection) -> None:
+    """One-line error, on the skeleton before any calibration, for a selected layer the format cannot pack."""
+    from compress.select import block_linears, find_blocks
+
+    _, blocks = find_blocks(model)
+    for name, linear in block_linears(blocks[0], selection).items():  # the blocks are alike
+        for what, size in (("input", linear.in_features), ("output", linear.out_features)):
+            if size % PACK_WIDTH:
+                raise UserError(f"{name} has {size} {what} features, not a multiple of {PACK_WIDTH}: the GPTQ format "
+                                f"cannot pack it; leave it in float with --exclude '{name}'")
+
+
 def quantize(request: QuantizeRequest) -> QuantizeResult:
     method, cfg = request.method_config()
     if method.writes_own_checkpoint:
@@ -178,7 +195,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     tag = cfg.tag + (f"-head{head_cfg.bits}" if head_cfg else "")
     if request.avg_bits is not None:
         tag += f"-avg{request.avg_bits:g}"
-    run = load_for_run(request, tag, method.needs_data(cfg) or request.avg_bits is not None)
+    run = load_for_run(request, tag, method.needs_data(cfg) or request.avg_bits is not None,
+                       check=lambda model: check_packable(model, request.selection))
 
     def work(output: RunOutput) -> tuple[dict, dict]:
         quant_started = time.perf_counter()

@@ -7,6 +7,7 @@ import torch
 
 from compress.api import QuantizeRequest, quantize
 from compress.cli import main
+from compress.errors import UserError
 from compress.checkpoint import MANIFEST_NAME, load_quantized
 from compress.models import load_model, resolve
 from compress.quant.linear import QuantLinear
@@ -181,3 +182,26 @@ def test_options_a_method_does_not_take_are_refused(args, message, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_width_the_format_cannot_pack_is_refused_before_calibration(tmp_path, calib_file, monkeypatch):
+    """48 input features do not fill 32-wide words: refused on the skeleton, before any block is calibrated,
+    naming the layer and the --exclude that leaves it in float (issue 18: it used to fail at pack time)."""
+    from transformers import AutoModelForCausalLM
+
+    import compress.api
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size = 48, 96
+    config.num_attention_heads, config.num_key_value_heads = 2, 2
+    source = tmp_path / "narrow"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    calls = []
+    monkeypatch.setattr(compress.api, "quantize_model", lambda *a, **k: calls.append(a))
+    with pytest.raises(UserError, match=r"self_attn.q_proj has 48 input features, not a multiple of 32: .*"
+                                        r"--exclude 'self_attn.q_proj'"):
+        quantize(QuantizeRequest(model=str(source), method="gptq", calib=str(calib_file), nsamples=2, seqlen=16,
+                                 out=str(tmp_path / "q"), progress=False, device="cpu"))
+    assert not calls and not (tmp_path / "q").exists()
