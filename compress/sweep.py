@@ -44,6 +44,9 @@ class SweepConfig:
     bits: list[int] = field(default_factory=lambda: [8, 4, 3])
     group_sizes: list[int] = field(default_factory=lambda: [128])
     peers: list[str] = field(default_factory=lambda: ["gptqmodel", "torchao-int8wo"])
+    gguf: list[str] = field(default_factory=list)
+    """GGUF types (q4_0, q4_1, q8_0): each of our methods quantized at the type's grid (group 32, its symmetry,
+    no act-order), exported with its codes and run by llama.cpp (the [llamacpp] extra)."""
     """Peer rows where installed: gptqmodel (bits x group_sizes), torchao-int8wo."""
     # Quantization (ours and GPTQModel alike)
     calib: str = "auto"
@@ -74,7 +77,7 @@ class SweepConfig:
 class Variant:
     name: str
     kind: str
-    """dense | ours | peer-quantizer | peer-transform"""
+    """dense | ours | peer-quantizer | peer-transform | gguf"""
     dtype: str
     method: str | None = None
     bits: int | None = None
@@ -117,6 +120,7 @@ def expand(cfg: SweepConfig) -> tuple[list[Variant], list[str]]:
             tag = f"w{bits}" + ("" if group == -1 else f"g{group}")
             variants += [Variant(f"{m}-{tag}", "ours", base_dtype, m, bits, group) for m in cfg.methods]
     notes = []
+    variants += _gguf_variants(cfg, base_dtype, notes)
     for peer in cfg.peers:
         if peer in QUANTIZER_PEERS:
             module, extra = QUANTIZER_PEERS[peer]
@@ -135,6 +139,23 @@ def expand(cfg: SweepConfig) -> tuple[list[Variant], list[str]]:
             known = ", ".join([*QUANTIZER_PEERS, *TRANSFORMS])
             raise UserError(f"unknown peer '{peer}' in 'peers': choose from {known}")
     return variants, notes
+
+
+def _gguf_variants(cfg: SweepConfig, dtype: str, notes: list[str]) -> list[Variant]:
+    import importlib.util
+
+    from compress.export_gguf.blocks import BLOCK_TYPES
+    from compress.export_gguf.run import QUANTIZE_METHODS
+
+    for kind in cfg.gguf:
+        if kind not in BLOCK_TYPES:
+            raise UserError(f"unknown GGUF type '{kind}' in 'gguf': choose from {', '.join(BLOCK_TYPES)}")
+    if cfg.gguf and importlib.util.find_spec("llama_cpp") is None:
+        notes.append("gguf: llama-cpp-python is not installed here (pip install 'compress-workbench[llamacpp]'), "
+                     "no GGUF rows")
+        return []
+    return [Variant(f"{m}-{kind}-gguf", "gguf", dtype, m, BLOCK_TYPES[kind].bits, 32, kind)
+            for kind in cfg.gguf for m in cfg.methods if m in QUANTIZE_METHODS]
 
 
 def _fingerprint(payload: dict) -> str:
@@ -172,6 +193,8 @@ def _calibration(cfg: SweepConfig, source: Path):
 def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
     """The variant's checkpoint, made now unless a finished one with the same settings exists."""
     folder = root / "models" / f"{variant.name}-{_fingerprint(_quant_settings(cfg, variant))}"
+    if variant.kind == "gguf":
+        return _gguf_file(cfg, variant, folder)
     if folder.is_dir():
         _say(cfg, f"  reusing {folder}")
         return folder
@@ -191,6 +214,22 @@ def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
         quantize_with_gptqmodel(source, variant.bits, variant.group_size, cfg.act_order, cfg.damp_percent,
                                 _calibration(cfg, source), folder, device=cfg.device)
     return folder
+
+
+def _gguf_file(cfg: SweepConfig, variant: Variant, folder: Path) -> Path:
+    """The variant's GGUF file: our codes at the type's grid (the checkpoint kept beside it), exported."""
+    from compress.export_gguf.run import export_gguf
+
+    target = folder.with_suffix(".gguf")
+    if target.is_file():
+        _say(cfg, f"  reusing {target}")
+        return target
+    checkpoint = folder.with_name(folder.name + "-checkpoint")
+    export_gguf(cfg.model, variant.peer, str(target), force=True, method=variant.method, quantize_settings={
+        "calib": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
+        "device": cfg.device, "damp_percent": cfg.damp_percent, "out": str(checkpoint), "force": True,
+        "progress": cfg.progress})
+    return target
 
 
 def bench_request(cfg: SweepConfig, variant: Variant, model_ref: str, out: Path):
@@ -278,7 +317,7 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
     # Every checkpoint first, every benchmark after: timings are then never taken while a
     # quantization of the same sweep competes for the cores, and a failing quantizer stops the sweep
     # before any time goes into benchmarks.
-    quantized = [v for v in variants if v.kind in ("ours", "peer-quantizer")]
+    quantized = [v for v in variants if v.kind in ("ours", "peer-quantizer", "gguf")]
     for number, variant in enumerate(quantized, 1):
         _say(cfg, f"[quantize {number}/{len(quantized)}] {variant.name}  (elapsed "
                   f"{(time.perf_counter() - started) / 60:.1f} min)")

@@ -123,3 +123,15 @@ def test_a_sweep_with_tasks_reports_their_recovery_from_child_processes(tmp_path
     assert "--tasks" in result["command"] and result["accuracy"]["tasks"]["results"][0]["examples"] == 4
     md = (report / "README.md").read_text()
     assert "## Tasks (lm-evaluation-harness)" in md and "| rtn-w4g32 |" in md.split("## Tasks")[1]
+
+
+def test_gguf_rows_are_our_codes_run_by_llama_cpp(tmp_path, calib_file, eval_file, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="unknown GGUF type 'q5_k'"):
+        expand(SweepConfig(gguf=["q5_k"], peers=[]))
+    report = run_sweep(tiny_config(tmp_path, calib_file, eval_file, methods=["rtn"], bits=[8], gguf=["q8_0"]), ["x"])
+    result = json.loads((tmp_path / "runs" / "t" / "results" / "rtn-q8_0-gguf.json").read_text())
+    assert result["model"]["backend"] == "llamacpp" and "q8_0 x14" in result["model"]["kernel"]
+    assert result["model"]["path"].endswith(".gguf")
+    assert "rtn-q8_0-gguf" in (report / "README.md").read_text()
