@@ -300,6 +300,10 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                         "own quantizer takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--float-embedding", dest="keep_float", action="store_true",
+                   help="write the embedding and a float output head in float16 (default: the types llama.cpp's own "
+                        "quantizer gives them, Q8_0 for the head or a tied embedding, the file's type for an untied "
+                        "embedding: the same file size as llama.cpp's)")
     p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
                    "or rtn (the checkpoint is kept, see --checkpoint)")
     p.add_argument("--checkpoint", dest="out_checkpoint", default=S,
@@ -321,16 +325,18 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
     from compress.export_gguf.run import export_gguf
 
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("command", "handler", "model", "type_name", "out", "force", "method")}
+                if k not in ("command", "handler", "model", "type_name", "out", "force", "method", "keep_float")}
     if "out_checkpoint" in settings:
         settings["out"] = settings.pop("out_checkpoint")
-    record = export_gguf(args.model, args.type_name, args.out, args.force, args.method, settings)
+    record = export_gguf(args.model, args.type_name, args.out, args.force, args.method, settings, args.keep_float)
     counts = record["tensors"]
     if "checkpoint" in record:
         made = record["checkpoint"]
         print(f"quantized {args.model} with {made['method']} in {made['seconds']:.0f} s: {made['folder']}")
+    rounded = "".join(f", {name} {kind} (ggml's rounding, as llama.cpp's quantizer)"
+                      for name, kind in record["rounded"].items())
     print(f"exported {args.model} to GGUF {record['type']}: {counts['blocks']} quantized tensors with our codes, "
-          f"{counts['float16']} float16, {counts['float32']} float32")
+          f"{counts['float16']} float16, {counts['float32']} float32{rounded}")
     print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
     print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
     return 0

@@ -24,11 +24,12 @@ def _quantize_flags(type_name: str) -> str:
 
 
 def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, force: bool = False,
-                method: str | None = None, quantize_settings: dict | None = None) -> dict:
+                method: str | None = None, quantize_settings: dict | None = None, keep_float: bool = False) -> dict:
     """Write ``model`` as a GGUF file of ``type_name``. A GPTQ-format checkpoint of ours is written with its
     codes; a float model is written as f16, or (``method``) quantized first with the grid the type needs,
     into a checkpoint kept beside (``quantize_settings``: the quantize request's other settings, its ``out``
-    the checkpoint's folder)."""
+    the checkpoint's folder). The embedding and a float head take llama.cpp's types for the file type, or
+    float16 with ``keep_float``."""
     from compress.export_gguf.layouts import layout_for
     from compress.export_gguf.writer import check_widths, export_checkpoint
     from compress.models import resolve
@@ -74,7 +75,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    record = export_checkpoint(folder, target, type_name)
+    record = export_checkpoint(folder, target, type_name, keep_float)
     record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
     if quantized is not None:
         record["checkpoint"] = {"folder": str(quantized.folder), "method": method,

@@ -1,9 +1,11 @@
 """One of our checkpoints (GPTQ layout, or a float model for f16) written as a GGUF file llama.cpp runs.
 
 The quantized linears' codes go into ggml blocks as they are (``blocks.encode``), in the row order llama.cpp's
-graph expects (``layouts``); embeddings and float matrices are written in float16, norms and biases in
-float32, as llama.cpp's converter writes them; the metadata and tensor names are those of llama.cpp's
-architecture (the gguf package's constants and name map).
+graph expects (``layouts``). The float embedding and head take the types llama.cpp's own quantizer gives them
+in a file of that type (``float_matrix_type``), so our files and llama.cpp's compare at the same size; other
+float matrices (layers left out of quantization) stay float16, norms and biases float32, as llama.cpp's
+converter writes them. The metadata and tensor names are those of llama.cpp's architecture (the gguf
+package's constants and name map).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from gguf.quants import quantize
 
 from compress.errors import UserError
 from compress.export_gguf.blocks import BLOCK_TYPES, BlockType, encode
@@ -26,6 +29,21 @@ FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType
 GGML_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
 PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def float_matrix_type(target: str, type_name: str, tied: bool, keep_float: bool = False
+                      ) -> gguf.GGMLQuantizationType | None:
+    """The ggml type of a float matrix in a ``type_name`` file, None for float16. llama.cpp's quantizer gives
+    the output head (or an embedding tied to it) Q6_K, or Q8_0 where rows are not a multiple of 256, and an
+    untied embedding the file's own type. ggml's Python quantizer writes no Q6_K, so the head is Q8_0 here
+    (at most 0.6 bits per weight more than llama.cpp's choice, and closer to float)."""
+    if type_name == "f16" or keep_float:
+        return None
+    if target == "output.weight" or (target == "token_embd.weight" and tied):
+        return gguf.GGMLQuantizationType.Q8_0
+    if target == "token_embd.weight":
+        return GGML_TYPES[type_name]
+    return None
 
 
 def check_widths(folder: Path, where: str) -> None:
@@ -70,10 +88,10 @@ def _block_count(config: dict) -> int:
     return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
 
 
-def export_checkpoint(folder: Path, out: Path, type_name: str) -> dict:
+def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
     """Write ``folder`` to ``out``: a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
     (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
-    was written."""
+    was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
     from compress.checkpoint import load_quantized
     from compress.models import load_model
     from compress.quant.linear import QuantLinear
@@ -92,6 +110,7 @@ def export_checkpoint(folder: Path, out: Path, type_name: str) -> dict:
     model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
     names = _Names(layout, config)
     counts = {"blocks": 0, "float16": 0, "float32": 0}
+    rounded: dict[str, str] = {}  # float matrices written in a block type by ggml's rounding
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             qw = module.quantized_weight()
@@ -112,11 +131,17 @@ def export_checkpoint(folder: Path, out: Path, type_name: str) -> dict:
         order = layout.row_order(module_name, param.shape[0], config)
         if order is not None:
             param = param[order]
+        target = names(param_name)
+        ggml_type = float_matrix_type(target, type_name, tied, keep_float) if param.dim() == 2 else None
         if param.dim() == 1:
-            writer.add_tensor(names(param_name), _numpy(param, np.float32))
+            writer.add_tensor(target, _numpy(param, np.float32))
             counts["float32"] += 1
+        elif ggml_type is not None:
+            # ggml's reference rounding (the gguf package's quantizer), as llama.cpp's quantizer rounds them.
+            writer.add_tensor(target, quantize(_numpy(param, np.float32), ggml_type), raw_dtype=ggml_type)
+            rounded[target.removesuffix(".weight")] = ggml_type.name.lower()
         else:
-            writer.add_tensor(names(param_name), _numpy(param, np.float16))
+            writer.add_tensor(target, _numpy(param, np.float16))
             counts["float16"] += 1
     tmp = out.with_name(f".{out.name}.partial")
     # Written whole under another name, then renamed: a killed export leaves no file that looks complete.
@@ -126,4 +151,4 @@ def export_checkpoint(folder: Path, out: Path, type_name: str) -> dict:
     writer.close()
     tmp.replace(out)
     return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
-            gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "pre_tokenizer": vocab.pre}
+            gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": rounded, "pre_tokenizer": vocab.pre}

@@ -60,7 +60,7 @@ def test_llama_cpp_runs_each_architecture_with_our_logits(case, kind, bits, sym,
     source = attention_heavy(arch, tmp_path / "float", **overrides)
     folder = quantize(QuantizeRequest(model=str(source), method="rtn", bits=bits, group_size=32, sym=sym,
                                       out=str(tmp_path / "q"), progress=False, device="cpu")).folder
-    record = export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
+    record = export_gguf(str(folder), kind, str(tmp_path / "m.gguf"), keep_float=True)
     assert record["gguf_architecture"] == LLAMA_CPP_ARCHS[arch]
     assert GGUFReader(str(tmp_path / "m.gguf")).fields["general.architecture"].contents() == LLAMA_CPP_ARCHS[arch]
     ours, _ = load_quantized(folder)

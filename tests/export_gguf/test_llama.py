@@ -56,7 +56,7 @@ def test_the_file_holds_our_codes(kind, tmp_path):
 def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
     pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
     folder = checkpoint(tmp_path, kind)
-    export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
+    export_gguf(str(folder), kind, str(tmp_path / "m.gguf"), keep_float=True)  # the blocks alone differ
     ours, tokenizer = load_quantized(folder)
     text = "the quick brown fox, 42 times"
     ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3]
@@ -148,3 +148,30 @@ def test_the_command_quantizes_on_the_way_and_keeps_the_checkpoint(tmp_path, cap
     out = capsys.readouterr().out
     assert "quantized tiny-llama with rtn" in out and str(tmp_path / "ckpt") in out
     assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "m.gguf").is_file()
+
+
+@pytest.mark.parametrize("arch, kind, embedding, output", [
+    ("llama", "q4_0", "Q4_0", "Q8_0"),     # untied: the embedding in the file's type, the head Q8_0
+    ("llama", "q8_0", "Q8_0", "Q8_0"),
+    ("falcon", "q4_1", "Q8_0", None),      # tied: the embedding is the head, Q8_0, no output tensor
+])
+def test_the_embedding_and_head_take_llama_cpps_types_by_ggml_rounding(arch, kind, embedding, output, tmp_path):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from compress.models import load_model, resolve
+
+    folder = checkpoint(tmp_path, kind, arch=arch)
+    record = export_gguf(str(folder), kind, str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == embedding
+    assert (tensors["output.weight"].tensor_type.name if "output.weight" in tensors else None) == output
+    assert record["rounded"]["token_embd"] == embedding.lower()
+    # The bytes are ggml's own rounding of the float embedding.
+    source, _ = load_model(resolve(f"tiny-{arch}").path)
+    expected = quantize(source.get_input_embeddings().weight.detach().numpy(), GGMLQuantizationType[embedding])
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data).reshape(expected.shape), expected)
+    # --float-embedding keeps them in float16.
+    export_gguf(str(folder), kind, str(tmp_path / "f.gguf"), keep_float=True)
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "f.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == "F16"
