@@ -3,7 +3,7 @@ run by llama.cpp through `compress bench FILE.gguf` on the same WikiText-2 token
 
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/gguf_smollm2.py
 
-writes reports/gguf_smollm2.json and reports/gguf_smollm2.md (about 45 min on 2 cores). Each bench row runs in
+writes reports/gguf_smollm2.json and reports/gguf_smollm2.md (about 60 min on 2 cores). Each bench row runs in
 its own process (`compress bench`), so its peak memory is its own. Note (../shared/MODELS.md): the offline
 SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up with them and
 looks nearly lossless; the comparison between tools is still on equal terms.
@@ -31,6 +31,8 @@ OURS = (
     # (label, quantize settings, GGUF type; None where no legacy type holds the grid)
     ("our GPTQ W4 g32 sym", dict(method="gptq", bits=4, sym=True), "q4_0"),
     ("our GPTQ W4 g32 asym", dict(method="gptq", bits=4, sym=False), "q4_1"),
+    # Min/max rounding, as llama.cpp's own Q4_1: on weights dequantized from Q4_1 blocks it finds their grid.
+    ("our RTN W4 g32 asym min/max", dict(method="rtn", bits=4, sym=False, scale_search="none"), "q4_1"),
     ("our AWQ W4 g32 asym", dict(method="awq", bits=4, sym=False), "q4_1"),
     ("our GPTQ W8 g32 sym", dict(method="gptq", bits=8, sym=True), "q8_0"),
     ("our GPTQ W3 g32 asym", dict(method="gptq", bits=3, sym=False), None),
@@ -75,9 +77,10 @@ def summarize(result: dict) -> dict:
     """The figures of one `compress bench` result this report shows."""
     accuracy, speed = result["accuracy"], result["speed"] or {}
     decode = {d["batch"]: d["tokens_per_s"] for d in speed.get("decode", [])}
+    prefill = (speed.get("prefill") or {}).get("tokens_per_s")
     return {"perplexity": accuracy["perplexity"]["perplexity"], "kl_mean": accuracy["agreement"]["kl_mean"],
             "top1_agreement": accuracy["agreement"]["top1_agreement"], "file_bytes": result["memory"]["artifact_bytes"],
-            "peak_bytes": result["memory"]["peak_bytes"], "prefill_tokens_per_s": speed["prefill"]["tokens_per_s"],
+            "peak_bytes": result["memory"]["peak_bytes"], "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode.get(1), "kernel": result["model"]["kernel"],
             "bits_per_weight": (result["model"]["quantization"] or {}).get("bits_per_weight"),
             "scored_tokens": result["protocol"]["scored_tokens"]}
@@ -139,8 +142,16 @@ def main() -> int:
             export_gguf(str(result.folder), kind, str(gguf))
             row = bench(f"{label} -> {kind} (llama.cpp)", str(gguf), [], type=kind, **fields)
             gguf_files[row["name"]] = gguf
-            row["our_loader_perplexity"] = loader["perplexity"]
-            row["transformers_gguf_perplexity"] = transformers_gguf_perplexity(gguf, windows)
+            # The same codes with the embedding kept in float16: the file differs from our loader's model in
+            # llama.cpp's arithmetic alone.
+            same = work / f"ours-{index}-{kind}-float-embedding.gguf"
+            export_gguf(str(result.folder), kind, str(same), keep_float=True)
+            exact = bench(f"{label} -> {kind}, --float-embedding (llama.cpp)", str(same), ["--no-speed"], type=kind,
+                          **fields)
+            rows.remove(exact)
+            row["same_codes"] = {"llama_cpp_perplexity": exact["perplexity"], "our_loader_perplexity": loader["perplexity"],
+                                 "transformers_gguf_perplexity": transformers_gguf_perplexity(same, windows),
+                                 "file_bytes": exact["file_bytes"]}
         for kind in THEIRS:
             theirs = work / f"llamacpp-{kind}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
@@ -182,8 +193,9 @@ def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> 
         f"- Ours: `compress quantize {MODEL} --group-size 32 --no-act-order --bits B [--sym]` ({args.nsamples} x 512 "
         "calibration windows; asymmetric grids searched with the inputs' weights), then `compress export-gguf "
         "--type q4_0|q4_1|q8_0`: the codes unchanged. llama.cpp's own: `compress export-gguf --type f16` of the "
-        "float model, then llama.cpp's quantizer (`llama_model_quantize`, default settings). The embedding stays "
-        "f16 in our files; llama.cpp's quantizer also quantizes it (to the file's type, Q6_K/Q4_K for K-quants).",
+        "float model, then llama.cpp's quantizer (`llama_model_quantize`, default settings). In both, SmolLM2's "
+        "tied embedding is Q8_0 (llama.cpp's choice where rows are not a multiple of 256; ours by ggml's rounding): "
+        "the files of one type are the same size.",
         "- llama.cpp's importance matrix is not compared: llama-cpp-python exposes no way to compute one (the "
         "`llama-imatrix` tool is not part of it).",
         "- The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up "
@@ -197,7 +209,7 @@ def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> 
         bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
         lines.append(f"| {r['name']} | {r['perplexity']:.3f} | x{r['perplexity'] / base:.3f} | {r['kl_mean']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['file_bytes'] / 2**20:.1f} | {bits} | "
-                     f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |")
+                     f"{r['prefill_tokens_per_s'] or 0:.0f} | {r['decode_tokens_per_s'] or 0:.1f} |")
     lines += ["", "## Speed in turns", "",
               "Every GGUF file loaded and measured in turns, three rounds (batch-1 decode of 32 tokens after a "
               "128-token prompt; prefill of one 512-token window), the median round. The table above takes each "
@@ -207,12 +219,15 @@ def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> 
         if "turns" in r:
             lines.append(f"| {r['name']} | {r['turns']['decode']:.1f} | {r['turns']['prefill']:.0f} |")
     lines += ["", "## The same codes through three readers", "",
+              "Each of our files again with `--float-embedding` (the embedding in float16, as our loader holds it), so "
+              "that the file and our checkpoint differ in the runtime alone.", "",
               "| exported file | llama.cpp | our loader | difference | transformers' GGUF loader |", "|---|---|---|---|---|"]
     for r in rows:
-        if "our_loader_perplexity" in r:
-            ours = r["our_loader_perplexity"]
-            lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {ours:.3f} | "
-                         f"{100 * (r['perplexity'] / ours - 1):+.2f}% | {r['transformers_gguf_perplexity']:.3f} |")
+        same = r.get("same_codes")
+        if same:
+            ours, theirs = same["our_loader_perplexity"], same["llama_cpp_perplexity"]
+            lines.append(f"| {r['name']} | {theirs:.3f} | {ours:.3f} | {100 * (theirs / ours - 1):+.2f}% | "
+                         f"{same['transformers_gguf_perplexity']:.3f} |")
     lines += ["", "llama.cpp rounds the activations of every quantized matrix product to 8 bits per block of 32 "
               "(q8_0 / q8_1); our loader and transformers compute in float32 on the dequantized weights.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
