@@ -97,7 +97,7 @@ def main() -> int:
     torch.set_num_threads(threads)
     import llama_cpp
 
-    from compress.api import QuantizeRequest, quantize
+    from compress.api import QuantizeRequest, quantize, takes_option
     from compress.data import eval_windows, load_text, tokenize
     from compress.export_gguf.run import export_gguf
     from compress.models import load_model, resolve
@@ -126,7 +126,8 @@ def main() -> int:
         gguf_files = {"f16 GGUF (llama.cpp)": f16}
         for index, (label, settings, kind) in enumerate(OURS):
             started = time.perf_counter()
-            result = quantize(QuantizeRequest(model=MODEL, group_size=32, act_order=False, nsamples=args.nsamples,
+            grid = {"act_order": False} if takes_option(settings["method"], "act_order") else {}
+            result = quantize(QuantizeRequest(model=MODEL, group_size=32, nsamples=args.nsamples, **grid,
                                               out=str(work / f"ours-{index}"), progress=False, device="cpu",
                                               **settings))
             seconds = round(time.perf_counter() - started, 1)

@@ -33,10 +33,25 @@ from compress.writer import CheckpointWriter
 __all__ = ["QuantizeRequest", "QuantizeResult", "quantize", "PruneRequest", "PruneResult", "prune", "source_hash"]
 
 
-METHOD_ONLY_OPTIONS = {"scale_search": (None,), "awq": (False,)}
-"""Options some methods take, with the values that mean "not asked for": asking another method for them is
-an error, not a silent no-op."""
-METHOD_ONLY_OPTIONS_HELP = {"scale_search": "it applies to gptq, awq and rtn", "awq": "use --method awq, or --method gptq --awq"}
+METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
+                  "double_quant", "int8_threshold")
+"""Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
+from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
+
+
+def takes_option(method: str, option: str) -> bool:
+    return option in {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+
+
+def methods_taking(option: str) -> str:
+    """'it applies to gptq and awq' (the registered methods whose config has ``option``)."""
+    from compress.registry import available_methods
+
+    takers = [m.name for m in available_methods().values()
+              if option in {f.name for f in dataclasses.fields(m.config_cls)}]
+    if option == "awq":
+        return "use --method awq, or --method gptq --awq"
+    return f"it applies to {' and '.join(takers) if len(takers) < 3 else ', '.join(takers[:-1]) + ' and ' + takers[-1]}"
 
 
 @dataclass
@@ -50,18 +65,18 @@ class QuantizeRequest(RunSettings):
     scale_search: str | None = None
     """How each group's range is chosen: none (min/max), mse or weighted (see scale_search.py); None: the
     method's default (weighted for gptq and awq, none for the data-free rtn)."""
-    act_order: bool = True
-    """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act). On by default, as in auto-gptq:
-    measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4."""
-    static_groups: bool = False
-    damp_percent: float = 0.01
-    awq: bool = False
+    act_order: bool | None = None
+    """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act); None: the method's default (on, as in
+    auto-gptq: measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4)."""
+    static_groups: bool | None = None
+    damp_percent: float | None = None
+    awq: bool | None = None
     """gptq: fold AWQ's activation-aware channel scales into each block first."""
-    quant_type: str = "nf4"
+    quant_type: str | None = None
     """bnb 4-bit: nf4 or fp4."""
-    double_quant: bool = True
+    double_quant: bool | None = None
     """bnb 4-bit: quantize the block scales too."""
-    int8_threshold: float = 6.0
+    int8_threshold: float | None = None
     """bnb 8-bit: LLM.int8() outlier threshold."""
     avg_bits: float | None = None
     """Mixed precision: measure each layer's sensitivity, then give every layer the option (3, 4 or 8 bits)
@@ -75,10 +90,10 @@ class QuantizeRequest(RunSettings):
         names = {f.name for f in dataclasses.fields(method.config_cls)}
         # A setting left at None takes the method's own default (its config dataclass holds them).
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
-        for option, unset in METHOD_ONLY_OPTIONS.items():
-            if getattr(self, option) not in unset and option not in names:
+        for option in METHOD_OPTIONS:
+            if getattr(self, option) is not None and option not in names:
                 raise UserError(f"--{option.replace('_', '-')} does not apply to {method.name}: "
-                                f"{METHOD_ONLY_OPTIONS_HELP[option]}")
+                                f"{methods_taking(option)}")
         return method, method.config_cls(**values)
 
     def head_config(self) -> WeightQuantConfig | None:

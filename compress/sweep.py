@@ -202,10 +202,9 @@ def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
         from compress.api import QuantizeRequest, quantize
 
         quantize(QuantizeRequest(model=cfg.model, method=variant.method, bits=variant.bits,
-                                 group_size=variant.group_size, act_order=cfg.act_order,
-                                 damp_percent=cfg.damp_percent, calib=cfg.calib, nsamples=cfg.nsamples,
-                                 seqlen=cfg.calib_seqlen, seed=cfg.seed, device=cfg.device, out=str(folder),
-                                 progress=cfg.progress))
+                                 group_size=variant.group_size, **_gptq_options(cfg, variant.method),
+                                 calib=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.calib_seqlen, seed=cfg.seed,
+                                 device=cfg.device, out=str(folder), progress=cfg.progress))
     else:
         from compress.models import resolve
         from compress.peers.gptqmodel_quant import quantize_with_gptqmodel
@@ -214,6 +213,13 @@ def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
         quantize_with_gptqmodel(source, variant.bits, variant.group_size, cfg.act_order, cfg.damp_percent,
                                 _calibration(cfg, source), folder, device=cfg.device)
     return folder
+
+
+def _gptq_options(cfg: SweepConfig, method: str) -> dict:
+    """The sweep's act_order / damp_percent, for the methods that take them (quantize refuses them elsewhere)."""
+    from compress.api import takes_option
+
+    return {k: getattr(cfg, k) for k in ("act_order", "damp_percent") if takes_option(method, k)}
 
 
 def _gguf_file(cfg: SweepConfig, variant: Variant, folder: Path) -> Path:
@@ -227,8 +233,8 @@ def _gguf_file(cfg: SweepConfig, variant: Variant, folder: Path) -> Path:
     checkpoint = folder.with_name(folder.name + "-checkpoint")
     export_gguf(cfg.model, variant.peer, str(target), force=True, method=variant.method, quantize_settings={
         "calib": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
-        "device": cfg.device, "damp_percent": cfg.damp_percent, "out": str(checkpoint), "force": True,
-        "progress": cfg.progress})
+        "device": cfg.device, "out": str(checkpoint), "force": True, "progress": cfg.progress,
+        **{k: v for k, v in _gptq_options(cfg, variant.method).items() if k != "act_order"}})
     return target
 
 

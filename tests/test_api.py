@@ -176,6 +176,12 @@ def test_scale_search_is_recorded_and_a_weighted_rtn_reads_calibration_data(tmp_
     (["--method", "rtn", "--awq"], "--awq does not apply to rtn: use --method awq, or --method gptq --awq"),
     (["--method", "bnb", "--scale-search", "mse"], "--scale-search does not apply to bnb"),
     (["--method", "bnb", "--avg-bits", "4.25"], "--avg-bits applies to gptq, awq and rtn; bnb has one precision"),
+    # Issue 18: these used to be dropped silently.
+    (["--method", "rtn", "--act-order"], "--act-order does not apply to rtn: it applies to gptq"),
+    (["--method", "rtn", "--damp-percent", "0.5"], "--damp-percent does not apply to rtn: it applies to gptq"),
+    (["--method", "awq", "--static-groups"], "--static-groups does not apply to awq: it applies to gptq"),
+    (["--method", "rtn", "--quant-type", "fp4"], "--quant-type does not apply to rtn: it applies to bnb"),
+    (["--method", "gptq", "--int8-threshold", "4"], "--int8-threshold does not apply to gptq: it applies to bnb"),
 ])
 def test_options_a_method_does_not_take_are_refused(args, message, tmp_path, capsys):
     assert main(["quantize", "tiny-llama", *args, "--out", str(tmp_path / "x")]) == 2

@@ -64,11 +64,13 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
     quantized = None
     if method is not None:
-        from compress.api import QuantizeRequest, quantize
+        from compress.api import QuantizeRequest, quantize, takes_option
 
         block = BLOCK_TYPES[type_name]
-        quantized = quantize(QuantizeRequest(model=model, method=method, bits=block.bits, group_size=32,
-                                             sym=block.sym, act_order=False, **settings))
+        grid = {"bits": block.bits, "group_size": 32, "sym": block.sym}
+        if takes_option(method, "act_order"):
+            grid["act_order"] = False  # groups must be 32 columns in their original order
+        quantized = quantize(QuantizeRequest(model=model, method=method, **grid, **settings))
         folder = quantized.folder
     target = target or default_output(folder, type_name)
     if target.exists() and not force:
