@@ -171,12 +171,23 @@ def ensure_reference(request: BenchRequest) -> dict:
     model: a sweep calls this once so that no variant's process pays for, or counts, the base."""
     config, tokenizer = _config_and_tokenizer(request)
     windows, _ = _windows(request, tokenizer, _context(config))
-    _, info = base_reference(request, resolve_device(request.device), windows, tokenizer,
+    _, info = base_reference(request, bench_device(request), windows, tokenizer,
                              getattr(config, "vocab_size", None))
     return info
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
+
+
+def bench_device(request: BenchRequest) -> torch.device:
+    """``--device``; ``auto`` is the CPU for a GGUF file, which only the CPU build of llama.cpp runs here (a GPU
+    beside it does not make a GGUF file runnable, and auto means the best device that can run the model)."""
+    from compress.models import is_gguf
+
+    device = resolve_device(request.device)
+    if request.device == "auto" and device.type != "cpu" and is_gguf(Path(request.model).expanduser()):
+        return torch.device("cpu")
+    return device
 
 
 def _vocab(model) -> int:
@@ -212,7 +223,7 @@ def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, dev
 
 
 def bench(request: BenchRequest) -> dict:
-    device = resolve_device(request.device)
+    device = bench_device(request)
     if request.top_k <= 0:
         raise UserError(f"--top-k must be positive, not {request.top_k}")
     started = time.perf_counter()

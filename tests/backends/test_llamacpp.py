@@ -113,3 +113,11 @@ def test_lm_eval_scores_the_gguf_as_llama_cpp_runs_it(q8_files):
         scores[name] = [lp for lp, _ in lm.loglikelihood(requests, disable_tqdm=True)]
     for ours, theirs in zip(scores["ours"], scores["llama.cpp"]):
         assert theirs == pytest.approx(ours, rel=0.02)
+
+
+def test_auto_device_runs_a_gguf_file_on_the_cpu_beside_a_gpu(q8_files, monkeypatch):
+    import compress.bench.run as run
+
+    monkeypatch.setattr(run, "resolve_device", lambda name: torch.device("cuda" if name == "auto" else name))
+    assert run.bench_device(BenchRequest(model=str(q8_files[1]), device="auto")) == CPU
+    assert run.bench_device(BenchRequest(model=str(q8_files[0]), device="auto")).type == "cuda"  # a folder: as asked
