@@ -39,18 +39,22 @@ METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_per
 from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
 
 
+def config_fields(method) -> set[str]:
+    """The settings a quantization method's config dataclass holds."""
+    return {f.name for f in dataclasses.fields(method.config_cls)}
+
+
 def takes_option(method: str, option: str) -> bool:
-    return option in {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    return option in config_fields(get_method(method))
 
 
 def methods_taking(option: str) -> str:
     """'it applies to gptq and awq' (the registered methods whose config has ``option``)."""
     from compress.registry import available_methods
 
-    takers = [m.name for m in available_methods().values()
-              if option in {f.name for f in dataclasses.fields(m.config_cls)}]
     if option == "awq":
         return "use --method awq, or --method gptq --awq"
+    takers = [m.name for m in available_methods().values() if option in config_fields(m)]
     return f"it applies to {' and '.join(takers) if len(takers) < 3 else ', '.join(takers[:-1]) + ' and ' + takers[-1]}"
 
 
@@ -87,7 +91,7 @@ class QuantizeRequest(RunSettings):
 
     def method_config(self):
         method = get_method(self.method)
-        names = {f.name for f in dataclasses.fields(method.config_cls)}
+        names = config_fields(method)
         # A setting left at None takes the method's own default (its config dataclass holds them).
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
         for option in METHOD_OPTIONS:

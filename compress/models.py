@@ -11,6 +11,7 @@ Loading is safe by default: safetensors only, and no remote code unless the user
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -167,7 +168,15 @@ def is_gguf(path: Path) -> bool:
 
 def gguf_config_and_tokenizer(path: Path):
     """(config, tokenizer) a GGUF file carries, through transformers' GGUF reader. Every file llama.cpp runs
-    is a causal LM, which the config read back does not say: its architectures are set from the model type."""
+    is a causal LM, which the config read back does not say: its architectures are set from the model type.
+    Read once per file version: the benchmark asks before loading the model (to cut its windows) and the
+    llamacpp backend again, and rebuilding the tokenizer from the file takes seconds."""
+    stat = path.stat()
+    return _read_gguf_config_and_tokenizer(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config_and_tokenizer(path: Path, mtime_ns: int, size: int):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -185,7 +185,7 @@ def task_table(rows: list[Row]) -> tuple[list[str], list[list[str]]] | None:
 
 
 def task_lines(rows: list[Row]) -> list[str]:
-    settings = sorted({(task, s.examples, s.setting[1], s.setting[2]) for r in rows for task, s in r.tasks.items()})
+    settings = sorted({(task, *s.setting) for r in rows for task, s in r.tasks.items()})
     return [f"{task}: {n} examples, {shots}-shot, {source}" for task, n, shots, source in settings]
 
 

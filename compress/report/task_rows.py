@@ -13,8 +13,13 @@ class TaskScore:
     value: float
     stderr: float | None
     examples: int
-    setting: tuple
-    """(examples, few-shot, data source): recovery is computed between equal settings only."""
+    num_fewshot: int
+    source: str
+
+    @property
+    def setting(self) -> tuple:
+        """(examples, few-shot, data source): recovery is computed between equal settings only."""
+        return self.examples, self.num_fewshot, self.source
 
 
 def task_scores(result: dict) -> dict[str, TaskScore]:
@@ -25,7 +30,7 @@ def task_scores(result: dict) -> dict[str, TaskScore]:
         if metric not in row["metrics"]:
             continue
         scores[row["task"]] = TaskScore(metric, row["metrics"][metric], row["stderr"].get(metric), row["examples"],
-                                        (row["examples"], row["num_fewshot"], row["source"]))
+                                        row["num_fewshot"], row["source"])
     return scores
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -48,7 +49,10 @@ class TaskRun:
                 "notes": self.notes}
 
 
+@functools.cache
 def _lm_eval():
+    """lm-eval's task manager, made once per process: indexing its task folders takes about 4.5 s here, and
+    `compress bench --tasks` needs it to check the tasks before loading and again to run them."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
