@@ -60,6 +60,14 @@ class Backend:
         raise NotImplementedError
 
 
+class HeadShape:
+    """What the benchmark asks of a model's output head when another runtime (ONNX Runtime, llama.cpp) computes
+    it: its width, the vocabulary."""
+
+    def __init__(self, vocab: int) -> None:
+        self.out_features = vocab
+
+
 def register_backend(cls: type) -> type:
     BACKENDS[cls.name] = cls()
     return cls

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.backends import HeadShape
 from compress.errors import UserError
 
 KV_BYTES_PER_VALUE = 2
@@ -38,13 +39,6 @@ class LlamaCppCache:
 
     def bytes_held(self) -> int:
         return self.tokens * self.batch * self.bytes_per_token
-
-
-class _HeadShape:
-    """What the benchmark asks of a model's output head: its width (the vocabulary)."""
-
-    def __init__(self, vocab: int) -> None:
-        self.out_features = vocab
 
 
 def _quiet_llama_cpp() -> None:
@@ -90,7 +84,7 @@ class LlamaCppCausalLM(nn.Module):
         return int(self._lib.llama_model_n_params(self._model))
 
     def get_output_embeddings(self):
-        return _HeadShape(self.vocab)
+        return HeadShape(self.vocab)
 
     # --- the context ---------------------------------------------------------------------------------
 
@@ -170,9 +164,8 @@ class LlamaCppCausalLM(nn.Module):
     def _decode(self, ctx, ids: np.ndarray, chunk: list[tuple[int, int]], start: int, first_kept: int,
                 logits: np.ndarray) -> None:
         lib = self._lib
-        handle = lib.llama_batch_init(len(chunk), 0, 1)
+        batch = lib.llama_batch_init(len(chunk), 0, 1)
         try:
-            batch = handle
             wanted = []
             for i, (row, pos) in enumerate(chunk):
                 batch.token[i] = int(ids[row, pos])
@@ -193,4 +186,4 @@ class LlamaCppCausalLM(nn.Module):
                 for index, (row, kept) in enumerate(wanted):
                     logits[row, kept] = rows[index]
         finally:
-            lib.llama_batch_free(handle)
+            lib.llama_batch_free(batch)

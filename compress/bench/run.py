@@ -22,7 +22,7 @@ from compress.bench import memory, throughput
 from compress.bench.agreement import DEFAULT_TOP_K, Reference, windows_digest
 from compress.bench.bandwidth import read_bandwidth_gbps
 from compress.bench.load import LoadedModel, choose_for, load_for_bench, resolve_dtype
-from compress.bench.score import score_windows
+from compress.bench.score import output_vocab, score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
 from compress.data import eval_windows, load_labelled, load_text, tokenize
 from compress.errors import UserError
@@ -190,11 +190,6 @@ def bench_device(request: BenchRequest) -> torch.device:
     return device
 
 
-def _vocab(model) -> int:
-    head = model.get_output_embeddings()
-    return getattr(head, "out_features", None) or head.weight.shape[0]
-
-
 def _context(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -289,7 +284,7 @@ def bench(request: BenchRequest) -> dict:
         from compress.tasks.run import run_tasks
 
         context = min(_context(config) or 2048, 2048)
-        accuracy["tasks"] = run_tasks(model, tokenizer, device, request.tasks, context, _vocab(model),
+        accuracy["tasks"] = run_tasks(model, tokenizer, device, request.tasks, context, output_vocab(model),
                                       request.limit, request.num_fewshot, request.batch_size,
                                       request.progress).to_dict() | {"dtype": str(dtype)[6:], "max_length": context}
 

@@ -101,6 +101,12 @@ def auto_batch_size(seqlen: int, vocab: int, device: torch.device) -> int:
     return max(1, min(16, _LOGITS_BUDGET_BYTES.get(device.type, 1 << 30) // per_window))
 
 
+def output_vocab(model) -> int:
+    """The width of the model's output head (a packed head has no .weight, another runtime's only a shape)."""
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
 @torch.inference_mode()
 def score_windows(model, windows: list[torch.Tensor], device: torch.device, batch_size: int | None = None,
                   reference: Reference | None = None, make_reference_k: int | None = None,
@@ -111,8 +117,7 @@ def score_windows(model, windows: list[torch.Tensor], device: torch.device, batc
     With ``make_reference_k`` the pass also returns this model's own top-K reference.
     """
     seqlen = windows[0].numel()
-    head = model.get_output_embeddings()
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # a packed head has no .weight
+    vocab = output_vocab(model)
     batch_size = batch_size or auto_batch_size(seqlen, vocab, device)
     total_nll, tokens = 0.0, 0
     kls, matches, ref_rows = [], [], []

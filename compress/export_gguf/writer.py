@@ -28,7 +28,6 @@ FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}
 GGML_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
-PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 def float_matrix_type(target: str, type_name: str, tied: bool, keep_float: bool = False
@@ -111,8 +110,10 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     names = _Names(layout, config)
     counts = {"blocks": 0, "float16": 0, "float32": 0}
     rounded: dict[str, str] = {}  # float matrices written in a block type by ggml's rounding
+    quantized: set[str] = set()
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            quantized.add(module_name)
             qw = module.quantized_weight()
             order = layout.row_order(module_name, qw.codes.shape[0], config)
             if order is not None:
@@ -121,7 +122,6 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
                               raw_dtype=GGML_TYPES[type_name])
             counts["blocks"] += 1
     tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
-    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     for param_name, param in model.state_dict().items():
         module_name, _, kind = param_name.rpartition(".")
         if kind not in ("weight", "bias") or (module_name in quantized and kind == "weight"):

@@ -11,14 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.backends import HeadShape
 from compress.ort.export import MODEL_FILE, io_names
-
-
-class _HeadShape:
-    """What the benchmark asks of a model's output head: its width (the vocabulary)."""
-
-    def __init__(self, vocab: int) -> None:
-        self.out_features = vocab
 
 
 class OrtCausalLM(nn.Module):
@@ -42,7 +36,7 @@ class OrtCausalLM(nn.Module):
         return sum(p.stat().st_size for p in self.folder.glob("model.onnx*"))
 
     def get_output_embeddings(self):
-        return _HeadShape(self.config.vocab_size)
+        return HeadShape(self.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True,
                 logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **_):
