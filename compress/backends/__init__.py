@@ -60,6 +60,21 @@ class Backend:
         raise NotImplementedError
 
 
+class Float32Runtime(Backend):
+    """A runtime of its own (ONNX Runtime, llama.cpp) that takes and returns float32 activations: auto means
+    float32, and any other dtype asked for is refused with ``float32_only``'s reason."""
+
+    float32_only: ClassVar[str]
+
+    def preferred_dtype(self, qcfg, device):
+        return torch.float32
+
+    def unsupported(self, qcfg, device, dtype):
+        if dtype is not None and dtype != torch.float32:
+            return f"{self.float32_only} (--dtype float32 or auto)"
+        return None
+
+
 class HeadShape:
     """What the benchmark asks of a model's output head when another runtime (ONNX Runtime, llama.cpp) computes
     it: its width, the vocabulary."""

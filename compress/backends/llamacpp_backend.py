@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from compress.backends import Backend, register_backend
+from compress.backends import Float32Runtime, register_backend
 
 ACTIVATION_TYPES = {
     # ggml's CPU matmul converts the activations to the weight type's vec_dot partner before the dot product.
@@ -73,21 +73,14 @@ def describe(summary: GgufSummary, version: str) -> str:
 
 
 @register_backend
-class LlamaCpp(Backend):
+class LlamaCpp(Float32Runtime):
     name = "llamacpp"
     summary = "llama.cpp's CPU kernels (llama-cpp-python) on a GGUF file"
     formats = ("gguf",)
     devices = ("cpu",)
     requires = "llama_cpp"
     extra = "llamacpp"
-
-    def preferred_dtype(self, qcfg, device):
-        return torch.float32
-
-    def unsupported(self, qcfg, device, dtype):
-        if dtype is not None and dtype != torch.float32:
-            return "llama.cpp computes in the file's own types with float32 activations (--dtype float32 or auto)"
-        return None
+    float32_only = "llama.cpp computes in the file's own types with float32 activations"
 
     def load(self, resolved, qcfg, dtype, device, trust_remote_code):
         import llama_cpp

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from compress.backends import Backend, register_backend
+from compress.backends import Float32Runtime, register_backend
 
 
 @register_backend
-class OnnxRuntime(Backend):
+class OnnxRuntime(Float32Runtime):
     name = "onnxruntime"
     summary = "onnxruntime CPUExecutionProvider on an exported decoder with its KV cache"
     formats = ("onnx",)
     devices = ("cpu",)
     requires = "onnxruntime"
     extra = "onnx"
-
-    def preferred_dtype(self, qcfg, device):
-        return torch.float32
-
-    def unsupported(self, qcfg, device, dtype):
-        if dtype is not None and dtype != torch.float32:
-            return "the exported graph computes in float32 (--dtype float32 or auto)"
-        return None
+    float32_only = "the exported graph computes in float32"
 
     def load(self, resolved, qcfg, dtype, device, trust_remote_code):
         from transformers import AutoConfig, AutoTokenizer
