@@ -7,15 +7,17 @@ writes reports/tasks-smollm2/ (the `compress report` of every row: task table wi
 scored on its whole test set (5,153 examples), the other tasks on their first 500 examples (--limit), zero-shot,
 from the offline copies under $COMPRESS_DATA_DIR/tasks (HellaSwag: llama.cpp's derived text, see the report).
 Each row is one `compress bench` process (LAMBADA) plus one for the other tasks, merged into one record. About
-3 hours on 2 cores; checkpoints are made first, then every row is measured.
+3 hours on 2 cores; checkpoints are made first, then every row is measured. Everything lands in --work
+(~/.cache/compress-bench/tasks-smollm2 by default) and is kept: run the same command again after an interruption
+and finished checkpoints and rows are reused (quantize and bench write atomically, so what exists is complete).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,28 +34,41 @@ QUANTIZED = [("gptq-w8", ["--bits", "8"]), ("gptq-w4", ["--bits", "4"]), ("gptq-
 
 
 def make_checkpoints(work: Path, nsamples: int) -> dict[str, str]:
-    """name -> folder of each compressed row, made with the commands a user would run."""
-    import subprocess
-
+    """name -> folder of each compressed row, made with the commands a user would run; one made by an earlier
+    run is reused."""
     folders = {}
     for name, flags in QUANTIZED:
         out = work / name
+        folders[name] = str(out)
+        if out.is_dir():
+            continue
         command = [sys.executable, "-m", "compress.cli", "quantize", MODEL, *flags, "--nsamples", str(nsamples),
                    "--out", str(out), "--no-progress", "--device", "cpu"]
-        print("$", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-        folders[name] = str(out)
+        timed_run(command, work / f"{name}.minutes")
     out = work / "wanda-50"
+    folders["wanda-50"] = str(out)
+    if out.is_dir():
+        return folders
     command = [sys.executable, "-m", "compress.cli", "prune", MODEL, "--method", "wanda", "--sparsity", "0.5",
                "--nsamples", str(nsamples), "--out", str(out), "--no-progress", "--device", "cpu"]
-    print("$", " ".join(command), file=sys.stderr, flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-    folders["wanda-50"] = str(out)
+    timed_run(command, work / "wanda-50.minutes")
     return folders
 
 
+def timed_run(command: list[str], minutes_file: Path) -> None:
+    print("$", " ".join(command), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    minutes_file.write_text(f"{(time.perf_counter() - started) / 60:.3f}")
+
+
 def measure(name: str, model: str, extra: list[str], work: Path, results: Path, limit: int, windows: int) -> Path:
-    """One record: perplexity and the limited tasks in one bench run, LAMBADA whole in a second, merged."""
+    """One record: perplexity and the limited tasks in one bench run, LAMBADA whole in a second, merged. A row
+    already measured (its record exists) is reused; the record keeps the minutes its row took."""
+    out = results / f"{name}.json"
+    if out.is_file():
+        return out
+    started = time.perf_counter()
     common = ["--base", MODEL, "--base-dtype", "float32", "--name", name, "--no-speed", "--no-progress", *extra]
     first, second = work / f"{name}-tasks.json", work / f"{name}-lambada.json"
     bench_subprocess(model, first, [*common, "--seqlen", "512", "--windows", str(windows),
@@ -65,8 +80,10 @@ def measure(name: str, model: str, extra: list[str], work: Path, results: Path, 
     record["accuracy"]["tasks"]["results"] = lambada["results"] + record["accuracy"]["tasks"]["results"]
     record["accuracy"]["tasks"]["limit"] = {"lambada_openai": None, **{t: limit for t in LIMITED}}
     record["command"] = [*record["command"], "&&", *json.loads(second.read_text())["command"]]
-    out = results / f"{name}.json"
-    out.write_text(json.dumps(record, indent=1))
+    record["minutes"] = (time.perf_counter() - started) / 60
+    temporary = out.with_suffix(".partial")
+    temporary.write_text(json.dumps(record, indent=1))
+    temporary.replace(out)
     print(f"{name}: " + ", ".join(f"{r['task']} {r['metrics']}" for r in record["accuracy"]["tasks"]["results"]),
           flush=True)
     return out
@@ -78,32 +95,33 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "tasks-smollm2")
-    parser.add_argument("--work", default=None)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "compress-bench" / "tasks-smollm2",
+                        help="kept between runs: finished checkpoints and rows are reused")
     args = parser.parse_args()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        work = Path(work)
-        results = work / "results"
-        results.mkdir()
-        folders = make_checkpoints(work, args.nsamples)
-        files = [measure("fp32", MODEL, ["--dtype", "float32"], work, results, args.limit, args.windows),
-                 measure("bf16", MODEL, ["--dtype", "bfloat16"], work, results, args.limit, args.windows)]
-        for name, folder in folders.items():
-            files.append(measure(name, folder, [], work, results, args.limit, args.windows))
-        minutes = (time.perf_counter() - started) / 60
-        report_with_extras(files, args.out, "SmolLM2-135M: task accuracy loss (lm-evaluation-harness)",
-                           [f"OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/tasks_smollm2.py "
-                            f"--limit {args.limit}"],
-                           [f"LAMBADA (OpenAI) on its whole test set; {', '.join(LIMITED)} on their first "
-                            f"{args.limit} examples; zero-shot; offline copies of the released splits.",
-                            "GPTQ rows: `compress quantize smollm2-135m --bits B` with the defaults (group 128, "
-                            f"asymmetric, weighted scale search), {args.nsamples} calibration windows, run by the "
-                            "torch int8/int4 kernels in bfloat16 (the auto backend); NF4 by bitsandbytes; Wanda 50% "
-                            "dense in float32.",
-                            "The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32 (see the README): "
-                            "4-bit grids line up with them.",
-                            f"The run took {minutes:.0f} minutes on 2 cores. CUDA was not measured."],
-                           results, ())
+    work = args.work / f"limit{args.limit}-n{args.nsamples}-w{args.windows}"
+    results = work / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    folders = make_checkpoints(work, args.nsamples)
+    files = [measure("fp32", MODEL, ["--dtype", "float32"], work, results, args.limit, args.windows),
+             measure("bf16", MODEL, ["--dtype", "bfloat16"], work, results, args.limit, args.windows)]
+    for name, folder in folders.items():
+        files.append(measure(name, folder, [], work, results, args.limit, args.windows))
+    # Summed over the steps, so rows measured by an earlier, interrupted run count with the minutes they took.
+    minutes = sum(json.loads(f.read_text())["minutes"] for f in files)
+    minutes += sum(float(f.read_text()) for f in work.glob("*.minutes"))
+    report_with_extras(files, args.out, "SmolLM2-135M: task accuracy loss (lm-evaluation-harness)",
+                       [f"OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/tasks_smollm2.py "
+                        f"--limit {args.limit}"],
+                       [f"LAMBADA (OpenAI) on its whole test set; {', '.join(LIMITED)} on their first "
+                        f"{args.limit} examples; zero-shot; offline copies of the released splits.",
+                        "GPTQ rows: `compress quantize smollm2-135m --bits B` with the defaults (group 128, "
+                        f"asymmetric, weighted scale search), {args.nsamples} calibration windows, run by the "
+                        "torch int8/int4 kernels in bfloat16 (the auto backend); NF4 by bitsandbytes; Wanda 50% "
+                        "dense in float32.",
+                        "The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32 (see the README): "
+                        "4-bit grids line up with them.",
+                        f"The run took {minutes:.0f} minutes on 2 cores. CUDA was not measured."],
+                       results, ())
     return 0
 
 
