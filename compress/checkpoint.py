@@ -89,8 +89,17 @@ def save_quantized(model, tokenizer, folder: Path, quantization_config: dict, ma
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The checkpoint's manifest (None when it has none); a damaged one is an error, not an empty record."""
     path = folder / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}): re-create the checkpoint, or restore the file from a copy")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): re-create the checkpoint, or restore it from a copy")
+    return manifest
 
 
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

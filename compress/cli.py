@@ -6,6 +6,7 @@ Every subcommand is a row in COMMANDS: (help, add_arguments, run).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Callable
 from compress.errors import UserError
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 # --- compress models ------------------------------------------------------------------------------
@@ -87,6 +87,16 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def _preflight(model: str, *checks: Callable[[], None], allow_gguf: bool = False) -> None:
+    """The mistakes a user makes most (an unknown model or method, a wrong path), refused before torch and
+    transformers are imported: seconds of start-up for a one-line answer otherwise."""
+    from compress.models import check_reference
+
+    check_reference(model, allow_gguf)
+    for check in checks:
+        check()
+
+
 def _request(cls, args: argparse.Namespace):
     """The request dataclass from the --config file, overridden by the options given on the command line."""
     from compress.config_io import check_fields, read_yaml_mapping
@@ -102,7 +112,7 @@ def _request(cls, args: argparse.Namespace):
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from compress.quant.primitives import SUPPORTED_BITS
+    from compress.quant.choices import SUPPORTED_BITS
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
@@ -142,10 +152,14 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize_run(args: argparse.Namespace) -> int:
-    from compress.api import QuantizeRequest, quantize
-    from compress.bench.summary import human_bytes
+    from compress.quant.request import QuantizeRequest
+    from compress.registry import check_method_name
 
     request = _request(QuantizeRequest, args)
+    _preflight(request.model, lambda: check_method_name(request.method))
+    from compress.api import quantize
+    from compress.bench.summary import human_bytes
+
     result = quantize(request)
     ratio = result.source_bytes / max(result.output_bytes, 1)
     config = result.manifest["config"]
@@ -162,7 +176,7 @@ def _quantize_run(args: argparse.Namespace) -> int:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from compress.quant.primitives import SUPPORTED_BITS
+    from compress.quant.choices import SUPPORTED_BITS
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
@@ -186,10 +200,14 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prune_run(args: argparse.Namespace) -> int:
-    from compress.bench.summary import human_bytes
-    from compress.prune.run import PruneRequest, prune
+    from compress.prune.request import PruneRequest
+    from compress.registry import check_prune_method_name
 
     request = _request(PruneRequest, args)
+    _preflight(request.model, lambda: check_prune_method_name(request.method))
+    from compress.bench.summary import human_bytes
+    from compress.prune.run import prune
+
     result = prune(request)
     m = result.manifest
     ratio = result.source_bytes / max(result.output_bytes, 1)
@@ -228,6 +246,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default="wikitext2", help="perplexity text: NAME[:SPLIT] or a file (default wikitext2 test)")
     p.add_argument("--windows", type=int, help="number of windows from the start of the text (default: all)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model context))")
+    p.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
+                   help="start each perplexity window with the BOS token: auto = as the tokenizer does (default)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="windows per scoring pass (default: auto)")
     p.add_argument("--top-k", dest="top_k", type=int, default=256, help="base log-probs kept per token for KL")
     p.add_argument("--task", default="sst2:dev", help="labelled task for classifiers (default sst2:dev)")
@@ -247,6 +267,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
+    _preflight(args.model, allow_gguf=True)
+    if args.base:
+        _preflight(args.base)
     from compress.bench.run import BenchRequest, bench
     from compress.bench.summary import summary_lines
 
@@ -274,6 +297,7 @@ def _export_onnx_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_onnx_run(args: argparse.Namespace) -> int:
+    _preflight(args.model)
     from compress.bench.summary import human_bytes
     from compress.ort.build import OnnxExportRequest, export_onnx
 
@@ -321,6 +345,9 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_gguf_run(args: argparse.Namespace) -> int:
+    from compress.registry import check_method_name
+
+    _preflight(args.model, *([lambda: check_method_name(args.method)] if args.method else []))
     from compress.bench.summary import human_bytes
     from compress.export_gguf.run import export_gguf
 
@@ -409,18 +436,49 @@ def command_parser(prog: str, description: str, commands: dict) -> argparse.Argu
     return parser
 
 
-def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, interrupted: str) -> int:
-    """Run the chosen subcommand; user errors become one line and exit code 2, Ctrl-C exit code 130."""
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, nothing_kept: str) -> int:
+    """Run the chosen subcommand; user errors become one line and exit code 2. Ctrl-C (exit code 130) and
+    SIGTERM (143) end with one line saying what was kept (``nothing_kept`` when the run kept nothing)."""
+    from compress import interrupt
+    from compress.quiet import silence_known_noise
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_noise()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    interrupt.forget()
+    with interrupt.sigterm_unwinds():
+        try:
+            return args.handler(args)
+        except UserError as exc:
+            print(f"error: {interrupt.with_kept(str(exc))}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                _say_kept(interrupt.kept())
+                raise
+            print(f"error: {interrupt.with_kept(disk_full_message(exc))}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt as exc:
+            line, code = interrupt.closing_line(exc, nothing_kept)
+            print(line, file=sys.stderr)
+            return code
+        except Exception:
+            _say_kept(interrupt.kept())  # before the traceback: where the work went
+            raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"the disk is full ({exc.strerror}{where}): free space or point --out (and COMPRESS_CACHE_DIR) at a disk "
+            "with room, then run the same command again")
+
+
+def _say_kept(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,8 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A streaming run that finished blocks has already said where they are kept for --resume.
-    return dispatch(build_parser(), argv, "no output folder was completed")
+    return dispatch(build_parser(), argv, "nothing was written")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from compress.errors import UserError
 from compress.hub import hub_reachable
+
+if TYPE_CHECKING:  # windows are tensors; naming and reading text needs no torch
+    import torch
 
 DATA_DIR_ENV = "COMPRESS_DATA_DIR"
 
@@ -35,6 +36,8 @@ class NamedSource:
     """(data dir, split) -> path of the offline copy."""
     reader: Callable[[Path], str]
     """path -> text."""
+    convention: str
+    """How rows become one text: the same from the hub and from the offline copy (written into results)."""
 
 
 @dataclass
@@ -44,16 +47,21 @@ class TextRecord:
     origin: str
     sha256: str
     characters: int
+    convention: str = "the file as it is"
+    """How the text was made from its rows (the same whatever the origin)."""
 
 
 @dataclass
 class WindowRecord:
     text: TextRecord
     tokens: int
+    """Tokens the windows were cut from: the whole text, or the prefix ``rule`` says."""
     seqlen: int
     count: int
     seed: int | None = None
     starts: list[int] = field(default_factory=list)
+    rule: str = "the whole text"
+    """Which tokens of the text the windows could come from."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,11 +95,28 @@ def _read_jsonl(path: Path) -> str:
 _READERS = {".txt": _read_plain, ".raw": _read_plain, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
 
 
+WIKITEXT_CONVENTION = ("WikiText: its non-empty rows (lines), each with its line end as LF, concatenated; the hub's "
+                      "rows and the offline file give the same text")
+
+
+def wikitext_text(rows) -> str:
+    """One WikiText text whatever its source. The hub's rows are the raw file's lines, whitespace-only lines as
+    empty rows; the offline copy is the raw file with its empty lines removed and CRLF line ends. The text both
+    can give is the non-empty lines in order, LF-terminated. (GPTQ's `"\n\n".join(rows)` needs the empty rows,
+    which the offline copy has lost: it cannot be made from both, and two texts under one label would make
+    perplexities that disagree by source.)"""
+    lines = (row.replace("\r\n", "\n") for row in rows)
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
+
+
 def _hub_wikitext(split: str) -> str:
     from datasets import load_dataset
 
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-    return "\n\n".join(rows)
+    return wikitext_text(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+
+def _read_wikitext(path: Path) -> str:
+    return wikitext_text(path.read_bytes().decode("utf-8").splitlines(keepends=True))
 
 
 def _hub_c4(split: str) -> str:
@@ -112,9 +137,11 @@ def _hub_sst2(split: str) -> str:
 SOURCES: dict[str, NamedSource] = {s.name: s for s in [
     NamedSource("wikitext2", "test", _hub_wikitext,
                 lambda d, split: d / "wikitext-2-raw" / f"wiki.{ {'validation': 'valid'}.get(split, split) }.raw",
-                _read_plain),
-    NamedSource("c4", "validation", _hub_c4, lambda d, split: d / "c4" / f"c4-{split}.jsonl", _read_jsonl),
-    NamedSource("sst2", "train", _hub_sst2, lambda d, split: d / "sst2" / f"{split}.tsv", _read_tsv),
+                _read_wikitext, WIKITEXT_CONVENTION),
+    NamedSource("c4", "validation", _hub_c4, lambda d, split: d / "c4" / f"c4-{split}.jsonl", _read_jsonl,
+                "C4: documents joined with a blank line"),
+    NamedSource("sst2", "train", _hub_sst2, lambda d, split: d / "sst2" / f"{split}.tsv", _read_tsv,
+                "SST-2: sentences joined with a blank line"),
 ]}
 
 # Calibration must not come from the evaluation text: WikiText-2 train when it can be had, else
@@ -136,19 +163,21 @@ def load_text(source: str) -> tuple[str, TextRecord]:
                         f"or a .txt/.raw/.jsonl/.tsv file")
     named = SOURCES[name]
     split = split or named.default_split
+    hub_error = "no hub here"
     if hub_reachable():
         try:
             text = named.hub(split)
-            return text, _record(name, split, "hub", text)
-        except Exception:  # unreachable hub, missing split: try the offline copy next
-            pass
+            return text, _record(name, split, "hub", text, named.convention)
+        except Exception as exc:  # a missing split, a hub error: try the offline copy next, and say why
+            first_line = (str(exc).splitlines() or [""])[0][:120]
+            hub_error = f"the hub did not give it ({type(exc).__name__}: {first_line})"
     data_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir:
         local = named.local(Path(data_dir), split)
         if local.is_file():
             text = named.reader(local)
-            return text, _record(name, split, f"local:{local}", text)
-    raise UserError(f"text source {name}:{split} is not available: no hub here and no offline copy "
+            return text, _record(name, split, f"local:{local}", text, named.convention)
+    raise UserError(f"text source {name}:{split} is not available: {hub_error} and no offline copy "
                     f"(set {DATA_DIR_ENV} to a folder with {named.local(Path('<dir>'), split).relative_to('<dir>')}, "
                     "or pass a text file)")
 
@@ -221,14 +250,64 @@ def load_calibration_text(source: str) -> tuple[str, TextRecord]:
                     "or pass --calib FILE")
 
 
-def _record(source: str, split: str, origin: str, text: str) -> TextRecord:
-    return TextRecord(source, split, origin, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text))
+def _record(source: str, split: str, origin: str, text: str, convention: str = "the file as it is") -> TextRecord:
+    return TextRecord(source, split, origin, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text), convention)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D id tensor, without special tokens (labelled so in every result)."""
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+CALIBRATION_POOL = 4
+"""Calibration windows are drawn from the text's first CALIBRATION_POOL x nsamples x seqlen tokens: the rule
+depends only on the request, so the windows do not change when text is added at the end of a corpus, and a
+large corpus (67k SST-2 sentences) is not tokenized whole to cut 128 windows."""
+PREFIX_MARGIN = 64
+"""Tokens tokenized beyond those used, so the last one used is the whole text's (a cut can split a token)."""
+CHARACTERS_PER_TOKEN = 4
+"""First guess of the characters a prefix needs per token; doubled until the prefix has enough."""
+
+
+def tokenize_prefix(tokenizer, text: str, tokens: int | None) -> torch.Tensor:
+    """The first ``tokens`` ids of the whole text's tokenization (all of them when the text has fewer, or
+    ``tokens`` is None), tokenizing only a prefix: cut at a line end, grown until it holds ``tokens`` plus a
+    margin. A cut at a line end keeps the ids before it the whole text's for the tokenizers we read (their
+    pre-tokenizers split there); the margin covers a token that spans the cut."""
+    if tokens is None:
+        return tokenize(tokenizer, text)
+    characters = (tokens + PREFIX_MARGIN) * CHARACTERS_PER_TOKEN
+    while True:
+        end = text.find("\n", characters)
+        if end == -1 or characters >= len(text):
+            return tokenize(tokenizer, text)[:tokens]
+        ids = tokenize(tokenizer, text[:end + 1])
+        if ids.numel() >= tokens + PREFIX_MARGIN:
+            return ids[:tokens]
+        characters *= 2
+
+
+def calibration_windows_of_text(tokenizer, text: str, record: TextRecord, nsamples: int, seqlen: int,
+                                seed: int) -> tuple[list[torch.Tensor], WindowRecord]:
+    """``calibration_windows`` over the pool of CALIBRATION_POOL x nsamples x seqlen tokens from the start."""
+    pool = CALIBRATION_POOL * max(nsamples, 1) * max(seqlen, 1)
+    windows, window_record = calibration_windows(tokenize_prefix(tokenizer, text, pool), record, nsamples, seqlen,
+                                                 seed)
+    window_record.rule = f"random starts within the first {CALIBRATION_POOL} x nsamples x seqlen = {pool} tokens"
+    return windows, window_record
+
+
+def eval_windows_of_text(tokenizer, text: str, record: TextRecord, seqlen: int,
+                         max_windows: int | None = None) -> tuple[list[torch.Tensor], WindowRecord]:
+    """``eval_windows`` tokenizing only the windows' text (the whole text when every window is asked for)."""
+    needed = None if max_windows is None or seqlen <= 0 else max_windows * seqlen
+    windows, window_record = eval_windows(tokenize_prefix(tokenizer, text, needed), record, seqlen, max_windows)
+    if needed is not None:
+        window_record.rule = f"the first max_windows x seqlen = {needed} tokens"
+    return windows, window_record
 
 
 def calibration_windows(ids: torch.Tensor, record: TextRecord, nsamples: int, seqlen: int,

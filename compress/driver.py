@@ -33,6 +33,7 @@ from compress.errors import UserError
 from compress.moe import expert_groups
 from compress.runtime import current_rss_bytes
 from compress.select import ModuleSelection, block_linears
+from compress.settings import DEFAULT_ACTIVATION_BUDGET
 
 
 class _StopForward(Exception):
@@ -345,8 +346,6 @@ PrepareFn = Callable[[str, nn.Module, "dict[str, nn.Linear]", "list[list[str]]",
 runs once per block, with data, before any of its layers is observed; it may change the block's float
 weights without changing its function (AWQ folds its scales here)."""
 
-DEFAULT_ACTIVATION_BUDGET = 2 << 30
-"""Bytes of carried hidden states kept in memory; beyond it they go to files (``DriverPlan.spill_folder``)."""
 
 
 @dataclass(frozen=True)

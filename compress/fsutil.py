@@ -106,15 +106,34 @@ class OutputLock:
         self.fd = None
 
 
+def settle_killed_exchange(folder: Path) -> None:
+    """What a killed ``atomic_folder`` left beside ``folder`` (call holding its lock: no live run owns any of it).
+    Its temporary folders held an unfinished output: removed. Killed between the two renames of an exchange, the
+    previous output sits in an ``.old-`` folder and ``folder`` is missing: it is put back."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in folder.parent.glob(f".{folder.name}.old-*"):
+        if (old / folder.name).is_dir() and not folder.exists():
+            (old / folder.name).rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(folder: Path, force: bool = False, source: Path | None = None, lock: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder``; on success it replaces ``folder``, else it is removed.
     The output path is locked meanwhile (``lock`` False: for cache entries that concurrent builders make
     equal, where the last rename simply wins), and may not be (or hold) ``source``."""
     refuse_source_overlap(folder, source)
-    refuse_existing(folder, force)
     folder.parent.mkdir(parents=True, exist_ok=True)
     held = OutputLock(folder).acquire() if lock else None
+    if held is not None:
+        settle_killed_exchange(folder)
+    try:
+        refuse_existing(folder, force)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         yield tmp

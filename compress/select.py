@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from compress.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where modules are walked, not by the settings that name them
+    from torch import nn
 
 
 @dataclass
@@ -30,6 +32,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     (MPT), gpt_neox.layers, model.decoder.layers (OPT) and encoder.layer (BERT) without a table of
     architectures.
     """
+    from torch import nn
+
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -46,6 +50,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_linears(block: nn.Module, selection: ModuleSelection) -> dict[str, nn.Linear]:
     """The nn.Linear layers of one block (subclasses included) that the selection accepts, in order."""
+    from torch import nn
+
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and selection.accepts(name)}
 
 

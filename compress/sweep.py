@@ -22,6 +22,7 @@ from pathlib import Path
 
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
+from compress.interrupt import EXIT_INTERRUPTED, EXIT_TERMINATED, keep
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -182,17 +183,27 @@ def _bench_settings(cfg: SweepConfig, variant: Variant) -> dict:
 def _calibration(cfg: SweepConfig, source: Path):
     from transformers import AutoTokenizer
 
-    from compress.data import calibration_windows, load_calibration_text, tokenize
+    from compress.data import calibration_windows_of_text, load_calibration_text
 
     text, record = load_calibration_text(cfg.calib)
-    windows, _ = calibration_windows(tokenize(AutoTokenizer.from_pretrained(source), text), record, cfg.nsamples,
-                                     cfg.calib_seqlen, cfg.seed)
+    windows, _ = calibration_windows_of_text(AutoTokenizer.from_pretrained(source), text, record, cfg.nsamples,
+                                             cfg.calib_seqlen, cfg.seed)
     return windows
+
+
+def _variant_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
+    return root / "models" / f"{variant.name}-{_fingerprint(_quant_settings(cfg, variant))}"
+
+
+def quantized_path(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
+    """Where the variant's checkpoint (or GGUF file) is, once made: named by a fingerprint of its settings."""
+    folder = _variant_folder(cfg, variant, root)
+    return folder.with_suffix(".gguf") if variant.kind == "gguf" else folder
 
 
 def quantized_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
     """The variant's checkpoint, made now unless a finished one with the same settings exists."""
-    folder = root / "models" / f"{variant.name}-{_fingerprint(_quant_settings(cfg, variant))}"
+    folder = _variant_folder(cfg, variant, root)
     if variant.kind == "gguf":
         return _gguf_file(cfg, variant, folder)
     if folder.is_dir():
@@ -284,7 +295,7 @@ def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
     if cfg.isolate:
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
         completed = subprocess.run(_bench_command(request), env=env, stdout=subprocess.DEVNULL)
-        if completed.returncode == 130:
+        if completed.returncode in (EXIT_INTERRUPTED, EXIT_TERMINATED):
             raise KeyboardInterrupt
         if completed.returncode != 0:
             raise UserError(f"benchmark of {variant.name} failed (exit {completed.returncode}); its output is above")
@@ -324,15 +335,21 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
     # quantization of the same sweep competes for the cores, and a failing quantizer stops the sweep
     # before any time goes into benchmarks.
     quantized = [v for v in variants if v.kind in ("ours", "peer-quantizer", "gguf")]
-    for number, variant in enumerate(quantized, 1):
-        _say(cfg, f"[quantize {number}/{len(quantized)}] {variant.name}  (elapsed "
-                  f"{(time.perf_counter() - started) / 60:.1f} min)")
-        quantized_folder(cfg, variant, root)
-    paths = []
-    for number, variant in enumerate(variants, 1):
-        elapsed = time.perf_counter() - started
-        _say(cfg, f"[bench {number}/{len(variants)}] {variant.name}  (elapsed {elapsed / 60:.1f} min)")
-        paths.append(run_variant(cfg, variant, root))
+    paths: list[Path] = []
+    try:
+        for number, variant in enumerate(quantized, 1):
+            _say(cfg, f"[quantize {number}/{len(quantized)}] {variant.name}  (elapsed "
+                      f"{(time.perf_counter() - started) / 60:.1f} min)")
+            quantized_folder(cfg, variant, root)
+        for number, variant in enumerate(variants, 1):
+            elapsed = time.perf_counter() - started
+            _say(cfg, f"[bench {number}/{len(variants)}] {variant.name}  (elapsed {elapsed / 60:.1f} min)")
+            paths.append(run_variant(cfg, variant, root))
+    except KeyboardInterrupt:
+        made = sum(1 for v in quantized if quantized_path(cfg, v, root).exists())
+        keep(f"{made} of {len(quantized)} checkpoints and {len(paths)} of {len(variants)} benchmark results are kept "
+             f"in {root}: run the same command again to continue from there")
+        raise
     report = Path(cfg.report or Path("reports") / cfg.name)
     build_report(paths, report, cfg.title or f"{cfg.model} sweep on {cfg.device}: {cfg.name}",
                  reproduce=[" ".join(command)], notes=list(cfg.notes) + notes, force=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 TINY_VOCAB = 512
 
 # model_type -> config keyword arguments (the names each transformers config class uses).
@@ -100,6 +98,7 @@ def tiny_fingerprint(model_type: str) -> str:
 
 def build_tiny(model_type: str, folder: Path, seed: int = 0) -> Path:
     """Write a tiny random checkpoint (safetensors) with its tokenizer into ``folder``."""
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = tiny_config(model_type)

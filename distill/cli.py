@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv, "no student was written; checkpoints (if any) allow --resume")
+    return dispatch(build_parser(), argv, "no student was written")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import nn
 
 from compress.bench.score import score_windows
 from compress.bench.task_accuracy import task_accuracy
-from compress.data import eval_windows, load_labelled, load_text, tokenize
+from compress.data import eval_windows_of_text, load_labelled, load_text
 
 DEFAULT_EVAL = {"classifier": "sst2:dev", "lm": "wikitext2"}
 
@@ -55,5 +55,5 @@ def make_evaluator(kind: str, source: str | None, tokenizer, windows: int | None
         rows, record = load_labelled(source)
         return Evaluator(kind, source, rows=rows, record=vars(record), max_length=max_length)
     text, record = load_text(source)
-    chosen, window_record = eval_windows(tokenize(tokenizer, text), record, seqlen, windows)
+    chosen, window_record = eval_windows_of_text(tokenizer, text, record, seqlen, windows)
     return Evaluator(kind, source, windows=chosen, record=window_record.to_dict())

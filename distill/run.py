@@ -21,6 +21,7 @@ from torch import nn
 from compress import __version__
 from compress.api import source_hash
 from compress.errors import UserError
+from compress.interrupt import keep
 from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
 from compress.models import ResolvedModel, cache_dir, is_causal_lm, quiet_transformers, resolve
 from compress.runtime import environment, resolve_device
@@ -205,47 +206,53 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
     if state:
         ckpt.restore_weights(state, student, projections)
     first_stage = state["stage"] if state else 0
-    for index, stage in enumerate(config.stages):
-        if index < first_stage:
-            continue
-        losses = stage_losses(config, stage)
-        data = stage_data[index]
-        settings = stage_settings(stage, len(data), config.eval_every, config.checkpoint_every, config.progress,
-                                  f"stage {index + 1}/{len(config.stages)} {stage.kind}")
-        hard = config.hard_label_weight if stage.kind == "prediction" else 0.0
-        loss = DistillLoss(pair, losses, config.temperature, hard, config.hidden_normalize)
-        torch.manual_seed(config.seed + index)
-        optimizer = make_optimizer([student, projections], settings)
-        start_step = 0
-        if state and state["stage"] == index and state["step"] > 0:
-            # Inside a stage: the optimizer's moments and the RNG continue; at a stage boundary the
-            # fresh optimizer and seed above are what an uninterrupted run uses too.
-            ckpt.restore_training(state, optimizer)
-            start_step = state["step"]
-            _say(config, f"resuming stage {index + 1} at step {start_step} of {settings.steps}")
+    try:
+        for index, stage in enumerate(config.stages):
+            if index < first_stage:
+                continue
+            losses = stage_losses(config, stage)
+            data = stage_data[index]
+            settings = stage_settings(stage, len(data), config.eval_every, config.checkpoint_every, config.progress,
+                                      f"stage {index + 1}/{len(config.stages)} {stage.kind}")
+            hard = config.hard_label_weight if stage.kind == "prediction" else 0.0
+            loss = DistillLoss(pair, losses, config.temperature, hard, config.hidden_normalize)
+            torch.manual_seed(config.seed + index)
+            optimizer = make_optimizer([student, projections], settings)
+            start_step = 0
+            if state and state["stage"] == index and state["step"] > 0:
+                # Inside a stage: the optimizer's moments and the RNG continue; at a stage boundary the
+                # fresh optimizer and seed above are what an uninterrupted run uses too.
+                ckpt.restore_training(state, optimizer)
+                start_step = state["step"]
+                _say(config, f"resuming stage {index + 1} at step {start_step} of {settings.steps}")
 
-        def save(step: int, index=index, optimizer=optimizer) -> None:
-            ckpt.save_checkpoint(checkpoints, stage=index, step=step, student=student, extra=projections,
-                                 optimizer=optimizer, history=history, fingerprint=fingerprint)
+            def save(step: int, index=index, optimizer=optimizer) -> None:
+                ckpt.save_checkpoint(checkpoints, stage=index, step=step, student=student, extra=projections,
+                                     optimizer=optimizer, history=history, fingerprint=fingerprint)
 
-        def evaluate(step: int, index=index) -> None:
-            value = evaluator(student, tokenizer, device)
-            history.append({"event": "eval", "stage": index, "step": step, evaluator.metric: value})
-            _say(config, f"  stage {index + 1} step {step}: {evaluator.metric} {value:.4f}")
+            def evaluate(step: int, index=index) -> None:
+                value = evaluator(student, tokenizer, device)
+                history.append({"event": "eval", "stage": index, "step": step, evaluator.metric: value})
+                _say(config, f"  stage {index + 1} step {step}: {evaluator.metric} {value:.4f}")
 
-        result = distill_stage(pair, data, loss, settings, config.seqlen, stage.batch_size, config.seed, index,
-                               start_step, optimizer, evaluate if evaluator else None, save)
-        report = {"event": "stage", "stage": index, "kind": stage.kind, "losses": losses, "steps": settings.steps,
-                  "resumed_at": start_step, "seconds": round(result.seconds, 1),
-                  "final_losses": {k: round(v, 6) for k, v in result.last_losses.items()}, "data": data.describe()}
-        if evaluator:
-            report[evaluator.metric] = evaluator(student, tokenizer, device)
-            _say(config, f"stage {index + 1} ({stage.kind}) done: {evaluator.metric} {report[evaluator.metric]:.4f}")
-        history.append(report)
-        state = None
-        next_optimizer = make_optimizer([student, projections], settings)
-        ckpt.save_checkpoint(checkpoints, stage=index + 1, step=0, student=student, extra=projections,
-                             optimizer=next_optimizer, history=history, fingerprint=fingerprint)
+            result = distill_stage(pair, data, loss, settings, config.seqlen, stage.batch_size, config.seed, index,
+                                   start_step, optimizer, evaluate if evaluator else None, save)
+            report = {"event": "stage", "stage": index, "kind": stage.kind, "losses": losses, "steps": settings.steps,
+                      "resumed_at": start_step, "seconds": round(result.seconds, 1),
+                      "final_losses": {k: round(v, 6) for k, v in result.last_losses.items()}, "data": data.describe()}
+            if evaluator:
+                report[evaluator.metric] = evaluator(student, tokenizer, device)
+                _say(config, f"stage {index + 1} ({stage.kind}) done: {evaluator.metric} {report[evaluator.metric]:.4f}")
+            history.append(report)
+            state = None
+            next_optimizer = make_optimizer([student, projections], settings)
+            ckpt.save_checkpoint(checkpoints, stage=index + 1, step=0, student=student, extra=projections,
+                                 optimizer=next_optimizer, history=history, fingerprint=fingerprint)
+    except KeyboardInterrupt:
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            keep(f"checkpoints are kept in {checkpoints}: run the same command with --resume to continue from "
+                 "the last one")
+        raise
 
     if evaluator:
         # The last stage ended with an evaluation of the final weights (in this run or before a resume).

@@ -103,3 +103,17 @@ def smollm2_windows(data_dir):
     text, record = load_text("wikitext2:test")
     windows, _ = eval_windows(tokenize(tokenizer, text), record, 256, max_windows=4)
     return model, windows
+
+
+def naive_perplexity(model, windows: list[torch.Tensor]) -> float:
+    """exp(mean NLL) of every predicted token, each window alone through transformers' own loss: the figure a
+    scorer's batching, caching and bookkeeping must reproduce."""
+    import math
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            loss = model(window[None], labels=window[None]).loss.double().item()
+            nll += loss * (window.numel() - 1)
+            count += window.numel() - 1
+    return math.exp(nll / count)

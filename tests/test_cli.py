@@ -246,3 +246,32 @@ def test_a_backend_that_cannot_run_the_checkpoint(capsys, quick, tmp_path):
     code, _, err = run_cli(["bench", str(tmp_path / "out" / "q"), "--backend", "torch", "--no-progress",
                             "--windows", "1", "--seqlen", "16", "--no-speed"], capsys)
     assert_user_error(code, err, "backend 'torch' cannot run this checkpoint", "3-bit")
+
+
+STARTUP_PROBE = """
+import sys
+from compress.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
+print("HEAVY", ",".join(heavy))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["quantize", "llama-9000"], 2),
+    (["quantize", "tiny-llama", "--method", "nope"], 2),
+    (["prune", "./no/such/folder"], 2),
+    (["bench", "llama-9000"], 2),
+    (["bench", "tiny-llama", "--base", "llama-9000"], 2),
+    (["export-onnx", "llama-9000"], 2),
+    (["export-gguf", "tiny-llama", "--method", "nope"], 2),
+    (["models"], 0),
+])
+def test_user_errors_answer_before_heavy_imports(argv, code):
+    # A one-line answer must not pay for importing torch and transformers (seconds on a small machine).
+    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE, *argv], capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    assert "HEAVY \n" in done.stdout, done.stdout
+    if code:
+        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -53,7 +53,9 @@ def test_offline_without_data_dir_names_the_fix(monkeypatch):
 def test_shared_wikitext_and_sst2(data_dir):
     text, record = load_text("wikitext2")
     assert record.split == "test" and record.origin.startswith("local:")
-    assert record.sha256 == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    # The file (SHA-256 4f3e427e…) read as the hub's rows are joined: non-empty lines, LF line ends.
+    assert record.sha256 == "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a"
+    assert "\r" not in text and record.convention.startswith("WikiText: its non-empty rows")
     _, calib = load_calibration_text("auto")
     # WikiText-2 train is not shipped offline: calibration falls back to SST-2 train, never the eval text.
     assert (calib.source, calib.split) == ("sst2", "train")
@@ -65,3 +67,88 @@ def test_tokenize_adds_no_special_tokens():
     tok = tiny_tokenizer()
     ids = tokenize(tok, "the river")
     assert ids.dtype == torch.long and tok.bos_token_id not in ids.tolist()
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "sst2:train"])
+def test_a_prefix_gives_the_whole_texts_first_tokens(data_dir, source):
+    from compress.data import tokenize_prefix
+    from compress.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text, _ = load_text(source)
+    whole = tokenize(tok, text[:400_000])
+    for tokens in (1, 100, 4096, 50_000):
+        assert torch.equal(tokenize_prefix(tok, text[:400_000], tokens), whole[:tokens]), tokens
+    assert torch.equal(tokenize_prefix(tok, text[:3000], 10**9), tokenize(tok, text[:3000]))
+    assert torch.equal(tokenize_prefix(tok, text[:3000], None), tokenize(tok, text[:3000]))
+
+
+def test_only_the_needed_text_is_tokenized(data_dir):
+    from compress.data import CALIBRATION_POOL, calibration_windows_of_text, eval_windows_of_text
+    from compress.tiny import tiny_tokenizer
+
+    class CountingTokenizer:
+        def __init__(self):
+            self.inner, self.characters = tiny_tokenizer(), 0
+
+        def __call__(self, text, **kwargs):
+            self.characters += len(text)
+            return self.inner(text, **kwargs)
+
+    text, record = load_text("sst2:train")
+    counting = CountingTokenizer()
+    windows, rec = calibration_windows_of_text(counting, text, record, 8, 64, seed=0)
+    pool = CALIBRATION_POOL * 8 * 64
+    assert rec.tokens == pool and str(pool) in rec.rule and len(windows) == 8
+    assert counting.characters < 30 * pool < len(text) / 10  # a few prefixes, never the 67k sentences
+    # The windows are the old rule's over the pool: the same starts as over the pool's ids.
+    again, rec_again = calibration_windows(tokenize(counting.inner, text[:200_000])[:pool], record, 8, 64, seed=0)
+    assert rec_again.starts == rec.starts and all(torch.equal(a, b) for a, b in zip(windows, again))
+
+    counting.characters = 0
+    evals, rec = eval_windows_of_text(counting, text, record, 64, max_windows=3)
+    assert len(evals) == 3 and rec.tokens == 192 and counting.characters < 10_000
+    assert torch.equal(torch.cat(evals), tokenize(counting.inner, text[:20_000])[:192])
+
+
+def test_calibration_of_a_short_text_is_unchanged(calib_file):
+    from compress.data import calibration_windows_of_text
+    from compress.tiny import tiny_tokenizer
+
+    # A text shorter than the pool is used whole: the windows the earlier rule drew.
+    tok = tiny_tokenizer()
+    text, record = load_text(str(calib_file))
+    whole = tokenize(tok, text)
+    nsamples = 4
+    seqlen = whole.numel() // (4 * nsamples) + 1  # the pool (4 x nsamples x seqlen) exceeds the text
+    new, _ = calibration_windows_of_text(tok, text, record, nsamples, seqlen, seed=5)
+    old, _ = calibration_windows(whole, record, nsamples, seqlen, seed=5)
+    assert len(new) == nsamples and all(torch.equal(a, b) for a, b in zip(new, old))
+
+
+def test_wikitext_is_one_text_from_the_hub_or_the_offline_copy(data_dir):
+    from compress.data import _read_wikitext, wikitext_text
+
+    path = data_dir / "wikitext-2-raw" / "wiki.test.raw"
+    # The hub's rows: the raw file's lines with LF ends, whitespace-only lines as empty rows (which the offline
+    # copy dropped), as the datasets loader yields them.
+    lines = path.read_bytes().decode("utf-8").replace("\r\n", "\n").splitlines(keepends=True)
+    hub_rows = [""]
+    for number, line in enumerate(lines):
+        hub_rows += [line, ""] if line.lstrip().startswith("=") else [line]
+        if number % 7 == 0:
+            hub_rows.append("")
+    assert wikitext_text(hub_rows) == _read_wikitext(path)
+
+
+def test_a_hub_that_cannot_give_a_split_is_named_as_such(monkeypatch, tmp_path):
+    import compress.data as data
+
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    broken = data.SOURCES["wikitext2"].__class__(**{**data.SOURCES["wikitext2"].__dict__,
+                                                    "hub": lambda split: (_ for _ in ()).throw(ValueError(
+                                                        f"Unknown split {split}"))})
+    monkeypatch.setitem(data.SOURCES, "wikitext2", broken)
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=r"the hub did not give it \(ValueError: Unknown split nope\) and no offline"):
+        load_text("wikitext2:nope")

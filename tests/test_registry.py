@@ -54,3 +54,35 @@ def test_builtin_prune_methods():
     assert not methods["magnitude"].needs_calibration and methods["wanda"].needs_calibration
     with pytest.raises(UserError, match="unknown pruning method 'nope'"):
         registry.get_prune_method("nope")
+
+
+def test_builtin_name_tables_match_the_registered_classes():
+    # The command line checks method names from these tables without importing the methods: they must not drift.
+    assert set(registry.BUILTIN_QUANT) == set(registry.available_methods())
+    assert set(registry.BUILTIN_PRUNE) == set(registry.available_prune_methods())
+    for table, methods in ((registry.BUILTIN_QUANT, registry.METHODS), (registry.BUILTIN_PRUNE, registry.PRUNE_METHODS)):
+        for name, module in table.items():
+            assert type(methods[name]).__module__ == module
+
+
+def test_name_checks_give_the_lookups_errors(monkeypatch):
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    for check, lookup in ((registry.check_method_name, registry.get_method),
+                          (registry.check_prune_method_name, registry.get_prune_method)):
+        with pytest.raises(UserError) as quick:
+            check("nope")
+        with pytest.raises(UserError) as full:
+            lookup("nope")
+        assert str(quick.value) == str(full.value)
+    registry.check_method_name("gptq")
+    registry.check_prune_method_name("wanda")
+
+
+def test_a_plugin_name_is_checked_by_the_full_lookup(monkeypatch):
+    class FakeEntryPoint:
+        name = "elsewhere"
+
+    monkeypatch.setattr(registry, "_plugin_names", lambda: {"elsewhere"})
+    monkeypatch.setattr(registry, "get_method", lambda name: (_ for _ in ()).throw(UserError(f"looked up {name}")))
+    with pytest.raises(UserError, match="looked up nope"):
+        registry.check_method_name("nope")

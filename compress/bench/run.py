@@ -24,7 +24,7 @@ from compress.bench.bandwidth import read_bandwidth_gbps
 from compress.bench.load import LoadedModel, choose_for, load_for_bench, resolve_dtype
 from compress.bench.score import output_vocab, score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
-from compress.data import eval_windows, load_labelled, load_text, tokenize
+from compress.data import eval_windows_of_text, load_labelled, load_text
 from compress.errors import UserError
 from compress.models import cache_dir, is_causal_lm, weight_bytes_on_disk
 from compress.runtime import environment, resolve_device
@@ -56,6 +56,10 @@ class BenchRequest:
     """Perplexity text: NAME[:SPLIT] or a file (WikiText-2 test by default)."""
     seqlen: int | None = None
     """Window length (default min(2048, the model's context))."""
+    bos: str = "auto"
+    """Each perplexity window starts with the BOS token: auto = as the tokenizer does (Llama, Mistral, Gemma add
+    one; GPT-2-style tokenizers such as SmolLM2's do not), yes, or no. With BOS a window holds seqlen - 1 text
+    tokens, every one of them predicted."""
     windows: int | None = None
     """Number of windows from the start of the text (default: all)."""
     batch_size: int | None = None
@@ -96,7 +100,33 @@ def _windows(request: BenchRequest, tokenizer, context: int | None):
         raise UserError(f"--seqlen {request.seqlen} exceeds the model's context of {context} tokens")
     if request.windows is not None and request.windows <= 0:
         raise UserError(f"--windows must be positive, not {request.windows}")
-    return eval_windows(tokenize(tokenizer, text), record, seqlen, request.windows)
+    bos = bos_token(tokenizer, request.bos)
+    if bos is None:
+        return eval_windows_of_text(tokenizer, text, record, seqlen, request.windows)
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen} leaves no text after the BOS token: use at least 2, or --bos no")
+    windows, window_record = eval_windows_of_text(tokenizer, text, record, seqlen - 1, request.windows)
+    return [torch.cat([torch.tensor([bos], dtype=w.dtype), w]) for w in windows], window_record
+
+
+BOS_CHOICES = ("auto", "yes", "no")
+
+
+def bos_token(tokenizer, choice: str) -> int | None:
+    """The BOS id each perplexity window starts with, or None. ``auto`` follows the tokenizer's own convention:
+    whether it puts BOS before a text it encodes (scoring without it inflates perplexity and KL for models
+    trained always to see one: Gemma's first 4 x 512 WikiText-2 windows score 64.3 without and 23.1 with)."""
+    if choice not in BOS_CHOICES:
+        raise UserError(f"--bos {choice!r}: use auto (the tokenizer's convention), yes or no")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if choice == "no":
+        return None
+    if choice == "yes":
+        if bos is None:
+            raise UserError("--bos yes: this tokenizer has no BOS token; use --bos no")
+        return bos
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if bos is not None and ids[:1] == [bos] else None
 
 
 def _check_same_vocabulary(model_tok, base_tok, model_ref: str, base_ref: str) -> None:
@@ -131,11 +161,12 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
         raise UserError(f"--base {request.base} has a vocabulary of {base_vocab} logits, {request.model} "
                         f"{vocab_size}: compare a model with its own base")
     key = _reference_key(resolved.path, dtype, device, windows, request.top_k)
-    path = cache_dir().parent / "references" / f"{key}.safetensors"
+    path = cache_dir() / "references" / f"{key}.safetensors"
     info = {"reference": request.base, "path": str(resolved.path), "dtype": str(dtype)[6:],
             "top_k": request.top_k, "cache": str(path)}
-    if path.is_file():
-        return Reference.load(path), info | {"cached": True}
+    cached = cached_reference(path, windows, request.top_k)
+    if cached is not None:
+        return cached, info | {"cached": True}
     base = load_for_bench(request.base, dtype, device, request.trust_remote_code)
     try:
         _, reference = score_windows(base.model, windows, device, request.batch_size, make_reference_k=request.top_k,
@@ -148,6 +179,27 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
     reference.meta = info | {"windows_sha256": windows_digest(windows)}
     reference.save(path)
     return reference, info | {"cached": False}
+
+
+def cached_reference(path: Path, windows, top_k: int) -> Reference | None:
+    """The cached reference at ``path`` if it is whole and made on these windows; a damaged or mismatched file
+    (truncated, edited, another text) is said, removed and made again, never trusted."""
+    if not path.is_file():
+        return None
+    try:
+        reference = Reference.load(path)
+        rows = sum(w.numel() - 1 for w in windows)
+        problem = ("it was made on other windows" if reference.meta.get("windows_sha256") != windows_digest(windows)
+                   else f"it holds {tuple(reference.logprobs.shape)} log-probs, not ({rows}, {top_k})"
+                   if tuple(reference.logprobs.shape) != (rows, top_k) or reference.token_ids.shape
+                   != reference.logprobs.shape else None)
+    except Exception as exc:  # safetensors raises its own types for a truncated or garbled file
+        problem = f"it cannot be read: {str(exc).splitlines()[0][:120]}"
+    if problem is None:
+        return reference
+    print(f"the cached base reference {path} is damaged ({problem}): making it again", file=sys.stderr)
+    path.unlink()
+    return None
 
 
 def _config_and_tokenizer(request: BenchRequest):
@@ -264,15 +316,17 @@ def bench(request: BenchRequest) -> dict:
     model, dtype = loaded.model, loaded.dtype
 
     accuracy: dict = {}
-    protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": False,
-                      "tokenization": "whole text once, no special tokens"}
+    bos = causal and bos_token(tokenizer, request.bos) is not None
+    protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": bos, "bos_choice": request.bos,
+                      "tokenization": f"from the start of the text, no special tokens, {record.rule}" if causal
+                      else "each example alone"}
     if causal:
         score, _ = score_windows(model, windows, device, request.batch_size, reference,
                                  show_progress=request.progress, desc="scoring")
         accuracy["perplexity"] = dataclasses.asdict(score.perplexity)
         accuracy["agreement"] = dataclasses.asdict(score.agreement) if score.agreement else None
         accuracy["scoring_tokens_per_s"] = score.tokens_per_s
-        protocol.update({"eval": dataclasses.asdict(record.text), "seqlen": record.seqlen, "stride": record.seqlen,
+        protocol.update({"eval": dataclasses.asdict(record.text), "seqlen": record.seqlen + bos, "stride": record.seqlen,
                          "windows": record.count, "text_tokens": record.tokens,
                          "scored_tokens": score.perplexity.tokens, "remainder": "dropped",
                          "batch_size": score.batch_size, "scoring_threads": score.threads, "kl": f"top-{request.top_k} + rest bucket (lower bound)",

@@ -6,8 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from compress.errors import UserError
-from compress.quant.primitives import SUPPORTED_BITS
-from compress.quant.scale_search import SCALE_SEARCHES
+from compress.quant.choices import SCALE_SEARCHES, SUPPORTED_BITS
 
 
 @dataclass

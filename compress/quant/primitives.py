@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from compress.quant.choices import SUPPORTED_BITS  # noqa: F401  (re-exported)
+
 _WORD_BITS = 32
 
 

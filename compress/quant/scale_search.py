@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from compress.quant.choices import SCALE_SEARCHES  # noqa: F401  (re-exported)
 from compress.quant.primitives import QuantGrid, fake_quantize, find_grid, grid_from_range
 
-SCALE_SEARCHES = ("none", "mse", "weighted")
 GRID = 100
 MAX_SHRINK = 0.8
 PATIENCE = 10

@@ -47,6 +47,28 @@ def _variant(row: Row) -> str:
     return f"{row.method} W{row.bits:g} {group}"
 
 
+CACHE_MARK = "†"
+
+
+def _achieved(achieved: float | None, bandwidth: float | None) -> str:
+    """Weight bytes x decode tokens/s, as a share of the measured memory bandwidth. Above 100% the weights are
+    partly read from the CPU's caches, and the share says nothing: the cell says that instead."""
+    if achieved is None:
+        return "-"
+    if not bandwidth:
+        return f"{achieved:.1f}"
+    if achieved > bandwidth:
+        return f"{achieved:.1f} (above measured{CACHE_MARK})"
+    return f"{achieved:.1f} ({100 * achieved / bandwidth:.0f}%)"
+
+
+def cache_note(rows: list[Row]) -> list[str]:
+    if any(r.achieved_gbps and r.bandwidth_gbps and r.achieved_gbps > r.bandwidth_gbps for r in rows):
+        return [f"{CACHE_MARK} Weight bytes x decode tokens/s exceed the measured memory read bandwidth: part of the "
+                "weights is served from the CPU's caches, so the row is not bandwidth-bound and no share is given."]
+    return []
+
+
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     front = set(pareto_front([(r.weight_bytes, r.perplexity) for r in rows]))
     has_task = any(r.task_accuracy is not None for r in rows)
@@ -57,7 +79,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     body = []
     for i, r in enumerate(rows):
         mark = ("base " if r.is_base else "") + ("★" if i in front else "")
-        gbps = "-" if r.achieved_gbps is None else f"{r.achieved_gbps:.1f} ({100 * r.achieved_gbps / r.bandwidth_gbps:.0f}%)"
+        gbps = _achieved(r.achieved_gbps, r.bandwidth_gbps)
         line = [mark.strip(), r.name, _variant(r),
                 _num(r.weight_bytes / MIB, 1) + _ratio(r.ratios.get("weight_bytes")),
                 _num(r.artifact_bytes / MIB, 1), _num(r.peak_bytes / MIB, 0),
@@ -89,8 +111,10 @@ def protocol_lines(rows: list[Row]) -> list[str]:
     if "eval" in proto:
         ev = proto["eval"]
         lines.append(f"Perplexity: {ev['source']}:{ev['split']} ({ev['origin']}, sha256 {ev['sha256'][:16]}…), "
-                     f"tokenized once without special tokens, {proto['windows']} non-overlapping windows of "
-                     f"{proto['seqlen']} tokens (stride {proto['stride']}, no BOS, remainder dropped), "
+                     f"{ev.get('convention', 'the file as it is')}, tokenized without special tokens, "
+                     f"{proto['windows']} non-overlapping windows of {proto['seqlen']} tokens (stride "
+                     f"{proto['stride']}, {'each starting with BOS' if proto.get('bos') else 'no BOS'}, remainder "
+                     "dropped), "
                      f"{proto['scored_tokens']:,} predicted tokens; ppl = exp(mean NLL).")
         # The base row is often benched alone: the reference is recorded by the rows measured against it.
         ref = next((r.result["protocol"].get("base_reference") for r in rows
@@ -196,7 +220,7 @@ def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: li
         out += ["Reproduce:", "", "```", *reproduce, "```", ""]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in body]
-    out += ["", "★ = on the Pareto frontier of size and perplexity; ratios are to the base row.", ""]
+    out += ["", "★ = on the Pareto frontier of size and perplexity; ratios are to the base row.", *cache_note(rows), ""]
     tasks = task_table(rows)
     if tasks:
         out += ["## Tasks (lm-evaluation-harness)", "", "| " + " | ".join(tasks[0]) + " |", "|" + "---|" * len(tasks[0])]
@@ -233,7 +257,8 @@ def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: l
     for row, cells in zip(rows, body):
         cls = " ".join(c for c, on in (("base", row.is_base), ("front", "★" in cells[0])) if on)
         parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    parts.append("</table><p>★ = on the Pareto frontier of size and perplexity; ratios are to the base row.</p>")
+    parts.append("</table><p>★ = on the Pareto frontier of size and perplexity; ratios are to the base row."
+                 + "".join(f" {esc(n)}" for n in cache_note(rows)) + "</p>")
     tasks = task_table(rows)
     if tasks:
         parts.append("<h2>Tasks (lm-evaluation-harness)</h2><table><tr>" +

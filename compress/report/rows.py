@@ -113,10 +113,11 @@ def _base_index(results: list[dict]) -> int:
 
 def _check_comparable(results: list[dict], files: list[Path]) -> None:
     protocols = {(r["protocol"].get("eval", {}).get("sha256"), r["protocol"].get("seqlen"),
-                  r["protocol"].get("windows")) for r in results if r["accuracy"].get("perplexity")}
+                  r["protocol"].get("windows"), bool(r["protocol"].get("bos"))) for r in results
+                 if r["accuracy"].get("perplexity")}
     if len(protocols) > 1:
         raise UserError(f"the results were scored on different texts or windows ({len(protocols)} protocols among "
-                        f"{', '.join(map(str, files))}): report runs made with the same --eval/--seqlen/--windows")
+                        f"{', '.join(map(str, files))}): report runs made with the same --eval/--seqlen/--windows/--bos")
 
 
 def load_rows(paths: list[Path]) -> list[Row]:

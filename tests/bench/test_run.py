@@ -27,9 +27,14 @@ def test_bench_against_itself_and_the_record(eval_file, tmp_path, monkeypatch):
     assert agreement["kl_mean"] < 1e-6 and agreement["top1_agreement"] == 1.0
     assert result["protocol"]["windows"] == 4 and result["protocol"]["seqlen"] == 32
     assert result["protocol"]["bos"] is False and result["protocol"]["scored_tokens"] == 4 * 31
-    assert result["accuracy"]["perplexity"]["perplexity"] > 1
     path = resolve("tiny-llama").path
-    model, _ = load_model(path)
+    model, tokenizer = load_model(path)
+    from compress.bench.run import _windows
+    from tests.conftest import naive_perplexity
+
+    windows, _ = _windows(quick(eval_file), tokenizer, 512)
+    assert result["accuracy"]["perplexity"]["perplexity"] == pytest.approx(naive_perplexity(model, windows),
+                                                                           rel=1e-4)
     assert result["memory"]["weight_bytes"] == model_weight_bytes(model)
     assert result["memory"]["artifact_bytes"] == weight_bytes_on_disk(path)
     assert result["memory"]["kv_cache"]["bytes"] > 0
@@ -115,3 +120,45 @@ def test_the_inference_peak_does_not_hold_the_bandwidth_probe(eval_file, tmp_pat
     mem = result["memory"]
     # The probe streams a 512 MiB buffer; a tiny model's serving peak stays far below baseline + that.
     assert mem["peak_speed_bytes"] - mem["rss_before_load_bytes"] < 256 << 20
+
+
+class _AddsBos:
+    """A tokenizer that puts BOS before what it encodes, as Llama's and Gemma's do."""
+
+    def __init__(self, inner):
+        self.inner, self.bos_token_id = inner, inner.convert_tokens_to_ids(inner.all_special_tokens[0])
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        out = self.inner(text, **kwargs)
+        if add_special_tokens:
+            out["input_ids"] = [self.bos_token_id, *out["input_ids"]]
+        return out
+
+
+def test_windows_follow_the_tokenizers_bos_convention(eval_file):
+    from compress.bench.run import _windows, bos_token
+    from compress.tiny import tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    adds = _AddsBos(plain)
+    assert bos_token(plain, "auto") is None and bos_token(adds, "auto") == adds.bos_token_id
+    assert bos_token(adds, "no") is None
+    with pytest.raises(UserError, match="--bos 'maybe'"):
+        bos_token(adds, "maybe")
+    request = quick(eval_file, windows=3)
+    without, record = _windows(request, plain, 512)
+    with_bos, bos_record = _windows(request, adds, 512)
+    assert [w.numel() for w in with_bos] == [32] * 3 and all(int(w[0]) == adds.bos_token_id for w in with_bos)
+    # With BOS a window holds 31 text tokens, every one predicted; the text's tiling moves by 31.
+    assert torch.equal(torch.cat([w[1:] for w in with_bos]), torch.cat(without)[:93])
+    assert bos_record.seqlen == 31 and record.seqlen == 32
+
+
+def test_bos_is_recorded_and_changes_what_is_scored(eval_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    no = bench(quick(eval_file, bos="no", speed=False))
+    yes = bench(quick(eval_file, bos="yes", speed=False))
+    assert (no["protocol"]["bos"], yes["protocol"]["bos"]) == (False, True)
+    assert yes["protocol"]["seqlen"] == 32 and yes["protocol"]["stride"] == 31
+    assert yes["protocol"]["scored_tokens"] == no["protocol"]["scored_tokens"] == 4 * 31
+    assert yes["accuracy"]["perplexity"]["perplexity"] != no["accuracy"]["perplexity"]["perplexity"]

@@ -23,5 +23,14 @@ def test_prefill_times_one_window(tiny_llama):
     assert result.seqlen == 40 and result.tokens_per_s > 0
 
 
-def test_bandwidth_is_a_plausible_positive_figure():
-    assert 0.1 < read_bandwidth_gbps(torch.device("cpu"), megabytes=64, repeats=2) < 10_000
+def test_bandwidth_is_the_buffers_bytes_over_the_median_timed_pass(monkeypatch):
+    from types import SimpleNamespace
+
+    import compress.bench.bandwidth as bandwidth
+
+    # The clock's readings: the warm-up pass's start (it is not timed), then each timed pass's start and end,
+    # 0.5, 0.25 and 2 s. The figure must take the median, 0.5 s.
+    clock = iter([0.0, 20.0, 20.5, 30.0, 30.25, 40.0, 42.0])
+    monkeypatch.setattr(bandwidth, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    gbps = read_bandwidth_gbps(torch.device("cpu"), megabytes=8, repeats=3)
+    assert gbps == 8 * (1 << 20) / 0.5 / 1e9

@@ -71,9 +71,12 @@ def test_grid_properties():
     assert torch.allclose(grid.scale * (quantize_codes(positive, grid.scale[:, None], grid.zero[:, None], 8)
                                         - grid.zero[:, None]), positive, atol=1e-2)
     asym = find_grid(w, 4, sym=False)
-    # Zero stays exactly representable: the grid always contains 0.
-    q = torch.clamp(torch.round(torch.zeros(3) / asym.scale) + asym.zero, 0, 15)
-    assert torch.allclose(asym.scale * (q - asym.zero), torch.zeros(3))
+    # Zero stays exactly representable: each zero point is an integer code of the grid, and the library's own
+    # rounding sends 0.0 to it and back to exactly 0.0.
+    assert torch.equal(asym.zero, asym.zero.round()) and torch.all((asym.zero >= 0) & (asym.zero <= 15))
+    codes = quantize_codes(torch.zeros(3, 1), asym.scale[:, None], asym.zero[:, None], 4)
+    assert torch.equal(codes[:, 0].float(), asym.zero.float())
+    assert torch.equal(asym.scale[:, None] * (codes - asym.zero[:, None]), torch.zeros(3, 1))
     assert torch.all(asym.scale > 0)  # an all-zero row still gets a usable grid
 
 

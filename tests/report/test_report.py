@@ -137,3 +137,16 @@ def test_kl_keeps_its_digits_in_the_table():
 
     assert [_kl(v) for v in (1.0016, 0.10007, 0.0010, 3.6e-06, 0.0, None)] == \
         ["1.0016", "0.1001", "0.0010", "3.60e-06", "0", "-"]
+
+
+def test_bandwidth_above_the_measured_is_not_shown_as_a_share():
+    from types import SimpleNamespace
+
+    from compress.report.render import _achieved, cache_note
+
+    assert _achieved(12.0, 20.0) == "12.0 (60%)"
+    assert _achieved(31.0, 20.0) == "31.0 (above measured†)" and "%" not in _achieved(31.0, 20.0)
+    assert _achieved(None, 20.0) == "-" and _achieved(5.0, None) == "5.0"
+    rows = [SimpleNamespace(achieved_gbps=31.0, bandwidth_gbps=20.0), SimpleNamespace(achieved_gbps=1.0,
+                                                                                      bandwidth_gbps=20.0)]
+    assert "CPU's caches" in cache_note(rows)[0] and cache_note(rows[1:]) == []

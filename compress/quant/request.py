@@ -1,0 +1,85 @@
+"""What `compress quantize` is asked for: the shared run settings plus every method's options, each None
+unless given (the method's config dataclass holds its defaults). Free of torch, so the command line builds
+and checks a request before any heavy import."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from compress.errors import UserError
+from compress.quant.config import WeightQuantConfig
+from compress.registry import get_method
+from compress.settings import RunSettings
+
+METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
+                  "double_quant", "int8_threshold")
+"""Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
+from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
+
+
+def config_fields(method) -> set[str]:
+    """The settings a quantization method's config dataclass holds."""
+    return {f.name for f in dataclasses.fields(method.config_cls)}
+
+
+def takes_option(method: str, option: str) -> bool:
+    return option in config_fields(get_method(method))
+
+
+def methods_taking(option: str) -> str:
+    """'it applies to gptq and awq' (the registered methods whose config has ``option``)."""
+    from compress.registry import available_methods
+
+    if option == "awq":
+        return "use --method awq, or --method gptq --awq"
+    takers = [m.name for m in available_methods().values() if option in config_fields(m)]
+    return f"it applies to {' and '.join(takers) if len(takers) < 3 else ', '.join(takers[:-1]) + ' and ' + takers[-1]}"
+
+
+@dataclass
+class QuantizeRequest(RunSettings):
+    method: str = "gptq"
+    """Quantization method: gptq, awq or rtn (or a plugin's name)."""
+    bits: int = 4
+    group_size: int = 128
+    sym: bool | None = None
+    """Symmetric grids; None: the method's default (asymmetric for gptq, awq and rtn)."""
+    scale_search: str | None = None
+    """How each group's range is chosen: none (min/max), mse or weighted (see scale_search.py); None: the
+    method's default (weighted for gptq and awq, none for the data-free rtn)."""
+    act_order: bool | None = None
+    """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act); None: the method's default (on, as in
+    auto-gptq: measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4)."""
+    static_groups: bool | None = None
+    damp_percent: float | None = None
+    awq: bool | None = None
+    """gptq: fold AWQ's activation-aware channel scales into each block first."""
+    quant_type: str | None = None
+    """bnb 4-bit: nf4 or fp4."""
+    double_quant: bool | None = None
+    """bnb 4-bit: quantize the block scales too."""
+    int8_threshold: float | None = None
+    """bnb 8-bit: LLM.int8() outlier threshold."""
+    avg_bits: float | None = None
+    """Mixed precision: measure each layer's sensitivity, then give every layer the option (3, 4 or 8 bits)
+    with the least predicted loss within this average of stored bits per weight (e.g. 4.25)."""
+    lm_head_bits: int | None = None
+    """Also quantize the output head (and an embedding tied to it), data-free, per output channel at
+    these bits (8 is the usual choice); None keeps it in float."""
+
+    def method_config(self):
+        method = get_method(self.method)
+        names = config_fields(method)
+        # A setting left at None takes the method's own default (its config dataclass holds them).
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
+        for option in METHOD_OPTIONS:
+            if getattr(self, option) is not None and option not in names:
+                raise UserError(f"--{option.replace('_', '-')} does not apply to {method.name}: "
+                                f"{methods_taking(option)}")
+        return method, method.config_cls(**values)
+
+    def head_config(self) -> WeightQuantConfig | None:
+        if self.lm_head_bits is None:
+            return None
+        return WeightQuantConfig(bits=self.lm_head_bits, group_size=-1, sym=True)
