@@ -72,6 +72,11 @@ class PruneMethod:
         """-> (new weight with the removed entries at zero, keep-mask)."""
         raise NotImplementedError
 
+    def prune_and_quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg, quant):
+        """A joint prune-and-quantize mode (SparseGPT's) -> a SparseResult, or None for a method that has none:
+        then its mask is followed by GPTQ that keeps the mask (compress.prune.apply.prune_and_quantize)."""
+        return None
+
     def apply(self, model, cfg, windows, device, selection, quant=None, show_progress: bool = True):
         """-> (pruned model, PruneStats). Weight methods change ``model`` in place and return it."""
         from compress.prune.apply import prune_layerwise

@@ -51,10 +51,9 @@ def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch
     one (SparseGPT), else its mask followed by GPTQ that keeps the mask (RTN when there is no data)."""
     from compress.prune.sparsegpt import sparsegpt
 
-    joint = getattr(method, "prune_and_quantize", None)
+    joint = method.prune_and_quantize(weight, hessian, cfg, quant)
     if joint is not None:
-        result = joint(weight, hessian, cfg, quant)
-        return result.weight, result.mask, result.quantized
+        return joint.weight, joint.mask, joint.quantized
     pruned, mask = method.prune_weight(weight, hessian, cfg)
     if hessian is None:
         qw = rtn_quantize(pruned, quant)
