@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.errors import UserError
 from compress.select import ModuleSelection
 
 DEFAULT_ACTIVATION_BUDGET = 2 << 30
@@ -67,3 +68,19 @@ class RunSettings:
         ignored = {"out", "force", "progress", "resume", "checkpoint_every", "device", "in_memory",
                    "activation_budget"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+
+
+def method_option_values(request, options: tuple[str, ...], method, hint) -> dict:
+    """The method-specific options a request gives (None = not given: the method's config holds the default),
+    as config values. One given to a method whose config has no such field is an error, never dropped: the one
+    rule of quantize and prune. ``hint(option)`` says which methods take it."""
+    names = {f.name for f in dataclasses.fields(method.config_cls)}
+    values = {}
+    for option in options:
+        value = getattr(request, option)
+        if value is None:
+            continue
+        if option not in names:
+            raise UserError(f"--{option.replace('_', '-')} does not apply to {method.name}: {hint(option)}")
+        values[option] = value
+    return values

@@ -160,8 +160,7 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
     if vocab_size != base_vocab:
         raise UserError(f"--base {request.base} has a vocabulary of {base_vocab} logits, {request.model} "
                         f"{vocab_size}: compare a model with its own base")
-    key = _reference_key(resolved.path, dtype, device, windows, request.top_k)
-    path = cache_dir() / "references" / f"{key}.safetensors"
+    path = reference_path(resolved.path, dtype, device, windows, request.top_k)
     info = {"reference": request.base, "path": str(resolved.path), "dtype": str(dtype)[6:],
             "top_k": request.top_k, "cache": str(path)}
     cached = cached_reference(path, windows, request.top_k)
@@ -179,6 +178,11 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
     reference.meta = info | {"windows_sha256": windows_digest(windows)}
     reference.save(path)
     return reference, info | {"cached": False}
+
+
+def reference_path(model_path: Path, dtype: torch.dtype, device: torch.device, windows, top_k: int) -> Path:
+    """Where the top-K reference of this model (as `--base` loads it) on these windows is cached."""
+    return cache_dir() / "references" / f"{_reference_key(model_path, dtype, device, windows, top_k)}.safetensors"
 
 
 def cached_reference(path: Path, windows, top_k: int) -> Reference | None:
@@ -321,8 +325,18 @@ def bench(request: BenchRequest) -> dict:
                       "tokenization": f"from the start of the text, no special tokens, {record.rule}" if causal
                       else "each example alone"}
     if causal:
-        score, _ = score_windows(model, windows, device, request.batch_size, reference,
-                                 show_progress=request.progress, desc="scoring")
+        # A dense model benched alone is what a later `--base` run of it loads: its scoring pass also makes that
+        # run's reference (top-K per position, a small cost), so the base is not scored twice.
+        own_reference = (None if request.base or loaded.backend != "dense" or request.transform else
+                         reference_path(loaded.resolved.path, dtype, device, windows, request.top_k))
+        make_k = request.top_k if own_reference is not None and not own_reference.is_file() else None
+        score, made = score_windows(model, windows, device, request.batch_size, reference, make_reference_k=make_k,
+                                    show_progress=request.progress, desc="scoring")
+        if made is not None:
+            made.meta = {"reference": request.model, "path": str(loaded.resolved.path), "dtype": str(dtype)[6:],
+                         "top_k": request.top_k, "cache": str(own_reference),
+                         "windows_sha256": windows_digest(windows)}
+            made.save(own_reference)
         accuracy["perplexity"] = dataclasses.asdict(score.perplexity)
         accuracy["agreement"] = dataclasses.asdict(score.agreement) if score.agreement else None
         accuracy["scoring_tokens_per_s"] = score.tokens_per_s

@@ -6,10 +6,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
 from compress.registry import get_prune_method
-from compress.settings import RunSettings
+from compress.settings import RunSettings, method_option_values
+
+
+PRUNE_OPTIONS = ("sparsity", "pattern", "comparison", "target", "damp_percent")
+"""Request settings that belong to some pruning methods' configs (None: not given)."""
+
+
+def prune_methods_taking(option: str) -> str:
+    from compress.registry import available_prune_methods
+
+    takers = [m.name for m in available_prune_methods().values()
+              if option in {f.name for f in dataclasses.fields(m.config_cls)}]
+    return f"leave it out, or prune with {' or '.join(takers)}"
 
 
 @dataclass
@@ -19,14 +30,15 @@ class PruneRequest(RunSettings):
     sparsity: float | None = None
     """Fraction removed, in [0, 1): of each layer's weights (default 0.5; N:M implies it), or for
     structured of the MLP channels / heads / layers (default 0.25)."""
-    pattern: str = "unstructured"
-    """Weight methods: unstructured, or N:M such as 2:4 or 4:8."""
+    pattern: str | None = None
+    """Weight methods: unstructured (their default), or N:M such as 2:4 or 4:8."""
     comparison: str | None = None
     """Magnitude / Wanda, unstructured: compare scores per output row or across the layer (method default)."""
-    target: str = "mlp"
-    """Structured: mlp, heads or layers."""
-    damp_percent: float = 0.01
-    """SparseGPT (and the GPTQ step of --bits): Hessian dampening, as a fraction of its mean diagonal."""
+    target: str | None = None
+    """Structured: mlp (its default), heads or layers."""
+    damp_percent: float | None = None
+    """SparseGPT (and the GPTQ step of --bits): Hessian dampening, as a fraction of its mean diagonal (its
+    config's default, 0.01)."""
     bits: int | None = None
     """Also quantize the kept weights to this many bits in the same run (SparseGPT: jointly, as in the
     paper; magnitude / Wanda: GPTQ that keeps the mask). Writes a GPTQ-format checkpoint."""
@@ -36,19 +48,7 @@ class PruneRequest(RunSettings):
     def method_config(self):
         """(method, its config) from the request; a setting the method has no use for is an error."""
         method = get_prune_method(self.method)
-        names = {f.name for f in dataclasses.fields(method.config_cls)}
-        defaults = PruneRequest()
-        values = {}
-        for name in ("sparsity", "pattern", "comparison", "target", "damp_percent"):
-            value = getattr(self, name)
-            if name in names:
-                if value is not None:
-                    values[name] = value
-            elif value != getattr(defaults, name):
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} does not apply to {method.name} pruning: leave it out or choose a method "
-                                "that uses it")
-        return method, method.config_cls(**values)
+        return method, method.config_cls(**method_option_values(self, PRUNE_OPTIONS, method, prune_methods_taking))
 
     def quant_config(self) -> WeightQuantConfig | None:
         return WeightQuantConfig(self.bits, self.group_size, self.sym) if self.bits is not None else None

@@ -7,10 +7,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
 from compress.registry import get_method
-from compress.settings import RunSettings
+from compress.settings import RunSettings, method_option_values
 
 METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
                   "double_quant", "int8_threshold")
@@ -70,13 +69,9 @@ class QuantizeRequest(RunSettings):
 
     def method_config(self):
         method = get_method(self.method)
-        names = config_fields(method)
         # A setting left at None takes the method's own default (its config dataclass holds them).
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
-        for option in METHOD_OPTIONS:
-            if getattr(self, option) is not None and option not in names:
-                raise UserError(f"--{option.replace('_', '-')} does not apply to {method.name}: "
-                                f"{methods_taking(option)}")
+        values = {k: getattr(self, k) for k in ("bits", "group_size") if k in config_fields(method)}
+        values |= method_option_values(self, METHOD_OPTIONS, method, methods_taking)
         return method, method.config_cls(**values)
 
     def head_config(self) -> WeightQuantConfig | None:

@@ -162,3 +162,12 @@ def test_bos_is_recorded_and_changes_what_is_scored(eval_file, tmp_path, monkeyp
     assert yes["protocol"]["seqlen"] == 32 and yes["protocol"]["stride"] == 31
     assert yes["protocol"]["scored_tokens"] == no["protocol"]["scored_tokens"] == 4 * 31
     assert yes["accuracy"]["perplexity"]["perplexity"] != no["accuracy"]["perplexity"]["perplexity"]
+
+
+def test_a_base_benched_alone_fills_the_reference_its_base_runs_need(eval_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    bench(quick(eval_file, speed=False))
+    (made,) = (tmp_path / "cache" / "references").iterdir()
+    compared = bench(quick(eval_file, base="tiny-llama", speed=False))
+    assert compared["base"]["cached"] is True and compared["base"]["cache"] == str(made)
+    assert compared["accuracy"]["agreement"]["kl_mean"] < 1e-6  # the reference is the model's own

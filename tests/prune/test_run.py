@@ -107,7 +107,12 @@ def test_recipe_file_and_command_line(tmp_path, calib_file, capsys):
     (["--pattern", "4:2"], "0 < N < M"),
     (["--pattern", "2:4", "--sparsity", "0.6"], "always removes 50%"),
     (["--method", "structured", "--pattern", "2:4"], "--pattern does not apply to structured"),
-    (["--method", "wanda", "--target", "heads"], "--target does not apply to wanda"),
+    (["--method", "wanda", "--target", "heads"], "--target does not apply to wanda: leave it out, or prune with "
+                                                 "structured"),
+    # A value equal to another method's default is still not this method's option (it was dropped silently).
+    (["--method", "wanda", "--target", "mlp"], "--target does not apply to wanda"),
+    (["--method", "magnitude", "--damp-percent", "0.01"], "--damp-percent does not apply to magnitude: leave it "
+                                                          "out, or prune with sparsegpt"),
     (["--method", "structured", "--target", "heads", "--sparsity", "0.9"], "zero kv groups"),
     (["--method", "structured", "--target", "heads", "--model-arch", "opt"], "derives the head size"),
     (["--method", "structured", "--target", "mlp", "--model-arch", "bloom"], "no MLP width setting"),
