@@ -46,9 +46,9 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("--calib", default=S, help=f"calibration text: auto (default), {', '.join(SOURCES)} "
                    "(NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
-    p.add_argument("--nsamples", type=int, default=S, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=S, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=S, help="seed of the window starts (default 0)")
+    p.add_argument("--nsamples", type=int, default=S, help=f"calibration windows (default {_default('nsamples')})")
+    p.add_argument("--seqlen", type=int, default=S, help=f"tokens per calibration window (default {_default('seqlen')})")
+    p.add_argument("--seed", type=int, default=S, help=f"seed of the window starts (default {_default('seed')})")
     p.add_argument("--device", default=S, help="cpu, cuda or auto (default: cuda if present)")
     p.add_argument("--out", default=S, help="output folder (default out/<model>-<method>-<tag>)")
     p.add_argument("--force", action="store_const", const=True, default=S, help="replace an existing output folder")
@@ -61,16 +61,27 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
     p.add_argument("--resume", action="store_const", const=True, default=S,
                    help="continue an interrupted run of the same command from its last finished block")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=float, default=S,
-                   help="seconds between resumable checkpoints (default 60; 0 = after every block)")
+                   help=f"seconds between resumable checkpoints (default {_default('checkpoint_every'):g}; 0 = after "
+                        "every block)")
     p.add_argument("--max-shard-size", dest="max_shard_bytes", type=_byte_size, default=S,
                    help="largest output weight file, e.g. 2GB (default) or 500MB; larger outputs are sharded")
     p.add_argument("--expert-min-share", dest="expert_min_share", type=float, default=S,
                    help="mixture of experts: experts reached by fewer than this share of the calibration tokens "
-                        "(default 0.005) are quantized with RTN / pruned by magnitude instead, and listed")
+                        f"(default {_default('expert_min_share')}) are quantized with RTN / pruned by magnitude instead, and listed")
     p.add_argument("--in-memory", dest="in_memory", action="store_const", const=True, default=S,
                    help="load the whole model first instead of streaming one block at a time (needs the "
                         "model's float32 size in memory on CPU)")
     p.add_argument("--config", type=Path, default=None, help=f"YAML file with any of these settings ({configs})")
+
+
+def _default(name: str, cls=None):
+    """A setting's default as its dataclass holds it (RunSettings unless ``cls``): the help never restates it."""
+    import dataclasses
+
+    from compress.settings import RunSettings
+
+    field = next(f for f in dataclasses.fields(cls or RunSettings) if f.name == name)
+    return field.default
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -113,14 +124,15 @@ def _request(cls, args: argparse.Namespace):
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     from compress.quant.choices import SUPPORTED_BITS
+    from compress.quant.request import QuantizeRequest
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
     p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
-                   "(default 4)")
+                   f"(default {_default('bits', QuantizeRequest)})")
     p.add_argument("--method", default=S, help="gptq (default), awq, rtn or bnb (bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
-                   help="columns per scale; -1 = per output channel (default 128)")
+                   help=f"columns per scale; -1 = per output channel (default {_default('group_size', QuantizeRequest)})")
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid")
     p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S,
                    help="asymmetric grid (the default of gptq, awq and rtn)")
@@ -334,9 +346,10 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    help="with --method: folder of the quantized checkpoint (default out/<model>-<method>-<tag>)")
     p.add_argument("--calib", default=S, help=f"with --method: calibration text: auto (default), "
                    f"{', '.join(SOURCES)} (NAME:SPLIT), or a .txt/.raw/.jsonl/.tsv file")
-    p.add_argument("--nsamples", type=int, default=S, help="with --method: calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=S, help="with --method: tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=S, help="with --method: seed of the window starts (default 0)")
+    p.add_argument("--nsamples", type=int, default=S, help=f"with --method: calibration windows (default {_default('nsamples')})")
+    p.add_argument("--seqlen", type=int, default=S, help=f"with --method: tokens per calibration window "
+                   f"(default {_default('seqlen')})")
+    p.add_argument("--seed", type=int, default=S, help=f"with --method: seed of the window starts (default {_default('seed')})")
     p.add_argument("--device", default=S, help="with --method: cpu, cuda or auto (default: cuda if present)")
     p.add_argument("--resume", action="store_const", const=True, default=S,
                    help="with --method: continue an interrupted quantization from its last finished block")
