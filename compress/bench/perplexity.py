@@ -1,8 +1,9 @@
 """Perplexity over fixed token windows: ppl = exp(mean next-token NLL over every predicted token).
 
-Convention (recorded with every figure): the text is tokenized once without special tokens and cut
-into non-overlapping windows (compress.data.eval_windows); within a window every token but the
-first is predicted from the ones before it; no BOS is added; the remainder is dropped.
+Convention (recorded with every figure): the text is tokenized from its start without special tokens
+(only as far as the windows need) and cut into non-overlapping windows (compress.data.eval_windows);
+within a window every token but the first is predicted from the ones before it; where the tokenizer puts
+BOS before a text (compress.bench.run.bos_token), each window starts with it; the remainder is dropped.
 """
 
 from __future__ import annotations

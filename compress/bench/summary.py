@@ -22,7 +22,7 @@ def summary_lines(result: dict) -> list[str]:
     ppl = acc.get("perplexity")
     if ppl:
         lines.append(f"  ppl      {ppl['perplexity']:.4f} on {proto['eval']['source']}:{proto['eval']['split']} "
-                     f"({ppl['windows']} x {proto['seqlen']} tokens, no BOS), scored at "
+                     f"({ppl['windows']} x {proto['seqlen']} tokens, {'BOS first' if proto.get('bos') else 'no BOS'}), scored at "
                      f"{acc['scoring_tokens_per_s']:.0f} tokens/s")
     agreement = acc.get("agreement")
     if agreement:

@@ -2,7 +2,7 @@
 file on the same token ids as our models, with the same thread count.
 
 The ids are fed to llama.cpp directly (the GGUF carries the same vocabulary as the converted model),
-so both tools score exactly the same tokens; no BOS is added, as in our protocol."""
+so both tools score exactly the same tokens (a BOS the windows start with included)."""
 
 from __future__ import annotations
 
