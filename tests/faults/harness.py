@@ -18,6 +18,9 @@ from pathlib import Path
 CHILD = r"""
 import errno, importlib, os, signal, sys, time
 
+# Ctrl-C reaches a command started at a terminal; a test run started in the background (nohup, `&`, some CI
+# runners) starts its children with SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target, nth, fault, entry = sys.argv[1:5]
 module_name, _, attribute = target.partition(":")
 owner = importlib.import_module(module_name)
