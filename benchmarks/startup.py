@@ -97,7 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        tree = scratch / "baseline"
+        tree = scratch / "baseline-tree"
         subprocess.run(["git", "worktree", "add", "--detach", "-f", str(tree), args.baseline], cwd=ROOT, check=True,
                        capture_output=True)
         try:
