@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # windows are tensors; naming and reading text needs no torch
     import torch
 
 DATA_DIR_ENV = "COMPRESS_DATA_DIR"
+AS_IS = "the file as it is"
+"""The convention of a text used as read (a user's file; every result made before conventions were recorded)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class TextRecord:
     origin: str
     sha256: str
     characters: int
-    convention: str = "the file as it is"
+    convention: str = AS_IS
     """How the text was made from its rows (the same whatever the origin)."""
 
 
@@ -62,6 +64,8 @@ class WindowRecord:
     starts: list[int] = field(default_factory=list)
     rule: str = "the whole text"
     """Which tokens of the text the windows could come from."""
+    bos: bool = False
+    """Each window starts with the BOS token, before its ``seqlen`` text tokens."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,7 +254,7 @@ def load_calibration_text(source: str) -> tuple[str, TextRecord]:
                     "or pass --calib FILE")
 
 
-def _record(source: str, split: str, origin: str, text: str, convention: str = "the file as it is") -> TextRecord:
+def _record(source: str, split: str, origin: str, text: str, convention: str = AS_IS) -> TextRecord:
     return TextRecord(source, split, origin, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text), convention)
 
 

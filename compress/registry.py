@@ -4,6 +4,7 @@ group (each entry point names a module, or a QuantMethod or PruneMethod class)."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
@@ -136,21 +137,25 @@ def _plugin_names() -> set[str]:
 def check_method_name(name: str) -> None:
     """get_method's error for an unknown name, without importing any method (or torch) unless plugins are
     installed (one may register under another name than its entry point's: then the full lookup decides)."""
-    if name in BUILTIN_QUANT:
-        return
-    if _plugin_names():
-        get_method(name)
-        return
-    raise UserError(_unknown("method", name, BUILTIN_QUANT))
+    _check_name(name, BUILTIN_QUANT, get_method, "method")
 
 
 def check_prune_method_name(name: str) -> None:
-    if name in BUILTIN_PRUNE:
+    _check_name(name, BUILTIN_PRUNE, get_prune_method, "pruning method")
+
+
+def _check_name(name: str, builtin: dict[str, str], lookup, what: str) -> None:
+    if name in builtin:
         return
     if _plugin_names():
-        get_prune_method(name)
+        lookup(name)
         return
-    raise UserError(_unknown("pruning method", name, BUILTIN_PRUNE))
+    raise UserError(_unknown(what, name, builtin))
+
+
+def config_fields(method) -> set[str]:
+    """The settings a method's config dataclass holds (its options; their defaults are the dataclass's)."""
+    return {f.name for f in dataclasses.fields(method.config_cls)}
 
 
 def _unknown(what: str, name: str, names) -> str:

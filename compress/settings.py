@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.registry import config_fields
 from compress.select import ModuleSelection
 
 DEFAULT_ACTIVATION_BUDGET = 2 << 30
@@ -74,7 +75,7 @@ def method_option_values(request, options: tuple[str, ...], method, hint) -> dic
     """The method-specific options a request gives (None = not given: the method's config holds the default),
     as config values. One given to a method whose config has no such field is an error, never dropped: the one
     rule of quantize and prune. ``hint(option)`` says which methods take it."""
-    names = {f.name for f in dataclasses.fields(method.config_cls)}
+    names = config_fields(method)
     values = {}
     for option in options:
         value = getattr(request, option)

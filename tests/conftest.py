@@ -117,3 +117,24 @@ def naive_perplexity(model, windows: list[torch.Tensor]) -> float:
             nll += loss * (window.numel() - 1)
             count += window.numel() - 1
     return math.exp(nll / count)
+
+
+LAYERS = 5
+"""Blocks of ``deep_llama``: enough for a run to stop in the middle."""
+
+
+@pytest.fixture(scope="session")
+def deep_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with 5 blocks, so a run can stop between blocks. Shared: tests read it, never change it (the
+    fault suite checks that every file of it is unchanged)."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = LAYERS
+    folder = tmp_path_factory.mktemp("deep") / "llama5"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -6,10 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from compress import interrupt
 from compress.api import QuantizeRequest, quantize
@@ -17,25 +15,7 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.output import PROGRESS_FILE, ModelOutput
 from compress.prune.run import PruneRequest, prune
-from tests.conftest import assert_same_checkpoint
-
-LAYERS = 5
-
-
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory) -> Path:
-    """A tiny Llama with 5 blocks, so a run can stop in the middle."""
-    from transformers import AutoModelForCausalLM
-
-    from compress.tiny import tiny_config, tiny_tokenizer
-
-    config = tiny_config("llama")
-    config.num_hidden_layers = LAYERS
-    folder = tmp_path_factory.mktemp("deep") / "llama5"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+from tests.conftest import LAYERS, assert_same_checkpoint
 
 
 def settings(model, out, calib_file, **kw):

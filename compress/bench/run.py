@@ -106,6 +106,7 @@ def _windows(request: BenchRequest, tokenizer, context: int | None):
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen} leaves no text after the BOS token: use at least 2, or --bos no")
     windows, window_record = eval_windows_of_text(tokenizer, text, record, seqlen - 1, request.windows)
+    window_record.bos = True
     return [torch.cat([torch.tensor([bos], dtype=w.dtype), w]) for w in windows], window_record
 
 
@@ -320,7 +321,7 @@ def bench(request: BenchRequest) -> dict:
     model, dtype = loaded.model, loaded.dtype
 
     accuracy: dict = {}
-    bos = causal and bos_token(tokenizer, request.bos) is not None
+    bos = causal and record.bos
     protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": bos, "bos_choice": request.bos,
                       "tokenization": f"from the start of the text, no special tokens, {record.rule}" if causal
                       else "each example alone"}

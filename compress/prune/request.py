@@ -3,11 +3,10 @@ torch, so the command line builds and checks a request before any heavy import."
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from compress.quant.config import WeightQuantConfig
-from compress.registry import get_prune_method
+from compress.registry import config_fields, get_prune_method
 from compress.settings import RunSettings, method_option_values
 
 
@@ -18,8 +17,7 @@ PRUNE_OPTIONS = ("sparsity", "pattern", "comparison", "target", "damp_percent")
 def prune_methods_taking(option: str) -> str:
     from compress.registry import available_prune_methods
 
-    takers = [m.name for m in available_prune_methods().values()
-              if option in {f.name for f in dataclasses.fields(m.config_cls)}]
+    takers = [m.name for m in available_prune_methods().values() if option in config_fields(m)]
     return f"leave it out, or prune with {' or '.join(takers)}"
 
 

@@ -4,22 +4,16 @@ and checks a request before any heavy import."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from compress.quant.config import WeightQuantConfig
-from compress.registry import get_method
+from compress.registry import config_fields, get_method
 from compress.settings import RunSettings, method_option_values
 
 METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
                   "double_quant", "int8_threshold")
 """Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
 from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
-
-
-def config_fields(method) -> set[str]:
-    """The settings a quantization method's config dataclass holds."""
-    return {f.name for f in dataclasses.fields(method.config_cls)}
 
 
 def takes_option(method: str, option: str) -> bool:

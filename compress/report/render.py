@@ -6,6 +6,7 @@ import base64
 import html
 import math
 
+from compress.data import AS_IS
 from compress.report.pareto import pareto_front
 from compress.report.rows import Row
 
@@ -111,7 +112,7 @@ def protocol_lines(rows: list[Row]) -> list[str]:
     if "eval" in proto:
         ev = proto["eval"]
         lines.append(f"Perplexity: {ev['source']}:{ev['split']} ({ev['origin']}, sha256 {ev['sha256'][:16]}…), "
-                     f"{ev.get('convention', 'the file as it is')}, tokenized without special tokens, "
+                     f"{ev.get('convention', AS_IS)}, tokenized without special tokens, "
                      f"{proto['windows']} non-overlapping windows of {proto['seqlen']} tokens (stride "
                      f"{proto['stride']}, {'each starting with BOS' if proto.get('bos') else 'no BOS'}, remainder "
                      "dropped), "

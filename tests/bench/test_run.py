@@ -151,7 +151,7 @@ def test_windows_follow_the_tokenizers_bos_convention(eval_file):
     assert [w.numel() for w in with_bos] == [32] * 3 and all(int(w[0]) == adds.bos_token_id for w in with_bos)
     # With BOS a window holds 31 text tokens, every one predicted; the text's tiling moves by 31.
     assert torch.equal(torch.cat([w[1:] for w in with_bos]), torch.cat(without)[:93])
-    assert bos_record.seqlen == 31 and record.seqlen == 32
+    assert bos_record.seqlen == 31 and record.seqlen == 32 and bos_record.bos and not record.bos
 
 
 def test_bos_is_recorded_and_changes_what_is_scored(eval_file, tmp_path, monkeypatch):

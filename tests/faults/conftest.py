@@ -45,23 +45,3 @@ def pytest_terminal_summary(terminalreporter):
     if target:
         with open(target, "w") as f:
             json.dump(INJECTED, f, indent=1)
-
-
-LAYERS = 5
-
-
-@pytest.fixture(scope="session")
-def deep_llama(tmp_path_factory):
-    """A tiny Llama with 5 blocks, so a run can stop between blocks, in its own read-only-by-convention folder."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from compress.tiny import tiny_config, tiny_tokenizer
-
-    config = tiny_config("llama")
-    config.num_hidden_layers = LAYERS
-    folder = tmp_path_factory.mktemp("source") / "llama5"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
