@@ -26,6 +26,8 @@ offline_defaults()
 
 import torch  # noqa: E402
 
+from compress.bench.result import BenchResult  # noqa: E402
+
 MODEL = "smollm2-135m"
 OURS = (
     # (label, quantize settings, GGUF type; None where no legacy type holds the grid)
@@ -73,17 +75,16 @@ def alternating_speed(files: dict[str, Path], prompt: torch.Tensor, threads: int
             for name, figures in seen.items()}
 
 
-def summarize(result: dict) -> dict:
+def summarize(result: BenchResult) -> dict:
     """The figures of one `compress bench` result this report shows."""
-    accuracy, speed = result["accuracy"], result["speed"] or {}
-    decode = {d["batch"]: d["tokens_per_s"] for d in speed.get("decode", [])}
-    prefill = (speed.get("prefill") or {}).get("tokens_per_s")
-    return {"perplexity": accuracy["perplexity"]["perplexity"], "kl_mean": accuracy["agreement"]["kl_mean"],
-            "top1_agreement": accuracy["agreement"]["top1_agreement"], "file_bytes": result["memory"]["artifact_bytes"],
-            "peak_bytes": result["memory"]["peak_bytes"], "prefill_tokens_per_s": prefill,
-            "decode_tokens_per_s": decode.get(1), "kernel": result["model"]["kernel"],
-            "bits_per_weight": (result["model"]["quantization"] or {}).get("bits_per_weight"),
-            "scored_tokens": result["protocol"]["scored_tokens"]}
+    accuracy, speed = result.accuracy, result.speed
+    batch1 = speed.decode_at(1) if speed else None
+    return {"perplexity": accuracy.perplexity.perplexity, "kl_mean": accuracy.agreement.kl_mean,
+            "top1_agreement": accuracy.agreement.top1_agreement, "file_bytes": result.memory.artifact_bytes,
+            "peak_bytes": result.memory.peak_bytes, "prefill_tokens_per_s": speed.prefill.tokens_per_s if speed else None,
+            "decode_tokens_per_s": batch1.tokens_per_s if batch1 else None, "kernel": result.model.kernel,
+            "bits_per_weight": (result.model.quantization or {}).get("bits_per_weight"),
+            "scored_tokens": result.protocol.scored_tokens}
 
 
 def main() -> int:
@@ -114,7 +115,7 @@ def main() -> int:
         def bench(name: str, model: str, extra: list[str], **fields) -> dict:
             out = work / f"bench-{len(rows)}.json"
             bench_subprocess(model, out, [*common, "--name", name, *extra])
-            row = {"name": name, **fields, **summarize(json.loads(out.read_text()))}
+            row = {"name": name, **fields, **summarize(BenchResult.read(out))}
             rows.append(row)
             print(json.dumps(row), flush=True)
             return row

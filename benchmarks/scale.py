@@ -162,12 +162,14 @@ def quantize_step(source: Path, out: Path, log: Path, extra: list[str]) -> dict:
 def bench_step(model: Path, out: Path, log: Path) -> dict:
     measured = run_measured("compress.cli", ["bench", str(model), "--windows", "4", "--seqlen", "256", "--no-speed",
                                              "--device", "cpu", "--no-progress", "--out", str(out)], log)
-    result = json.loads(out.read_text())
+    from compress.bench.result import BenchResult
+
+    result = BenchResult.read(out)
     # The benchmark resets the kernel's peak counter before loading (and again before timing): its own
     # figure covers load + scoring, the process's VmHWM at exit only what followed the last reset.
-    measured["peak_rss_bytes"] = max(measured["peak_rss_bytes"] or 0, result["memory"]["peak_bytes"])
-    return measured | {"perplexity": result["accuracy"]["perplexity"]["perplexity"],
-                       "kernel": result["model"]["kernel"], "backend": result["model"].get("backend")}
+    measured["peak_rss_bytes"] = max(measured["peak_rss_bytes"] or 0, result.memory.peak_bytes)
+    return measured | {"perplexity": result.accuracy.perplexity.perplexity, "kernel": result.model.kernel,
+                       "backend": result.model.backend}
 
 
 def sources(sizes: list[str], work: Path) -> dict[str, Path]:

@@ -15,7 +15,6 @@ and finished checkpoints and rows are reused (quantize and bench write atomicall
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, bench_subprocess, offline_defaults, report_with_extras  # noqa: E402
+
+from compress.bench.result import BenchResult  # noqa: E402
 
 offline_defaults()
 
@@ -80,17 +81,13 @@ def measure(name: str, model: str, extra: list[str], work: Path, results: Path, 
                                     "--tasks", ",".join(LIMITED), "--limit", str(limit)])
     # The second run's perplexity is not kept: one window is enough for it.
     bench_subprocess(model, second, [*common, "--seqlen", "512", "--windows", "1", "--tasks", ",".join(WHOLE)])
-    record = json.loads(first.read_text())
-    lambada = json.loads(second.read_text())["accuracy"]["tasks"]
-    record["accuracy"]["tasks"]["results"] = lambada["results"] + record["accuracy"]["tasks"]["results"]
-    record["accuracy"]["tasks"]["limit"] = {"lambada_openai": None, **{t: limit for t in LIMITED}}
-    record["command"] = [*record["command"], "&&", *json.loads(second.read_text())["command"]]
-    record["minutes"] = (time.perf_counter() - started) / 60
-    temporary = out.with_suffix(".partial")
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.replace(out)
-    print(f"{name}: " + ", ".join(f"{r['task']} {r['metrics']}" for r in record["accuracy"]["tasks"]["results"]),
-          flush=True)
+    record, lambada = BenchResult.read(first), BenchResult.read(second)
+    record.accuracy.tasks.results = lambada.accuracy.tasks.results + record.accuracy.tasks.results
+    record.accuracy.tasks.limit = {"lambada_openai": None, **{t: limit for t in LIMITED}}
+    record.command = [*record.command, "&&", *lambada.command]
+    record.annotations["minutes"] = (time.perf_counter() - started) / 60
+    record.write(out)
+    print(f"{name}: " + ", ".join(f"{r.task} {r.metrics}" for r in record.accuracy.tasks.results), flush=True)
     return out
 
 
@@ -112,7 +109,7 @@ def main() -> int:
     for name, folder in folders.items():
         files.append(measure(name, folder, [], work, results, args.limit, args.windows))
     # Summed over the steps, so rows measured by an earlier, interrupted run count with the minutes they took.
-    minutes = sum(json.loads(f.read_text())["minutes"] for f in files)
+    minutes = sum(BenchResult.read(f).annotations["minutes"] for f in files)
     minutes += sum(float(f.read_text()) for f in work.glob("*.minutes"))
     report_with_extras(files, args.out, "SmolLM2-135M: task accuracy loss (lm-evaluation-harness)",
                        [f"OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/tasks_smollm2.py "

@@ -278,16 +278,18 @@ def _bench_command(request) -> list[str]:
 
 
 def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
-    from compress.bench.run import bench, write_result
+    from compress.bench.result import BenchResult, SweepTag
+    from compress.bench.run import bench
 
     result_path = root / "results" / f"{variant.name}.json"
     fingerprint = _fingerprint(_bench_settings(cfg, variant))
     if result_path.is_file():
         try:
-            if json.loads(result_path.read_text()).get("sweep", {}).get("fingerprint") == fingerprint:
+            kept = BenchResult.read(result_path)
+            if kept.sweep is not None and kept.sweep.fingerprint == fingerprint:
                 _say(cfg, f"  reusing {result_path}")
                 return result_path
-        except json.JSONDecodeError:
+        except UserError:  # damaged or foreign: measured again
             pass
         result_path.unlink()
     model_ref = cfg.model if variant.kind in ("dense", "peer-transform") else str(quantized_folder(cfg, variant, root))
@@ -299,11 +301,11 @@ def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
             raise KeyboardInterrupt
         if completed.returncode != 0:
             raise UserError(f"benchmark of {variant.name} failed (exit {completed.returncode}); its output is above")
-        result = json.loads(result_path.read_text())
+        result = BenchResult.read(result_path)
     else:
         result = bench(request)
-    result["sweep"] = {"name": cfg.name, "variant": dataclasses.asdict(variant), "fingerprint": fingerprint}
-    write_result(result, result_path)
+    result.sweep = SweepTag(cfg.name, dataclasses.asdict(variant), fingerprint)
+    result.write(result_path)
     return result_path
 
 

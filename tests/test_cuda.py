@@ -27,13 +27,13 @@ def test_bench_on_cuda_measures_the_gpu(tmp_path, eval_file, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     result = bench(BenchRequest(model="tiny-llama", base="tiny-llama", device="cuda", eval=str(eval_file), seqlen=32,
                                 windows=4, decode_tokens=3, decode_batches=[1, 4], repeats=1, progress=False))
-    assert result["protocol"]["device"].startswith("cuda") and result["protocol"]["dtype"] == "float16"
-    assert result["accuracy"]["agreement"]["kl_mean"] < 1e-6
-    assert result["accuracy"]["agreement"]["top1_agreement"] == 1.0
-    assert result["memory"]["peak_kind"].startswith("peak allocated")
-    assert result["memory"]["peak_bytes"] >= result["memory"]["weight_bytes"]
-    assert result["speed"]["memory_bandwidth_gbps"] > 100  # HBM, not host memory
-    assert result["environment"]["device_name"] == torch.cuda.get_device_name(0)
+    assert result.protocol.device.startswith("cuda") and result.protocol.dtype == "float16"
+    assert result.accuracy.agreement.kl_mean < 1e-6
+    assert result.accuracy.agreement.top1_agreement == 1.0
+    assert result.memory.peak_kind.startswith("peak allocated")
+    assert result.memory.peak_bytes >= result.memory.weight_bytes
+    assert result.speed.memory_bandwidth_gbps > 100  # HBM, not host memory
+    assert result.environment["device_name"] == torch.cuda.get_device_name(0)
 
 
 def test_streaming_on_cuda_holds_one_block_on_the_gpu_and_matches_in_memory(tmp_path, calib_file):

@@ -9,18 +9,10 @@ BOS before a text (compress.bench.run.bos_token), each window starts with it; th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class PerplexityResult:
-    perplexity: float
-    mean_nll: float
-    tokens: int
-    """Predicted tokens (seqlen - 1 per window)."""
-    windows: int
+from compress.bench.result import PerplexityResult
 
 
 def window_nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

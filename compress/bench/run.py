@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,15 +21,24 @@ from compress.bench import memory, throughput
 from compress.bench.agreement import DEFAULT_TOP_K, Reference, windows_digest
 from compress.bench.bandwidth import read_bandwidth_gbps
 from compress.bench.load import LoadedModel, choose_for, load_for_bench, resolve_dtype
+from compress.bench.result import (
+    AccuracyResult,
+    BaseReferenceInfo,
+    BenchResult,
+    KVCacheSummary,
+    MemoryResult,
+    ModelInfo,
+    Protocol,
+    SpeedResult,
+)
 from compress.bench.score import output_vocab, score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
 from compress.data import eval_windows_of_text, load_labelled, load_text
 from compress.errors import UserError
 from compress.models import cache_dir, is_causal_lm, weight_bytes_on_disk
 from compress.runtime import environment, resolve_device
+from compress.typed_json import to_plain
 
-SCHEMA = "compress-workbench/bench"
-SCHEMA_VERSION = 1
 DEFAULT_SEQLEN = 2048
 
 
@@ -146,7 +154,7 @@ def _reference_key(base_path: Path, dtype: torch.dtype, device: torch.device, wi
 
 
 def base_reference(request: BenchRequest, device: torch.device, windows, tokenizer, vocab_size: int | None
-                   ) -> tuple[Reference, dict]:
+                   ) -> tuple[Reference, BaseReferenceInfo]:
     """The base model's top-K reference on ``windows``, from the cache or made now (then cached)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -162,11 +170,10 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
         raise UserError(f"--base {request.base} has a vocabulary of {base_vocab} logits, {request.model} "
                         f"{vocab_size}: compare a model with its own base")
     path = reference_path(resolved.path, dtype, device, windows, request.top_k)
-    info = {"reference": request.base, "path": str(resolved.path), "dtype": str(dtype)[6:],
-            "top_k": request.top_k, "cache": str(path)}
+    info = BaseReferenceInfo(request.base, str(resolved.path), str(dtype)[6:], request.top_k, str(path))
     cached = cached_reference(path, windows, request.top_k)
     if cached is not None:
-        return cached, info | {"cached": True}
+        return cached, dataclasses.replace(info, cached=True)
     base = load_for_bench(request.base, dtype, device, request.trust_remote_code)
     try:
         _, reference = score_windows(base.model, windows, device, request.batch_size, make_reference_k=request.top_k,
@@ -176,9 +183,9 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    reference.meta = info | {"windows_sha256": windows_digest(windows)}
+    reference.meta = to_plain(info) | {"windows_sha256": windows_digest(windows)}
     reference.save(path)
-    return reference, info | {"cached": False}
+    return reference, dataclasses.replace(info, cached=False)
 
 
 def reference_path(model_path: Path, dtype: torch.dtype, device: torch.device, windows, top_k: int) -> Path:
@@ -223,7 +230,7 @@ def _config_and_tokenizer(request: BenchRequest):
     return config, tokenizer
 
 
-def ensure_reference(request: BenchRequest) -> dict:
+def ensure_reference(request: BenchRequest) -> BaseReferenceInfo:
     """Make (or find) the base reference ``bench(request)`` will use, without loading the measured
     model: a sweep calls this once so that no variant's process pays for, or counts, the base."""
     config, tokenizer = _config_and_tokenizer(request)
@@ -252,29 +259,26 @@ def _context(config) -> int | None:
 
 
 def _speed(request: BenchRequest, loaded: LoadedModel, window: torch.Tensor, device: torch.device,
-           weight_bytes: int, bandwidth: float, task_batches: list[dict] | None) -> dict:
+           weight_bytes: int, bandwidth: float, task_batches: list[dict] | None) -> SpeedResult:
     model = loaded.model
-    prefill = throughput.prefill(model, window, device, request.warmup, request.repeats)
-    result: dict = {"prefill": dataclasses.asdict(prefill)}
+    speed = SpeedResult(prefill=throughput.prefill(model, window, device, request.warmup, request.repeats),
+                        warmup=request.warmup, repeats=request.repeats)
     if task_batches:
-        result["classify"] = dataclasses.asdict(throughput.classify(model, task_batches, device, request.warmup,
-                                                                    request.repeats))
+        speed.classify = throughput.classify(model, task_batches, device, request.warmup, request.repeats)
     if is_causal_lm(model.config):
         prompt = window[: request.prompt_tokens]
-        decodes = [throughput.decode(model, prompt, request.decode_tokens, b, device, request.warmup, request.repeats)
-                   for b in request.decode_batches]
-        result["decode"] = [dataclasses.asdict(d) for d in decodes]
-        batch1 = next((d for d in decodes if d.batch == 1), None)
-        result["memory_bandwidth_gbps"] = bandwidth
-        result["memory_bandwidth_method"] = "median of 7 timed sums over a float32 buffer (512 MiB CPU, 2 GiB CUDA)"
+        speed.decode = [throughput.decode(model, prompt, request.decode_tokens, b, device, request.warmup,
+                                          request.repeats) for b in request.decode_batches]
+        speed.memory_bandwidth_gbps = bandwidth
+        speed.memory_bandwidth_method = "median of 7 timed sums over a float32 buffer (512 MiB CPU, 2 GiB CUDA)"
+        batch1 = speed.decode_at(1)
         if batch1 is not None:
-            achieved = weight_bytes * batch1.tokens_per_s / 1e9
-            result["achieved_gbps"] = achieved
-            result["bandwidth_fraction"] = achieved / bandwidth
-    return result
+            speed.achieved_gbps = weight_bytes * batch1.tokens_per_s / 1e9
+            speed.bandwidth_fraction = speed.achieved_gbps / bandwidth
+    return speed
 
 
-def bench(request: BenchRequest) -> dict:
+def bench(request: BenchRequest) -> BenchResult:
     device = bench_device(request)
     if request.top_k <= 0:
         raise UserError(f"--top-k must be positive, not {request.top_k}")
@@ -320,11 +324,11 @@ def bench(request: BenchRequest) -> dict:
     load_seconds = time.perf_counter() - load_started
     model, dtype = loaded.model, loaded.dtype
 
-    accuracy: dict = {}
-    bos = causal and record.bos
-    protocol: dict = {"device": str(device), "dtype": str(dtype)[6:], "bos": bos, "bos_choice": request.bos,
-                      "tokenization": f"from the start of the text, no special tokens, {record.rule}" if causal
-                      else "each example alone"}
+    accuracy = AccuracyResult()
+    bos = bool(causal and record.bos)
+    protocol = Protocol(device=str(device), dtype=str(dtype)[6:], bos=bos, bos_choice=request.bos,
+                        tokenization=f"from the start of the text, no special tokens, {record.rule}" if causal
+                        else "each example alone")
     if causal:
         # A dense model benched alone is what a later `--base` run of it loads: its scoring pass also makes that
         # run's reference (top-K per position, a small cost), so the base is not scored twice.
@@ -334,30 +338,30 @@ def bench(request: BenchRequest) -> dict:
         score, made = score_windows(model, windows, device, request.batch_size, reference, make_reference_k=make_k,
                                     show_progress=request.progress, desc="scoring")
         if made is not None:
-            made.meta = {"reference": request.model, "path": str(loaded.resolved.path), "dtype": str(dtype)[6:],
-                         "top_k": request.top_k, "cache": str(own_reference),
-                         "windows_sha256": windows_digest(windows)}
+            made.meta = to_plain(BaseReferenceInfo(request.model, str(loaded.resolved.path), str(dtype)[6:],
+                                                   request.top_k, str(own_reference))) | {
+                "windows_sha256": windows_digest(windows)}
             made.save(own_reference)
-        accuracy["perplexity"] = dataclasses.asdict(score.perplexity)
-        accuracy["agreement"] = dataclasses.asdict(score.agreement) if score.agreement else None
-        accuracy["scoring_tokens_per_s"] = score.tokens_per_s
-        protocol.update({"eval": dataclasses.asdict(record.text), "seqlen": record.seqlen + bos, "stride": record.seqlen,
-                         "windows": record.count, "text_tokens": record.tokens,
-                         "scored_tokens": score.perplexity.tokens, "remainder": "dropped",
-                         "batch_size": score.batch_size, "scoring_threads": score.threads, "kl": f"top-{request.top_k} + rest bucket (lower bound)",
-                         "base_reference": reference_info})
+        accuracy.perplexity, accuracy.agreement = score.perplexity, score.agreement
+        accuracy.scoring_tokens_per_s = score.tokens_per_s
+        protocol.eval, protocol.seqlen, protocol.stride = record.text, record.seqlen + bos, record.seqlen
+        protocol.windows, protocol.text_tokens, protocol.scored_tokens = record.count, record.tokens, \
+            score.perplexity.tokens
+        protocol.remainder, protocol.batch_size, protocol.scoring_threads = "dropped", score.batch_size, score.threads
+        protocol.kl, protocol.base_reference = f"top-{request.top_k} + rest bucket (lower bound)", reference_info
     if classifier:
-        acc = task_accuracy(model, tokenizer, task_rows, device, request.task)
-        accuracy["task"] = dataclasses.asdict(acc) | {"data": dataclasses.asdict(task_record)}
+        accuracy.task = dataclasses.replace(task_accuracy(model, tokenizer, task_rows, device, request.task),
+                                            data=task_record)
     if request.tasks:
         from compress.tasks.run import run_tasks
 
         context = min(_context(config) or 2048, 2048)
-        accuracy["tasks"] = run_tasks(model, tokenizer, device, request.tasks, context, output_vocab(model),
-                                      request.limit, request.num_fewshot, request.batch_size,
-                                      request.progress).to_dict() | {"dtype": str(dtype)[6:], "max_length": context}
+        accuracy.tasks = dataclasses.replace(
+            run_tasks(model, tokenizer, device, request.tasks, context, output_vocab(model), request.limit,
+                      request.num_fewshot, request.batch_size, request.progress),
+            dtype=str(dtype)[6:], max_length=context)
 
-    speed: dict | None = None
+    speed: SpeedResult | None = None
     weight_bytes = memory.model_weight_bytes(model)
     peak_all = memory.peak_bytes(device)
     # A second peak over the timed prefill/decode only: what serving the model takes, without the
@@ -368,49 +372,44 @@ def bench(request: BenchRequest) -> dict:
         task_batches = throughput.classification_batches(tokenizer, [t for t, _ in task_rows], request.task_batch) \
             if classifier else None
         speed = _speed(request, loaded, window, device, weight_bytes, bandwidth, task_batches)
-        speed |= {"warmup": request.warmup, "repeats": request.repeats, "statistic": "median"}
 
-    result = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "name": request.name or _default_name(request),
-        "model": {"reference": request.model, "path": str(loaded.resolved.path), "origin": loaded.resolved.origin,
-                  "model_type": config.model_type, "parameters": memory.parameter_count(model),
-                  "dtype": str(dtype)[6:], "quantization": loaded.quantization, "weight_bits": loaded.weight_bits,
-                  "transform": request.transform, "backend": loaded.backend, "kernel": loaded.kernel,
-                  "notes": loaded.notes},
-        "base": reference_info,
-        "memory": {
-            "artifact_bytes": weight_bytes_on_disk(loaded.resolved.path),
-            "weight_bytes": weight_bytes,
-            "runtime_cache_bytes": memory.runtime_cache_bytes(model),
-            "peak_bytes": max(peak_all, memory.peak_bytes(device)),
-            "peak_speed_bytes": memory.peak_bytes(device) if request.speed else None,
-            "peak_kind": memory.peak_kind(device),
-            "rss_before_load_bytes": rss_before if device.type == "cpu" else None,
-            "kv_cache": _kv_summary(speed),
-        },
-        "speed": speed,
-        "accuracy": accuracy,
-        "protocol": protocol,
-        "environment": environment() | {"device_name": _device_name(device), "threads": torch.get_num_threads(),
-                                        "backend_threads": loaded.threads},
-        "timings_s": {"load": round(load_seconds, 3), "total": round(time.perf_counter() - started, 3)},
-        "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    result = BenchResult(
+        name=request.name or _default_name(request),
+        model=ModelInfo(reference=request.model, path=str(loaded.resolved.path), origin=loaded.resolved.origin,
+                        model_type=config.model_type, parameters=memory.parameter_count(model),
+                        dtype=str(dtype)[6:], quantization=loaded.quantization, weight_bits=loaded.weight_bits,
+                        transform=request.transform, backend=loaded.backend, kernel=loaded.kernel,
+                        notes=list(loaded.notes or [])),
+        base=reference_info,
+        memory=MemoryResult(
+            artifact_bytes=weight_bytes_on_disk(loaded.resolved.path),
+            weight_bytes=weight_bytes,
+            runtime_cache_bytes=memory.runtime_cache_bytes(model),
+            peak_bytes=max(peak_all, memory.peak_bytes(device)),
+            peak_speed_bytes=memory.peak_bytes(device) if request.speed else None,
+            peak_kind=memory.peak_kind(device),
+            rss_before_load_bytes=rss_before if device.type == "cpu" else None,
+            kv_cache=_kv_summary(speed)),
+        speed=speed,
+        accuracy=accuracy,
+        protocol=protocol,
+        environment=environment() | {"device_name": _device_name(device), "threads": torch.get_num_threads(),
+                                     "backend_threads": loaded.threads},
+        timings_s={"load": round(load_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        command=command,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     if request.out:
-        write_result(result, Path(request.out))
+        result.write(Path(request.out))
     return result
 
 
-def _kv_summary(speed: dict | None) -> dict | None:
-    if not speed or not speed.get("decode"):
+def _kv_summary(speed: SpeedResult | None) -> KVCacheSummary | None:
+    if not speed or not speed.decode:
         return None
-    first = speed["decode"][0]
-    tokens = first["batch"] * (first["prompt_tokens"] + first["new_tokens"])
-    return {"bytes": first["kv_cache_bytes"], "batch": first["batch"],
-            "tokens": first["prompt_tokens"] + first["new_tokens"], "bytes_per_token": first["kv_cache_bytes"] / tokens}
+    first = speed.decode[0]
+    tokens = first.prompt_tokens + first.new_tokens
+    return KVCacheSummary(first.kv_cache_bytes, first.batch, tokens, first.kv_cache_bytes / (first.batch * tokens))
 
 
 def _default_name(request: BenchRequest) -> str:
@@ -435,30 +434,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or "cpu"
-
-
-# --- result files ------------------------------------------------------------------------------------
-
-
-def write_result(result: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_result(path: Path) -> dict:
-    """A result file, refused unless it is a bench result of this schema version."""
-    if not path.is_file():
-        raise UserError(f"result file {path} does not exist: check the path")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a JSON file: pass results written by `compress bench --out`")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UserError(f"{path} is not a compress bench result: pass results written by `compress bench --out`")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path} has schema version {data.get('schema_version')}, this version reads "
-                        f"{SCHEMA_VERSION}: re-run `compress bench` on it")
-    return data

@@ -15,22 +15,10 @@ from tqdm.auto import tqdm
 
 from compress.bench.agreement import Reference, kl_topk, reference_rows, rest_mass, top1_matches
 from compress.bench.perplexity import PerplexityResult, perplexity_from_nll, window_nll
+from compress.bench.result import AgreementResult
 
 # Log-probs of one batch are B x L x V floats, made a few times over; keep them within this budget.
 _LOGITS_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}
-
-
-@dataclass
-class AgreementResult:
-    kl_mean: float
-    kl_median: float
-    kl_p99: float
-    kl_max: float
-    top1_agreement: float
-    positions: int
-    top_k: int
-    base_rest_mass_mean: float
-    """Mean base probability outside its top K: how far KL_K can be below the full KL."""
 
 
 @dataclass

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class TaskAccuracyResult:
-    task: str
-    accuracy: float
-    examples: int
-    batch_size: int
-    max_length: int
+from compress.bench.result import TaskAccuracyResult
 
 
 def is_classifier(config) -> bool:

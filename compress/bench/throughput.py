@@ -9,33 +9,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
 from compress.bench.memory import kv_cache_bytes
-
-
-@dataclass
-class PrefillResult:
-    tokens_per_s: float
-    batch: int
-    seqlen: int
-    seconds_median: float
-    repeats: int
-
-
-@dataclass
-class DecodeResult:
-    tokens_per_s: float
-    """Generated tokens per second over the whole batch."""
-    batch: int
-    prompt_tokens: int
-    new_tokens: int
-    seconds_median: float
-    repeats: int
-    kv_cache_bytes: int
-    """Bytes of the KV cache at the end of one run (prompt + new tokens, whole batch)."""
+from compress.bench.result import ClassifyResult, DecodeResult, PrefillResult
 
 
 def _sync(device: torch.device) -> None:
@@ -97,18 +75,6 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, batch: int, device: tor
     seconds = statistics.median(times)
     return DecodeResult(batch * new_tokens / seconds, batch, ids.shape[1], new_tokens, seconds, repeats,
                         kv_cache_bytes(cache))
-
-
-@dataclass
-class ClassifyResult:
-    examples_per_s: float
-    tokens_per_s: float
-    """Real (unpadded) tokens per second."""
-    batch: int
-    batches: int
-    examples: int
-    seconds_median: float
-    repeats: int
 
 
 def classification_batches(tokenizer, texts: list[str], batch: int, max_length: int = 128) -> list[dict]:

@@ -33,4 +33,4 @@ def build_report(paths: list[Path], out: Path, title: str | None = None, reprodu
 
 def _commands(rows) -> list[str]:
     """Each row's own bench command, as the results recorded it."""
-    return [" ".join(r.result.get("command") or []) for r in rows if r.result.get("command")]
+    return [" ".join(r.result.command) for r in rows if r.result.command]

@@ -6,7 +6,6 @@ import base64
 import html
 import math
 
-from compress.data import AS_IS
 from compress.report.pareto import pareto_front
 from compress.report.rows import Row
 
@@ -107,38 +106,37 @@ def _drop_empty_columns(header: list[str], body: list[list[str]]) -> tuple[list[
 
 def protocol_lines(rows: list[Row]) -> list[str]:
     base = next(r for r in rows if r.is_base).result
-    proto, env = base["protocol"], base["environment"]
+    proto, env = base.protocol, base.environment
     lines = []
-    if "eval" in proto:
-        ev = proto["eval"]
-        lines.append(f"Perplexity: {ev['source']}:{ev['split']} ({ev['origin']}, sha256 {ev['sha256'][:16]}…), "
-                     f"{ev.get('convention', AS_IS)}, tokenized without special tokens, "
-                     f"{proto['windows']} non-overlapping windows of {proto['seqlen']} tokens (stride "
-                     f"{proto['stride']}, {'each starting with BOS' if proto.get('bos') else 'no BOS'}, remainder "
+    if proto.eval is not None:
+        ev = proto.eval
+        lines.append(f"Perplexity: {ev.source}:{ev.split} ({ev.origin}, sha256 {ev.sha256[:16]}…), "
+                     f"{ev.convention}, tokenized without special tokens, "
+                     f"{proto.windows} non-overlapping windows of {proto.seqlen} tokens (stride "
+                     f"{proto.stride}, {'each starting with BOS' if proto.bos else 'no BOS'}, remainder "
                      "dropped), "
-                     f"{proto['scored_tokens']:,} predicted tokens; ppl = exp(mean NLL).")
+                     f"{proto.scored_tokens:,} predicted tokens; ppl = exp(mean NLL).")
         # The base row is often benched alone: the reference is recorded by the rows measured against it.
-        ref = next((r.result["protocol"].get("base_reference") for r in rows
-                    if r.result["protocol"].get("base_reference")), None) or {}
-        lines.append(f"KL and top-1: against {ref.get('reference', 'the base')} ({ref.get('dtype', '?')}) on the same "
-                     f"windows; KL over the base's top-{ref.get('top_k', '?')} tokens per position plus one bucket "
-                     "for the rest (a lower bound of the full KL); top-1 agreement is exact.")
-    speed = base.get("speed") or {}
-    if speed.get("classify"):
-        c = speed["classify"]
-        lines.append(f"Task accuracy and speed: {base['accuracy']['task']['task']} ({c['examples']} examples), batches of "
-                     f"{c['batch']} padded to their longest sentence, tokenization outside the timed region; examples/s "
-                     f"= median of {c['repeats']} passes over the whole task after {speed['warmup']} warm-up; prefill = one "
-                     f"{speed['prefill']['seqlen']}-token input at batch 1.")
-    if speed.get("decode"):
-        decode = speed["decode"]
-        lines.append(f"Speed: prefill of one {speed['prefill']['seqlen']}-token window at batch 1; greedy decode of "
-                     f"{decode[0].get('new_tokens', '?')} tokens after a {decode[0].get('prompt_tokens', '?')}-token "
-                     f"prompt with the KV cache; median of {speed['repeats']} runs after {speed['warmup']} warm-up. "
+        ref = next((r.result.protocol.base_reference for r in rows if r.result.protocol.base_reference), None)
+        lines.append(f"KL and top-1: against {ref.reference if ref else 'the base'} ({ref.dtype if ref else '?'}) on "
+                     f"the same windows; KL over the base's top-{ref.top_k if ref else '?'} tokens per position plus "
+                     "one bucket for the rest (a lower bound of the full KL); top-1 agreement is exact.")
+    speed = base.speed
+    if speed and speed.classify:
+        c = speed.classify
+        lines.append(f"Task accuracy and speed: {base.accuracy.task.task} ({c.examples} examples), batches of "
+                     f"{c.batch} padded to their longest sentence, tokenization outside the timed region; examples/s "
+                     f"= median of {c.repeats} passes over the whole task after {speed.warmup} warm-up; prefill = one "
+                     f"{speed.prefill.seqlen}-token input at batch 1.")
+    if speed and speed.decode:
+        decode = speed.decode[0]
+        lines.append(f"Speed: prefill of one {speed.prefill.seqlen}-token window at batch 1; greedy decode of "
+                     f"{decode.new_tokens} tokens after a {decode.prompt_tokens}-token "
+                     f"prompt with the KV cache; median of {speed.repeats} runs after {speed.warmup} warm-up. "
                      f"Achieved GB/s = weight bytes x batch-1 decode tokens/s, against a measured memory read "
-                     f"bandwidth of {speed.get('memory_bandwidth_gbps', float('nan')):.1f} GB/s.")
+                     f"bandwidth of {speed.memory_bandwidth_gbps or float('nan'):.1f} GB/s.")
     lines.append(f"Memory: weights = parameters and buffers in memory, tied tensors once; peak (inference) = "
-                 f"{base['memory']['peak_kind']} over the timed prefill and decode (the whole run's peak, with "
+                 f"{base.memory.peak_kind} over the timed prefill and decode (the whole run's peak, with "
                  "the scoring pass, is in each result file).")
     lines.append(f"Machine: {env['device_name']}, {env['threads']} threads (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}),"
                  f" torch {env['torch']}, transformers {env['transformers']}, compress-workbench {env['compress']}, "
@@ -163,7 +161,7 @@ def isa_warnings(rows: list[Row]) -> list[str]:
     not record theirs): integer kernels take other paths on each, in speed and sometimes in accuracy."""
     groups: dict[str, list[str]] = {}
     for r in rows:
-        if r.result["protocol"].get("device", "cpu").startswith("cuda"):
+        if r.result.protocol.on_cuda:
             continue
         groups.setdefault(r.isa or "not recorded", []).append(r.name)
     if len(groups) <= 1:
@@ -178,10 +176,10 @@ def isa_warnings(rows: list[Row]) -> list[str]:
 def kernels(rows: list[Row]) -> list[str]:
     lines = []
     for r in rows:
-        threads = (r.result.get("environment") or {}).get("backend_threads") or {}
+        threads = r.result.environment.get("backend_threads") or {}
         pools = " [" + ", ".join(f"{pool.replace('_', ' ')} threads {n}" for pool, n in threads.items()) + "]" \
             if threads else ""
-        notes = r.result["model"].get("notes")
+        notes = r.result.model.notes
         lines.append(f"{r.name}: {r.kernel}{pools}" + (f" ({'; '.join(notes)})" if notes else ""))
     return lines
 

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress.bench.run import read_result
+from compress.bench.result import BenchResult
 from compress.errors import UserError
 from compress.report.task_rows import TaskScore, mean_recovery, recovery, task_scores
 
@@ -47,7 +47,7 @@ class Row:
     """Each task's score / the base row's (None where the two ran different examples or settings)."""
     mean_task_recovery: float | None = None
     ratios: dict = field(default_factory=dict)
-    result: dict = field(default_factory=dict, repr=False)
+    result: BenchResult | None = field(default=None, repr=False)
 
 
 def result_files(paths: list[Path]) -> list[Path]:
@@ -66,55 +66,44 @@ def result_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _row(result: dict) -> Row:
-    model, mem, acc, speed = result["model"], result["memory"], result["accuracy"], result.get("speed") or {}
-    quant = model.get("quantization") or {}
-    ppl, agreement, task = acc.get("perplexity"), acc.get("agreement"), acc.get("task")
-    decodes = speed.get("decode") or []
-    batch1 = next((d for d in decodes if d["batch"] == 1), None)
-    larger = max((d for d in decodes if d["batch"] > 1), key=lambda d: d["batch"], default=None)
-    group = quant.get("group_size")
+def _row(result: BenchResult) -> Row:
+    model, mem, acc, speed = result.model, result.memory, result.accuracy, result.speed
+    batch1 = speed.decode_at(1) if speed else None
+    larger = speed.largest_decode_batch() if speed else None
+    classify = speed.classify if speed else None
     return Row(
-        name=result["name"], method=quant.get("method") or model["dtype"], bits=model["weight_bits"],
-        group_size=group, kernel=model["kernel"], parameters=model["parameters"],
-        weight_bytes=mem["weight_bytes"], artifact_bytes=mem["artifact_bytes"],
-        peak_bytes=mem.get("peak_speed_bytes") or mem["peak_bytes"],
-        perplexity=ppl["perplexity"] if ppl else None, kl_mean=agreement["kl_mean"] if agreement else None,
-        top1=agreement["top1_agreement"] if agreement else None, task_accuracy=task["accuracy"] if task else None,
-        prefill_tps=speed["prefill"]["tokens_per_s"] if speed.get("prefill") else None,
-        decode_tps=batch1["tokens_per_s"] if batch1 else None,
-        decode_batch_tps=larger["tokens_per_s"] if larger else None, decode_batch=larger["batch"] if larger else None,
-        classify_eps=speed["classify"]["examples_per_s"] if speed.get("classify") else None,
-        classify_batch=speed["classify"]["batch"] if speed.get("classify") else None,
-        achieved_gbps=speed.get("achieved_gbps"), bandwidth_gbps=speed.get("memory_bandwidth_gbps"),
-        isa=_isa(result), tasks=task_scores(result), result=result)
+        name=result.name, method=model.method, bits=model.weight_bits,
+        group_size=(model.quantization or {}).get("group_size"), kernel=model.kernel, parameters=model.parameters,
+        weight_bytes=mem.weight_bytes, artifact_bytes=mem.artifact_bytes, peak_bytes=mem.inference_peak_bytes,
+        perplexity=acc.perplexity.perplexity if acc.perplexity else None,
+        kl_mean=acc.agreement.kl_mean if acc.agreement else None,
+        top1=acc.agreement.top1_agreement if acc.agreement else None,
+        task_accuracy=acc.task.accuracy if acc.task else None,
+        prefill_tps=speed.prefill.tokens_per_s if speed else None,
+        decode_tps=batch1.tokens_per_s if batch1 else None,
+        decode_batch_tps=larger.tokens_per_s if larger else None, decode_batch=larger.batch if larger else None,
+        classify_eps=classify.examples_per_s if classify else None,
+        classify_batch=classify.batch if classify else None,
+        achieved_gbps=speed.achieved_gbps if speed else None,
+        bandwidth_gbps=speed.memory_bandwidth_gbps if speed else None,
+        isa=result.isa, tasks=task_scores(result), result=result)
 
 
-def _isa(result: dict) -> str | None:
-    """The instruction-set label of the CPU a result ran on; a CUDA result's kernels do not depend on it."""
-    if result["protocol"].get("device", "cpu").startswith("cuda"):
-        return None
-    return ((result.get("environment") or {}).get("cpu") or {}).get("isa")
-
-
-def _base_index(results: list[dict]) -> int:
+def _base_index(results: list[BenchResult]) -> int:
     """The row every other one was compared with: the model named as --base (same dtype), else the
     largest dense row."""
-    bases = Counter((r["base"]["path"], r["base"]["dtype"]) for r in results if r.get("base"))
+    bases = Counter((r.base.path, r.base.dtype) for r in results if r.base)
     for (path, dtype), _ in bases.most_common():
         for i, r in enumerate(results):
-            m = r["model"]
-            if m["path"] == path and m["dtype"] == dtype and not m.get("transform") and not m.get("quantization"):
+            if r.model.path == path and r.model.dtype == dtype and not r.model.transform and not r.model.quantization:
                 return i
-    dense = [i for i, r in enumerate(results) if not r["model"].get("quantization")]
+    dense = [i for i, r in enumerate(results) if not r.model.quantization]
     candidates = dense or list(range(len(results)))
-    return max(candidates, key=lambda i: results[i]["memory"]["weight_bytes"])
+    return max(candidates, key=lambda i: results[i].memory.weight_bytes)
 
 
-def _check_comparable(results: list[dict], files: list[Path]) -> None:
-    protocols = {(r["protocol"].get("eval", {}).get("sha256"), r["protocol"].get("seqlen"),
-                  r["protocol"].get("windows"), bool(r["protocol"].get("bos"))) for r in results
-                 if r["accuracy"].get("perplexity")}
+def _check_comparable(results: list[BenchResult], files: list[Path]) -> None:
+    protocols = {r.protocol.windows_key() for r in results if r.accuracy.perplexity}
     if len(protocols) > 1:
         raise UserError(f"the results were scored on different texts or windows ({len(protocols)} protocols among "
                         f"{', '.join(map(str, files))}): report runs made with the same --eval/--seqlen/--windows/--bos")
@@ -122,7 +111,7 @@ def _check_comparable(results: list[dict], files: list[Path]) -> None:
 
 def load_rows(paths: list[Path]) -> list[Row]:
     files = result_files(paths)
-    results = [read_result(f) for f in files]
+    results = [BenchResult.read(f) for f in files]
     _check_comparable(results, files)
     base = _base_index(results)
     rows = [_row(r) for r in results]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.bench.result import BenchResult
+
 
 @dataclass(frozen=True)
 class TaskScore:
@@ -22,15 +24,15 @@ class TaskScore:
         return self.examples, self.num_fewshot, self.source
 
 
-def task_scores(result: dict) -> dict[str, TaskScore]:
-    tasks = (result.get("accuracy") or {}).get("tasks") or {}
+def task_scores(result: BenchResult) -> dict[str, TaskScore]:
+    tasks = result.accuracy.tasks
     scores = {}
-    for row in tasks.get("results", []):
-        metric = "acc_norm" if "acc_norm" in row["metrics"] else "acc"
-        if metric not in row["metrics"]:
+    for row in tasks.results if tasks else []:
+        metric = "acc_norm" if "acc_norm" in row.metrics else "acc"
+        if metric not in row.metrics:
             continue
-        scores[row["task"]] = TaskScore(metric, row["metrics"][metric], row["stderr"].get(metric), row["examples"],
-                                        row["num_fewshot"], row["source"])
+        scores[row.task] = TaskScore(metric, row.metrics[metric], row.stderr.get(metric), row.examples,
+                                     row.num_fewshot, row.source)
     return scores
 
 

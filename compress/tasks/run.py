@@ -7,46 +7,13 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from compress.errors import UserError
+from compress.tasks.result import TaskResult, TaskRun
 
 DEFAULT_TASKS = ("lambada_openai", "arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande")
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metrics: dict[str, float]
-    """acc, acc_norm, perplexity (LAMBADA) as lm-eval reports them."""
-    stderr: dict[str, float]
-    examples: int
-    """Examples scored (the first ``limit`` of the split, or all)."""
-    split_examples: int
-    num_fewshot: int
-    source: str
-    note: str | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TaskRun:
-    results: list[TaskResult]
-    lm_eval_version: str
-    batch_size: int | None
-    limit: int | None
-    tokenization: str
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"results": [r.to_dict() for r in self.results], "lm_eval_version": self.lm_eval_version,
-                "batch_size": self.batch_size, "limit": self.limit, "tokenization": self.tokenization,
-                "notes": self.notes}
 
 
 @functools.cache

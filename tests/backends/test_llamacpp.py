@@ -68,19 +68,19 @@ def test_bench_of_a_gguf_file_measures_llama_cpp_with_the_same_windows(q8_files,
                     repeats=1, progress=False, base="tiny-llama")
     theirs = bench(BenchRequest(model=str(gguf), **settings))
     ours = bench(BenchRequest(model=str(folder), backend="dequant", speed=False, **settings))
-    model = theirs["model"]
-    assert model["backend"] == "llamacpp" and "llama.cpp CPU" in model["kernel"] and "q8_0 x14" in model["kernel"]
-    assert model["quantization"]["bits"] == 8 and model["quantization"]["bits_per_weight"] == 8.5
-    assert model["parameters"] == ours["model"]["parameters"]
-    assert theirs["memory"]["artifact_bytes"] == gguf.stat().st_size
-    assert theirs["protocol"]["scored_tokens"] == ours["protocol"]["scored_tokens"]
-    ppl_theirs = theirs["accuracy"]["perplexity"]["perplexity"]
-    ppl_ours = ours["accuracy"]["perplexity"]["perplexity"]
+    model = theirs.model
+    assert model.backend == "llamacpp" and "llama.cpp CPU" in model.kernel and "q8_0 x14" in model.kernel
+    assert model.quantization["bits"] == 8 and model.quantization["bits_per_weight"] == 8.5
+    assert model.parameters == ours.model.parameters
+    assert theirs.memory.artifact_bytes == gguf.stat().st_size
+    assert theirs.protocol.scored_tokens == ours.protocol.scored_tokens
+    ppl_theirs = theirs.accuracy.perplexity.perplexity
+    ppl_ours = ours.accuracy.perplexity.perplexity
     assert abs(ppl_theirs / ppl_ours - 1) < 0.01
-    assert theirs["accuracy"]["agreement"]["top1_agreement"] > 0.9
-    assert [d["batch"] for d in theirs["speed"]["decode"]] == [1, 2]
-    assert theirs["memory"]["kv_cache"]["bytes"] > 0
-    assert theirs["environment"]["backend_threads"] == {"llama_cpp": torch.get_num_threads()}
+    assert theirs.accuracy.agreement.top1_agreement > 0.9
+    assert [d.batch for d in theirs.speed.decode] == [1, 2]
+    assert theirs.memory.kv_cache.bytes > 0
+    assert theirs.environment["backend_threads"] == {"llama_cpp": torch.get_num_threads()}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from compress.bench.memory import model_weight_bytes
-from compress.bench.run import SCHEMA_VERSION, BenchRequest, bench, read_result
+from compress.bench.result import SCHEMA_VERSION, BenchResult
+from compress.bench.run import BenchRequest, bench
 from compress.errors import UserError
 from compress.models import load_model, resolve, weight_bytes_on_disk
 
@@ -22,37 +23,35 @@ def test_bench_against_itself_and_the_record(eval_file, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "r.json"
     result = bench(quick(eval_file, base="tiny-llama", out=str(out)))
-    assert read_result(out)["name"] == "tiny-llama"
-    agreement = result["accuracy"]["agreement"]
-    assert agreement["kl_mean"] < 1e-6 and agreement["top1_agreement"] == 1.0
-    assert result["protocol"]["windows"] == 4 and result["protocol"]["seqlen"] == 32
-    assert result["protocol"]["bos"] is False and result["protocol"]["scored_tokens"] == 4 * 31
+    assert BenchResult.read(out) == result and result.name == "tiny-llama"
+    agreement = result.accuracy.agreement
+    assert agreement.kl_mean < 1e-6 and agreement.top1_agreement == 1.0
+    assert result.protocol.windows == 4 and result.protocol.seqlen == 32
+    assert result.protocol.bos is False and result.protocol.scored_tokens == 4 * 31
     path = resolve("tiny-llama").path
     model, tokenizer = load_model(path)
     from compress.bench.run import _windows
     from tests.conftest import naive_perplexity
 
     windows, _ = _windows(quick(eval_file), tokenizer, 512)
-    assert result["accuracy"]["perplexity"]["perplexity"] == pytest.approx(naive_perplexity(model, windows),
-                                                                           rel=1e-4)
-    assert result["memory"]["weight_bytes"] == model_weight_bytes(model)
-    assert result["memory"]["artifact_bytes"] == weight_bytes_on_disk(path)
-    assert result["memory"]["kv_cache"]["bytes"] > 0
-    speed = result["speed"]
-    assert [d["batch"] for d in speed["decode"]] == [1, 2]
-    assert speed["achieved_gbps"] == pytest.approx(result["memory"]["weight_bytes"]
-                                                   * speed["decode"][0]["tokens_per_s"] / 1e9)
-    assert speed["memory_bandwidth_gbps"] > 0
-    assert result["environment"]["threads"] == torch.get_num_threads()
+    assert result.accuracy.perplexity.perplexity == pytest.approx(naive_perplexity(model, windows), rel=1e-4)
+    assert result.memory.weight_bytes == model_weight_bytes(model)
+    assert result.memory.artifact_bytes == weight_bytes_on_disk(path)
+    assert result.memory.kv_cache.bytes > 0
+    speed = result.speed
+    assert [d.batch for d in speed.decode] == [1, 2]
+    assert speed.achieved_gbps == pytest.approx(result.memory.weight_bytes * speed.decode[0].tokens_per_s / 1e9)
+    assert speed.memory_bandwidth_gbps > 0
+    assert result.environment["threads"] == torch.get_num_threads()
     from compress.cpu_features import cpu_features
 
     # What picked the kernels: the CPU's instruction sets and the versions of the libraries that dispatch on them.
-    assert result["environment"]["cpu"] == cpu_features().to_dict() and result["environment"]["cpu"]["isa"]
-    assert "onnxruntime" in result["environment"] and result["environment"]["backend_threads"] == {}
+    assert result.environment["cpu"] == cpu_features().to_dict() and result.environment["cpu"]["isa"]
+    assert "onnxruntime" in result.environment and result.environment["backend_threads"] == {}
     # The base reference is cached: a second run reads it instead of recomputing.
     again = bench(quick(eval_file, base="tiny-llama", speed=False))
-    assert again["base"]["cached"] is True
-    assert again["accuracy"]["perplexity"] == result["accuracy"]["perplexity"]
+    assert again.base.cached is True
+    assert again.accuracy.perplexity == result.accuracy.perplexity
 
 
 @pytest.mark.parametrize("backend, kernel, dtype", [("auto", "_weight_int4pack_mm_for_cpu", "bfloat16"),
@@ -66,13 +65,13 @@ def test_a_quantized_checkpoint_is_measured_by_the_kernel_that_runs_it(eval_file
     quantize(QuantizeRequest(model="tiny-llama", method="rtn", bits=4, group_size=32, out=str(folder), device="cpu",
                              progress=False))
     result = bench(quick(eval_file, model=str(folder), base="tiny-llama", speed=False, backend=backend))
-    assert kernel in result["model"]["kernel"]
-    assert result["model"]["backend"] == ("torch" if backend == "auto" else backend)
-    assert result["model"]["dtype"] == dtype
-    assert result["model"]["quantization"]["bits"] == 4
-    assert result["model"]["weight_bits"] == 4.0
-    assert 0 < result["accuracy"]["agreement"]["kl_mean"]
-    assert result["memory"]["weight_bytes"] < bench(quick(eval_file, speed=False))["memory"]["weight_bytes"]
+    assert kernel in result.model.kernel
+    assert result.model.backend == ("torch" if backend == "auto" else backend)
+    assert result.model.dtype == dtype
+    assert result.model.quantization["bits"] == 4
+    assert result.model.weight_bits == 4.0
+    assert 0 < result.accuracy.agreement.kl_mean
+    assert result.memory.weight_bytes < bench(quick(eval_file, speed=False)).memory.weight_bytes
 
 
 def test_a_base_with_another_vocabulary_is_refused(eval_file, tmp_path, monkeypatch):
@@ -101,10 +100,10 @@ def test_a_result_of_another_schema_version_is_refused(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"schema": "compress-workbench/bench", "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(UserError, match="schema version"):
-        read_result(path)
+        BenchResult.read(path)
     path.write_text(json.dumps({"something": "else"}))
     with pytest.raises(UserError, match="not a compress bench result"):
-        read_result(path)
+        BenchResult.read(path)
 
 
 def test_cuda_without_a_gpu_is_refused(eval_file):
@@ -117,9 +116,9 @@ def test_cuda_without_a_gpu_is_refused(eval_file):
 def test_the_inference_peak_does_not_hold_the_bandwidth_probe(eval_file, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     result = bench(quick(eval_file))
-    mem = result["memory"]
+    mem = result.memory
     # The probe streams a 512 MiB buffer; a tiny model's serving peak stays far below baseline + that.
-    assert mem["peak_speed_bytes"] - mem["rss_before_load_bytes"] < 256 << 20
+    assert mem.peak_speed_bytes - mem.rss_before_load_bytes < 256 << 20
 
 
 class _AddsBos:
@@ -158,10 +157,10 @@ def test_bos_is_recorded_and_changes_what_is_scored(eval_file, tmp_path, monkeyp
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     no = bench(quick(eval_file, bos="no", speed=False))
     yes = bench(quick(eval_file, bos="yes", speed=False))
-    assert (no["protocol"]["bos"], yes["protocol"]["bos"]) == (False, True)
-    assert yes["protocol"]["seqlen"] == 32 and yes["protocol"]["stride"] == 31
-    assert yes["protocol"]["scored_tokens"] == no["protocol"]["scored_tokens"] == 4 * 31
-    assert yes["accuracy"]["perplexity"]["perplexity"] != no["accuracy"]["perplexity"]["perplexity"]
+    assert (no.protocol.bos, yes.protocol.bos) == (False, True)
+    assert yes.protocol.seqlen == 32 and yes.protocol.stride == 31
+    assert yes.protocol.scored_tokens == no.protocol.scored_tokens == 4 * 31
+    assert yes.accuracy.perplexity.perplexity != no.accuracy.perplexity.perplexity
 
 
 def test_a_base_benched_alone_fills_the_reference_its_base_runs_need(eval_file, tmp_path, monkeypatch):
@@ -169,5 +168,5 @@ def test_a_base_benched_alone_fills_the_reference_its_base_runs_need(eval_file, 
     bench(quick(eval_file, speed=False))
     (made,) = (tmp_path / "cache" / "references").iterdir()
     compared = bench(quick(eval_file, base="tiny-llama", speed=False))
-    assert compared["base"]["cached"] is True and compared["base"]["cache"] == str(made)
-    assert compared["accuracy"]["agreement"]["kl_mean"] < 1e-6  # the reference is the model's own
+    assert compared.base.cached is True and compared.base.cache == str(made)
+    assert compared.accuracy.agreement.kl_mean < 1e-6  # the reference is the model's own

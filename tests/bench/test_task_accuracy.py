@@ -38,10 +38,10 @@ def test_bench_reports_task_accuracy_for_a_classifier(tmp_path):
     data.write_text("text\tlabel\n" + "".join(f"sentence number {i}\t{i % 2}\n" for i in range(10)))
     result = bench(BenchRequest(model=str(tmp_path / "clf"), device="cpu", task=str(data), decode_batches=[1],
                                 repeats=1, progress=False))
-    task = result["accuracy"]["task"]
-    assert task["examples"] == 10 and 0.0 <= task["accuracy"] <= 1.0
-    assert "perplexity" not in result["accuracy"]
-    assert result["speed"]["prefill"]["tokens_per_s"] > 0 and "decode" not in result["speed"]
-    classify = result["speed"]["classify"]  # the whole task at batch 32: one batch of 10 here
-    assert classify["examples"] == 10 and classify["batches"] == 1 and classify["batch"] == 10
-    assert classify["examples_per_s"] > 0 and classify["tokens_per_s"] > classify["examples_per_s"]
+    task = result.accuracy.task
+    assert task.examples == 10 and 0.0 <= task.accuracy <= 1.0
+    assert result.accuracy.perplexity is None
+    assert result.speed.prefill.tokens_per_s > 0 and result.speed.decode == []
+    classify = result.speed.classify  # the whole task at batch 32: one batch of 10 here
+    assert classify.examples == 10 and classify.batches == 1 and classify.batch == 10
+    assert classify.examples_per_s > 0 and classify.tokens_per_s > classify.examples_per_s

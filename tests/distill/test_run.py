@@ -192,12 +192,12 @@ def test_student_goes_straight_to_quantize_and_bench(tmp_path, calib_file):
                                       out=str(tmp_path / "q"), progress=False))
     measured = bench(BenchRequest(model=str(result.folder), base=manifest["out"], device="cpu", eval=str(calib_file),
                                   seqlen=32, windows=2, speed=False, progress=False))
-    assert measured["model"]["quantization"]["bits"] == 4
+    assert measured.model.quantization["bits"] == 4
     # The student against itself agrees exactly; its 4-bit copy measurably does not.
     itself = bench(BenchRequest(model=manifest["out"], base=manifest["out"], device="cpu", eval=str(calib_file),
                                 seqlen=32, windows=2, speed=False, progress=False))
-    assert itself["accuracy"]["agreement"]["kl_mean"] < 1e-7
-    assert measured["accuracy"]["agreement"]["kl_mean"] > 1e-6
+    assert itself.accuracy.agreement.kl_mean < 1e-7
+    assert measured.accuracy.agreement.kl_mean > 1e-6
 
 
 def test_task_data_augmentation_multiplies_the_training_rows(tmp_path, monkeypatch):

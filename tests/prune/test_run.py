@@ -169,7 +169,7 @@ def test_bench_reads_what_pruning_did(tmp_path, calib_file, eval_file, monkeypat
     for name, result in (("sparse", sparse), ("smaller", smaller)):
         measured = bench(BenchRequest(model=str(result.folder), base="tiny-llama", device="cpu", eval=str(eval_file),
                                       seqlen=32, windows=2, speed=False, progress=False))
-        notes[name] = " ".join(measured["model"]["notes"])
+        notes[name] = " ".join(measured.model.notes)
         # The figure is the pruned folder's own: transformers loads it and scores the same windows alike.
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +179,6 @@ def test_bench_reads_what_pruning_did(tmp_path, calib_file, eval_file, monkeypat
         model = AutoModelForCausalLM.from_pretrained(result.folder)
         windows, _ = _windows(BenchRequest(eval=str(eval_file), seqlen=32, windows=2),
                               AutoTokenizer.from_pretrained(result.folder), 512)
-        assert measured["accuracy"]["perplexity"]["perplexity"] == pytest.approx(naive_perplexity(model, windows),
-                                                                                 rel=1e-4)
+        assert measured.accuracy.perplexity.perplexity == pytest.approx(naive_perplexity(model, windows), rel=1e-4)
     assert "wanda pruning (2:4): 50.0% of the pruned layers' weights are zero" in notes["sparse"]
     assert "structured pruning (layers): 2 -> 1 layers in the model" in notes["smaller"]

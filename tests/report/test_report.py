@@ -4,10 +4,12 @@ import re
 
 import pytest
 
-from compress.bench.run import BenchRequest, bench, write_result
+from compress.bench.result import BenchResult
+from compress.bench.run import BenchRequest, bench
 from compress.errors import UserError
 from compress.report import build_report
 from compress.report.pareto import pareto_front
+from compress.tasks.result import TaskResult, TaskRun
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -47,8 +49,8 @@ def test_the_report_has_its_table_plots_and_protocol(two_results, tmp_path):
 def test_results_from_different_windows_are_not_mixed(two_results, tmp_path):
     folder, a, _ = two_results
     other = copy.deepcopy(a)
-    other["protocol"]["windows"] = 99
-    write_result(other, tmp_path / "other.json")
+    other.protocol.windows = 99
+    other.write(tmp_path / "other.json")
     with pytest.raises(UserError, match="different texts or windows"):
         build_report([folder / "fp32.json", tmp_path / "other.json"], tmp_path / "rep")
 
@@ -81,33 +83,32 @@ def test_a_classifier_report_shows_task_figures_and_no_empty_columns(tmp_path):
 
 def test_rows_from_different_instruction_sets_are_flagged(two_results, tmp_path):
     folder, a, b = two_results
-    assert a["environment"]["cpu"]["isa"] == b["environment"]["cpu"]["isa"]
+    assert a.isa == b.isa
     md = (build_report([folder], tmp_path / "same") / "README.md").read_text()
     assert "## Warnings" not in md
-    assert f"CPU instruction sets: {a['environment']['cpu']['isa']}" in md  # the protocol names the set
+    assert f"CPU instruction sets: {a.isa}" in md  # the protocol names the set
     other = copy.deepcopy(b)
-    mine = a["environment"]["cpu"]["isa"]
+    mine = a.isa
     theirs = "x86-64 AVX2" if mine != "x86-64 AVX2" else "x86-64 AVX-512 VNNI"
-    other["environment"]["cpu"] |= {"isa": theirs}
-    write_result(other, tmp_path / "mixed" / "bf16.json")
-    write_result(a, tmp_path / "mixed" / "fp32.json")
+    other.environment["cpu"] |= {"isa": theirs}
+    other.write(tmp_path / "mixed" / "bf16.json")
+    a.write(tmp_path / "mixed" / "fp32.json")
     out = build_report([tmp_path / "mixed"], tmp_path / "rep")
     md, page = (out / "README.md").read_text(), (out / "report.html").read_text()
     warning = f"different instruction sets ({theirs}: bf16; {mine}: fp32)"
     assert "## Warnings" in md and warning in md and warning in page
-    del other["environment"]["cpu"]  # a result from before the set was recorded
-    write_result(other, tmp_path / "mixed" / "bf16.json")
+    del other.environment["cpu"]  # a result from before the set was recorded
+    other.write(tmp_path / "mixed" / "bf16.json")
     md = (build_report([tmp_path / "mixed"], tmp_path / "rep2") / "README.md").read_text()
     assert "not recorded: bf16" in md
 
 
-def _with_tasks(result: dict, scores: dict[str, tuple[float, int]]) -> dict:
+def _with_tasks(result: BenchResult, scores: dict[str, tuple[float, int]]) -> BenchResult:
     result = copy.deepcopy(result)
-    result["accuracy"]["tasks"] = {"results": [
-        {"task": task, "metrics": {"acc": value - 0.05, "acc_norm": value} if task != "winogrande" else {"acc": value},
-         "stderr": {"acc": 0.02, "acc_norm": 0.02}, "examples": n, "split_examples": 2000, "num_fewshot": 0,
-         "source": "local:/data/tasks/" + task, "note": None, "seconds": 1.0}
-        for task, (value, n) in scores.items()]}
+    result.accuracy.tasks = TaskRun([
+        TaskResult(task, {"acc": value - 0.05, "acc_norm": value} if task != "winogrande" else {"acc": value},
+                   {"acc": 0.02, "acc_norm": 0.02}, n, 2000, 0, "local:/data/tasks/" + task, None, 1.0)
+        for task, (value, n) in scores.items()], "0.4.13", None, None, "lm-eval's own")
     return result
 
 
@@ -115,19 +116,16 @@ def test_task_recovery_is_the_score_over_the_bases_on_the_same_examples(two_resu
     _, a, b = two_results
     folder = tmp_path / "results"
     folder.mkdir()
-    write_result(_with_tasks(a, {"arc_easy": (0.50, 500), "winogrande": (0.60, 500), "piqa": (0.70, 500)}),
-                 folder / "fp32.json")
+    _with_tasks(a, {"arc_easy": (0.50, 500), "winogrande": (0.60, 500), "piqa": (0.70, 500)}).write(folder / "fp32.json")
     # piqa on other examples than the base's: no recovery for it, and so no mean.
-    write_result(_with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.69, 400)}),
-                 folder / "bf16.json")
+    _with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.69, 400)}).write(folder / "bf16.json")
     out = build_report([folder], tmp_path / "rep")
     md = (out / "README.md").read_text()
     assert "| variant | arc_easy acc_norm % | winogrande acc % | piqa acc_norm % | mean recovery |" in md
     assert "| bf16 | 45.0 ±2.0 (90.0%) | 57.0 ±2.0 (95.0%) | 69.0 ±2.0 | - |" in md
     assert "| base fp32 | 50.0 ±2.0 | 60.0 ±2.0 | 70.0 ±2.0 | - |" in md
     assert (out / "plots" / "task_recovery.png").stat().st_size > 1000
-    write_result(_with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.63, 500)}),
-                 folder / "bf16.json")
+    _with_tasks(b, {"arc_easy": (0.45, 500), "winogrande": (0.57, 500), "piqa": (0.63, 500)}).write(folder / "bf16.json")
     md = (build_report([folder], tmp_path / "rep2") / "README.md").read_text()
     assert "| bf16 | 45.0 ±2.0 (90.0%) | 57.0 ±2.0 (95.0%) | 63.0 ±2.0 (90.0%) | 91.7% |" in md
 

@@ -20,17 +20,17 @@ def test_task_results_are_lm_evals_own_on_a_dense_model(eval_file, data_dir, tmp
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     result = bench(BenchRequest(model="tiny-llama", device="cpu", eval=str(eval_file), seqlen=32, windows=2,
                                 speed=False, progress=False, tasks=["arc_easy", "winogrande"], limit=6))
-    tasks = result["accuracy"]["tasks"]
-    assert [r["task"] for r in tasks["results"]] == ["arc_easy", "winogrande"]
-    assert tasks["limit"] == 6 and tasks["dtype"] == "float32" and tasks["lm_eval_version"]
+    tasks = result.accuracy.tasks
+    assert [r.task for r in tasks.results] == ["arc_easy", "winogrande"]
+    assert tasks.limit == 6 and tasks.dtype == "float32" and tasks.lm_eval_version
     model, tokenizer = load_model(resolve("tiny-llama").path)
     manager = TaskManager()
     lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=1, device="cpu", max_length=512)
-    for row, source in zip(tasks["results"], resolve_tasks(["arc_easy", "winogrande"], manager)):
-        assert row["examples"] == 6 and row["source"].startswith("local:")
+    for row, source in zip(tasks.results, resolve_tasks(["arc_easy", "winogrande"], manager)):
+        assert row.examples == 6 and row.source.startswith("local:")
         expected = evaluate(lm, get_task_dict([source.spec], manager), limit=6, bootstrap_iters=0,
                             log_samples=False)["results"][source.name]
-        assert row["metrics"]["acc"] == pytest.approx(expected["acc,none"])
+        assert row.metrics["acc"] == pytest.approx(expected["acc,none"])
 
 
 def test_a_quantized_checkpoint_is_scored_by_the_backend_that_runs_it(eval_file, data_dir, tmp_path, monkeypatch):
@@ -41,8 +41,8 @@ def test_a_quantized_checkpoint_is_scored_by_the_backend_that_runs_it(eval_file,
                                       device="cpu", progress=False)).folder
     result = bench(BenchRequest(model=str(folder), device="cpu", eval=str(eval_file), seqlen=32, windows=2,
                                 speed=False, progress=False, tasks=["piqa"], limit=4))
-    assert result["model"]["backend"] == "torch" and result["accuracy"]["tasks"]["dtype"] == "bfloat16"
-    assert result["accuracy"]["tasks"]["results"][0]["examples"] == 4
+    assert result.model.backend == "torch" and result.accuracy.tasks.dtype == "bfloat16"
+    assert result.accuracy.tasks.results[0].examples == 4
 
 
 @pytest.mark.parametrize("args, message", [
