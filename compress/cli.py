@@ -123,37 +123,53 @@ def _request(cls, args: argparse.Namespace):
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from compress.help_text import defaults_by_method, method_choices
     from compress.quant.choices import SUPPORTED_BITS
+    from compress.quant.config import QUANT_CONFIGS
     from compress.quant.request import QuantizeRequest
+
+    def by_method(option: str, render=str) -> str:
+        return defaults_by_method(option, QUANT_CONFIGS, render)
+
+    def on_off(value) -> str:
+        return "on" if value else "off"
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
     p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
                    f"(default {_default('bits', QuantizeRequest)})")
-    p.add_argument("--method", default=S, help="gptq (default), awq, rtn or bnb (bitsandbytes)")
+    p.add_argument("--method", default=S,
+                   help=f"{method_choices(QUANT_CONFIGS, _default('method', QuantizeRequest))} (bnb: bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
                    help=f"columns per scale; -1 = per output channel (default {_default('group_size', QuantizeRequest)})")
-    p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S, help="symmetric grid")
+    grid = by_method("sym", lambda sym: "symmetric" if sym else "asymmetric")
+    p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S,
+                   help=f"symmetric grid (default: {grid})")
     p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S,
-                   help="asymmetric grid (the default of gptq, awq and rtn)")
+                   help=f"asymmetric grid (default: {grid})")
     p.add_argument("--scale-search", dest="scale_search", default=S, choices=["none", "mse", "weighted"],
                    help="each group's range: min/max (none), the shrink with least squared error (mse), or with "
-                        "least error weighted by the calibration inputs' mean squares (weighted; the default of gptq and awq)")
+                        "least error weighted by the calibration inputs' mean squares (weighted) (default: "
+                        f"{by_method('scale_search')})")
     p.add_argument("--awq", action="store_const", const=True, default=S,
                    help="gptq: fold AWQ's activation-aware channel scales into each block before GPTQ")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
-                   help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; the default)")
+                   help=f"GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; default: "
+                        f"{by_method('act_order', on_off)})")
     p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,
                    help="GPTQ: quantize columns in their natural order")
     p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
-                   help="GPTQ with --act-order: fix group grids before any update")
-    p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help="GPTQ dampening (default 0.01)")
+                   help=f"GPTQ with --act-order: fix group grids before any update (default: "
+                        f"{by_method('static_groups', on_off)})")
+    p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help=f"GPTQ dampening, a fraction of the Hessian's "
+                   f"mean diagonal (default: {by_method('damp_percent')})")
     p.add_argument("--quant-type", dest="quant_type", default=S, choices=["nf4", "fp4"],
-                   help="bnb --bits 4: code book (default nf4)")
+                   help=f"bnb --bits 4: code book (default: {by_method('quant_type')})")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False, default=S,
-                   help="bnb --bits 4: keep block scales in float (reloads lossily on CPU)")
+                   help="bnb --bits 4: keep block scales in float (reloads lossily on CPU; double quantization "
+                        f"default: {by_method('double_quant', on_off)})")
     p.add_argument("--int8-threshold", dest="int8_threshold", type=float, default=S,
-                   help="bnb --bits 8: LLM.int8() outlier threshold (default 6.0)")
+                   help=f"bnb --bits 8: LLM.int8() outlier threshold (default: {by_method('int8_threshold')})")
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=S,
                    help="mixed precision: measure each layer's sensitivity and give it 3, 4 or 8 bits (or 4 at group "
                         "32) for the least predicted loss within this average of stored bits per weight (e.g. 4.25)")
@@ -188,26 +204,36 @@ def _quantize_run(args: argparse.Namespace) -> int:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from compress.help_text import defaults_by_method, method_choices
+    from compress.prune.config import PRUNE_CONFIGS
+    from compress.prune.request import PruneRequest
     from compress.quant.choices import SUPPORTED_BITS
+
+    def by_method(option: str) -> str:
+        return defaults_by_method(option, PRUNE_CONFIGS)
 
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
-    p.add_argument("--method", default=S, help="magnitude, wanda (default), sparsegpt or structured")
+    p.add_argument("--method", default=S, help=method_choices(PRUNE_CONFIGS, _default("method", PruneRequest)))
     p.add_argument("--sparsity", type=float, default=S,
-                   help="fraction removed, in [0, 1): of each layer's weights (default 0.5) or, for structured, of "
-                        "the MLP channels / heads / layers (default 0.25)")
-    p.add_argument("--pattern", default=S, help="unstructured (default) or N:M such as 2:4 or 4:8")
+                   help="fraction removed, in [0, 1): of each layer's weights or, for structured, of the MLP "
+                        f"channels / heads / layers (default: {by_method('sparsity')}; N:M implies its own)")
+    p.add_argument("--pattern", default=S,
+                   help=f"unstructured or N:M such as 2:4 or 4:8 (default: {by_method('pattern')})")
     p.add_argument("--comparison", default=S, choices=["row", "layer"],
-                   help="magnitude/wanda: compare scores per output row or across the layer (default: layer for "
-                        "magnitude, row for wanda)")
-    p.add_argument("--target", default=S, choices=["mlp", "heads", "layers"], help="structured: what to remove")
+                   help=f"magnitude/wanda: compare scores per output row or across the layer (default: "
+                        f"{by_method('comparison')})")
+    p.add_argument("--target", default=S, choices=["mlp", "heads", "layers"],
+                   help=f"structured: what to remove (default: {by_method('target')})")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S,
-                   help="SparseGPT / --bits: Hessian dampening (default 0.01)")
+                   help=f"SparseGPT / --bits: Hessian dampening (default: {by_method('damp_percent')})")
     p.add_argument("--bits", type=int, default=S, help="also quantize the kept weights "
                    f"({', '.join(map(str, SUPPORTED_BITS))} bits) and write a GPTQ-format checkpoint")
-    p.add_argument("--group-size", dest="group_size", type=int, default=S, help="with --bits: columns per scale")
+    p.add_argument("--group-size", dest="group_size", type=int, default=S,
+                   help=f"with --bits: columns per scale (default {_default('group_size', PruneRequest)})")
     p.add_argument("--asym", dest="sym", action="store_const", const=False, default=S,
-                   help="with --bits: asymmetric grid")
+                   help=f"with --bits: asymmetric grid (default "
+                        f"{'symmetric' if _default('sym', PruneRequest) else 'asymmetric'})")
     _run_settings_args(p, "prune", "configs/prune/")
 
 

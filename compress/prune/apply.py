@@ -14,7 +14,7 @@ from compress.blocks import BlockSource
 from compress.driver import DriverPlan, DriverReport, run_layerwise
 from compress.prune.masks import magnitude_scores, make_mask, sparsity_of
 from compress.quant.apply import output_error
-from compress.quant.config import WeightQuantConfig
+from compress.prune.config import KeptWeightsQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantizedWeight
 from compress.quant.rtn import rtn_quantize
@@ -46,7 +46,7 @@ class PruneStats:
 
 
 def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch.Tensor | None, cfg,
-                       quant: WeightQuantConfig) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:
+                       quant: KeptWeightsQuantConfig) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:
     """Prune, then quantize the kept weights without losing a zero: the method's joint mode where it has
     one (SparseGPT), else its mask followed by GPTQ that keeps the mask (RTN when there is no data)."""
     from compress.prune.sparsegpt import sparsegpt
@@ -58,14 +58,13 @@ def prune_and_quantize(method: PruneMethod, weight: torch.Tensor, hessian: torch
     if hessian is None:
         qw = rtn_quantize(pruned, quant)
         return qw.dequantize().to(weight.dtype), mask, qw
-    result = sparsegpt(pruned, hessian, cfg.sparsity, fixed_mask=mask, quant=quant,
-                       damp_percent=getattr(cfg, "damp_percent", 0.01))
+    result = sparsegpt(pruned, hessian, cfg.sparsity, fixed_mask=mask, quant=quant, damp_percent=quant.damp_percent)
     return result.weight, mask, result.quantized
 
 
 def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg, windows: list[torch.Tensor] | None,
                     device: torch.device, selection: ModuleSelection | None = None,
-                    quant: WeightQuantConfig | None = None, show_progress: bool = True,
+                    quant: KeptWeightsQuantConfig | None = None, show_progress: bool = True,
                     emit: Callable[[str, nn.Module], None] | None = None, plan: DriverPlan | None = None,
                     report: DriverReport | None = None, stats: PruneStats | None = None) -> PruneStats:
     """Prune every selected layer; ``emit(block_name, block)`` receives each finished block. ``stats``

@@ -3,18 +3,11 @@ which compare across the whole layer, so that is the default here too."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compress.prune.config import ScoredPruneConfig
+from compress.prune.config import MagnitudeConfig
 from compress.prune.masks import magnitude_scores, make_mask
 from compress.registry import PruneMethod, register_method
-
-
-@dataclass
-class MagnitudeConfig(ScoredPruneConfig):
-    comparison: str = "layer"
 
 
 def magnitude_prune(weight: torch.Tensor, cfg: MagnitudeConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,49 +10,10 @@ Conventions (those of the Wanda and SparseGPT papers):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from compress.errors import UserError
-
-COMPARISONS = ("row", "layer")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """'unstructured' (n = m = 0) or N:M semi-structured sparsity."""
-    n: int = 0
-    m: int = 0
-
-    @property
-    def structured(self) -> bool:
-        return self.m > 0
-
-    @property
-    def sparsity(self) -> float | None:
-        return 1 - self.n / self.m if self.m else None
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.m else "unstructured"
-
-
-def parse_pattern(text: str) -> Pattern:
-    if text == "unstructured":
-        return Pattern()
-    n, sep, m = text.partition(":")
-    if not sep or not n.isdigit() or not m.isdigit():
-        raise UserError(f"unknown sparsity pattern '{text}': use unstructured or N:M such as 2:4 or 4:8")
-    pattern = Pattern(int(n), int(m))
-    if not 0 < pattern.n < pattern.m:
-        raise UserError(f"sparsity pattern {text} must keep some but not all of each group (0 < N < M), e.g. 2:4")
-    return pattern
-
-
-def check_sparsity(sparsity: float) -> float:
-    if not 0 <= sparsity < 1:
-        raise UserError(f"sparsity {sparsity} is outside [0, 1): give the fraction of weights to remove, e.g. 0.5")
-    return sparsity
+from compress.prune.config import COMPARISONS, Pattern, check_sparsity, parse_pattern  # noqa: F401 (re-exported)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, comparison: str = "row") -> torch.Tensor:

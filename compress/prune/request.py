@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.quant.config import WeightQuantConfig
+from compress.prune.config import KeptWeightsQuantConfig
 from compress.registry import config_fields, get_prune_method
 from compress.settings import RunSettings, method_option_values
 
@@ -18,6 +18,8 @@ def prune_methods_taking(option: str) -> str:
     from compress.registry import available_prune_methods
 
     takers = [m.name for m in available_prune_methods().values() if option in config_fields(m)]
+    if option == "damp_percent":  # also the GPTQ step's, when the kept weights are quantized
+        return f"leave it out, prune with {' or '.join(takers)}, or add --bits (it then damps the GPTQ step)"
     return f"leave it out, or prune with {' or '.join(takers)}"
 
 
@@ -35,8 +37,8 @@ class PruneRequest(RunSettings):
     target: str | None = None
     """Structured: mlp (its default), heads or layers."""
     damp_percent: float | None = None
-    """SparseGPT (and the GPTQ step of --bits): Hessian dampening, as a fraction of its mean diagonal (its
-    config's default, 0.01)."""
+    """SparseGPT, or with --bits the GPTQ step that quantizes magnitude's or Wanda's kept weights: Hessian
+    dampening, as a fraction of its mean diagonal (None: the config's default)."""
     bits: int | None = None
     """Also quantize the kept weights to this many bits in the same run (SparseGPT: jointly, as in the
     paper; magnitude / Wanda: GPTQ that keeps the mask). Writes a GPTQ-format checkpoint."""
@@ -46,7 +48,17 @@ class PruneRequest(RunSettings):
     def method_config(self):
         """(method, its config) from the request; a setting the method has no use for is an error."""
         method = get_prune_method(self.method)
-        return method, method.config_cls(**method_option_values(self, PRUNE_OPTIONS, method, prune_methods_taking))
+        options = PRUNE_OPTIONS if not self._damp_for_quant_step(method) else \
+            tuple(o for o in PRUNE_OPTIONS if o != "damp_percent")
+        return method, method.config_cls(**method_option_values(self, options, method, prune_methods_taking))
 
-    def quant_config(self) -> WeightQuantConfig | None:
-        return WeightQuantConfig(self.bits, self.group_size, self.sym) if self.bits is not None else None
+    def quant_config(self) -> KeptWeightsQuantConfig | None:
+        if self.bits is None:
+            return None
+        damp = {"damp_percent": self.damp_percent} if self._damp_for_quant_step(get_prune_method(self.method)) else {}
+        return KeptWeightsQuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, **damp)
+
+    def _damp_for_quant_step(self, method) -> bool:
+        """--damp-percent given with --bits to a method whose own config has no dampening (magnitude, Wanda): it
+        is the GPTQ step's, which quantizes the kept weights."""
+        return self.damp_percent is not None and self.bits is not None and "damp_percent" not in config_fields(method)

@@ -16,25 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
-from compress.prune.config import PruneConfig
+from compress.prune.config import SparseGPTConfig
 from compress.prune.masks import Pattern, n_m_mask
 from compress.quant.config import WeightQuantConfig
-from compress.quant.gptq import check_hessian_settings, inverse_hessian_factor
+from compress.quant.gptq import inverse_hessian_factor
 from compress.quant.primitives import QuantGrid, QuantizedWeight, default_g_idx, fake_quantize, find_grid, \
     quantize_codes
 from compress.registry import PruneMethod, register_method
-
-
-@dataclass
-class SparseGPTConfig(PruneConfig):
-    damp_percent: float = 0.01
-    """Dampening added to the Hessian diagonal, as a fraction of its mean."""
-    block_size: int = 128
-    """Columns whose unstructured mask is chosen together (the paper's adaptive mask selection block)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_hessian_settings(self.damp_percent, self.block_size)
 
 
 @dataclass

@@ -17,42 +17,17 @@ With grouped-query attention the unit is a whole kv group (one kv head and the q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from compress.driver import capture_block_inputs, run_layerwise
 from compress.errors import UserError
 from compress.prune.apply import PruneStats
-from compress.prune.masks import check_sparsity
+from compress.prune.config import StructuredConfig
 from compress.prune.surgery import (Cut, attention_layout, cut_state, drop_blocks, mlp_layout, model_shape, rebuild,
                                     resized_config)
 from compress.registry import PruneMethod, register_method
 from compress.select import ModuleSelection, find_blocks
-
-TARGETS = ("mlp", "heads", "layers")
-
-
-@dataclass
-class StructuredConfig:
-    target: str = "mlp"
-    """What to remove: mlp (channels of every MLP), heads (attention heads or kv groups), layers (decoder blocks)."""
-    sparsity: float | None = None
-    """Fraction of the MLP channels / heads / layers removed, in [0, 1) (default 0.25); the same count in
-    every block."""
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise UserError(f"unknown structured target '{self.target}': choose one of {', '.join(TARGETS)}")
-        if self.sparsity is None:
-            self.sparsity = 0.25
-        check_sparsity(self.sparsity)
-
-    @property
-    def tag(self) -> str:
-        return f"{self.target}{round(self.sparsity * 100):d}"
-
 
 # --- pure importance math ---------------------------------------------------------------------------
 

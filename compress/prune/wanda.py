@@ -7,18 +7,11 @@ diag(H) is proportional to ||X_j||^2, and the constant factor changes no compari
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compress.prune.config import ScoredPruneConfig
+from compress.prune.config import WandaConfig
 from compress.prune.masks import make_mask, wanda_scores
 from compress.registry import PruneMethod, register_method
-
-
-@dataclass
-class WandaConfig(ScoredPruneConfig):
-    comparison: str = "row"
 
 
 def input_norms_from_hessian(hessian: torch.Tensor) -> torch.Tensor:

@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from compress.driver import BlockInputs, for_each_layer_call
-from compress.quant.config import WeightQuantConfig
+from compress.quant.config import N_GRID, WeightQuantConfig
 from compress.quant.rtn import rtn_quantize
 
-N_GRID = 20
 FOLD_TOLERANCE = 1e-4
 """Largest relative change of the block's output for a fold to count as exact (float32 rounding only)."""
 

@@ -3,30 +3,13 @@ with the grid search the config names). ``--method gptq --awq`` folds the same s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compress.errors import UserError
-from compress.quant.awq import N_GRID, GroupScaling, awq_prepare_block
-from compress.quant.config import WeightQuantConfig
+from compress.quant.awq import GroupScaling, awq_prepare_block
+from compress.quant.config import N_GRID, AWQConfig, WeightQuantConfig
 from compress.quant.primitives import QuantizedWeight
 from compress.quant.rtn import rtn_quantize
 from compress.registry import QuantMethod, register_method
-
-
-@dataclass
-class AWQConfig(WeightQuantConfig):
-    sym: bool = False
-    scale_search: str = "weighted"
-    """AWQ's own clipping search, in the form every method here shares."""
-    n_grid: int = N_GRID
-    """Scale ratios tried per group of layers (0, 1/n_grid, ...)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.n_grid, int) or self.n_grid < 1:
-            raise UserError(f"invalid n_grid {self.n_grid}: use a positive number of ratios to try, e.g. 20")
 
 
 def fold_awq_scales(block_name, block, linears, groups, inputs, cfg: WeightQuantConfig,

@@ -11,50 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compress.errors import UserError
+from compress.quant.config import BnbConfig
 from compress.registry import QuantMethod, register_method
-
-QUANT_TYPES = ("nf4", "fp4")
-
-
-@dataclass
-class BnbConfig:
-    bits: int = 4
-    """8 (LLM.int8()) or 4 (NF4 / FP4)."""
-    quant_type: str = "nf4"
-    """4-bit code book: nf4 (normal float) or fp4."""
-    double_quant: bool = True
-    """Quantize the 4-bit block scales too (bnb_4bit_use_double_quant)."""
-    int8_threshold: float = 6.0
-    """LLM.int8(): input columns with an activation above this run in fp16 (llm_int8_threshold)."""
-    compute_dtype: str = "bfloat16"
-    """dtype the 4-bit layers dequantize to for their matmul."""
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise UserError(f"bitsandbytes quantizes to 8 or 4 bits, not {self.bits}: use --bits 8 or --bits 4")
-        if self.quant_type not in QUANT_TYPES:
-            raise UserError(f"unknown bitsandbytes quant type '{self.quant_type}': choose {' or '.join(QUANT_TYPES)}")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise UserError(f"unknown compute dtype '{self.compute_dtype}': choose bfloat16, float16 or float32")
-
-    @property
-    def tag(self) -> str:
-        return "int8" if self.bits == 8 else f"{self.quant_type}{'-dq' if self.double_quant else ''}"
-
-    def transformers_config(self):
-        from transformers import BitsAndBytesConfig
-
-        if self.bits == 8:
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.int8_threshold)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))
 
 
 @register_method

@@ -1,4 +1,6 @@
-"""Validated settings shared by the weight-quantization methods (one dataclass per method extends it)."""
+"""Each quantization method's settings and their defaults, one dataclass per method, in one place: the
+methods, the API and the command line's help all read them here. No torch: `compress quantize --help` and
+the early checks of a request import this module and answer in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -48,3 +50,100 @@ class WeightQuantConfig:
         if self.scale_search != defaults["scale_search"]:
             suffix += f"-{self.scale_search}"
         return f"w{self.bits}{group}{suffix}"
+
+
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    sym: bool = False
+    scale_search: str = "weighted"
+    """Asymmetric grids whose ranges are searched with the Hessian's diagonal: the best settings measured
+    on SmolLM2 (reports/quantize_smollm2.md)."""
+    damp_percent: float = 0.01
+    """Dampening added to the Hessian diagonal, as a fraction of its mean."""
+    act_order: bool = True
+    """Quantize columns in order of decreasing Hessian diagonal (desc_act)."""
+    static_groups: bool = False
+    """With act_order: fix each group's grid from the original weights before any update."""
+    block_size: int = 128
+    """Columns updated together (lazy batch updates); changes speed, not results."""
+    awq: bool = False
+    """Fold AWQ's activation-aware channel scales into each block before GPTQ quantizes it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_hessian_settings(self.damp_percent, self.block_size)
+
+
+def check_hessian_settings(damp_percent: float, block_size: int) -> None:
+    """The settings every inverse-Hessian method shares (GPTQ, SparseGPT)."""
+    if not 0 < damp_percent < 1:
+        raise UserError(f"invalid damp_percent {damp_percent}: use a fraction between 0 and 1, e.g. 0.01")
+    if block_size <= 0:
+        raise UserError(f"invalid block_size {block_size}: use a positive number of columns, e.g. 128")
+
+
+@dataclass
+class RTNConfig(WeightQuantConfig):
+    sym: bool = False
+    """Asymmetric by default: SmolLM2 W4 g128 perplexity 49.98 against 57.30 symmetric (16 windows)."""
+
+
+N_GRID = 20
+"""AWQ: scale ratios tried per group of layers."""
+
+
+@dataclass
+class AWQConfig(WeightQuantConfig):
+    sym: bool = False
+    scale_search: str = "weighted"
+    """AWQ's own clipping search, in the form every method here shares."""
+    n_grid: int = N_GRID
+    """Scale ratios tried per group of layers (0, 1/n_grid, ...)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n_grid, int) or self.n_grid < 1:
+            raise UserError(f"invalid n_grid {self.n_grid}: use a positive number of ratios to try, e.g. 20")
+
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class BnbConfig:
+    bits: int = 4
+    """8 (LLM.int8()) or 4 (NF4 / FP4)."""
+    quant_type: str = "nf4"
+    """4-bit code book: nf4 (normal float) or fp4."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too (bnb_4bit_use_double_quant)."""
+    int8_threshold: float = 6.0
+    """LLM.int8(): input columns with an activation above this run in fp16 (llm_int8_threshold)."""
+    compute_dtype: str = "bfloat16"
+    """dtype the 4-bit layers dequantize to for their matmul."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UserError(f"bitsandbytes quantizes to 8 or 4 bits, not {self.bits}: use --bits 8 or --bits 4")
+        if self.quant_type not in QUANT_TYPES:
+            raise UserError(f"unknown bitsandbytes quant type '{self.quant_type}': choose {' or '.join(QUANT_TYPES)}")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise UserError(f"unknown compute dtype '{self.compute_dtype}': choose bfloat16, float16 or float32")
+
+    @property
+    def tag(self) -> str:
+        return "int8" if self.bits == 8 else f"{self.quant_type}{'-dq' if self.double_quant else ''}"
+
+    def transformers_config(self):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.int8_threshold)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))
+
+
+QUANT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "bnb": BnbConfig}
+"""Built-in method name -> its config (a test checks each against the registered method's config_cls)."""

@@ -7,46 +7,15 @@ driver supplies H = 2/n * sum(x x^T) over the layer's calibration inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from compress.errors import UserError
-from compress.quant.config import WeightQuantConfig
+from compress.quant.config import GPTQConfig, WeightQuantConfig, check_hessian_settings  # noqa: F401 (re-exported)
 from compress.quant.primitives import QuantGrid, QuantizedWeight, quantize_codes
 from compress.quant.scale_search import choose_grid
 from compress.registry import QuantMethod, register_method
-
-
-@dataclass
-class GPTQConfig(WeightQuantConfig):
-    sym: bool = False
-    scale_search: str = "weighted"
-    """Asymmetric grids whose ranges are searched with the Hessian's diagonal: the best settings measured
-    on SmolLM2 (reports/quantize_smollm2.md)."""
-    damp_percent: float = 0.01
-    """Dampening added to the Hessian diagonal, as a fraction of its mean."""
-    act_order: bool = True
-    """Quantize columns in order of decreasing Hessian diagonal (desc_act)."""
-    static_groups: bool = False
-    """With act_order: fix each group's grid from the original weights before any update."""
-    block_size: int = 128
-    """Columns updated together (lazy batch updates); changes speed, not results."""
-    awq: bool = False
-    """Fold AWQ's activation-aware channel scales into each block before GPTQ quantizes it."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_hessian_settings(self.damp_percent, self.block_size)
-
-
-def check_hessian_settings(damp_percent: float, block_size: int) -> None:
-    """The settings every inverse-Hessian method shares (GPTQ, SparseGPT)."""
-    if not 0 < damp_percent < 1:
-        raise UserError(f"invalid damp_percent {damp_percent}: use a fraction between 0 and 1, e.g. 0.01")
-    if block_size <= 0:
-        raise UserError(f"invalid block_size {block_size}: use a positive number of columns, e.g. 128")
 
 
 def upper_triangular_inverse(upper: torch.Tensor, base: int = 256) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from compress.driver import capture_block_inputs, collect_hessian, linear_call_groups
 from compress.prune.apply import prune_layerwise
 from compress.quant.apply import output_error
-from compress.quant.config import WeightQuantConfig
+from compress.prune.config import KeptWeightsQuantConfig
 from compress.quant.linear import QuantLinear
 from compress.registry import get_prune_method
 from compress.select import ModuleSelection, block_linears, find_blocks
@@ -91,7 +91,7 @@ def test_wanda_and_sparsegpt_layer_error_is_below_magnitude(arch):
 def test_pruning_with_bits_packs_layers_that_keep_the_zeros(method):
     model = tiny("llama")
     m = get_prune_method(method)
-    quant = WeightQuantConfig(bits=4, group_size=32)
+    quant = KeptWeightsQuantConfig(bits=4, group_size=32)
     stats = prune_layerwise(model, m, m.config_cls(pattern="2:4"), WINDOWS, torch.device("cpu"), quant=quant,
                             show_progress=False)
     assert stats.quantized

@@ -9,6 +9,7 @@ import torch
 
 from compress.checkpoint import MANIFEST_NAME, load_quantized
 from compress.cli import main
+from compress.errors import UserError
 from compress.models import resolve
 from compress.prune.run import PruneRequest, prune
 from tests.conftest import model_output
@@ -112,7 +113,7 @@ def test_recipe_file_and_command_line(tmp_path, calib_file, capsys):
     # A value equal to another method's default is still not this method's option (it was dropped silently).
     (["--method", "wanda", "--target", "mlp"], "--target does not apply to wanda"),
     (["--method", "magnitude", "--damp-percent", "0.01"], "--damp-percent does not apply to magnitude: leave it "
-                                                          "out, or prune with sparsegpt"),
+                                                          "out, prune with sparsegpt, or add --bits"),
     (["--method", "structured", "--target", "heads", "--sparsity", "0.9"], "zero kv groups"),
     (["--method", "structured", "--target", "heads", "--model-arch", "opt"], "derives the head size"),
     (["--method", "structured", "--target", "mlp", "--model-arch", "bloom"], "no MLP width setting"),
@@ -182,3 +183,34 @@ def test_bench_reads_what_pruning_did(tmp_path, calib_file, eval_file, monkeypat
         assert measured.accuracy.perplexity.perplexity == pytest.approx(naive_perplexity(model, windows), rel=1e-4)
     assert "wanda pruning (2:4): 50.0% of the pruned layers' weights are zero" in notes["sparse"]
     assert "structured pruning (layers): 2 -> 1 layers in the model" in notes["smaller"]
+
+
+def test_damp_percent_with_bits_damps_the_gptq_step_of_wanda():
+    """With --bits, magnitude's and Wanda's kept weights are quantized by GPTQ keeping the mask: --damp-percent is
+    that step's (it was refused); without --bits it is still an error."""
+    from compress.prune.config import GPTQConfig, KeptWeightsQuantConfig
+
+    asked = PruneRequest(model="tiny-llama", method="wanda", bits=4, damp_percent=0.2)
+    method, cfg = asked.method_config()
+    assert not hasattr(cfg, "damp_percent") and asked.quant_config() == KeptWeightsQuantConfig(4, 128, True, damp_percent=0.2)
+    assert PruneRequest(method="wanda", bits=4).quant_config().damp_percent == GPTQConfig().damp_percent
+    sparsegpt = PruneRequest(method="sparsegpt", bits=4, damp_percent=0.2)
+    assert sparsegpt.method_config()[1].damp_percent == 0.2  # its joint mode's own
+    with pytest.raises(UserError, match="add --bits"):
+        PruneRequest(method="wanda", damp_percent=0.2).method_config()
+
+
+def test_the_gptq_step_uses_the_damp_it_is_given():
+    from compress.prune.apply import prune_and_quantize
+    from compress.prune.config import KeptWeightsQuantConfig
+    from compress.registry import get_prune_method
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
+    hessian, weight = x.T @ x / 256, torch.randn(32, 64)
+    wanda = get_prune_method("wanda")
+    cfg = wanda.config_cls()
+    results = [prune_and_quantize(wanda, weight, hessian, cfg, KeptWeightsQuantConfig(4, 32, damp_percent=d))
+               for d in (0.01, 0.5)]
+    assert torch.equal(results[0][1], results[1][1])  # the same mask
+    assert not torch.equal(results[0][0], results[1][0])  # other updates
