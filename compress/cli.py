@@ -141,7 +141,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=S,
                    help=f"{method_choices(QUANT_CONFIGS, _default('method', QuantizeRequest))} (bnb: bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
-                   help=f"columns per scale; -1 = per output channel (default {_default('group_size', QuantizeRequest)})")
+                   help=f"columns per scale; -1 = per output channel (default: "
+                        f"{by_method('group_size')})")
     grid = by_method("sym", lambda sym: "symmetric" if sym else "asymmetric")
     p.add_argument("--sym", dest="sym", action="store_const", const=True, default=S,
                    help=f"symmetric grid (default: {grid})")

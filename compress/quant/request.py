@@ -10,7 +10,7 @@ from compress.quant.config import WeightQuantConfig
 from compress.registry import config_fields, get_method
 from compress.settings import RunSettings, method_option_values
 
-METHOD_OPTIONS = ("sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
+METHOD_OPTIONS = ("group_size", "sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
                   "double_quant", "int8_threshold")
 """Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
 from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
@@ -35,7 +35,8 @@ class QuantizeRequest(RunSettings):
     method: str = "gptq"
     """Quantization method: gptq, awq or rtn (or a plugin's name)."""
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None
+    """Columns per scale (-1: per output channel); None: the method's default. bitsandbytes has fixed blocks."""
     sym: bool | None = None
     """Symmetric grids; None: the method's default (asymmetric for gptq, awq and rtn)."""
     scale_search: str | None = None
@@ -64,7 +65,7 @@ class QuantizeRequest(RunSettings):
     def method_config(self):
         method = get_method(self.method)
         # A setting left at None takes the method's own default (its config dataclass holds them).
-        values = {k: getattr(self, k) for k in ("bits", "group_size") if k in config_fields(method)}
+        values = {"bits": self.bits} if "bits" in config_fields(method) else {}
         values |= method_option_values(self, METHOD_OPTIONS, method, methods_taking)
         return method, method.config_cls(**values)
 
