@@ -19,7 +19,7 @@ import torch
 from compress.errors import UserError
 from compress.fsutil import atomic_folder
 from compress.lazy import LazyModel, empty_model
-from compress.models import check_checkpoint
+from compress.models import check_checkpoint, quiet_transformers
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
 from compress.quant.linear import QuantLinear
@@ -75,7 +75,8 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
 def save_quantized(model, tokenizer, folder: Path, quantization_config: dict, manifest: dict,
                    force: bool = False) -> Path:
     """Write the quantized model atomically; returns the final folder."""
-    with atomic_folder(folder, force=force) as tmp:
+    # transformers' "Writing model shards" bar is not ours to show: the command says what it wrote.
+    with atomic_folder(folder, force=force) as tmp, quiet_transformers():
         model.config.quantization_config = quantization_config
         try:
             with float_copies_for_save(model, manifest.get("lm_head")):

@@ -448,6 +448,33 @@ def _sweep_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compress recipe run ---------------------------------------------------------------------------
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["run"], help="run: the stages in order, then bench and report")
+    p.add_argument("recipe", type=Path, help="recipe YAML (see configs/recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue a stage that was stopped half-way (finished "
+                   "stages are reused in any case)")
+    p.add_argument("--device", help="override the recipe's device (cpu, cuda, auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+
+
+def _recipe_run(args: argparse.Namespace) -> int:
+    from compress.recipe.config import load_recipe
+
+    overrides = {k: v for k, v in (("device", args.device), ("progress", args.progress)) if v is not None}
+    recipe, stages = load_recipe(args.recipe, overrides)
+    from compress.recipe.run import run_recipe
+
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
+    command = threads + ["compress", "recipe", "run", str(args.recipe)] + (["--device", args.device] if args.device
+                                                                           else [])
+    report = run_recipe(recipe, stages, args.resume, command)
+    print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "models": ("list the model aliases", _models_args, _models_run),
     "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
@@ -459,6 +486,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "bench": ("measure memory, speed, perplexity and agreement with a base model", _bench_args, _bench_run),
     "report": ("Markdown + HTML report with plots from bench results", _report_args, _report_run),
     "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),
+    "recipe": ("run a recipe: prune -> distill -> quantize -> export stages, each benchmarked, one report",
+               _recipe_args, _recipe_run),
 }
 
 

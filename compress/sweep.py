@@ -13,16 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.bench.command import bench_in_child
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
-from compress.interrupt import EXIT_INTERRUPTED, EXIT_TERMINATED, keep
+from compress.interrupt import keep
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -260,23 +259,6 @@ def bench_request(cfg: SweepConfig, variant: Variant, model_ref: str, out: Path)
                         limit=cfg.limit, num_fewshot=cfg.num_fewshot)
 
 
-def _bench_command(request) -> list[str]:
-    """The `compress bench` command line of a request (run as a child process)."""
-    args = [sys.executable, "-m", "compress.cli", "bench", request.model, "--base", request.base, "--name",
-            request.name, "--device", request.device, "--dtype", request.dtype, "--base-dtype", request.base_dtype,
-            "--eval", request.eval, "--top-k", str(request.top_k), "--decode-tokens", str(request.decode_tokens),
-            "--decode-batches", *map(str, request.decode_batches), "--repeats", str(request.repeats),
-            "--out", request.out]
-    for flag, value in (("--seqlen", request.seqlen), ("--windows", request.windows),
-                        ("--transform", request.transform), ("--tasks", ",".join(request.tasks or []) or None),
-                        ("--limit", request.limit), ("--num-fewshot", request.num_fewshot or None)):
-        if value is not None:
-            args += [flag, str(value)]
-    if not request.progress:
-        args.append("--no-progress")
-    return args
-
-
 def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
     from compress.bench.result import BenchResult, SweepTag
     from compress.bench.run import bench
@@ -295,13 +277,7 @@ def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
     model_ref = cfg.model if variant.kind in ("dense", "peer-transform") else str(quantized_folder(cfg, variant, root))
     request = bench_request(cfg, variant, model_ref, result_path)
     if cfg.isolate:
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        completed = subprocess.run(_bench_command(request), env=env, stdout=subprocess.DEVNULL)
-        if completed.returncode in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-            raise KeyboardInterrupt
-        if completed.returncode != 0:
-            raise UserError(f"benchmark of {variant.name} failed (exit {completed.returncode}); its output is above")
-        result = BenchResult.read(result_path)
+        result = bench_in_child(request)
     else:
         result = bench(request)
     result.sweep = SweepTag(cfg.name, dataclasses.asdict(variant), fingerprint)

@@ -135,7 +135,10 @@ def _manifest(request: PruneRequest, method, cfg, quant, run, stats: PruneStats,
 
 def save_dense(model, tokenizer, folder: Path, manifest: dict, force: bool = False, source: Path | None = None) -> Path:
     """Write an ordinary Hugging Face folder (safetensors) plus the manifest, atomically."""
-    with atomic_folder(folder, force=force, source=source) as tmp:
+    from compress.models import quiet_transformers
+
+    # transformers' "Writing model shards" bar is not ours to show: the command says what it wrote.
+    with atomic_folder(folder, force=force, source=source) as tmp, quiet_transformers():
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -76,7 +76,9 @@ class BitsAndBytesMethod(QuantMethod):
         }
         import json
 
-        with atomic_folder(out, force=request.force, source=resolved.path) as tmp:
+        from compress.models import quiet_transformers
+
+        with atomic_folder(out, force=request.force, source=resolved.path) as tmp, quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

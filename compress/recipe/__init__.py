@@ -1,0 +1,1 @@
+"""Recipes: prune -> distill -> quantize -> export as one resumable run, every stage benchmarked, one report."""
