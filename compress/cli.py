@@ -433,16 +433,25 @@ def _report_run(args: argparse.Namespace) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="sweep YAML (see configs/sweep/)")
     p.add_argument("--device", help="override the config's device (cpu, cuda, auto)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where the variants run: local (default: one after another here) or ray (one Ray task per "
+                        "variant, results gathered as they finish; the [ray] extra)")
+    p.add_argument("--address", help="ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto; default: a "
+                                     "local instance of this machine's CPUs)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
 def _sweep_run(args: argparse.Namespace) -> int:
     from compress.sweep import load_config, run_sweep
 
-    overrides = {k: v for k, v in (("device", args.device), ("progress", args.progress)) if v is not None}
+    given = (("device", args.device), ("progress", args.progress), ("executor", args.executor),
+             ("address", args.address))
+    overrides = {k: v for k, v in given if v is not None}
     cfg = load_config(args.config, overrides)
     threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
-    command = threads + ["compress", "sweep", str(args.config)] + (["--device", args.device] if args.device else [])
+    command = threads + ["compress", "sweep", str(args.config)] + [
+        item for flag, value in (("--device", args.device), ("--executor", args.executor),
+                                 ("--address", args.address)) if value for item in (flag, value)]
     report = run_sweep(cfg, command)
     print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
     return 0

@@ -14,14 +14,13 @@ import dataclasses
 import hashlib
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.bench.command import bench_in_child
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
-from compress.interrupt import keep
+from compress.executors import make_executor
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -71,6 +70,19 @@ class SweepConfig:
     isolate: bool = True
     """Benchmark each variant in its own process (honest peak memory)."""
     progress: bool = True
+    # Where the variants run (compress.executors)
+    executor: str = "local"
+    """local (one after another here) or ray (one Ray task per variant; the [ray] extra)."""
+    address: str | None = None
+    """ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto); none starts a local instance."""
+    ray_cpus: int = 2
+    """ray: CPUs each variant's task requests, and its OMP_NUM_THREADS."""
+    ray_gpus: float | None = None
+    """ray: GPUs each task requests (default 1 on a CUDA sweep, else 0)."""
+    ray_memory_gb: float | None = None
+    """ray: memory each task declares to the scheduler (default none)."""
+    ray_retries: int = 2
+    """ray: times a task is run again when its worker dies."""
 
 
 @dataclass
@@ -259,30 +271,53 @@ def bench_request(cfg: SweepConfig, variant: Variant, model_ref: str, out: Path)
                         limit=cfg.limit, num_fewshot=cfg.num_fewshot)
 
 
-def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
-    from compress.bench.result import BenchResult, SweepTag
+def result_path(root: Path, variant: Variant) -> Path:
+    return root / "results" / f"{variant.name}.json"
+
+
+def bench_fingerprint(cfg: SweepConfig, variant: Variant) -> str:
+    return _fingerprint(_bench_settings(cfg, variant))
+
+
+def kept_result(cfg: SweepConfig, variant: Variant, root: Path) -> Path | None:
+    """The variant's result from an earlier run, if its recorded fingerprint matches these settings; a damaged,
+    foreign or outdated file is removed (the variant is measured again)."""
+    from compress.bench.result import BenchResult
+
+    path = result_path(root, variant)
+    if not path.is_file():
+        return None
+    try:
+        kept = BenchResult.read(path)
+        if kept.sweep is not None and kept.sweep.fingerprint == bench_fingerprint(cfg, variant):
+            _say(cfg, f"  reusing {path}")
+            return path
+    except UserError:
+        pass
+    path.unlink()
+    return None
+
+
+def measure_variant(cfg: SweepConfig, variant: Variant, root: Path, out: Path):
+    """Quantize the variant unless its checkpoint exists, benchmark it into ``out``; -> its BenchResult, tagged."""
+    from compress.bench.result import SweepTag
     from compress.bench.run import bench
 
-    result_path = root / "results" / f"{variant.name}.json"
-    fingerprint = _fingerprint(_bench_settings(cfg, variant))
-    if result_path.is_file():
-        try:
-            kept = BenchResult.read(result_path)
-            if kept.sweep is not None and kept.sweep.fingerprint == fingerprint:
-                _say(cfg, f"  reusing {result_path}")
-                return result_path
-        except UserError:  # damaged or foreign: measured again
-            pass
-        result_path.unlink()
     model_ref = cfg.model if variant.kind in ("dense", "peer-transform") else str(quantized_folder(cfg, variant, root))
-    request = bench_request(cfg, variant, model_ref, result_path)
-    if cfg.isolate:
-        result = bench_in_child(request)
-    else:
-        result = bench(request)
-    result.sweep = SweepTag(cfg.name, dataclasses.asdict(variant), fingerprint)
-    result.write(result_path)
-    return result_path
+    request = bench_request(cfg, variant, model_ref, out)
+    result = bench_in_child(request) if cfg.isolate else bench(request)
+    result.sweep = SweepTag(cfg.name, dataclasses.asdict(variant), bench_fingerprint(cfg, variant))
+    result.write(out)
+    return result
+
+
+def run_variant(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
+    """The variant's result file: kept from an earlier run, or measured now."""
+    path = kept_result(cfg, variant, root)
+    if path is None:
+        path = result_path(root, variant)
+        measure_variant(cfg, variant, root, path)
+    return path
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -305,29 +340,12 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
         from compress.tasks.run import check_tasks
 
         check_tasks(list(cfg.tasks), cfg.limit, cfg.num_fewshot)  # before any quantizing
+    executor = make_executor(cfg.executor, cfg.address)
     root = Path(cfg.runs) / cfg.name
-    started = time.perf_counter()
-    _say(cfg, f"sweep {cfg.name}: {len(variants)} variants of {cfg.model} on {cfg.device} -> {root}")
+    _say(cfg, f"sweep {cfg.name}: {len(variants)} variants of {cfg.model} on {cfg.device} -> {root} "
+              f"({executor.name} executor)")
     prepare_reference(cfg)
-    # Every checkpoint first, every benchmark after: timings are then never taken while a
-    # quantization of the same sweep competes for the cores, and a failing quantizer stops the sweep
-    # before any time goes into benchmarks.
-    quantized = [v for v in variants if v.kind in ("ours", "peer-quantizer", "gguf")]
-    paths: list[Path] = []
-    try:
-        for number, variant in enumerate(quantized, 1):
-            _say(cfg, f"[quantize {number}/{len(quantized)}] {variant.name}  (elapsed "
-                      f"{(time.perf_counter() - started) / 60:.1f} min)")
-            quantized_folder(cfg, variant, root)
-        for number, variant in enumerate(variants, 1):
-            elapsed = time.perf_counter() - started
-            _say(cfg, f"[bench {number}/{len(variants)}] {variant.name}  (elapsed {elapsed / 60:.1f} min)")
-            paths.append(run_variant(cfg, variant, root))
-    except KeyboardInterrupt:
-        made = sum(1 for v in quantized if quantized_path(cfg, v, root).exists())
-        keep(f"{made} of {len(quantized)} checkpoints and {len(paths)} of {len(variants)} benchmark results are kept "
-             f"in {root}: run the same command again to continue from there")
-        raise
+    paths = executor.run(cfg, variants, root)
     report = Path(cfg.report or Path("reports") / cfg.name)
     build_report(paths, report, cfg.title or f"{cfg.model} sweep on {cfg.device}: {cfg.name}",
                  reproduce=[" ".join(command)], notes=list(cfg.notes) + notes, force=True)
