@@ -466,19 +466,27 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue a stage that was stopped half-way (finished "
                    "stages are reused in any case)")
     p.add_argument("--device", help="override the recipe's device (cpu, cuda, auto)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where the stages and bench rows run: local (default) or ray (each one a Ray task; the "
+                        "stages' folders must be on a disk the workers share)")
+    p.add_argument("--address", help="ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto; default: a "
+                                     "local instance of this machine's CPUs)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
 def _recipe_run(args: argparse.Namespace) -> int:
     from compress.recipe.config import load_recipe
 
-    overrides = {k: v for k, v in (("device", args.device), ("progress", args.progress)) if v is not None}
+    given = (("device", args.device), ("progress", args.progress), ("executor", args.executor),
+             ("address", args.address))
+    overrides = {k: v for k, v in given if v is not None}
     recipe, stages = load_recipe(args.recipe, overrides)
     from compress.recipe.run import run_recipe
 
     threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
-    command = threads + ["compress", "recipe", "run", str(args.recipe)] + (["--device", args.device] if args.device
-                                                                           else [])
+    command = threads + ["compress", "recipe", "run", str(args.recipe)] + [
+        item for flag, value in (("--device", args.device), ("--executor", args.executor),
+                                 ("--address", args.address)) if value for item in (flag, value)]
     report = run_recipe(recipe, stages, args.resume, command)
     print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
     return 0

@@ -14,14 +14,83 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 from compress.errors import UserError
 from compress.interrupt import keep
 
 if TYPE_CHECKING:
     from compress.sweep import SweepConfig, Variant
+
+
+@dataclass
+class ExecutorSettings:
+    """Where work runs, and what each Ray task asks for (a sweep's and a recipe's YAML keys)."""
+    executor: str = "local"
+    """local (one after another here) or ray (one Ray task per variant or stage; the [ray] extra)."""
+    address: str | None = None
+    """ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto); none starts a local instance."""
+    ray_cpus: int = 2
+    """ray: CPUs each task requests, and its OMP_NUM_THREADS."""
+    ray_gpus: float | None = None
+    """ray: GPUs each task requests (default 1 where the device is CUDA, else 0)."""
+    ray_memory_gb: float | None = None
+    """ray: memory each task declares to the scheduler (default none)."""
+    ray_retries: int = 2
+    """ray: times a task is run again when its worker dies."""
+
+
+def task_resources(settings: ExecutorSettings, device: str) -> dict:
+    """What one Ray task declares: CPUs (and its OMP threads), GPUs, memory, retries, the driver's COMPRESS_*."""
+    gpus = settings.ray_gpus if settings.ray_gpus is not None else (1 if device.startswith("cuda") else 0)
+    needs = {"num_cpus": settings.ray_cpus, "num_gpus": gpus, "max_retries": settings.ray_retries,
+             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(settings.ray_cpus), **_forwarded_env()}}}
+    if settings.ray_memory_gb:
+        needs["memory"] = int(settings.ray_memory_gb * 2**30)
+    return needs
+
+
+@contextmanager
+def ray_session(address: str | None, show_logs: bool) -> Iterator:
+    """Ray, connected to ``address`` (or a local instance of this machine's CPUs), shut down afterwards."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install 'compress-workbench[ray]'") from None
+    import logging
+
+    if address and address != "auto":
+        check_answers(address)
+    options = dict(include_dashboard=False, log_to_driver=show_logs, logging_level=logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:  # a local instance, gone when the work ends
+            ray.init(num_cpus=os.cpu_count(), **options)
+    except ConnectionError as exc:
+        raise UserError(f"no Ray cluster answers at {address}: start one (`ray start --head`) or check --address "
+                        f"({str(exc).splitlines()[0][:120]})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def ray_result(ray, ref, what: str, retries: int):
+    """A finished task's value; its user error as ours (one line), a worker that kept dying as one line too."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        if isinstance(cause, UserError):
+            raise UserError(f"{what}: {cause}") from None
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        raise UserError(f"{what}: its worker died {retries + 1} times ({type(exc).__name__}): lower the load or "
+                        "raise ray_retries") from None
 
 
 class Executor:
@@ -76,34 +145,6 @@ class RayExecutor(Executor):
     def __init__(self, address: str | None = None):
         self.address = address
 
-    def _connect(self, cfg):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--executor ray needs Ray: pip install 'compress-workbench[ray]'") from None
-        import logging
-
-        if self.address and self.address != "auto":
-            check_answers(self.address)
-        options = dict(include_dashboard=False, log_to_driver=cfg.progress, logging_level=logging.ERROR)
-        try:
-            if self.address:
-                ray.init(address=self.address, **options)
-            else:  # a local instance of this machine's CPUs, gone when the sweep ends
-                ray.init(num_cpus=os.cpu_count(), **options)
-        except ConnectionError as exc:
-            raise UserError(f"no Ray cluster answers at {self.address}: start one (`ray start --head`) or check "
-                            f"--address ({str(exc).splitlines()[0][:120]})") from None
-        return ray
-
-    def resources(self, cfg) -> dict:
-        gpus = cfg.ray_gpus if cfg.ray_gpus is not None else (1 if cfg.device.startswith("cuda") else 0)
-        needs = {"num_cpus": cfg.ray_cpus, "num_gpus": gpus, "max_retries": cfg.ray_retries,
-                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.ray_cpus), **_forwarded_env()}}}
-        if cfg.ray_memory_gb:
-            needs["memory"] = int(cfg.ray_memory_gb * 2**30)
-        return needs
-
     def run(self, cfg, variants, root):
         from compress.bench.result import BenchResult
         from compress.sweep import _say, kept_result, result_path
@@ -116,36 +157,25 @@ class RayExecutor(Executor):
         todo = [v for v in variants if v.name not in paths]
         if not todo:
             return [paths[v.name] for v in variants]
-        ray = self._connect(cfg)
         started = time.perf_counter()
-        try:
-            needs = self.resources(cfg)
-            task = ray.remote(variant_task).options(**needs)
-            pending = {task.remote(cfg, variant, str(root.resolve())): variant for variant in todo}
-            gpus = f", {needs['num_gpus']} GPU" if needs["num_gpus"] else ""
-            _say(cfg, f"{len(pending)} variants sent to Ray ({cfg.ray_cpus} CPUs{gpus} each)")
-            while pending:
-                (done,), _ = ray.wait(list(pending), num_returns=1)
-                variant = pending.pop(done)
-                try:
-                    data = ray.get(done)
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.as_instanceof_cause()
-                    if isinstance(cause, UserError):
-                        raise UserError(f"variant {variant.name}: {cause}") from None
-                    raise
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
-                    raise UserError(f"variant {variant.name}: its worker died {cfg.ray_retries + 1} times "
-                                    f"({type(exc).__name__}): lower the load or raise ray_retries") from None
-                paths[variant.name] = BenchResult.from_dict(data).write(result_path(root, variant))
-                _say(cfg, f"[done {len(paths)}/{len(variants)}] {variant.name}  (elapsed "
-                          f"{(time.perf_counter() - started) / 60:.1f} min)")
-        except KeyboardInterrupt:
-            keep(f"{len(paths)} of {len(variants)} benchmark results are kept in {root / 'results'}: run the same "
-                 "command again to continue from there")
-            raise
-        finally:
-            ray.shutdown()
+        with ray_session(self.address, cfg.progress) as ray:
+            try:
+                needs = task_resources(cfg, cfg.device)
+                task = ray.remote(variant_task).options(**needs)
+                pending = {task.remote(cfg, variant, str(root.resolve())): variant for variant in todo}
+                gpus = f", {needs['num_gpus']} GPU" if needs["num_gpus"] else ""
+                _say(cfg, f"{len(pending)} variants sent to Ray ({cfg.ray_cpus} CPUs{gpus} each)")
+                while pending:
+                    (done,), _ = ray.wait(list(pending), num_returns=1)
+                    variant = pending.pop(done)
+                    data = ray_result(ray, done, f"variant {variant.name}", cfg.ray_retries)
+                    paths[variant.name] = BenchResult.from_dict(data).write(result_path(root, variant))
+                    _say(cfg, f"[done {len(paths)}/{len(variants)}] {variant.name}  (elapsed "
+                              f"{(time.perf_counter() - started) / 60:.1f} min)")
+            except KeyboardInterrupt:
+                keep(f"{len(paths)} of {len(variants)} benchmark results are kept in {root / 'results'}: run the "
+                     "same command again to continue from there")
+                raise
         return [paths[v.name] for v in variants]
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from compress.bench.command import bench_in_child
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
-from compress.executors import make_executor
+from compress.executors import ExecutorSettings, make_executor
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(ExecutorSettings):
     model: str = "smollm2-135m"
     name: str | None = None
     """Sweep name (default: the config file's stem): runs/<name>/ and reports/<name>/."""
@@ -70,19 +70,6 @@ class SweepConfig:
     isolate: bool = True
     """Benchmark each variant in its own process (honest peak memory)."""
     progress: bool = True
-    # Where the variants run (compress.executors)
-    executor: str = "local"
-    """local (one after another here) or ray (one Ray task per variant; the [ray] extra)."""
-    address: str | None = None
-    """ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto); none starts a local instance."""
-    ray_cpus: int = 2
-    """ray: CPUs each variant's task requests, and its OMP_NUM_THREADS."""
-    ray_gpus: float | None = None
-    """ray: GPUs each task requests (default 1 on a CUDA sweep, else 0)."""
-    ray_memory_gb: float | None = None
-    """ray: memory each task declares to the scheduler (default none)."""
-    ray_retries: int = 2
-    """ray: times a task is run again when its worker dies."""
 
 
 @dataclass

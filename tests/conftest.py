@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Before torch is imported: two cores, and oversubscription makes GPTQ many times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -138,3 +140,35 @@ def deep_llama(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray instance of 2 CPUs, as a user starts one (`ray start --head`), stopped afterwards."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    # Token authentication is Ray's default for clusters users start; this throwaway one is local only, and the
+    # drivers below (this process and its children) are told so through RAY_AUTH_MODE.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port),
+                              "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    yield f"127.0.0.1:{port}"
+    subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,7 @@ from compress.bench.result import BenchResult
 from compress.cli import main
 from compress.errors import UserError
 from compress.executors import check_answers, make_executor
-from tests.conftest import assert_same_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import assert_same_checkpoint, free_port
 
 
 def test_an_unknown_executor_or_a_stray_address_is_refused():
@@ -40,7 +33,7 @@ def test_an_unknown_executor_or_a_stray_address_is_refused():
 def test_a_cluster_that_does_not_answer_is_one_line_at_once(tmp_path, calib_file, eval_file, capsys):
     pytest.importorskip("ray")
     config = sweep_yaml(tmp_path, calib_file, eval_file)
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     started = time.perf_counter()
     assert main(["sweep", str(config), "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -62,30 +55,6 @@ def sweep_yaml(tmp_path, calib_file, eval_file, **changes) -> Path:
 
 def perplexities(root: Path) -> dict[str, float]:
     return {p.stem: BenchResult.read(p).accuracy.perplexity.perplexity for p in sorted((root / "results").glob("*.json"))}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A local Ray instance of 2 CPUs, as a user starts one (`ray start --head`), stopped afterwards."""
-    pytest.importorskip("ray")
-    ray_bin = Path(sys.executable).parent / "ray"
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    # Token authentication is Ray's default for clusters users start; this throwaway one is local only, and the
-    # drivers below (this process and its children) are told so through RAY_AUTH_MODE.
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port),
-                              "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats"],
-                             capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stderr[-2000:]
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
+from compress.executors import ExecutorSettings
 
 STAGE_KEYS = ("name", "bench")
 """Keys a stage may hold beside its kind."""
@@ -43,7 +44,7 @@ class Stage:
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(ExecutorSettings):
     model: str = "smollm2-135m"
     name: str | None = None
     runs: str = "runs"
@@ -108,6 +109,9 @@ def load_recipe(path: Path, overrides: dict | None = None) -> tuple[RecipeConfig
     values = check_fields(RecipeConfig, read_yaml_mapping(path), origin)
     cfg = RecipeConfig(**(values | (overrides or {})))
     check_reference(cfg.model)
+    from compress.executors import make_executor
+
+    make_executor(cfg.executor, cfg.address)  # a bad executor or address, before any work
     cfg.name = cfg.name or path.stem
     check_bench_settings(cfg.bench, origin)
     stages = cfg.parsed_stages(origin)

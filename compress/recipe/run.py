@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,60 +68,138 @@ def bench_request(recipe: RecipeConfig, name: str, model: str, out: Path):
                         **({"dtype": recipe.base_dtype} if name == "base" and "dtype" not in recipe.bench else {}))
 
 
-def bench_row(recipe: RecipeConfig, name: str, model: str, identity: str, root: Path) -> Path:
-    """The bench result of one row, measured in a child process unless a result with the same fingerprint exists."""
-    from compress.bench.command import bench_in_child
-    from compress.bench.result import BenchResult, SweepTag
+def _bench_fingerprint(recipe: RecipeConfig, identity: str) -> str:
+    return fingerprint({"version": FINGERPRINT_VERSION, "row": identity, "bench": recipe.bench,
+                        "base_dtype": recipe.base_dtype, "device": recipe.device})
+
+
+def kept_row(recipe: RecipeConfig, name: str, identity: str, root: Path) -> Path | None:
+    """A row's result from an earlier run, if made with the same stage and bench settings (else it is removed)."""
+    from compress.bench.result import BenchResult
 
     path = root / "results" / f"{name}.json"
-    fp = fingerprint({"version": FINGERPRINT_VERSION, "row": identity, "bench": recipe.bench,
-                      "base_dtype": recipe.base_dtype, "device": recipe.device})
-    if path.is_file():
-        try:
-            kept = BenchResult.read(path)
-            if kept.sweep is not None and kept.sweep.fingerprint == fp:
-                _say(recipe, f"  reusing {path}")
-                return path
-        except UserError:  # damaged or foreign: measured again
-            pass
-        path.unlink()
-    result = bench_in_child(bench_request(recipe, name, model, path))
-    result.sweep = SweepTag(recipe.name, {"stage": name, "model": model}, fp)
-    result.write(path)
-    return path
+    if not path.is_file():
+        return None
+    try:
+        kept = BenchResult.read(path)
+        if kept.sweep is not None and kept.sweep.fingerprint == _bench_fingerprint(recipe, identity):
+            _say(recipe, f"  reusing {path}")
+            return path
+    except UserError:  # damaged or foreign: measured again
+        pass
+    path.unlink()
+    return None
+
+
+def measure_row(recipe: RecipeConfig, name: str, model: str, identity: str) -> dict:
+    """One row benchmarked in a child process (its peak memory its own), tagged; -> the result as a dict."""
+    import tempfile
+
+    from compress.bench.command import bench_in_child
+    from compress.bench.result import SweepTag
+
+    with tempfile.TemporaryDirectory(prefix="compress-row-") as tmp:
+        result = bench_in_child(bench_request(recipe, name, model, Path(tmp) / f"{name}.json"))
+    result.sweep = SweepTag(recipe.name, {"stage": name, "model": model}, _bench_fingerprint(recipe, identity))
+    return result.to_dict()
+
+
+def run_stage(stage: Stage, recipe: RecipeConfig, source: str, out: str, resume: bool) -> None:
+    """One stage, here or on a Ray worker (which must see ``source`` and ``out``: a shared disk on a cluster)."""
+    STAGE_KINDS[stage.kind].run(stage, recipe, source, Path(out), resume)
+
+
+class _Here:
+    """Runs the work in this process, one piece after another."""
+
+    def stage(self, stage, recipe, source, out, resume):
+        run_stage(stage, recipe, source, str(out), resume)
+
+    def rows(self, recipe, rows, on_done):
+        for name, model, identity in rows:
+            on_done(name, measure_row(recipe, name, model, identity))
+
+
+class _OnRay:
+    """Each stage one Ray task (in order: each reads the one before), the bench rows Ray tasks gathered as they
+    finish; every task declares what it needs (compress.executors.task_resources)."""
+
+    def __init__(self, ray, recipe: RecipeConfig):
+        from compress.executors import task_resources
+
+        self.ray, self.retries = ray, recipe.ray_retries
+        self.needs = task_resources(recipe, recipe.device)
+
+    def stage(self, stage, recipe, source, out, resume):
+        from compress.executors import ray_result
+
+        ref = self.ray.remote(run_stage).options(**self.needs).remote(stage, recipe, source, str(out), resume)
+        ray_result(self.ray, ref, stage.label, self.retries)
+
+    def rows(self, recipe, rows, on_done):
+        from compress.executors import ray_result
+
+        task = self.ray.remote(measure_row).options(**self.needs)
+        pending = {task.remote(recipe, name, model, identity): name for name, model, identity in rows}
+        while pending:
+            (done,), _ = self.ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done)
+            on_done(name, ray_result(self.ray, done, f"bench of {name}", self.retries))
+
+
+@contextmanager
+def _runner(recipe: RecipeConfig):
+    if recipe.executor == "ray":
+        from compress.executors import ray_session
+
+        with ray_session(recipe.address, recipe.progress) as ray:
+            yield _OnRay(ray, recipe)
+    else:
+        yield _Here()
 
 
 def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command: list[str]) -> Path:
+    from compress.bench.result import BenchResult
     from compress.bench.run import ensure_reference
     from compress.report import build_report
     from compress.runtime import resolve_device
 
-    resolve_device(recipe.device)
-    root = Path(recipe.runs) / recipe.name
+    if recipe.executor == "local":
+        resolve_device(recipe.device)  # on Ray the workers' devices count, not the driver's
+    root = (Path(recipe.runs) / recipe.name).resolve()
     started = time.perf_counter()
     base = base_identity(recipe.model)
     planned = plan(recipe, stages, root, base)
-    _say(recipe, f"recipe {recipe.name}: {len(planned)} stages on {recipe.model} ({recipe.device}) -> {root}")
+    _say(recipe, f"recipe {recipe.name}: {len(planned)} stages on {recipe.model} ({recipe.device}, "
+                 f"{recipe.executor} executor) -> {root}")
     source, done = recipe.model, 0
+    paths: dict[str, Path] = {}
+    rows = [("base", recipe.model, base)] + [(p.stage.name, str(p.output), p.fingerprint) for p in planned
+                                             if p.stage.bench]
     try:
-        for number, item in enumerate(planned, 1):
-            stage = item.stage
-            if item.output.exists():
-                _say(recipe, f"[stage {number}/{len(planned)}] {stage.name} ({stage.kind}): reusing {item.output}")
-            else:
-                _say(recipe, f"[stage {number}/{len(planned)}] {stage.name} ({stage.kind}) -> {item.output}  "
-                             f"(elapsed {(time.perf_counter() - started) / 60:.1f} min)")
-                item.output.parent.mkdir(parents=True, exist_ok=True)
-                STAGE_KINDS[stage.kind].run(stage, recipe, source, item.output, resume)
-            source, done = str(item.output), number
-        ensure_reference(bench_request(recipe, "base", recipe.model, Path("unused")))
-        rows = [("base", recipe.model, base)] + [(p.stage.name, str(p.output), p.fingerprint) for p in planned
-                                                 if p.stage.bench]
-        paths = []
-        for number, (name, model, identity) in enumerate(rows, 1):
-            _say(recipe, f"[bench {number}/{len(rows)}] {name}  (elapsed {(time.perf_counter() - started) / 60:.1f} "
-                         "min)")
-            paths.append(bench_row(recipe, name, model, identity, root))
+        with _runner(recipe) as runner:
+            for number, item in enumerate(planned, 1):
+                stage = item.stage
+                if item.output.exists():
+                    _say(recipe, f"[stage {number}/{len(planned)}] {stage.name} ({stage.kind}): reusing {item.output}")
+                else:
+                    _say(recipe, f"[stage {number}/{len(planned)}] {stage.name} ({stage.kind}) -> {item.output}  "
+                                 f"(elapsed {(time.perf_counter() - started) / 60:.1f} min)")
+                    item.output.parent.mkdir(parents=True, exist_ok=True)
+                    runner.stage(stage, recipe, source, item.output, resume)
+                source, done = str(item.output), number
+            ensure_reference(bench_request(recipe, "base", recipe.model, Path("unused")))
+            for name, _, identity in rows:
+                kept = kept_row(recipe, name, identity, root)
+                if kept is not None:
+                    paths[name] = kept
+
+            def finished(name: str, data: dict) -> None:
+                paths[name] = BenchResult.from_dict(data).write(root / "results" / f"{name}.json")
+                _say(recipe, f"[bench {len(paths)}/{len(rows)}] {name}  (elapsed "
+                             f"{(time.perf_counter() - started) / 60:.1f} min)")
+
+            runner.rows(recipe, [row for row in rows if row[0] not in paths], finished)
     except KeyboardInterrupt:
         keep(f"{done} of {len(planned)} stages are finished in {root / 'stages'}: run the same command again "
              "(with --resume to continue a stage that was stopped half-way) to go on from there")
@@ -130,7 +209,7 @@ def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command:
     for item in planned:
         notes += STAGE_KINDS[item.stage.kind].notes(item.stage, item.output)
     report = Path(recipe.report or Path("reports") / recipe.name)
-    build_report(paths, report, recipe.title or f"{recipe.model} recipe: {recipe.name}",
+    build_report([paths[name] for name, _, _ in rows], report, recipe.title or f"{recipe.model} recipe: {recipe.name}",
                  reproduce=[" ".join(command)], notes=notes, force=True)
     return report
 

@@ -125,3 +125,20 @@ def test_committed_recipes_are_valid(path):
 
     recipe_config, stages = load_recipe(path)
     assert recipe_config.name == path.stem and stages
+
+
+@pytest.mark.slow
+def test_a_recipe_on_ray_makes_what_it_makes_here(ray_cluster, finished, tmp_path, calib_file, eval_file):
+    """Each stage one Ray task on a 2-CPU instance the test starts, each bench row another: the same stage
+    outputs, fingerprints and figures as the local run."""
+    values = recipe(tmp_path, calib_file, eval_file, executor="ray", address=ray_cluster, ray_cpus=1)
+    assert main(["recipe", "run", str(write(tmp_path, values))]) == 0
+    assert stage_folders(tmp_path) == stage_folders(finished)
+    stages = tmp_path / "runs" / "tiny" / "stages"
+    for folder in stage_folders(finished):
+        ours, theirs = stages / folder, finished / "runs" / "tiny" / "stages" / folder
+        assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    ppl = {p.stem: BenchResult.read(p).accuracy.perplexity.perplexity
+           for p in (tmp_path / "runs" / "tiny" / "results").glob("*.json")}
+    assert ppl == {p.stem: BenchResult.read(p).accuracy.perplexity.perplexity
+                   for p in (finished / "runs" / "tiny" / "results").glob("*.json")}
