@@ -427,37 +427,45 @@ def _report_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- compress sweep -------------------------------------------------------------------------------
+# --- compress sweep and compress recipe run (a matrix, or a chain, of runs: here or on Ray) --------
 
 
-def _sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="sweep YAML (see configs/sweep/)")
+def _executor_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--device", help="override the config's device (cpu, cuda, auto)")
     p.add_argument("--executor", choices=["local", "ray"],
-                   help="where the variants run: local (default: one after another here) or ray (one Ray task per "
-                        "variant, results gathered as they finish; the [ray] extra)")
+                   help=f"where the {what} run: local (default: one after another here) or ray (each one a Ray task, "
+                        "gathered as they finish; the [ray] extra)")
     p.add_argument("--address", help="ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto; default: a "
                                      "local instance of this machine's CPUs)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
+def _executor_overrides(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """(the config keys the command line overrides, those options as the reproduce line shows them)."""
+    given = {"device": args.device, "progress": args.progress, "executor": args.executor, "address": args.address}
+    shown = [item for key in ("device", "executor", "address") if given[key]
+             for item in (f"--{key}", given[key])]
+    return {k: v for k, v in given.items() if v is not None}, shown
+
+
+def _reproduce(*words: str) -> list[str]:
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
+    return threads + ["compress", *words]
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="sweep YAML (see configs/sweep/)")
+    _executor_args(p, "variants")
+
+
 def _sweep_run(args: argparse.Namespace) -> int:
     from compress.sweep import load_config, run_sweep
 
-    given = (("device", args.device), ("progress", args.progress), ("executor", args.executor),
-             ("address", args.address))
-    overrides = {k: v for k, v in given if v is not None}
+    overrides, shown = _executor_overrides(args)
     cfg = load_config(args.config, overrides)
-    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
-    command = threads + ["compress", "sweep", str(args.config)] + [
-        item for flag, value in (("--device", args.device), ("--executor", args.executor),
-                                 ("--address", args.address)) if value for item in (flag, value)]
-    report = run_sweep(cfg, command)
+    report = run_sweep(cfg, _reproduce("sweep", str(args.config), *shown))
     print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
     return 0
-
-
-# --- compress recipe run ---------------------------------------------------------------------------
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -465,29 +473,17 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="recipe YAML (see configs/recipes/)")
     p.add_argument("--resume", action="store_true", help="continue a stage that was stopped half-way (finished "
                    "stages are reused in any case)")
-    p.add_argument("--device", help="override the recipe's device (cpu, cuda, auto)")
-    p.add_argument("--executor", choices=["local", "ray"],
-                   help="where the stages and bench rows run: local (default) or ray (each one a Ray task; the "
-                        "stages' folders must be on a disk the workers share)")
-    p.add_argument("--address", help="ray: the cluster's address (HOST:PORT, ray://HOST:PORT or auto; default: a "
-                                     "local instance of this machine's CPUs)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+    _executor_args(p, "stages and bench rows")
 
 
 def _recipe_run(args: argparse.Namespace) -> int:
     from compress.recipe.config import load_recipe
 
-    given = (("device", args.device), ("progress", args.progress), ("executor", args.executor),
-             ("address", args.address))
-    overrides = {k: v for k, v in given if v is not None}
+    overrides, shown = _executor_overrides(args)
     recipe, stages = load_recipe(args.recipe, overrides)
     from compress.recipe.run import run_recipe
 
-    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
-    command = threads + ["compress", "recipe", "run", str(args.recipe)] + [
-        item for flag, value in (("--device", args.device), ("--executor", args.executor),
-                                 ("--address", args.address)) if value for item in (flag, value)]
-    report = run_recipe(recipe, stages, args.resume, command)
+    report = run_recipe(recipe, stages, args.resume, _reproduce("recipe", "run", str(args.recipe), *shown))
     print(f"report written: {report / 'README.md'} and {report / 'report.html'}")
     return 0
 

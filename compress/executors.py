@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
@@ -41,6 +41,24 @@ class ExecutorSettings:
     """ray: memory each task declares to the scheduler (default none)."""
     ray_retries: int = 2
     """ray: times a task is run again when its worker dies."""
+
+
+@dataclass
+class BatchSettings(ExecutorSettings):
+    """What a batch of runs on one model shares (a sweep's matrix, a recipe's chain): the model, where its outputs
+    and report go, the device, and where the work executes."""
+    model: str = "smollm2-135m"
+    name: str | None = None
+    """The batch's name (default: the config file's stem): runs/<name>/ and reports/<name>/."""
+    runs: str = "runs"
+    """Outputs (checkpoints, stages, bench results) go to <runs>/<name>/."""
+    report: str | None = None
+    """Report folder (default reports/<name>)."""
+    title: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """Lines for the report's Notes section (what a reader should know about this batch)."""
+    device: str = "cpu"
+    progress: bool = True
 
 
 def task_resources(settings: ExecutorSettings, device: str) -> dict:

@@ -20,23 +20,13 @@ from pathlib import Path
 from compress.bench.command import bench_in_child
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
-from compress.executors import ExecutorSettings, make_executor
+from compress.executors import BatchSettings, make_executor
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
-class SweepConfig(ExecutorSettings):
-    model: str = "smollm2-135m"
-    name: str | None = None
-    """Sweep name (default: the config file's stem): runs/<name>/ and reports/<name>/."""
-    runs: str = "runs"
-    report: str | None = None
-    """Report folder (default reports/<name>)."""
-    title: str | None = None
-    notes: list[str] = field(default_factory=list)
-    """Lines for the report's Notes section (what a reader should know about this matrix)."""
-    device: str = "cpu"
+class SweepConfig(BatchSettings):
     dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
     """Dense baselines; the first is the base every variant is compared with."""
     methods: list[str] = field(default_factory=lambda: ["rtn", "gptq"])
@@ -69,7 +59,6 @@ class SweepConfig(ExecutorSettings):
     repeats: int = 3
     isolate: bool = True
     """Benchmark each variant in its own process (honest peak memory)."""
-    progress: bool = True
 
 
 @dataclass
@@ -267,22 +256,13 @@ def bench_fingerprint(cfg: SweepConfig, variant: Variant) -> str:
 
 
 def kept_result(cfg: SweepConfig, variant: Variant, root: Path) -> Path | None:
-    """The variant's result from an earlier run, if its recorded fingerprint matches these settings; a damaged,
-    foreign or outdated file is removed (the variant is measured again)."""
-    from compress.bench.result import BenchResult
+    """The variant's result from an earlier run with these settings, or None (it is measured again)."""
+    from compress.bench.result import kept_result as kept
 
-    path = result_path(root, variant)
-    if not path.is_file():
-        return None
-    try:
-        kept = BenchResult.read(path)
-        if kept.sweep is not None and kept.sweep.fingerprint == bench_fingerprint(cfg, variant):
-            _say(cfg, f"  reusing {path}")
-            return path
-    except UserError:
-        pass
-    path.unlink()
-    return None
+    path = kept(result_path(root, variant), bench_fingerprint(cfg, variant))
+    if path is not None:
+        _say(cfg, f"  reusing {path}")
+    return path
 
 
 def measure_variant(cfg: SweepConfig, variant: Variant, root: Path, out: Path):

@@ -319,6 +319,21 @@ class BenchResult:
             raise UserError(f"{path} is damaged ({exc}): re-run `compress bench` to write it again")
 
 
+def kept_result(path: Path, fingerprint: str) -> Path | None:
+    """``path`` if it holds a result tagged with ``fingerprint`` (made with the same settings by an earlier run of a
+    sweep or recipe); a damaged, foreign or outdated file there is removed, so the row is measured again."""
+    if not path.is_file():
+        return None
+    try:
+        kept = BenchResult.read(path)
+        if kept.sweep is not None and kept.sweep.fingerprint == fingerprint:
+            return path
+    except UserError:
+        pass
+    path.unlink()
+    return None
+
+
 _V1_FIELDS = {"schema", "schema_version", "name", "model", "base", "memory", "speed", "accuracy", "protocol",
               "environment", "timings_s", "command", "created", "sweep"}
 

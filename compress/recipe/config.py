@@ -21,7 +21,7 @@ from pathlib import Path
 
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
-from compress.executors import ExecutorSettings
+from compress.executors import BatchSettings
 
 STAGE_KEYS = ("name", "bench")
 """Keys a stage may hold beside its kind."""
@@ -44,21 +44,11 @@ class Stage:
 
 
 @dataclass
-class RecipeConfig(ExecutorSettings):
-    model: str = "smollm2-135m"
-    name: str | None = None
-    runs: str = "runs"
-    """Stage outputs and bench results go to <runs>/<name>/."""
-    report: str | None = None
-    """Report folder (default reports/<name>)."""
-    title: str | None = None
-    notes: list[str] = field(default_factory=list)
-    device: str = "cpu"
+class RecipeConfig(BatchSettings):
     bench: dict = field(default_factory=dict)
     """`compress bench` settings (seqlen, windows, tasks, limit, decode_batches, repeats, ...)."""
     base_dtype: str = "float32"
     """dtype the base row is measured in, and the reference every stage's KL is taken against."""
-    progress: bool = True
     stages: list = field(default_factory=list)
 
     def parsed_stages(self, origin: str) -> list[Stage]:

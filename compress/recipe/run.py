@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import UserError
 from compress.interrupt import keep
 from compress.recipe.config import RecipeConfig, Stage
 from compress.recipe.stages import STAGE_KINDS
@@ -74,21 +73,13 @@ def _bench_fingerprint(recipe: RecipeConfig, identity: str) -> str:
 
 
 def kept_row(recipe: RecipeConfig, name: str, identity: str, root: Path) -> Path | None:
-    """A row's result from an earlier run, if made with the same stage and bench settings (else it is removed)."""
-    from compress.bench.result import BenchResult
+    """A row's result from an earlier run with the same stage and bench settings, or None (it is measured again)."""
+    from compress.bench.result import kept_result
 
-    path = root / "results" / f"{name}.json"
-    if not path.is_file():
-        return None
-    try:
-        kept = BenchResult.read(path)
-        if kept.sweep is not None and kept.sweep.fingerprint == _bench_fingerprint(recipe, identity):
-            _say(recipe, f"  reusing {path}")
-            return path
-    except UserError:  # damaged or foreign: measured again
-        pass
-    path.unlink()
-    return None
+    path = kept_result(root / "results" / f"{name}.json", _bench_fingerprint(recipe, identity))
+    if path is not None:
+        _say(recipe, f"  reusing {path}")
+    return path
 
 
 def measure_row(recipe: RecipeConfig, name: str, model: str, identity: str) -> dict:

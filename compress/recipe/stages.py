@@ -43,28 +43,42 @@ class StageKind:
         return ""
 
 
-def _with_device(settings: dict, recipe: RecipeConfig) -> dict:
-    return {"device": recipe.device, **settings}
+class RequestStage(StageKind):
+    """A stage that is one command's request (PruneRequest, QuantizeRequest): its keys checked against the
+    request, then the request's own checks of the method's options."""
 
+    def request_cls(self) -> type:
+        raise NotImplementedError  # pragma: no cover
 
-class PruneStage(StageKind):
-    name = "prune"
+    def check_request(self, request) -> None:
+        """What the command checks before it loads anything."""
+        request.method_config()
 
     def request(self, stage: Stage, recipe: RecipeConfig, source: str, where: str, out: Path | None = None,
                 resume: bool = False):
-        from compress.prune.request import PruneRequest
-
-        values = check_fields(PruneRequest, _with_device(stage.settings, recipe), where)
-        return PruneRequest(**values, model=source, out=str(out) if out else None, resume=resume,
-                            progress=recipe.progress)
+        cls = self.request_cls()
+        values = check_fields(cls, {"device": recipe.device, **stage.settings}, where)
+        return cls(**values, model=source, out=str(out) if out else None, resume=resume, progress=recipe.progress)
 
     def check_settings(self, stage, recipe, where):
         request = self.request(stage, recipe, recipe.model, where)
         try:
-            request.method_config()
-            request.quant_config()
+            self.check_request(request)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
+
+
+class PruneStage(RequestStage):
+    name = "prune"
+
+    def request_cls(self):
+        from compress.prune.request import PruneRequest
+
+        return PruneRequest
+
+    def check_request(self, request):
+        request.method_config()
+        request.quant_config()
 
     def run(self, stage, recipe, source, out, resume):
         from compress.prune.run import prune
@@ -72,24 +86,17 @@ class PruneStage(StageKind):
         prune(self.request(stage, recipe, source, stage.label, out, resume))
 
 
-class QuantizeStage(StageKind):
+class QuantizeStage(RequestStage):
     name = "quantize"
 
-    def request(self, stage: Stage, recipe: RecipeConfig, source: str, where: str, out: Path | None = None,
-                resume: bool = False):
+    def request_cls(self):
         from compress.quant.request import QuantizeRequest
 
-        values = check_fields(QuantizeRequest, _with_device(stage.settings, recipe), where)
-        return QuantizeRequest(**values, model=source, out=str(out) if out else None, resume=resume,
-                               progress=recipe.progress)
+        return QuantizeRequest
 
-    def check_settings(self, stage, recipe, where):
-        request = self.request(stage, recipe, recipe.model, where)
-        try:
-            request.method_config()
-            request.head_config()
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
+    def check_request(self, request):
+        request.method_config()
+        request.head_config()
 
     def run(self, stage, recipe, source, out, resume):
         from compress.api import quantize
