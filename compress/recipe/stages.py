@@ -142,14 +142,15 @@ class DistillStage(StageKind):
         steps = [h for h in manifest["history"] if h.get("event") == "stage"]
         tokens = sum(h["steps"] * config["stages"][h["stage"]]["batch_size"] * config["seqlen"] for h in steps)
         seconds = sum(h["seconds"] for h in steps)
-        parts = ", ".join(f"{h['kind']} {h['steps']} steps ({h['seconds'] / 60:.1f} min)" for h in steps)
+        parts = ", then ".join(f"{h['steps']} steps of its {h['kind']} stage" for h in steps)
         figures = manifest.get("figures") or {}
-        before_after = (f"; its own evaluation: perplexity {figures['student_before']:.2f} before, "
-                        f"{figures['student_after']:.2f} after (teacher {figures['teacher']:.2f})"
+        metric = (manifest.get("eval") or {}).get("metric", "score")
+        before_after = (f" Its own evaluation: {metric} {figures['student_before']:.2f} before, "
+                        f"{figures['student_after']:.2f} after (teacher {figures['teacher']:.2f})."
                         if {"student_before", "student_after", "teacher"} <= set(figures) else "")
-        return [f"{stage.name}: distilled from {manifest['teacher']['reference']} on {config['data']} for "
-                f"{tokens:,} training tokens ({parts}; {seconds / 60:.1f} min of training on {manifest['device']})"
-                f"{before_after}."]
+        return [f"{stage.name}: distilled from {manifest['teacher']['reference']} on {config['data']}, "
+                f"{tokens:,} training tokens ({parts}), {seconds / 60:.1f} min of training on {manifest['device']}."
+                f"{before_after}"]
 
 
 @dataclasses.dataclass
