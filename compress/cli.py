@@ -300,6 +300,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-batches", dest="decode_batches", type=int, nargs="+", default=[1, 8],
                    help="decode batch sizes (default 1 8)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per speed figure (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=128,
+                   help="prompt length before the timed decode (default 128)")
+    p.add_argument("--task-batch", dest="task_batch", type=int, default=32,
+                   help="classifiers: batch size of the timed pass over the task (default 32)")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", help="write the result JSON here")

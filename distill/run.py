@@ -124,6 +124,23 @@ def finetune_teacher(config: DistillConfig, teacher: nn.Module, tokenizer, resol
     return teacher.eval(), info | {"path": str(folder)}
 
 
+def fine_tuned_teacher(config: DistillConfig, out: Path) -> Path:
+    """The teacher of ``config`` fine-tuned on its task (its ``finetune`` section), written to ``out`` as an
+    ordinary classifier folder with the fine-tune's record (a recipe's ``finetune`` stage)."""
+    device = resolve_device(config.device)
+    teacher, tokenizer, kind, resolved = load_teacher(config, device)
+    if kind != "classifier":
+        raise UserError(f"{config.teacher} is a {kind}, not an encoder a classifier head can be trained on: "
+                        "fine-tune stages are for classifiers")
+    refuse_source_overlap(out, resolved.path)
+    model, info = finetune_teacher(config, teacher, tokenizer, resolved, device)
+    with atomic_folder(out, force=False, source=resolved.path) as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(info | {"teacher": config.teacher}, indent=1))
+    return out
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 

@@ -13,20 +13,25 @@ from compress.errors import UserError
 from compress.interrupt import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 
+_VALUE_FLAGS = ("base", "name", "device", "dtype", "base_dtype", "transform", "backend", "eval", "seqlen", "bos",
+                "windows", "batch_size", "top_k", "task", "limit", "num_fewshot", "decode_tokens", "prompt_tokens",
+                "task_batch", "warmup", "repeats", "out")
+"""BenchRequest fields passed as ``--flag value`` (underscores as dashes)."""
+
+
 def bench_command(request) -> list[str]:
-    """The `compress bench` command line of a request (run as a child process)."""
-    args = [sys.executable, "-m", "compress.cli", "bench", request.model, "--base", request.base, "--name",
-            request.name, "--device", request.device, "--dtype", request.dtype, "--base-dtype", request.base_dtype,
-            "--eval", request.eval, "--top-k", str(request.top_k), "--decode-tokens", str(request.decode_tokens),
-            "--decode-batches", *map(str, request.decode_batches), "--repeats", str(request.repeats),
-            "--out", request.out]
-    for flag, value in (("--seqlen", request.seqlen), ("--windows", request.windows),
-                        ("--transform", request.transform), ("--tasks", ",".join(request.tasks or []) or None),
-                        ("--limit", request.limit), ("--num-fewshot", request.num_fewshot or None)):
+    """The `compress bench` command line of a request (run as a child process): every setting it holds, so the
+    child measures exactly what was asked (a test parses it back into the same request)."""
+    args = [sys.executable, "-m", "compress.cli", "bench", request.model]
+    for name in _VALUE_FLAGS:
+        value = getattr(request, name)
         if value is not None:
-            args += [flag, str(value)]
-    if not request.progress:
-        args.append("--no-progress")
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    args += ["--decode-batches", *map(str, request.decode_batches)]
+    if request.tasks:
+        args += ["--tasks", ",".join(request.tasks)]
+    args += [flag for flag, on in (("--no-speed", not request.speed), ("--no-progress", not request.progress),
+                                   ("--trust-remote-code", request.trust_remote_code)) if on]
     return args
 
 

@@ -37,6 +37,8 @@ class Stage:
     name: str
     bench: bool = True
     index: int = 0
+    previous_kind: str | None = None
+    """The kind of the stage before (None for the first): a distillation after a fine-tune distils from it."""
 
     @property
     def label(self) -> str:
@@ -49,6 +51,9 @@ class RecipeConfig(BatchSettings):
     """`compress bench` settings (seqlen, windows, tasks, limit, decode_batches, repeats, ...)."""
     base_dtype: str = "float32"
     """dtype the base row is measured in, and the reference every stage's KL is taken against."""
+    bench_base: bool = True
+    """Measure the base model as a row. Turn off where it cannot be measured on the task (a bare encoder before
+    its fine-tune stage): the largest dense row is then the report's base."""
     stages: list = field(default_factory=list)
 
     def parsed_stages(self, origin: str) -> list[Stage]:
@@ -80,7 +85,7 @@ class RecipeConfig(BatchSettings):
             bench = entry.get("bench", True)
             if not isinstance(bench, bool):
                 raise UserError(f"'bench' in {where} must be true or false, not {bench!r}")
-            parsed.append(Stage(kind, dict(settings), name, bench, index))
+            parsed.append(Stage(kind, dict(settings), name, bench, index, parsed[-1].kind if parsed else None))
         names = [s.name for s in parsed]
         repeated = next((n for n in names if names.count(n) > 1), None)
         if repeated:

@@ -59,10 +59,22 @@ def plan(recipe: RecipeConfig, stages: list[Stage], root: Path, base: str) -> li
     return planned
 
 
-def bench_request(recipe: RecipeConfig, name: str, model: str, out: Path):
+def base_is_language_model(recipe: RecipeConfig) -> bool:
+    """Whether rows are compared with the base by KL and top-1 (a causal LM's next-token distributions); a
+    classifier recipe is compared by task accuracy, row against row."""
+    from transformers import AutoConfig
+
+    from compress.models import is_causal_lm, resolve
+
+    resolved = resolve(recipe.model)
+    return is_causal_lm(AutoConfig.from_pretrained(resolved.path))
+
+
+def bench_request(recipe: RecipeConfig, name: str, model: str, out: Path, compare: bool = True):
     from compress.bench.run import BenchRequest
 
-    return BenchRequest(**{"speed": True, **recipe.bench}, model=model, base=recipe.model, name=name,
+    return BenchRequest(**{"speed": True, **recipe.bench}, model=model, base=recipe.model if compare else None,
+                        name=name,
                         device=recipe.device, base_dtype=recipe.base_dtype, out=str(out), progress=recipe.progress,
                         **({"dtype": recipe.base_dtype} if name == "base" and "dtype" not in recipe.bench else {}))
 
@@ -82,7 +94,7 @@ def kept_row(recipe: RecipeConfig, name: str, identity: str, root: Path) -> Path
     return path
 
 
-def measure_row(recipe: RecipeConfig, name: str, model: str, identity: str) -> dict:
+def measure_row(recipe: RecipeConfig, name: str, model: str, identity: str, compare: bool) -> dict:
     """One row benchmarked in a child process (its peak memory its own), tagged; -> the result as a dict."""
     import tempfile
 
@@ -90,7 +102,7 @@ def measure_row(recipe: RecipeConfig, name: str, model: str, identity: str) -> d
     from compress.bench.result import SweepTag
 
     with tempfile.TemporaryDirectory(prefix="compress-row-") as tmp:
-        result = bench_in_child(bench_request(recipe, name, model, Path(tmp) / f"{name}.json"))
+        result = bench_in_child(bench_request(recipe, name, model, Path(tmp) / f"{name}.json", compare))
     result.sweep = SweepTag(recipe.name, {"stage": name, "model": model}, _bench_fingerprint(recipe, identity))
     return result.to_dict()
 
@@ -106,9 +118,9 @@ class _Here:
     def stage(self, stage, recipe, source, out, resume):
         run_stage(stage, recipe, source, str(out), resume)
 
-    def rows(self, recipe, rows, on_done):
+    def rows(self, recipe, rows, compare, on_done):
         for name, model, identity in rows:
-            on_done(name, measure_row(recipe, name, model, identity))
+            on_done(name, measure_row(recipe, name, model, identity, compare))
 
 
 class _OnRay:
@@ -127,11 +139,11 @@ class _OnRay:
         ref = self.ray.remote(run_stage).options(**self.needs).remote(stage, recipe, source, str(out), resume)
         ray_result(self.ray, ref, stage.label, self.retries)
 
-    def rows(self, recipe, rows, on_done):
+    def rows(self, recipe, rows, compare, on_done):
         from compress.executors import ray_result
 
         task = self.ray.remote(measure_row).options(**self.needs)
-        pending = {task.remote(recipe, name, model, identity): name for name, model, identity in rows}
+        pending = {task.remote(recipe, name, model, identity, compare): name for name, model, identity in rows}
         while pending:
             (done,), _ = self.ray.wait(list(pending), num_returns=1)
             name = pending.pop(done)
@@ -165,8 +177,9 @@ def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command:
                  f"{recipe.executor} executor) -> {root}")
     source, done = recipe.model, 0
     paths: dict[str, Path] = {}
-    rows = [("base", recipe.model, base)] + [(p.stage.name, str(p.output), p.fingerprint) for p in planned
-                                             if p.stage.bench]
+    rows = [("base", recipe.model, base)] * recipe.bench_base + [(p.stage.name, str(p.output), p.fingerprint)
+                                                                 for p in planned if p.stage.bench]
+    compare = base_is_language_model(recipe)
     try:
         with _runner(recipe) as runner:
             for number, item in enumerate(planned, 1):
@@ -179,7 +192,8 @@ def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command:
                     item.output.parent.mkdir(parents=True, exist_ok=True)
                     runner.stage(stage, recipe, source, item.output, resume)
                 source, done = str(item.output), number
-            ensure_reference(bench_request(recipe, "base", recipe.model, Path("unused")))
+            if compare:
+                ensure_reference(bench_request(recipe, "base", recipe.model, Path("unused")))
             for name, _, identity in rows:
                 kept = kept_row(recipe, name, identity, root)
                 if kept is not None:
@@ -190,13 +204,15 @@ def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command:
                 _say(recipe, f"[bench {len(paths)}/{len(rows)}] {name}  (elapsed "
                              f"{(time.perf_counter() - started) / 60:.1f} min)")
 
-            runner.rows(recipe, [row for row in rows if row[0] not in paths], finished)
+            runner.rows(recipe, [row for row in rows if row[0] not in paths], compare, finished)
     except KeyboardInterrupt:
         keep(f"{done} of {len(planned)} stages are finished in {root / 'stages'}: run the same command again "
              "(with --resume to continue a stage that was stopped half-way) to go on from there")
         raise
     notes = list(recipe.notes)
-    notes.append("Stages: " + " -> ".join(["base"] + [f"{p.stage.name} ({p.stage.kind})" for p in planned]) + ".")
+    notes.append("Stages: " + " -> ".join([f"{recipe.model} (base)"] + [f"{p.stage.name} ({p.stage.kind})"
+                                                                        for p in planned])
+                 + "." + ("" if recipe.bench_base else f" {recipe.model} itself is not a row (bench_base: false)."))
     for item in planned:
         notes += STAGE_KINDS[item.stage.kind].notes(item.stage, item.output)
     report = Path(recipe.report or Path("reports") / recipe.name)

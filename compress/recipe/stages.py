@@ -104,13 +104,41 @@ class QuantizeStage(RequestStage):
         quantize(self.request(stage, recipe, source, stage.label, out, resume))
 
 
+class FinetuneStage(StageKind):
+    """Train a classifier head (and the encoder under it) on a labelled task: TinyBERT's task-specific teacher.
+    Settings: ``num_labels`` and the keys of a distill config's ``finetune`` section (data, epochs, lr, ...)."""
+    name = "finetune"
+    reserved = ("model", "out", "progress")
+    OWN_KEYS = ("num_labels", "seqlen", "seed")
+
+    def config(self, stage: Stage, recipe: RecipeConfig, source: str, where: str):
+        from distill.config import config_from_dict
+
+        settings = dict(stage.settings)
+        own = {k: settings.pop(k) for k in self.OWN_KEYS if k in settings}
+        if own.get("num_labels") is None:
+            raise UserError(f"{where} needs num_labels: the classes of the task its head is trained on")
+        return config_from_dict({"teacher": source, "device": recipe.device, "progress": recipe.progress, **own,
+                                 "finetune": settings}, where)
+
+    def check_settings(self, stage, recipe, where):
+        self.config(stage, recipe, recipe.model, where)
+
+    def run(self, stage, recipe, source, out, resume):
+        from distill.run import fine_tuned_teacher
+
+        fine_tuned_teacher(self.config(stage, recipe, source, stage.label), out)
+
+
 class DistillStage(StageKind):
-    """``distill run`` with the recipe's base as the default teacher (Minitron distils from the original) and,
-    after an earlier stage, that stage's output as the student (``student.from_model``)."""
+    """``distill run``. After a ``finetune`` stage, that stage's output is the teacher and ``student:`` shapes the
+    student (TinyBERT). Otherwise the recipe's base is the default teacher (Minitron distils from the original)
+    and an earlier stage's output is the student (``student.from_model``)."""
     name = "distill"
     reserved = ("out", "progress")
 
-    def config(self, stage: Stage, recipe: RecipeConfig, source: str | None, out: Path | None, where: str):
+    def config(self, stage: Stage, recipe: RecipeConfig, source: str | None, out: Path | None, where: str,
+               after_finetune: bool = False):
         from distill.config import config_from_dict
 
         values = {"teacher": recipe.model, "device": recipe.device, **stage.settings,
@@ -119,18 +147,26 @@ class DistillStage(StageKind):
         if isinstance(student, dict) and student.get("from_model") is not None:
             raise UserError(f"key 'student.from_model' in {where} is set by the recipe (the previous stage's "
                             "output): leave it out")
-        if source is not None:
+        if after_finetune:
+            if "teacher" in stage.settings:
+                raise UserError(f"key 'teacher' in {where} is set by the recipe (the fine-tuned model of the stage "
+                                "before): leave it out")
+            values["teacher"] = source
+        elif source is not None:
             values["student"] = {**(student if isinstance(student, dict) else {}), "from_model": source}
         return config_from_dict(values, where)
 
     def check_settings(self, stage, recipe, where):
         # The previous stage's output does not exist yet: its place is checked with a stand-in.
-        self.config(stage, recipe, "the previous stage's output" if stage.index else None, None, where)
+        after = stage.previous_kind == "finetune"
+        self.config(stage, recipe, "the previous stage's output" if stage.index and not after else
+                    (recipe.model if after else None), None, where, after)
 
     def run(self, stage, recipe, source, out, resume):
         from distill.run import run
 
-        run(self.config(stage, recipe, source if stage.index else None, out, stage.label), resume=resume)
+        after = stage.previous_kind == "finetune"
+        run(self.config(stage, recipe, source if stage.index else None, out, stage.label, after), resume=resume)
 
     def notes(self, stage, out):
         from distill.run import MANIFEST
@@ -140,7 +176,10 @@ class DistillStage(StageKind):
         manifest = json.loads((out / MANIFEST).read_text())
         config = manifest["config"]
         steps = [h for h in manifest["history"] if h.get("event") == "stage"]
-        tokens = sum(h["steps"] * config["stages"][h["stage"]]["batch_size"] * config["seqlen"] for h in steps)
+        examples = sum(h["steps"] * config["stages"][h["stage"]]["batch_size"] for h in steps)
+        # A language model trains on windows of seqlen tokens; a classifier on sentences (up to seqlen tokens).
+        budget = (f"{examples * config['seqlen']:,} training tokens" if manifest["kind"] == "lm" else
+                  f"{examples:,} training sentences")
         seconds = sum(h["seconds"] for h in steps)
         parts = ", then ".join(f"{h['steps']} steps of its {h['kind']} stage" for h in steps)
         figures = manifest.get("figures") or {}
@@ -149,7 +188,7 @@ class DistillStage(StageKind):
                         f"{figures['student_after']:.2f} after (teacher {figures['teacher']:.2f})."
                         if {"student_before", "student_after", "teacher"} <= set(figures) else "")
         return [f"{stage.name}: distilled from {manifest['teacher']['reference']} on {config['data']}, "
-                f"{tokens:,} training tokens ({parts}), {seconds / 60:.1f} min of training on {manifest['device']}."
+                f"{budget} ({parts}), {seconds / 60:.1f} min of training on {manifest['device']}."
                 f"{before_after}"]
 
 
@@ -194,5 +233,5 @@ class ExportStage(StageKind):
             export_gguf(source, gguf.type, str(out), keep_float=gguf.keep_float)
 
 
-STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (PruneStage(), DistillStage(), QuantizeStage(),
-                                                                   ExportStage())}
+STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (FinetuneStage(), PruneStage(), DistillStage(),
+                                                                   QuantizeStage(), ExportStage())}

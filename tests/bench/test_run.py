@@ -170,3 +170,23 @@ def test_a_base_benched_alone_fills_the_reference_its_base_runs_need(eval_file, 
     compared = bench(quick(eval_file, base="tiny-llama", speed=False))
     assert compared.base.cached is True and compared.base.cache == str(made)
     assert compared.accuracy.agreement.kl_mean < 1e-6  # the reference is the model's own
+
+
+def test_the_child_command_carries_every_setting():
+    """A sweep's or a recipe's row is measured by `compress bench` in a child: every BenchRequest field must reach
+    it (a recipe's `bench: {speed: false}` was dropped before)."""
+    import dataclasses
+
+    from compress.bench.command import bench_command
+    from compress.cli import build_parser
+
+    changed = BenchRequest(model="m", base="b", name="n", device="cpu", dtype="bfloat16", base_dtype="float32",
+                           transform="torchao-int8wo", backend="dense", eval="e.txt", seqlen=64, bos="yes", windows=3,
+                           batch_size=2, top_k=7, task="t.tsv", tasks=["arc_easy", "piqa"], limit=5, num_fewshot=1,
+                           speed=False, prompt_tokens=16, decode_tokens=4, decode_batches=[1, 4], task_batch=8,
+                           warmup=0, repeats=2, trust_remote_code=True, progress=False, out="o.json")
+    for request in (changed, BenchRequest(model="m", out="o.json")):
+        args = vars(build_parser().parse_args(bench_command(request)[3:]))
+        values = {k: v for k, v in args.items() if k not in ("command", "handler")}
+        assert BenchRequest(**values) == request
+    assert {f.name for f in dataclasses.fields(BenchRequest)} == set(vars(changed))

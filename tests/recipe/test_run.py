@@ -68,7 +68,7 @@ def test_stages_chain_and_every_stage_is_benchmarked(finished):
     assert results["base"].accuracy.agreement.kl_mean < 1e-6 and results["w4"].accuracy.agreement.kl_mean > 0
     assert results["w4"].model.quantization["bits"] == 4
     readme = (finished / "report" / "README.md").read_text()
-    assert "Stages: base -> prune (prune) -> distill (distill) -> w4 (quantize)." in readme
+    assert "Stages: tiny-llama (base) -> prune (prune) -> distill (distill) -> w4 (quantize)." in readme
     assert "training tokens" in readme and "| w4 |" in readme
 
 
@@ -142,3 +142,36 @@ def test_a_recipe_on_ray_makes_what_it_makes_here(ray_cluster, finished, tmp_pat
            for p in (tmp_path / "runs" / "tiny" / "results").glob("*.json")}
     assert ppl == {p.stem: BenchResult.read(p).accuracy.perplexity.perplexity
                    for p in (finished / "runs" / "tiny" / "results").glob("*.json")}
+
+
+def test_the_tinybert_path_fine_tunes_distils_from_it_and_quantizes(tmp_path):
+    """finetune -> distill -> INT8 on a tiny BERT: the distillation's teacher is the fine-tuned stage, the student
+    is shaped by `student:`, and every row is measured by task accuracy (no base row: a bare encoder)."""
+    data = tmp_path / "task.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{'good' if i % 2 else 'bad'} sentence number {i}\t{i % 2}\n"
+                                               for i in range(48)))
+    values = {
+        "model": "tiny-bert", "name": "tiny", "runs": str(tmp_path / "runs"), "report": str(tmp_path / "report"),
+        "device": "cpu", "progress": False, "bench_base": False,
+        "bench": {"task": str(data), "repeats": 1, "decode_batches": [1]},
+        "stages": [
+            {"name": "teacher", "finetune": {"num_labels": 2, "data": str(data), "epochs": 1, "batch_size": 8,
+                                             "lr": 1e-3}},
+            {"name": "student", "distill": {"data": str(data), "eval": str(data), "seqlen": 16,
+                                            "student": {"layers": 1}, "checkpoint_every": 2,
+                                            "stages": [{"kind": "intermediate", "max_steps": 3, "batch_size": 8},
+                                                       {"kind": "prediction", "max_steps": 3, "batch_size": 8}]}},
+            {"name": "int8", "quantize": {"method": "rtn", "bits": 8, "group_size": -1}},
+        ],
+    }
+    assert main(["recipe", "run", str(write(tmp_path, values))]) == 0
+    stages = {p.name.split("-")[1]: p for p in (tmp_path / "runs" / "tiny" / "stages").iterdir()}
+    manifest = json.loads((stages["student"] / "distill.json").read_text())
+    assert manifest["teacher"]["path"] == str(stages["teacher"]) and manifest["student"]["layers"] == 1
+    results = {p.stem: BenchResult.read(p) for p in (tmp_path / "runs" / "tiny" / "results").glob("*.json")}
+    assert set(results) == {"teacher", "student", "int8"}
+    assert all(r.accuracy.task.examples == 48 and r.base is None for r in results.values())
+    assert results["int8"].model.quantization["bits"] == 8
+    readme = (tmp_path / "report" / "README.md").read_text()
+    assert "| base | teacher |" in readme  # the fine-tuned teacher is the row every other is compared with
+    assert "48 training sentences" in readme  # (3 + 3) steps x 8 sentences
