@@ -144,9 +144,10 @@ def test_a_recipe_on_ray_makes_what_it_makes_here(ray_cluster, finished, tmp_pat
                    for p in (finished / "runs" / "tiny" / "results").glob("*.json")}
 
 
-def test_the_tinybert_path_fine_tunes_distils_from_it_and_quantizes(tmp_path):
+def test_the_tinybert_path_fine_tunes_distils_from_it_and_quantizes(tmp_path, monkeypatch):
     """finetune -> distill -> INT8 on a tiny BERT: the distillation's teacher is the fine-tuned stage, the student
     is shaped by `student:`, and every row is measured by task accuracy (no base row: a bare encoder)."""
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))  # the fine-tuned teacher's cache
     data = tmp_path / "task.tsv"
     data.write_text("text\tlabel\n" + "".join(f"{'good' if i % 2 else 'bad'} sentence number {i}\t{i % 2}\n"
                                                for i in range(48)))
