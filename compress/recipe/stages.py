@@ -187,7 +187,9 @@ class DistillStage(StageKind):
         before_after = (f" Its own evaluation: {metric} {figures['student_before']:.2f} before, "
                         f"{figures['student_after']:.2f} after (teacher {figures['teacher']:.2f})."
                         if {"student_before", "student_after", "teacher"} <= set(figures) else "")
-        return [f"{stage.name}: distilled from {manifest['teacher']['reference']} on {config['data']}, "
+        teacher = ("the model of the finetune stage before it" if stage.previous_kind == "finetune"
+                   else manifest["teacher"]["reference"])
+        return [f"{stage.name}: distilled from {teacher} on {config['data']}, "
                 f"{budget} ({parts}), {seconds / 60:.1f} min of training on {manifest['device']}."
                 f"{before_after}"]
 
