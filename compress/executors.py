@@ -202,14 +202,20 @@ def _forwarded_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith("COMPRESS_")}
 
 
-def check_answers(address: str, timeout: float = 5.0) -> None:
-    """A one-line error at once when nothing listens at ``address`` (Ray itself retries for a minute)."""
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address; a malformed one is a one-line error."""
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://head:10001)")
+        raise UserError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://head:10001), or auto")
+    return host, int(port)
+
+
+def check_answers(address: str, timeout: float = 5.0) -> None:
+    """A one-line error at once when nothing listens at ``address`` (Ray itself retries for a minute)."""
+    host, port = parse_address(address)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
         raise UserError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
@@ -224,4 +230,6 @@ def make_executor(name: str, address: str | None) -> Executor:
         raise UserError(f"unknown executor '{name}': choose {' or '.join(EXECUTORS)}")
     if address and name != "ray":
         raise UserError("--address names a Ray cluster: add --executor ray")
+    if address and address != "auto":
+        parse_address(address)  # before any work; whether it answers is asked when the cluster is needed
     return RayExecutor(address) if name == "ray" else LocalExecutor()

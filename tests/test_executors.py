@@ -28,6 +28,9 @@ def test_an_unknown_executor_or_a_stray_address_is_refused():
         make_executor("local", "10.0.0.1:6379")
     with pytest.raises(UserError, match="is not HOST:PORT"):
         check_answers("nowhere")
+    with pytest.raises(UserError, match="is not HOST:PORT"):
+        make_executor("ray", "nowhere")  # said before any work
+    assert make_executor("ray", "auto").name == make_executor("ray", "10.0.0.5:6379").name == "ray"
 
 
 def test_a_cluster_that_does_not_answer_is_one_line_at_once(tmp_path, calib_file, eval_file, capsys):
