@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 from compress.errors import UserError
 from compress.interrupt import keep
@@ -111,8 +111,21 @@ def ray_result(ray, ref, what: str, retries: int):
                         "raise ray_retries") from None
 
 
+def gather(ray, pending: dict, what: Callable[[object], str], retries: int,
+           on_done: Callable[[object, object], None]) -> None:
+    """Wait for every task of ``pending`` (ref -> its key), handing each key and value to ``on_done`` as the task
+    finishes, in whatever order they do: a finished result is kept before the slowest is done."""
+    while pending:
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(done)
+        on_done(key, ray_result(ray, done, what(key), retries))
+
+
 class Executor:
     name: ClassVar[str]
+
+    def __init__(self, address: str | None = None):
+        self.address = address
 
     def run(self, cfg: "SweepConfig", variants: list["Variant"], root: Path) -> list[Path]:
         """Every variant's result file, in the variants' order."""
@@ -160,9 +173,6 @@ def variant_task(cfg: "SweepConfig", variant: "Variant", root: str) -> dict:
 class RayExecutor(Executor):
     name = "ray"
 
-    def __init__(self, address: str | None = None):
-        self.address = address
-
     def run(self, cfg, variants, root):
         from compress.bench.result import BenchResult
         from compress.sweep import _say, kept_result, result_path
@@ -183,13 +193,13 @@ class RayExecutor(Executor):
                 pending = {task.remote(cfg, variant, str(root.resolve())): variant for variant in todo}
                 gpus = f", {needs['num_gpus']} GPU" if needs["num_gpus"] else ""
                 _say(cfg, f"{len(pending)} variants sent to Ray ({cfg.ray_cpus} CPUs{gpus} each)")
-                while pending:
-                    (done,), _ = ray.wait(list(pending), num_returns=1)
-                    variant = pending.pop(done)
-                    data = ray_result(ray, done, f"variant {variant.name}", cfg.ray_retries)
+
+                def finished(variant, data: dict) -> None:
                     paths[variant.name] = BenchResult.from_dict(data).write(result_path(root, variant))
                     _say(cfg, f"[done {len(paths)}/{len(variants)}] {variant.name}  (elapsed "
                               f"{(time.perf_counter() - started) / 60:.1f} min)")
+
+                gather(ray, pending, lambda variant: f"variant {variant.name}", cfg.ray_retries, finished)
             except KeyboardInterrupt:
                 keep(f"{len(paths)} of {len(variants)} benchmark results are kept in {root / 'results'}: run the "
                      "same command again to continue from there")
@@ -232,4 +242,4 @@ def make_executor(name: str, address: str | None) -> Executor:
         raise UserError("--address names a Ray cluster: add --executor ray")
     if address and address != "auto":
         parse_address(address)  # before any work; whether it answers is asked when the cluster is needed
-    return RayExecutor(address) if name == "ray" else LocalExecutor()
+    return EXECUTORS[name](address)

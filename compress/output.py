@@ -58,10 +58,6 @@ def source_identity(folder: Path) -> dict:
             "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}
 
 
-def fingerprint(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _phase(record: Path) -> str | None:
     """The phase a progress record of ours names (None for no record, or a file that is not ours)."""
     try:

@@ -25,7 +25,8 @@ from compress.fsutil import refuse_existing, refuse_source_overlap
 from compress.lazy import LazyModel
 from compress.models import ResolvedModel, refuse_quantized_source, resolve
 from compress.shards import ShardReader
-from compress.output import ModelOutput, fingerprint, source_identity
+from compress.fingerprint import fingerprint
+from compress.output import ModelOutput, source_identity
 from compress.runtime import resolve_device
 from compress.settings import RunSettings  # noqa: F401  (re-exported)
 from compress.writer import CheckpointWriter

@@ -11,8 +11,6 @@ its own; the base model's reference logits are made once, before the first varia
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from compress.bench.command import bench_in_child
 from compress.config_io import check_fields, read_yaml_mapping
 from compress.errors import UserError
 from compress.executors import BatchSettings, make_executor
+from compress.fingerprint import IN_FOLDER_NAMES, fingerprint
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -146,10 +145,6 @@ def _gguf_variants(cfg: SweepConfig, dtype: str, notes: list[str]) -> list[Varia
             for kind in cfg.gguf for m in cfg.methods if m in QUANTIZE_METHODS]
 
 
-def _fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _quant_settings(cfg: SweepConfig, variant: Variant) -> dict:
     return {"model": cfg.model, "variant": dataclasses.asdict(variant), "calib": cfg.calib, "nsamples": cfg.nsamples,
             "calib_seqlen": cfg.calib_seqlen, "seed": cfg.seed, "act_order": cfg.act_order,
@@ -179,7 +174,7 @@ def _calibration(cfg: SweepConfig, source: Path):
 
 
 def _variant_folder(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
-    return root / "models" / f"{variant.name}-{_fingerprint(_quant_settings(cfg, variant))}"
+    return root / "models" / f"{variant.name}-{fingerprint(_quant_settings(cfg, variant), IN_FOLDER_NAMES)}"
 
 
 def quantized_path(cfg: SweepConfig, variant: Variant, root: Path) -> Path:
@@ -252,7 +247,7 @@ def result_path(root: Path, variant: Variant) -> Path:
 
 
 def bench_fingerprint(cfg: SweepConfig, variant: Variant) -> str:
-    return _fingerprint(_bench_settings(cfg, variant))
+    return fingerprint(_bench_settings(cfg, variant), IN_FOLDER_NAMES)
 
 
 def kept_result(cfg: SweepConfig, variant: Variant, root: Path) -> Path | None:

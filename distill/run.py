@@ -7,7 +7,6 @@ student folder itself appears only when everything is written (atomic rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -21,6 +20,7 @@ from torch import nn
 from compress import __version__
 from compress.api import source_hash
 from compress.errors import UserError
+from compress.fingerprint import fingerprint
 from compress.interrupt import keep
 from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
 from compress.models import ResolvedModel, cache_dir, is_causal_lm, quiet_transformers, resolve
@@ -43,10 +43,6 @@ MANIFEST = "distill.json"
 def _say(config: DistillConfig, message: str) -> None:
     if config.progress:
         print(message, file=sys.stderr)
-
-
-def _fingerprint(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_out(config: DistillConfig) -> Path:
@@ -93,7 +89,7 @@ def finetune_teacher(config: DistillConfig, teacher: nn.Module, tokenizer, resol
     from transformers import AutoModelForSequenceClassification
 
     recipe = asdict(config.finetune) | {"num_labels": config.num_labels, "seqlen": config.seqlen, "seed": config.seed}
-    key = _fingerprint({"weights": source_hash(resolved.path), "recipe": recipe})
+    key = fingerprint({"weights": source_hash(resolved.path), "recipe": recipe})
     folder = cache_dir() / "teachers" / f"{Path(str(resolved.path)).name}-{key}"
     info_file = folder / "finetune.json"
     if info_file.is_file():
@@ -216,9 +212,9 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
         _say(config, f"student ({student_layers} layers, before distillation) {evaluator.metric}: "
                      f"{figures['student_before']:.4f}")
 
-    fingerprint = _fingerprint({k: v for k, v in to_dict(config).items() if k not in ("progress", "checkpoint_every",
-                                                                                       "out")})
-    state = ckpt.read_checkpoint(checkpoints, fingerprint) if resume else None
+    settings_fp = fingerprint({k: v for k, v in to_dict(config).items()
+                               if k not in ("progress", "checkpoint_every", "out")})
+    state = ckpt.read_checkpoint(checkpoints, settings_fp) if resume else None
     history: list[dict] = state["history"] if state else []
     if state:
         ckpt.restore_weights(state, student, projections)
@@ -245,7 +241,7 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
 
             def save(step: int, index=index, optimizer=optimizer) -> None:
                 ckpt.save_checkpoint(checkpoints, stage=index, step=step, student=student, extra=projections,
-                                     optimizer=optimizer, history=history, fingerprint=fingerprint)
+                                     optimizer=optimizer, history=history, fingerprint=settings_fp)
 
             def evaluate(step: int, index=index) -> None:
                 value = evaluator(student, tokenizer, device)
@@ -264,7 +260,7 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
             state = None
             next_optimizer = make_optimizer([student, projections], settings)
             ckpt.save_checkpoint(checkpoints, stage=index + 1, step=0, student=student, extra=projections,
-                                 optimizer=next_optimizer, history=history, fingerprint=fingerprint)
+                                 optimizer=next_optimizer, history=history, fingerprint=settings_fp)
     except KeyboardInterrupt:
         if checkpoints.is_dir() and any(checkpoints.iterdir()):
             keep(f"checkpoints are kept in {checkpoints}: run the same command with --resume to continue from "

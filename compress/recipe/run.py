@@ -11,14 +11,13 @@ checkpoints). Bench results are reused the same way, by the fingerprint of the s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.fingerprint import IN_FOLDER_NAMES, fingerprint
 from compress.interrupt import keep
 from compress.recipe.config import RecipeConfig, Stage
 from compress.recipe.stages import STAGE_KINDS
@@ -31,10 +30,6 @@ class PlannedStage:
     stage: Stage
     fingerprint: str
     output: Path
-
-
-def fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def base_identity(model: str) -> str:
@@ -52,7 +47,7 @@ def plan(recipe: RecipeConfig, stages: list[Stage], root: Path, base: str) -> li
         kind = STAGE_KINDS[stage.kind]
         fp = fingerprint({"version": FINGERPRINT_VERSION, "kind": stage.kind, "settings": stage.settings,
                           "device": recipe.device, "teacher": recipe.model if stage.kind == "distill" else None,
-                          "input": previous})
+                          "input": previous}, IN_FOLDER_NAMES)
         output = root / "stages" / f"{stage.index + 1:02d}-{stage.name}-{fp}{kind.output_suffix(stage)}"
         planned.append(PlannedStage(stage, fp, output))
         previous = fp
@@ -73,15 +68,15 @@ def base_is_language_model(recipe: RecipeConfig) -> bool:
 def bench_request(recipe: RecipeConfig, name: str, model: str, out: Path, compare: bool = True):
     from compress.bench.run import BenchRequest
 
-    return BenchRequest(**{"speed": True, **recipe.bench}, model=model, base=recipe.model if compare else None,
-                        name=name,
-                        device=recipe.device, base_dtype=recipe.base_dtype, out=str(out), progress=recipe.progress,
+    return BenchRequest(**recipe.bench, model=model, base=recipe.model if compare else None,
+                        name=name, device=recipe.device, base_dtype=recipe.base_dtype, out=str(out),
+                        progress=recipe.progress,
                         **({"dtype": recipe.base_dtype} if name == "base" and "dtype" not in recipe.bench else {}))
 
 
 def _bench_fingerprint(recipe: RecipeConfig, identity: str) -> str:
     return fingerprint({"version": FINGERPRINT_VERSION, "row": identity, "bench": recipe.bench,
-                        "base_dtype": recipe.base_dtype, "device": recipe.device})
+                        "base_dtype": recipe.base_dtype, "device": recipe.device}, IN_FOLDER_NAMES)
 
 
 def kept_row(recipe: RecipeConfig, name: str, identity: str, root: Path) -> Path | None:
@@ -140,14 +135,11 @@ class _OnRay:
         ray_result(self.ray, ref, stage.label, self.retries)
 
     def rows(self, recipe, rows, compare, on_done):
-        from compress.executors import ray_result
+        from compress.executors import gather
 
         task = self.ray.remote(measure_row).options(**self.needs)
         pending = {task.remote(recipe, name, model, identity, compare): name for name, model, identity in rows}
-        while pending:
-            (done,), _ = self.ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done)
-            on_done(name, ray_result(self.ray, done, f"bench of {name}", self.retries))
+        gather(self.ray, pending, lambda name: f"bench of {name}", self.retries, on_done)
 
 
 @contextmanager

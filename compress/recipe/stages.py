@@ -137,8 +137,8 @@ class DistillStage(StageKind):
     name = "distill"
     reserved = ("out", "progress")
 
-    def config(self, stage: Stage, recipe: RecipeConfig, source: str | None, out: Path | None, where: str,
-               after_finetune: bool = False):
+    def config(self, stage: Stage, recipe: RecipeConfig, source: str | None, out: Path | None, where: str):
+        """``source``: the previous stage's output (None for a first stage)."""
         from distill.config import config_from_dict
 
         values = {"teacher": recipe.model, "device": recipe.device, **stage.settings,
@@ -147,7 +147,7 @@ class DistillStage(StageKind):
         if isinstance(student, dict) and student.get("from_model") is not None:
             raise UserError(f"key 'student.from_model' in {where} is set by the recipe (the previous stage's "
                             "output): leave it out")
-        if after_finetune:
+        if source is not None and stage.previous_kind == "finetune":
             if "teacher" in stage.settings:
                 raise UserError(f"key 'teacher' in {where} is set by the recipe (the fine-tuned model of the stage "
                                 "before): leave it out")
@@ -158,15 +158,12 @@ class DistillStage(StageKind):
 
     def check_settings(self, stage, recipe, where):
         # The previous stage's output does not exist yet: its place is checked with a stand-in.
-        after = stage.previous_kind == "finetune"
-        self.config(stage, recipe, "the previous stage's output" if stage.index and not after else
-                    (recipe.model if after else None), None, where, after)
+        self.config(stage, recipe, "the previous stage's output" if stage.previous_kind else None, None, where)
 
     def run(self, stage, recipe, source, out, resume):
         from distill.run import run
 
-        after = stage.previous_kind == "finetune"
-        run(self.config(stage, recipe, source if stage.index else None, out, stage.label, after), resume=resume)
+        run(self.config(stage, recipe, source if stage.previous_kind else None, out, stage.label), resume=resume)
 
     def notes(self, stage, out):
         from distill.run import MANIFEST
