@@ -91,7 +91,7 @@ def build_llama(shape: Shape, folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig
 
-    from compress.fsutil import atomic_folder
+    from compress.output import cache_entry
     from compress.lazy import empty_model
     from compress.shards import ShardWriter
     from compress.tiny import tiny_tokenizer
@@ -103,7 +103,7 @@ def build_llama(shape: Shape, folder: Path, seed: int = 0) -> Path:
                          vocab_size=shape.vocab, max_position_embeddings=shape.context, tie_word_embeddings=False,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0, dtype="float16")
     config.architectures = ["LlamaForCausalLM"]
-    with atomic_folder(folder, force=True) as tmp:
+    with cache_entry(folder) as tmp:
         config.save_pretrained(tmp)
         model = empty_model(tmp, torch.float16)
         writer = ShardWriter(tmp, max_shard_bytes=5 * 10**9)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress import __version__
 from compress.checkpoint import gptq_quantization_config
+from compress.driver import DriverPlan
 from compress.models import weight_bytes_on_disk
 from compress.shards import weight_files
 from compress.prune.run import PruneRequest, PruneResult, prune
@@ -72,7 +74,9 @@ def write_outside_blocks(run: Loaded, writer: CheckpointWriter, head_cfg: Weight
     packed = pack_head(weight, bias, head_cfg, checkpoint_format)
     del weight
     record = head_record(name, head_cfg, tied)
-    writer.copy_outside_blocks(skip={f"{tied or name}.weight", f"{name}.bias"})
+    # The source's float head is never copied: a tied source may store it beside the embedding, and loaders that
+    # read ``lm_head.weight`` would run it instead of the packed one.
+    writer.copy_outside_blocks(skip={f"{name}.weight", f"{name}.bias"} | ({f"{tied}.weight"} if tied else set()))
     writer.write_tensors(head_file_tensors(record, packed), cast=False)
     return record
 
@@ -88,15 +92,22 @@ def mixed_options(cfg: WeightQuantConfig) -> list[LayerOption]:
     return sorted(options, key=lambda o: (o.bits, -o.group_size if o.group_size != -1 else -10**9))
 
 
-def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loaded) -> dict | None:
+def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loaded,
+                    spill_folder: Path | None = None) -> dict | None:
     """With ``avg_bits``: measure every layer's sensitivity, choose its option within the budget, and
-    return the manifest's record of it (which the quantizing pass and a resumed run read)."""
+    return the manifest's record of it (which the quantizing pass and a resumed run read). The measuring
+    pass carries its activations under the run's budget, spilling beyond it into ``spill_folder``."""
     if request.avg_bits is None:
         return None
     options = mixed_options(cfg)
     request.say(f"measuring each layer's sensitivity to {', '.join(o.label for o in options)} ...")
-    costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
-                                  request.progress)
+    plan = DriverPlan(spill_folder=spill_folder, activation_budget=request.activation_budget)
+    try:
+        costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
+                                      request.progress, plan)
+    finally:
+        if spill_folder is not None:
+            shutil.rmtree(spill_folder, ignore_errors=True)
     choice = choose_options(costs, request.avg_bits, LayerOption(cfg.bits, cfg.group_size))
     achieved = average_bits(costs, choice)
     counts = {o.label: sum(1 for c in choice.values() if c == o) for o in options}
@@ -117,8 +128,9 @@ PACK_WIDTH = 32
 features: both must be multiples of 32."""
 
 
-def check_packable(model, selection) -> None:
-    """One-line error, on the skeleton before any calibration, for a selected layer the format cannot pack."""
+def check_packable(model, selection, head: bool = False) -> None:
+    """One-line error, on the skeleton before any calibration, for a selected layer (or, with ``head``, the
+    output head) that the format cannot pack."""
     from compress.select import block_linears, find_blocks
 
     _, blocks = find_blocks(model)
@@ -127,6 +139,13 @@ def check_packable(model, selection) -> None:
             if size % PACK_WIDTH:
                 raise UserError(f"{name} has {size} {what} features, not a multiple of {PACK_WIDTH}: the GPTQ format "
                                 f"cannot pack it; leave it in float with --exclude '{name}'")
+    if head:
+        name, linear, _ = head_and_embedding(model)
+        for what, size in (("a vocabulary", linear.out_features), ("a hidden size", linear.in_features)):
+            if size % PACK_WIDTH:
+                raise UserError(f"--lm-head-bits: the head ({name}) has {what} of {size}, not a multiple of "
+                                f"{PACK_WIDTH}, so the GPTQ format cannot pack it: drop --lm-head-bits to keep the "
+                                "head in float")
 
 
 def quantize(request: QuantizeRequest) -> QuantizeResult:
@@ -143,7 +162,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     if request.avg_bits is not None:
         tag += f"-avg{request.avg_bits:g}"
     run = load_for_run(request, tag, method.needs_data(cfg) or request.avg_bits is not None,
-                       check=lambda model: check_packable(model, request.selection))
+                       check=lambda model: check_packable(model, request.selection, head_cfg is not None))
 
     def work(output: RunOutput) -> tuple[dict, dict]:
         quant_started = time.perf_counter()
@@ -152,7 +171,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
                                                                                     cfg.checkpoint_format)
         stats = QuantizeStats(layers=[LayerRecord(**record) for record in saved.get("layers", [])],
                               scalings=[GroupScaling(**record) for record in saved.get("awq_scales", [])])
-        mixed = saved.get("mixed") if output.resumed else mixed_precision(request, cfg, run)
+        mixed = saved.get("mixed") if output.resumed else mixed_precision(
+            request, cfg, run, output.partial.folder / "activations" / "sensitivity")
         overrides = {name: LayerOption(**c["option"]) for name, c in (mixed or {}).get("layers", {}).items()}
         plan = output.driver_plan(lambda: {"head": head, "layers": [dataclasses.asdict(x) for x in stats.layers],
                                            "awq_scales": [dataclasses.asdict(x) for x in stats.scalings],

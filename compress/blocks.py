@@ -1,4 +1,4 @@
-"""Where the layer-by-layer driver gets its blocks from, and where it keeps the activations it carries.
+"""Where the layer-by-layer driver gets its blocks from.
 
 * :class:`BlockSource` hands the driver one block at a time. Streaming, the model is a meta skeleton
   (compress.lazy): the modules that run before the first block are read from the shards for the

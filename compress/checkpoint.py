@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from compress.errors import UserError
-from compress.fsutil import atomic_folder
 from compress.lazy import LazyModel, empty_model
-from compress.models import check_checkpoint, quiet_transformers
+from compress.models import check_checkpoint
 from compress.quant.config import WeightQuantConfig
-from compress.quant.head import QuantEmbedding, dynamic_override, float_copies_for_save, layer_settings
+from compress.quant.head import QuantEmbedding, dynamic_override, layer_settings
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import ZERO_OFFSETS
 from compress.select import set_submodule
@@ -70,23 +69,6 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
     if dynamic:
         block["dynamic"] = dynamic
     return block
-
-
-def save_quantized(model, tokenizer, folder: Path, quantization_config: dict, manifest: dict,
-                   force: bool = False) -> Path:
-    """Write the quantized model atomically; returns the final folder."""
-    # transformers' "Writing model shards" bar is not ours to show: the command says what it wrote.
-    with atomic_folder(folder, force=force) as tmp, quiet_transformers():
-        model.config.quantization_config = quantization_config
-        try:
-            with float_copies_for_save(model, manifest.get("lm_head")):
-                model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            del model.config.quantization_config
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return folder
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -20,6 +20,10 @@ EXIT_USER_ERROR = 2
 # --- compress models ------------------------------------------------------------------------------
 
 
+FORCE_HELP = ("replace an earlier output of ours, or an empty folder; a folder holding anything this tool did not "
+              "write is refused")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -51,7 +55,7 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
     p.add_argument("--seed", type=int, default=S, help=f"seed of the window starts (default {_default('seed')})")
     p.add_argument("--device", default=S, help="cpu, cuda or auto (default: cuda if present)")
     p.add_argument("--out", default=S, help="output folder (default out/<model>-<method>-<tag>)")
-    p.add_argument("--force", action="store_const", const=True, default=S, help="replace an existing output folder")
+    p.add_argument("--force", action="store_const", const=True, default=S, help=FORCE_HELP)
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True, default=S,
                    help="allow a model's own Python code (off by default)")
     p.add_argument("--include", nargs="+", default=S, help=f"glob patterns of block modules to {verb}")
@@ -68,6 +72,10 @@ def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> N
     p.add_argument("--expert-min-share", dest="expert_min_share", type=float, default=S,
                    help="mixture of experts: experts reached by fewer than this share of the calibration tokens "
                         f"(default {_default('expert_min_share')}) are quantized with RTN / pruned by magnitude instead, and listed")
+    p.add_argument("--activation-budget", dest="activation_budget", type=_budget_size, default=S,
+                   help=f"calibration activations carried between blocks in memory, e.g. 2GB (default "
+                        f"{_default('activation_budget') / 2**30:g} GiB) or 0; beyond it they go to files in the "
+                        "output's partial folder")
     p.add_argument("--in-memory", dest="in_memory", action="store_const", const=True, default=S,
                    help="load the whole model first instead of streaming one block at a time (needs the "
                         "model's float32 size in memory on CPU)")
@@ -85,6 +93,11 @@ def _default(name: str, cls=None):
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _budget_size(text: str) -> int:
+    """A size that may be 0 (a budget of nothing: everything goes to files)."""
+    return 0 if text.strip() == "0" else _byte_size(text)
 
 
 def _byte_size(text: str) -> int:
@@ -336,7 +349,7 @@ def _export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy-level", dest="accuracy_level", type=int, default=4,
                    help="packed: MatMulNBits compute, 4 = int8 activations per block (default, fast), 0 = float32")
     p.add_argument("--out", help="output folder (default out/<model>-onnx-<weights>)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
 
 
@@ -367,7 +380,7 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                         "symmetric, group 32) from our checkpoints, or f16 from a float model (what llama.cpp's "
                         "own quantizer takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF file that compress-workbench wrote (never another file)")
     p.add_argument("--float-embedding", dest="keep_float", action="store_true",
                    help="write the embedding and a float output head in float16 (default: the types llama.cpp's own "
                         "quantizer gives them, Q8_0 for the head or a tied embedding, the file's type for an untied "
@@ -421,7 +434,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", type=Path, help="result files of `compress bench --out`, or folders of them")
     p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
     p.add_argument("--title", help="page title")
-    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _report_run(args: argparse.Namespace) -> int:

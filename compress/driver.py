@@ -30,10 +30,10 @@ from compress.activations import Activations
 from compress.blocks import BlockSource
 from compress.shards import DTYPES
 from compress.errors import UserError
+from compress.limits import DEFAULT_ACTIVATION_BUDGET
 from compress.moe import expert_groups
 from compress.runtime import current_rss_bytes
 from compress.select import ModuleSelection, block_linears
-from compress.settings import DEFAULT_ACTIVATION_BUDGET
 
 
 class _StopForward(Exception):
@@ -138,6 +138,15 @@ class _SharedTensors:
         return tensor
 
 
+def _model_call_failed(exc: Exception) -> bool:
+    """An error the model's own forward raised on the stand-ins (what an untraceable architecture gives), as
+    against the machine's limits (files, memory) or our own user errors, which keep their own message."""
+    if isinstance(exc, (OSError, MemoryError, UserError, torch.OutOfMemoryError)):
+        return False
+    text = str(exc)
+    return not (isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor],
                          device: torch.device | None = None,
@@ -214,6 +223,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
         for window in windows:
             run(window)
     except Exception as exc:
+        if not _model_call_failed(exc):
+            raise  # a full disk while spilling, memory, our own checks: not a sign of an untraceable model
         raise UserError(f"{type(model).__name__}: the inputs of each block could not be traced through the "
                         f"model's forward ({type(exc).__name__}: {exc}); the block-by-block driver cannot "
                         "calibrate this architecture correctly") from exc

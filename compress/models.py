@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from compress.errors import UserError
 from compress.hub import hub_reachable
-from compress.fsutil import atomic_folder
+from compress.output import cache_entry
 from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
 
 if TYPE_CHECKING:  # torch and the shard reader load where weights are read: naming a model needs neither
@@ -121,13 +121,17 @@ def quantized_source(config: dict, tensors: dict[str, str]) -> str | None:
     return None
 
 
-def refuse_quantized_source(reference: str, reader: ShardReader) -> None:
-    """One-line error for a source whose weights are already quantized (see ``quantized_source``)."""
+def refuse_quantized_source(reference: str, reader: ShardReader,
+                            fix: str = "quantize or prune its float original (bf16/fp16/fp32 weights) instead") -> None:
+    """One-line error for a source whose weights are already quantized (see ``quantized_source``), for every
+    path that reads a model's weights as floats."""
     tensors = {name: entry.dtype_name for name, entry in reader.entries.items()}
     what = quantized_source(json.loads((reader.folder / "config.json").read_text()), tensors)
     if what:
-        raise UserError(f"{reference} is already quantized ({what}): quantize or prune its float original "
-                        "(bf16/fp16/fp32 weights) instead")
+        raise UserError(f"{reference} is already quantized ({what}): {fix}")
+
+
+FLOAT_READER_FIX = "this command reads float weights (bf16/fp16/fp32): point it at the float original"
 
 
 def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
@@ -294,8 +298,7 @@ def _package_folder(requirement: str) -> Path:
 
 
 def _build_atomically(folder: Path, build: Callable[[Path], object]) -> None:
-    # force=True: another process may have finished the same cache entry first; both are equal.
-    with atomic_folder(folder, force=True, lock=False) as tmp:
+    with cache_entry(folder) as tmp:
         build(tmp)
 
 
@@ -361,7 +364,11 @@ def load_model(path: Path, dtype: torch.dtype | None = None, trust_remote_code: 
 
     from compress.lazy import LazyModel
 
-    lazy = LazyModel(path, dtype, trust_remote_code, requires_grad=True, unfuse=False)
+    from compress.shards import ShardReader
+
+    reader = ShardReader(Path(path))
+    refuse_quantized_source(str(path), reader, FLOAT_READER_FIX)
+    lazy = LazyModel(path, dtype, trust_remote_code, requires_grad=True, unfuse=False, reader=reader)
     if lazy.covers_checkpoint():
         lazy.materialize_all()
         model = lazy.model

@@ -21,12 +21,11 @@ from compress.driver import DriverPlan, DriverReport
 from compress.checkpoint import MANIFEST_NAME
 from compress.data import WindowRecord, calibration_windows_of_text, load_calibration_text
 from compress.errors import UserError
-from compress.fsutil import refuse_existing, refuse_source_overlap
 from compress.lazy import LazyModel
 from compress.models import ResolvedModel, refuse_quantized_source, resolve
 from compress.shards import ShardReader
 from compress.fingerprint import fingerprint
-from compress.output import ModelOutput, source_identity
+from compress.output import ModelOutput, refuse_existing, refuse_output_of_source, refuse_source_overlap, source_identity
 from compress.runtime import resolve_device
 from compress.settings import RunSettings  # noqa: F401  (re-exported)
 from compress.writer import CheckpointWriter
@@ -67,6 +66,7 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
 
     device = resolve_device(settings.device)
     out = settings.output_folder(tag)
+    refuse_output_of_source(out, settings.model)
     refuse_existing(out, settings.force)  # fail before the slow part, and again at the rename
     if settings.nsamples <= 0 or settings.seqlen <= 0:
         raise UserError(f"--nsamples ({settings.nsamples}) and --seqlen ({settings.seqlen}) must be positive")

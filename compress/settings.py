@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.limits import DEFAULT_ACTIVATION_BUDGET
 from compress.registry import config_fields
 from compress.select import ModuleSelection
-
-DEFAULT_ACTIVATION_BUDGET = 2 << 30
-"""Bytes of carried hidden states kept in memory; beyond it they go to files (``DriverPlan.spill_folder``)."""
 
 
 @dataclass

@@ -296,7 +296,11 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
     from compress.report import build_report
     from compress.runtime import resolve_device
 
+    from compress.output import refuse_existing
+
     resolve_device(cfg.device)
+    report = Path(cfg.report or Path("reports") / cfg.name)
+    refuse_existing(report, force=True)  # the report replaces only an earlier report of ours: said before any work
     variants, notes = expand(cfg)
     if cfg.tasks:
         from compress.tasks.run import check_tasks
@@ -308,7 +312,6 @@ def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
               f"({executor.name} executor)")
     prepare_reference(cfg)
     paths = executor.run(cfg, variants, root)
-    report = Path(cfg.report or Path("reports") / cfg.name)
     build_report(paths, report, cfg.title or f"{cfg.model} sweep on {cfg.device}: {cfg.name}",
                  reproduce=[" ".join(command)], notes=list(cfg.notes) + notes, force=True)
     return report

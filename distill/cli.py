@@ -18,7 +18,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="student folder (overrides the config's out)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing student folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier student folder of ours (a folder holding anything else is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 

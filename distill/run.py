@@ -22,8 +22,10 @@ from compress.api import source_hash
 from compress.errors import UserError
 from compress.fingerprint import fingerprint
 from compress.interrupt import keep
-from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
-from compress.models import ResolvedModel, cache_dir, is_causal_lm, quiet_transformers, resolve
+from compress.output import atomic_folder, cache_entry, refuse_existing, refuse_output_of_source, refuse_source_overlap
+from compress.models import (FLOAT_READER_FIX, ResolvedModel, cache_dir, is_causal_lm, quiet_transformers,
+                             refuse_quantized_source, resolve)
+from compress.shards import ShardReader
 from compress.runtime import environment, resolve_device
 from distill import checkpoint as ckpt
 from distill.augment import augment_rows
@@ -60,6 +62,7 @@ def load_teacher(config: DistillConfig, device: torch.device):
                               AutoTokenizer)
 
     resolved = resolve(config.teacher, config.trust_remote_code)
+    refuse_quantized_source(config.teacher, ShardReader(resolved.path), FLOAT_READER_FIX)
     model_config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=config.trust_remote_code)
     classifier = any(a.endswith("ForSequenceClassification") for a in (model_config.architectures or []))
     if is_causal_lm(model_config):
@@ -113,7 +116,7 @@ def finetune_teacher(config: DistillConfig, teacher: nn.Module, tokenizer, resol
     result = run_loop(settings, 0, optimizer, [teacher], step_loss)
     info = {"data": data.describe(), "recipe": recipe, "steps": result.steps, "seconds": round(result.seconds, 1),
             "device": str(device)}
-    with atomic_folder(folder, force=True) as tmp, quiet_transformers():
+    with cache_entry(folder) as tmp, quiet_transformers():
         teacher.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "finetune.json").write_text(json.dumps(info, indent=1))
@@ -169,6 +172,7 @@ def run(config: DistillConfig, resume: bool = False, force: bool = False) -> dic
     started = time.perf_counter()
     device = resolve_device(config.device)
     out = Path(config.out) if config.out else default_out(config)
+    refuse_output_of_source(out, config.teacher)
     refuse_existing(out, force)
     checkpoints = out.parent / f".{out.name}.checkpoints"
     if checkpoints.exists() and not resume:

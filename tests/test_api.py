@@ -213,3 +213,56 @@ def test_a_width_the_format_cannot_pack_is_refused_before_calibration(tmp_path, 
         quantize(QuantizeRequest(model=str(source), method="gptq", calib=str(calib_file), nsamples=2, seqlen=16,
                                  out=str(tmp_path / "q"), progress=False, device="cpu"))
     assert not calls and not (tmp_path / "q").exists()
+
+
+def _fp8_tensors_only(folder, out):
+    """tiny-llama with its block linears stored as FP8 and nothing in config.json saying so (no scales either)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]:
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp8 tensors only", "fp8 with scales"])
+@pytest.mark.parametrize("command", ["bench", "export-onnx", "export-gguf", "distill", "load_model"])
+def test_every_path_that_reads_weights_refuses_undescribed_quantized_tensors(kind, command, tmp_path, capsys,
+                                                                               calib_file):
+    """Cast as floats, FP8 values without their scales are silent garbage: bench's dense path, export-onnx, the
+    f16 GGUF, a distillation teacher and load_model refuse them in one line, as quantize and prune do."""
+    import yaml
+
+    from compress.models import load_model, resolve
+    from distill.cli import main as distill_main
+
+    tiny = resolve("tiny-llama").path
+    source = _fp8_tensors_only(tiny, tmp_path / "src") if kind == "fp8 tensors only" else _fp8_copy(
+        tiny, tmp_path / "src", with_config=False)
+    expected = "model.layers.0.mlp.down_proj.weight is stored in F8_E4M3" if kind == "fp8 tensors only" else \
+        "it stores quantization tensors"
+    if command == "load_model":
+        with pytest.raises(UserError, match=f"is already quantized \\({expected}"):
+            load_model(source)
+        return
+    if command == "distill":
+        config = tmp_path / "d.yaml"
+        config.write_text(yaml.safe_dump({"teacher": str(source), "data": str(calib_file), "eval": str(calib_file),
+                                          "seqlen": 16, "max_examples": 8, "progress": False,
+                                          "student": {"layers": 1}, "out": str(tmp_path / "out"),
+                                          "stages": [{"kind": "prediction", "max_steps": 1, "batch_size": 4}]}))
+        code = distill_main(["run", str(config)])
+    else:
+        args = {"bench": ["bench", str(source), "--eval", str(calib_file), "--seqlen", "16", "--windows", "1",
+                          "--no-speed", "--device", "cpu"],
+                "export-onnx": ["export-onnx", str(source), "--out", str(tmp_path / "out")],
+                "export-gguf": ["export-gguf", str(source), "--type", "f16", "--out", str(tmp_path / "out.gguf")]}
+        code = main(args[command])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"is already quantized ({expected}" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()

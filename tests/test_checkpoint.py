@@ -163,3 +163,27 @@ def test_mixed_precision_checkpoint_loads_in_gptqmodel(tmp_path, calib_file):
     with torch.no_grad():
         assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
         assert relative_gap(peer.model(ids).logits, ours(ids).logits) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq-after-awq"])
+def test_awq_checkpoints_load_in_transformers_and_gptqmodel(method, tmp_path, calib_file):
+    """AWQ folds its scales into the producers and writes the same GPTQ layout: transformers and GPTQModel read
+    it and agree with our loader, weight by weight and on the logits."""
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(method="awq") if method == "awq" else dict(method="gptq", awq=True)
+    folder = quantized("llama", tmp_path, calib_file, bits=4, sym=False, **kw)
+    manifest = json.loads((folder / "compress_manifest.json").read_text())
+    assert [s for s in manifest["awq_scales"] if s["ratio"] is not None], "nothing was scaled: not an AWQ test"
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    ours, _ = load_quantized(folder)
+    with torch.no_grad():
+        expected = ours(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert worst_weight_gap_in_steps(theirs, ours) < 0.5
+        assert relative_gap(theirs(ids).logits, expected) < 1e-2
+        del theirs
+        peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
+        assert relative_gap(peer.model(ids).logits, expected) < 1e-2

@@ -98,15 +98,18 @@ def test_cuda_without_gpu(capsys, quick, tmp_path):
 
 def test_existing_output_refused_unless_force(capsys, quick, tmp_path):
     out = tmp_path / "out" / "q"
-    out.mkdir(parents=True)
-    (out / "keep.txt").write_text("mine")
+    code, _, _ = run_cli(["quantize", "tiny-llama", "--method", "rtn"] + quick, capsys)
+    assert code == 0
     code, _, err = run_cli(["quantize", "tiny-llama", "--method", "rtn"] + quick, capsys)
     assert_user_error(code, err, "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
     code, stdout, _ = run_cli(["quantize", "tiny-llama", "--method", "rtn", "--force"] + quick, capsys)
-    assert code == 0 and "saved" in stdout
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert code == 0 and "saved" in stdout and (out / "config.json").is_file()
     assert leftovers(tmp_path / "out") == ["q"]  # no temporary folders left beside it
+    # A file of the user's inside it: never replaced, --force or not.
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(["quantize", "tiny-llama", "--method", "rtn", "--force"] + quick, capsys)
+    assert_user_error(code, err, "holds keep.txt, which this command did not write", "choose another --out")
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_remote_code_model_needs_opt_in(capsys, quick, tmp_path):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from compress.errors import UserError
 from compress.driver import HessianAccumulator, capture_block_inputs, collect_hessian, linear_call_groups
 from compress.models import load_model, resolve
 from compress.quant.apply import output_error
@@ -106,3 +107,78 @@ def test_expert_groups_follow_the_router_and_count_their_tokens():
     counts = [accumulate_hessian(blocks[0], linears, experts[e], inputs).n for e in range(4)]
     assert sum(counts) == 4 * 32 * 2  # every token goes to 2 of the 4 experts
     assert all(0 < c < 4 * 32 for c in counts)
+
+
+class _FailingHidden(list):
+    """Where the first block's hidden states go (an Activations spilling to disk, in a run): fails as told."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def append(self, item) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"),
+                                   MemoryError(), UserError("a check of ours")])
+def test_capture_lets_the_machines_limits_and_our_errors_through(tiny_models, error):
+    """Only errors of the model call mean 'untraceable': a full disk while spilling, out of memory or a UserError
+    of ours keeps its own type and message."""
+    model = tiny_models["llama"]
+    _, blocks = find_blocks(model)
+    with pytest.raises(type(error)) as raised:
+        capture_block_inputs(model, blocks, calibration_ids(2, 16), first_block_output=lambda c: blocks[0](
+            c.hidden[0], *c.args[0], **c.kwargs[0]), hidden=_FailingHidden(error))
+    assert raised.value is error
+
+
+def test_capture_names_an_untraceable_model(tiny_models, monkeypatch):
+    model = tiny_models["llama"]
+    _, blocks = find_blocks(model)
+    real, calls = model.model.rotary_emb.forward, []
+
+    def rotary(*args, **kwargs):  # traced once for block 0's real run, then fails under the stand-ins
+        calls.append(1)
+        if len(calls) > 1:
+            raise TypeError("odd call")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.model.rotary_emb, "forward", rotary)
+    with pytest.raises(UserError, match=r"could not be traced through the model's forward \(TypeError: odd call\)"):
+        capture_block_inputs(model, blocks, calibration_ids(2, 16), first_block_output=lambda c: blocks[0](
+            c.hidden[0], *c.args[0], **c.kwargs[0]))
+
+
+def test_the_driver_knows_blocks_and_layers_not_methods():
+    """Everything compress.driver imports, at any depth and inside functions too, stays clear of the methods,
+    their registry and the run settings: no import circle runs through the driver."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(module: str) -> set[str]:
+        path = root / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found.update(n for n in names if n.startswith("compress.") and (
+                (root / Path(*n.split("."))).with_suffix(".py").is_file() or (root / Path(*n.split("."))).is_dir()))
+        return found
+
+    seen, todo = set(), ["compress.driver"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imports(module))
+    assert not {m for m in seen if m.startswith(("compress.quant", "compress.prune")) or m in (
+        "compress.registry", "compress.settings", "compress.api")}, sorted(seen)

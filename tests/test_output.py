@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from compress import interrupt
 from compress.api import QuantizeRequest, quantize
 from compress.cli import main
 from compress.errors import UserError
-from compress.output import PROGRESS_FILE, ModelOutput
+from compress.output import PROGRESS_FILE, ModelOutput, seal
 from compress.prune.run import PruneRequest, prune
 from tests.conftest import LAYERS, assert_same_checkpoint
 
@@ -179,6 +180,7 @@ def test_an_exchange_cut_between_its_renames_loses_nothing(tmp_path):
     final, old, partial = tmp_path / "q", tmp_path / ".q.old", tmp_path / ".q.partial"
     old.mkdir()
     (old / "weights").write_text("old")
+    seal(old)  # an earlier output of ours
     output = ModelOutput(final, "f", resume=False, force=True, max_shard_bytes=1 << 20, say=lambda m: None)
     assert (final / "weights").read_text() == "old" and not old.exists()  # put back before anything else
     output.abandon()
@@ -260,4 +262,89 @@ def test_a_resumed_awq_mixed_precision_run_equals_an_uninterrupted_one(deep_llam
     for key in ("awq_scales", "mixed_precision", "layers"):
         assert saved(resumed)[key] == saved(whole)[key], key
     assert len(saved(whole)["awq_scales"]) == 4 * LAYERS
+    assert_same_checkpoint(resumed.folder, whole.folder)
+
+
+# --- damaged records, an --out that appears mid-run, what an interrupted run keeps -------------------------
+
+RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu", "--no-progress",
+       "--checkpoint-every", "0"]
+
+
+@pytest.mark.parametrize("record, why", [("{not json", "Expecting property name"), ("[1, 2]", "a JSON list"),
+                                         ('{"version": 2, "fingerprint": "f", "phase": "blocks", "next_block": 1}',
+                                          "no shards")])
+def test_a_damaged_progress_record_ends_in_one_line_whose_command_works(deep_llama, tmp_path, capsys, record, why):
+    out = tmp_path / "q"
+    partial = tmp_path / ".q.partial"
+    partial.mkdir()
+    (partial / PROGRESS_FILE).write_text(record)
+    args = ["quantize", str(deep_llama), *RTN, "--out", str(out)]
+    assert main(args) == 2
+    assert "pass --resume to continue it, or --force to start again" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{partial / PROGRESS_FILE} is damaged (" in err and why in err
+    assert "run the same command without --resume and with --force to start again" in err
+    assert main([*args, "--force"]) == 0  # the command the message gives works
+    assert not partial.exists() and (out / "config.json").is_file()
+
+
+def test_an_out_that_appears_while_finishing_is_kept_and_resume_then_finishes(deep_llama, tmp_path, capsys,
+                                                                              monkeypatch):
+    from compress.shards import ShardWriter
+
+    assert main(["quantize", str(deep_llama), *RTN, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "q"
+    real_finish = ShardWriter.finish
+
+    def someone_writes_out(self):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return real_finish(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "finish", someone_writes_out)
+        assert main(["quantize", str(deep_llama), *RTN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} appeared while this run was writing it and is not replaced: move it away")
+    assert "all blocks are written and kept in" in err and "--resume to finish" in err and err.count("\n") == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").rename(tmp_path / "notes.txt")
+    out.rmdir()
+    assert main(["quantize", str(deep_llama), *RTN, "--out", str(out), "--resume"]) == 0  # what the message says
+    assert_same_checkpoint(out, tmp_path / "whole")
+
+
+def test_an_interrupted_run_keeps_only_what_resume_needs_and_says_how_much(deep_llama, tmp_path, calib_file,
+                                                                          monkeypatch):
+    """Spilling activations (budget 0) the run holds up to three sets; stopped, only the recorded one is kept."""
+    from compress.activations import Activations
+
+    sets_seen = set()
+    real_save = Activations.save
+
+    def save(self, where):
+        activations = where.parent
+        sets_seen.update(p.name for p in activations.rglob("set-*"))
+        return real_save(self, where)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Activations, "save", save)
+        stop_after_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, activation_budget=0)))
+    assert sets_seen, "the run did not spill: the test no longer tests what it says"
+    partial = tmp_path / ".q.partial"
+    progress = json.loads((partial / PROGRESS_FILE).read_text())
+    assert sorted(p.name for p in (partial / "activations").iterdir()) == [Path(progress["hidden"]["folder"]).name]
+    kept_bytes = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+    line = [line for line in interrupt.kept() if "3 block(s) are written" in line][0]
+    assert f"kept in {partial} (" in line
+    number, unit = line.split(f"kept in {partial} (")[1].split(")")[0].split()
+    assert abs(float(number) * {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit] - kept_bytes) <= 0.05 * kept_bytes
+    resumed = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, activation_budget=0,
+                                                  resume=True)))
+    whole = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "whole", calib_file, activation_budget=0)))
     assert_same_checkpoint(resumed.folder, whole.folder)

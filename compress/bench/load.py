@@ -63,6 +63,16 @@ def choose_for(reference: str, dtype: str | torch.dtype, device: torch.device, t
 
     resolved = resolve(reference, trust_remote_code, allow_gguf=True)
     qcfg = _quantization_config(resolved.path)
+    if qcfg is None and resolved.path.is_dir():
+        from compress.models import ONNX_MODEL_FILE, refuse_quantized_source
+        from compress.shards import ShardReader
+
+        if not (resolved.path / ONNX_MODEL_FILE).is_file():
+            # Quantized tensors that the config does not describe (FP8 without its scales) read as floats
+            # would be silent garbage.
+            refuse_quantized_source(reference, ShardReader(resolved.path),
+                                    "its config.json does not say how to read them: bench its float original, or a "
+                                    "checkpoint whose quantization_config names its format")
     pinned = dtype if isinstance(dtype, torch.dtype) else None if dtype == "auto" else resolve_dtype(dtype, device)
     from compress.models import ONNX_MODEL_FILE, is_gguf
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.export_gguf.blocks import BLOCK_TYPES
+from compress.output import atomic_file, refuse_existing_file, refuse_source_overlap
 
 QUANTIZE_METHODS = ("gptq", "awq", "rtn")
 """Methods whose codes are w = s * (q - z) per group: the grids ggml's legacy blocks hold."""
@@ -60,8 +61,9 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         raise UserError(f"{model} is not a GPTQ-format checkpoint: add --method gptq (or awq, rtn) to quantize it on "
                         f"the way, or quantize it first: `compress quantize {model} {_quantize_flags(type_name)}`")
     target = Path(out) if out else None
-    if target is not None and target.exists() and not force:
-        raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
+    if target is not None:
+        refuse_source_overlap(target, folder)
+        refuse_existing_file(target, force)
     quantized = None
     if method is not None:
         from compress.api import QuantizeRequest, quantize, takes_option
@@ -73,11 +75,10 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         quantized = quantize(QuantizeRequest(model=model, method=method, **grid, **settings))
         folder = quantized.folder
     target = target or default_output(folder, type_name)
-    if target.exists() and not force:
-        raise UserError(f"{target} exists: pass --force to replace it, or --out another file")
-    target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    record = export_checkpoint(folder, target, type_name, keep_float)
+    # Written whole under another name, then renamed: a killed export leaves no file that looks complete.
+    with atomic_file(target, force=force, source=folder) as partial:
+        record = export_checkpoint(folder, partial, type_name, keep_float)
     record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
     if quantized is not None:
         record["checkpoint"] = {"folder": str(quantized.folder), "method": method,

@@ -19,6 +19,7 @@ import torch
 from gguf.quants import quantize
 
 from compress.errors import UserError
+from compress.output import WRITER
 from compress.export_gguf.blocks import BLOCK_TYPES, BlockType, encode
 from compress.export_gguf.layouts import Layout, layout_for
 from compress.export_gguf.vocab import add_vocabulary, read_vocabulary
@@ -88,7 +89,7 @@ def _block_count(config: dict) -> int:
 
 
 def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
-    """Write ``folder`` to ``out``: a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
+    """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
     (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
     was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
     from compress.checkpoint import load_quantized
@@ -101,6 +102,7 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     vocab = read_vocabulary(folder, config["vocab_size"])
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[layout.arch])
     writer.add_name(folder.name)
+    writer.add_quantized_by(WRITER)  # what lets --force replace this file later, and nothing it did not write
     layout.metadata(writer, config)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(FILE_TYPES[type_name])
@@ -143,12 +145,9 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
         else:
             writer.add_tensor(target, _numpy(param, np.float16))
             counts["float16"] += 1
-    tmp = out.with_name(f".{out.name}.partial")
-    # Written whole under another name, then renamed: a killed export leaves no file that looks complete.
-    writer.write_header_to_file(path=tmp)
+    writer.write_header_to_file(path=out)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
     return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
             gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": rounded, "pre_tokenizer": vocab.pre}

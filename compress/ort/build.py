@@ -216,7 +216,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     from compress import __version__
     from compress.api import source_hash
     from compress.checkpoint import MANIFEST_NAME, load_quantized
-    from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
+    from compress.output import atomic_folder, refuse_existing, refuse_source_overlap
     from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk
 
     if request.accuracy_level not in ACCURACY_LEVELS:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import UserError
-from compress.fsutil import atomic_folder
+from compress.output import atomic_folder
 
 # On a 2-core machine GPTQModel otherwise asks for more workers than there are cores, and compiles a
 # C++ packing extension on first use (~30 s).

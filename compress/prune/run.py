@@ -19,7 +19,7 @@ import torch
 from compress import __version__
 from compress.checkpoint import MANIFEST_NAME, gptq_quantization_config
 from compress.errors import UserError
-from compress.fsutil import atomic_folder
+from compress.output import atomic_folder
 from compress.models import weight_bytes_on_disk
 from compress.prune.request import PruneRequest  # noqa: F401  (re-exported)
 from compress.prune.apply import PrunedLayer, PruneStats, prune_layerwise

@@ -39,12 +39,13 @@ class BitsAndBytesMethod(QuantMethod):
         from compress import __version__
         from compress.api import QuantizeResult, source_hash
         from compress.checkpoint import MANIFEST_NAME
-        from compress.fsutil import atomic_folder, refuse_existing, refuse_source_overlap
+        from compress.output import atomic_folder, refuse_existing, refuse_output_of_source, refuse_source_overlap
         from compress.models import check_checkpoint, is_causal_lm, quiet_transformers, resolve, weight_bytes_on_disk
         from compress.runtime import environment, peak_rss_bytes, resolve_device
 
         device = resolve_device(request.device)
         out = request.output_folder(cfg.tag)
+        refuse_output_of_source(out, request.model)
         refuse_existing(out, request.force)
         started = time.perf_counter()
         resolved = resolve(request.model, request.trust_remote_code)

@@ -14,9 +14,7 @@ name, with ``tie_word_embeddings`` off: both ways give the same numbers up to fl
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -158,8 +156,9 @@ def head_record(name: str, cfg: WeightQuantConfig, tied: str | None) -> dict:
 
 def head_file_tensors(record: dict, packed: QuantLinear) -> dict[str, torch.Tensor]:
     """What a checkpoint holds for a quantized head, by memory name: its packed tensors, and the float16
-    copy of its dequantized rows that loaders without our modules read (see ``float_copies_for_save``):
-    under the tied embedding's name, or as the head's own ``weight``."""
+    copy of its dequantized rows that loaders without our modules read, under the tied embedding's name or as
+    the head's own ``weight`` (transformers, through optimum, packs only the blocks' layers and would otherwise
+    start the head from random numbers; GPTQModel and vLLM read the packed head)."""
     tensors = packed.state_dict(prefix=f"{record['module']}.")
     tensors[f"{record['tied_embedding'] or record['module']}.weight"] = float16_rows(packed)
     return tensors
@@ -197,33 +196,6 @@ def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
         if re.match(pattern.removeprefix("+:"), name):
             return int(override.get("bits", bits)), int(override.get("group_size", group_size))
     return bits, group_size
-
-
-@contextlib.contextmanager
-def float_copies_for_save(model: nn.Module, head: dict | None) -> Iterator[None]:
-    """While saving a model with a quantized head: float16 copies of its dequantized weight where
-    loaders without our modules look for them. transformers (through optimum) packs only the blocks'
-    layers and would otherwise start the head from random numbers; GPTQModel and vLLM read the packed
-    head (``lm_head: true``). A tied model gets an nn.Embedding holding the rows (the tie gives the
-    head the same numbers); an untied head gets its ``weight`` beside its packed tensors."""
-    if not head:
-        yield
-        return
-    layer = model.get_submodule(head["module"])
-    rows = float16_rows(layer)
-    tied = head.get("tied_embedding")
-    embedding = model.get_submodule(tied) if tied else None
-    try:
-        if tied:
-            set_submodule(model, tied, nn.Embedding(layer.out_features, layer.in_features, _weight=rows))
-        else:
-            layer.register_buffer("weight", rows)
-        yield
-    finally:
-        if tied:
-            set_submodule(model, tied, embedding)
-        else:
-            del layer.weight
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress.blocks import BlockSource
-from compress.driver import run_layerwise
+from compress.driver import DriverPlan, run_layerwise
 from compress.quant.awq import fake_quantize_weight
 from compress.quant.mixed import LayerCost, LayerOption
 from compress.select import ModuleSelection
@@ -38,15 +38,19 @@ def block_sensitivities(block_name: str, block: nn.Module, linears: dict[str, nn
 
 def measure_sensitivities(source: "BlockSource | nn.Module", windows: list[torch.Tensor], options: list[LayerOption],
                           sym: bool, selection: ModuleSelection, device: torch.device,
-                          show_progress: bool = True) -> list[LayerCost]:
+                          show_progress: bool = True, plan: DriverPlan | None = None) -> list[LayerCost]:
     """Every selected layer's block-output error under each option, the rest of the model in float. The
-    blocks are read and run as they are (streaming: one at a time) and left unchanged."""
+    blocks are read and run as they are (streaming: one at a time) and left unchanged. Only the windows
+    that are measured are carried through the blocks (each window's states depend on it alone), under
+    ``plan``'s activation budget and spill folder like any other pass."""
     costs: list[LayerCost] = []
+    windows = windows[:SENSITIVITY_WINDOWS]
+    plan = DriverPlan(spill_folder=plan.spill_folder, activation_budget=plan.activation_budget) if plan else None
 
     def measure(block_name, block, linears, _groups, inputs, _experts) -> None:
         costs.extend(block_sensitivities(block_name, block, linears, inputs, options, sym))
 
     run_layerwise(source, windows, lambda name, layer, hessian: layer.weight.data, selection, device,
                   lambda _name, _block: None, desc="sensitivity", show_progress=show_progress,
-                  prepare_block=measure, observe=False)
+                  prepare_block=measure, observe=False, plan=plan)
     return costs

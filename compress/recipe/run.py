@@ -156,11 +156,14 @@ def _runner(recipe: RecipeConfig):
 def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command: list[str]) -> Path:
     from compress.bench.result import BenchResult
     from compress.bench.run import ensure_reference
+    from compress.output import refuse_existing
     from compress.report import build_report
     from compress.runtime import resolve_device
 
     if recipe.executor == "local":
         resolve_device(recipe.device)  # on Ray the workers' devices count, not the driver's
+    report = Path(recipe.report or Path("reports") / recipe.name)
+    refuse_existing(report, force=True)  # the report replaces only an earlier report of ours: said before any work
     root = (Path(recipe.runs) / recipe.name).resolve()
     started = time.perf_counter()
     base = base_identity(recipe.model)
@@ -207,7 +210,6 @@ def run_recipe(recipe: RecipeConfig, stages: list[Stage], resume: bool, command:
                  + "." + ("" if recipe.bench_base else f" {recipe.model} itself is not a row (bench_base: false)."))
     for item in planned:
         notes += STAGE_KINDS[item.stage.kind].notes(item.stage, item.output)
-    report = Path(recipe.report or Path("reports") / recipe.name)
     build_report([paths[name] for name, _, _ in rows], report, recipe.title or f"{recipe.model} recipe: {recipe.name}",
                  reproduce=[" ".join(command)], notes=notes, force=True)
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from compress.fsutil import atomic_folder
+from compress.output import atomic_folder
 from compress.report.plots import make_plots
 from compress.report.render import html_page, markdown
 from compress.report.rows import load_rows, result_files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,26 +15,58 @@ from tests.conftest import assert_same_checkpoint
 from tests.faults.harness import child_env, run_plain
 
 
+HOLDS_THE_LOCK = r"""
+import os, sys, time
+from pathlib import Path
+from compress.fsutil import OutputLock
+
+real, flag = OutputLock.acquire, Path(sys.argv[1])
+
+
+def acquire(self):
+    # The lock is taken: say so, and hold it (bounded) until the test has sent the second run in.
+    held = real(self)
+    flag.with_suffix(".held").write_text(str(os.getpid()))
+    deadline = time.time() + 300
+    while not flag.with_suffix(".go").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return held
+
+
+OutputLock.acquire = acquire
+from compress.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_two_runs_racing_for_one_output_folder(deep_llama, tmp_path, record_fault):
+    """A real race: the first run holds the output (its lock taken, its partial folder about to be written) while
+    the second run is started on the same --out; the second stops with one line naming the first."""
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "compress.cli", "quantize", str(deep_llama), "--method", "rtn", "--bits", "4",
-            "--group-size", "32", "--device", "cpu", "--no-progress", "--out", str(out)]
-    racers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-              for _ in range(2)]
-    ended = [(r.wait(timeout=600), r.stderr.read()) for r in racers]
-    codes = sorted(code for code, _ in ended)
-    assert codes == [0, 2], ended
-    loser = next(err for code, err in ended if code == 2)
-    lines = [line for line in loser.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(out) in lines[0], loser
-    assert "another run" in lines[0] or "already exists" in lines[0], loser
+    args = ["quantize", str(deep_llama), "--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    flag = tmp_path.parent / f"{tmp_path.name}-flag"
+    first = subprocess.Popen([sys.executable, "-c", HOLDS_THE_LOCK, str(flag), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.time() + 300
+        while not flag.with_suffix(".held").exists():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        second = run_plain(args)  # starts and ends while the first holds the output
+    finally:
+        flag.with_suffix(".go").write_text("")
+        first_code = first.wait(timeout=600)
+    assert first_code == 0, first.stderr.read()
+    assert second.returncode == 2 and second.lines == [
+        f"error: another run (process {first.pid}) is writing {out}: wait for it to end, or choose another --out"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # one folder, no partial or lock left
     alone = tmp_path.parent / f"{tmp_path.name}-alone"
-    assert run_plain([*args[3:-1], str(alone)]).returncode == 0
+    assert run_plain([*args[:-1], str(alone)]).returncode == 0
     assert_same_checkpoint(out, alone)
-    record_fault("quantize", "two processes started together on one --out", "race",
-                 ["one exit code 0 and one exit code 2 with one line naming the folder", "one complete folder, "
-                  "equal to a lone run's", "no partial folder or lock left"])
+    record_fault("quantize", "a second run started while the first holds the --out", "race",
+                 ["the second: exit code 2 and one line naming the first's process", "the first completes",
+                  "one complete folder, equal to a lone run's", "no partial folder or lock left"])
 
 
 @pytest.fixture

@@ -143,3 +143,59 @@ def test_an_embedding_that_is_more_than_a_lookup_is_refused():
 
     with pytest.raises(UserError, match="drop --lm-head-bits"):
         check_reproducible(Positional(10, 4), torch.randn(10, 4))
+
+
+def tiny_llama_variant(folder, **config_changes):
+    from transformers import AutoModelForCausalLM
+
+    from compress.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("vocab", [1001, 1002])  # a 32001/32002 Llama or Mistral fine-tune, in small
+def test_a_head_the_format_cannot_pack_is_refused_before_any_work(tmp_path, vocab, capsys):
+    from compress.cli import main
+
+    source = tiny_llama_variant(tmp_path / "src", vocab_size=vocab)
+    capsys.readouterr()
+    assert main(["quantize", str(source), "--method", "rtn", "--lm-head-bits", "8", "--out", str(tmp_path / "q"),
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --lm-head-bits: the head (lm_head) has a vocabulary of {vocab}, not a multiple of 32, so "
+                   "the GPTQ format cannot pack it: drop --lm-head-bits to keep the head in float\n")
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+    # Without the head the same model quantizes (its blocks are packable).
+    assert main(["quantize", str(source), "--method", "rtn", "--out", str(tmp_path / "q"), "--device", "cpu",
+                 "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_tied_source_storing_its_head_gets_no_float_head_beside_the_packed_one(tmp_path, in_memory):
+    """Some tied checkpoints store lm_head.weight beside the embedding; the output must not carry it."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_llama_variant(tmp_path / "src", tie_word_embeddings=True)
+    tensors = load_file(source / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    result = quantize(QuantizeRequest(model=str(source), method="rtn", bits=4, group_size=32, lm_head_bits=8,
+                                      out=str(tmp_path / "q"), device="cpu", progress=False, in_memory=in_memory))
+    assert result.manifest["lm_head"]["tied_embedding"] == "model.embed_tokens"
+    written = load_file(result.folder / "model.safetensors")
+    assert "lm_head.weight" not in written and "lm_head.qweight" in written
+    ids = torch.randint(0, 200, (1, 8))
+    reloaded, _ = load_quantized(result.folder)
+    plain = tmp_path / "plain"  # the same source without the stored head: the same checkpoint
+    tiny_llama_variant(plain, tie_word_embeddings=True)
+    other = quantize(QuantizeRequest(model=str(plain), method="rtn", bits=4, group_size=32, lm_head_bits=8,
+                                     out=str(tmp_path / "q2"), device="cpu", progress=False, in_memory=in_memory))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, load_quantized(other.folder)[0](ids).logits, rtol=0, atol=0)

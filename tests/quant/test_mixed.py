@@ -70,3 +70,46 @@ def test_a_budget_the_base_fits_only_buys_upgrades():
     assert average_bits(layers, choice) <= uniform + 0.4
     # Below the base's cost some layers must go down.
     assert W3 in choose_options(layers, uniform - 0.3, base=W4).values()
+
+
+def test_the_sensitivity_pass_carries_only_its_windows_under_the_activation_budget(tmp_path, calib_file, monkeypatch):
+    """--avg-bits measures 8 windows: only those are carried, and with a budget of 0 they go to files in the
+    output's partial folder (removed after the pass), as every other pass's activations do."""
+    from compress.activations import Activations
+    from compress.cli import main
+    from compress.quant import sensitivity
+
+    carried, spilled = [], []
+    real_replace_all, real_spill = Activations.replace_all, Activations._spill
+
+    def replace_all(self, produce):
+        carried.append(len(self))
+        return real_replace_all(self, produce)
+
+    def spill(self):
+        spilled.append(self.spill_folder)
+        return real_spill(self)
+
+    monkeypatch.setattr(Activations, "replace_all", replace_all)
+    monkeypatch.setattr(Activations, "_spill", spill)
+    measured = []
+    real_measure = sensitivity.measure_sensitivities
+
+    def measure(*args, **kwargs):
+        carried.clear()
+        spilled.clear()
+        result = real_measure(*args, **kwargs)
+        measured.append((list(carried), list(spilled)))
+        return result
+
+    import compress.api as api
+
+    monkeypatch.setattr(api, "measure_sensitivities", measure)
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-llama", "--method", "rtn", "--avg-bits", "4.5", "--calib", str(calib_file),
+                 "--nsamples", "16", "--seqlen", "32", "--activation-budget", "0", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    (windows, folders), = measured
+    assert windows and set(windows) == {sensitivity.SENSITIVITY_WINDOWS}  # not the 16 calibration windows
+    assert folders and all(f == tmp_path / ".q.partial" / "activations" / "sensitivity" for f in folders)
+    assert out.is_dir() and not (tmp_path / ".q.partial").exists()
