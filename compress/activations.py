@@ -86,20 +86,11 @@ class Activations:
             return self._memory[i]
         return self._read(self._slot_dir(self._set), i)
 
-    def replace_all(self, produce) -> None:
-        """Replace every window's state by ``produce(i)`` (which reads only window i's state). In memory
-        each is replaced in place, so at most one window is held twice; on disk the old set stays readable
-        until the new one is complete."""
-        if self._memory is not None:
-            for i in range(self.count):
-                self._memory[i] = produce(i)
-            return
-        target = self._slot_dir(1 - self._set)
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for i in range(self.count):
-            self._write(target, i, produce(i))
-        self._set = 1 - self._set
+    def replacing(self) -> "Replacement":
+        """The next set of states, put window by window (each made from window i's current state alone) and made
+        current by ``commit``. In memory each is replaced in place, so at most one window is held twice; on disk
+        the current set stays readable until the new one is complete."""
+        return Replacement(self)
 
     # --- resuming ------------------------------------------------------------------------------
 
@@ -129,3 +120,24 @@ class Activations:
         shutil.rmtree(store._slot_dir(0), ignore_errors=True)
         shutil.copytree(where, store._slot_dir(0))
         return store
+
+
+class Replacement:
+    """The set of states a block makes from the current one (see ``Activations.replacing``)."""
+
+    def __init__(self, store: Activations) -> None:
+        self.store = store
+        self.target = None if store._memory is not None else store._slot_dir(1 - store._set)
+        if self.target is not None:
+            shutil.rmtree(self.target, ignore_errors=True)
+            self.target.mkdir(parents=True)
+
+    def put(self, i: int, state: torch.Tensor) -> None:
+        if self.target is None:
+            self.store._memory[i] = state
+        else:
+            self.store._write(self.target, i, state)
+
+    def commit(self) -> None:
+        if self.target is not None:
+            self.store._set = 1 - self.store._set

@@ -41,7 +41,7 @@ def _models_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- settings shared by quantize and prune (compress.run_settings.RunSettings) ----------------------
+# --- settings shared by quantize and prune (compress.settings.RunSettings) ----------------------
 
 
 def _run_settings_args(p: argparse.ArgumentParser, verb: str, configs: str) -> None:

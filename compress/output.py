@@ -386,6 +386,17 @@ def atomic_file(target: Path, force: bool = False, source: Path | None = None) -
 # --- outputs written block by block -------------------------------------------------------------------------
 
 
+class BlockCheckpoints:
+    """The driver's ``block_done`` for a run writing ``output``: after each block, a checkpoint recording
+    ``record.to_dict()`` (the method's own resumable record) beside the weights."""
+
+    def __init__(self, output: "ModelOutput", total_blocks: int, record) -> None:
+        self.output, self.total_blocks, self.record = output, total_blocks, record
+
+    def __call__(self, index: int, hidden: "Activations | None") -> None:
+        self.output.checkpoint(index + 1, self.total_blocks, hidden, self.record.to_dict())
+
+
 def source_identity(folder: Path) -> dict:
     """Cheap identity of a source model: its weight files (names, sizes, modification times) and the
     hash of its config.json."""
@@ -521,15 +532,19 @@ class ModelOutput:
 
     # --- finish / abandon ------------------------------------------------------------------------
 
-    def finish(self, total_blocks: int, extra: dict, write_metadata: Callable[[Path], None]) -> Path:
-        """Every block is written: record that (so a failure from here on is finished by --resume, not
-        redone), close the shards, ``write_metadata(folder)`` (config, tokenizer, manifest), seal it, make it
-        all durable, exchange the folders, and only then drop the progress record."""
+    def close_weights(self, total_blocks: int, extra: dict) -> Path:
+        """Every block is written: record that (so a failure from here on is finished by --resume, not redone)
+        and give the shards their names. Returns the partial folder, for the caller's metadata (config,
+        tokenizer, manifest); ``publish`` then puts it in place."""
         self.shards.close()
         self._record(FINISHING, total_blocks, None, extra)
         shutil.rmtree(self.folder / "activations", ignore_errors=True)
         self.shards.finish()
-        write_metadata(self.folder)
+        return self.folder
+
+    def publish(self) -> Path:
+        """Seal the complete folder, make it all durable, exchange the folders, and only then drop the progress
+        record."""
         seal(self.folder)
         make_readable(self.folder)
         fsync_tree(self.folder)

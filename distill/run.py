@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress import __version__
-from compress.api import source_hash
+from compress.fingerprint import source_hash
 from compress.errors import UserError
 from compress.fingerprint import fingerprint
 from compress.interrupt import keep

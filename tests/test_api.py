@@ -152,7 +152,7 @@ def test_an_already_quantized_source_is_refused_in_one_line(kind, command, tmp_p
 
 def test_calibration_computes_in_float32_on_every_device():
     """Half-precision activations made CUDA's W3 GPTQ worse than the CPU's; every device calibrates in float32."""
-    from compress.run_settings import compute_dtype
+    from compress.run_skeleton import compute_dtype
 
     assert compute_dtype(torch.device("cuda")) == compute_dtype(torch.device("cpu")) == torch.float32
 
@@ -197,7 +197,7 @@ def test_a_width_the_format_cannot_pack_is_refused_before_calibration(tmp_path, 
     naming the layer and the --exclude that leaves it in float (issue 18: it used to fail at pack time)."""
     from transformers import AutoModelForCausalLM
 
-    import compress.api
+    import compress.quant.run
     from compress.tiny import tiny_config, tiny_tokenizer
 
     config = tiny_config("llama")
@@ -207,7 +207,7 @@ def test_a_width_the_format_cannot_pack_is_refused_before_calibration(tmp_path, 
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     calls = []
-    monkeypatch.setattr(compress.api, "quantize_model", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(compress.quant.run, "quantize_model", lambda *a, **k: calls.append(a))
     with pytest.raises(UserError, match=r"self_attn.q_proj has 48 input features, not a multiple of 32: .*"
                                         r"--exclude 'self_attn.q_proj'"):
         quantize(QuantizeRequest(model=str(source), method="gptq", calib=str(calib_file), nsamples=2, seqlen=16,

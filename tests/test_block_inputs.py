@@ -127,7 +127,7 @@ def test_a_model_whose_blocks_are_not_called_once_each_is_refused():
     runs a block twice is refused in one line rather than calibrated with the wrong inputs."""
     from torch import nn
 
-    from compress.driver import capture_block_inputs
+    from compress.block_inputs import capture_block_inputs
     from compress.errors import UserError
 
     class RepeatsItsFirstBlock(nn.Module):

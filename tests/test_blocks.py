@@ -88,7 +88,11 @@ def test_activation_files_are_replaced_whole(tmp_path):
     store = Activations(tensors, torch.device("cpu"), tmp_path)
     assert store.on_disk and len(store) == 5 and torch.equal(store[2], tensors[2])
     saved = store.save(tmp_path / "saved")
-    store.replace_all(lambda i: store[i] * 2)  # each new value is made from the old set
+    replacement = store.replacing()
+    for i in range(5):
+        replacement.put(i, store[i] * 2)  # each new value is made from the old set, still readable
+        assert torch.equal(store[4], tensors[4])
+    replacement.commit()
     assert all(torch.equal(store[i], tensors[i] * 2) for i in range(5))
     restored = Activations.restore(saved, torch.device("cpu"), None)  # the saved copy is still the old set
     assert all(torch.equal(restored[i], tensors[i]) for i in range(5))
@@ -99,7 +103,7 @@ def test_the_capture_holds_no_more_than_the_budget_plus_one_window(tmp_path):
     the budget: 48 windows of 4 MiB would be 192 MiB held; the budget is 16 MiB."""
     from transformers import AutoModelForCausalLM
 
-    from compress.driver import capture_block_inputs
+    from compress.block_inputs import capture_block_inputs
     from compress.runtime import return_freed_memory
     from compress.select import find_blocks
     from compress.tiny import tiny_config

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compress.errors import UserError
-from compress.driver import HessianAccumulator, capture_block_inputs, collect_hessian, linear_call_groups
+from compress.block_inputs import HessianAccumulator, capture_block_inputs, collect_hessian, linear_call_groups
 from compress.models import load_model, resolve
 from compress.quant.apply import output_error
 from compress.quant.gptq import GPTQConfig, gptq_quantize
@@ -88,7 +88,7 @@ def test_expert_groups_follow_the_router_and_count_their_tokens():
     called: gate and up of each expert together, then its down; each sees only the tokens routed to it."""
     import torch
 
-    from compress.driver import accumulate_hessian
+    from compress.block_inputs import accumulate_hessian
     from compress.lazy import LazyModel
 
     lazy = LazyModel(resolve("tiny-mixtral").path, torch.float32)

@@ -251,7 +251,7 @@ def test_a_resumed_awq_mixed_precision_run_equals_an_uninterrupted_one(deep_llam
         stop_after_block(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             quantize(QuantizeRequest(**settings(deep_llama, target, calib_file, **kw)))
-    import compress.api as api_module
+    import compress.quant.run as api_module
 
     def no_second_measure(*_args, **_kwargs):
         raise AssertionError("a resumed run measured the sensitivities again")

@@ -147,7 +147,7 @@ def _check_same_vocabulary(model_tok, base_tok, model_ref: str, base_ref: str) -
 
 
 def _reference_key(base_path: Path, dtype: torch.dtype, device: torch.device, windows, top_k: int) -> str:
-    from compress.api import source_hash
+    from compress.fingerprint import source_hash
 
     parts = [source_hash(base_path), str(dtype), device.type, windows_digest(windows), str(top_k), "ref-v1"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

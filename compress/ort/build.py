@@ -214,7 +214,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     import onnx
 
     from compress import __version__
-    from compress.api import source_hash
+    from compress.fingerprint import source_hash
     from compress.checkpoint import MANIFEST_NAME, load_quantized
     from compress.output import atomic_folder, refuse_existing, refuse_source_overlap
     from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk

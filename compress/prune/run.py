@@ -22,8 +22,9 @@ from compress.errors import UserError
 from compress.output import atomic_folder
 from compress.models import weight_bytes_on_disk
 from compress.prune.request import PruneRequest  # noqa: F401  (re-exported)
-from compress.prune.apply import PrunedLayer, PruneStats, prune_layerwise
-from compress.run_settings import RunOutput, load_for_run, run_streaming
+from compress.prune.apply import PruneStats, prune_layerwise
+from compress.prune.progress import PruneProgress
+from compress.run_skeleton import open_for_run, run_output
 from compress.runtime import environment, peak_rss_bytes
 from compress.select import ModuleSelection, block_linears, find_blocks
 
@@ -63,30 +64,28 @@ def prune(request: PruneRequest) -> PruneResult:
     method, cfg = request.method_config()
     quant = request.quant_config()
     started = time.perf_counter()
-    run = load_for_run(request, cfg.tag + (f"-{quant.tag}" if quant else ""),
-                       method.needs_calibration or quant is not None,
-                       check=lambda model: check_pattern_fits(model, cfg, request.selection),
-                       streaming=not method.changes_shape)
+    opened = open_for_run(request, cfg.tag + (f"-{quant.tag}" if quant else ""),
+                          method.needs_calibration or quant is not None, streaming=not method.changes_shape)
+    check_pattern_fits(opened.model, cfg, request.selection)  # on the skeleton, before any work
+    run = opened.load()
     if method.changes_shape:
         return _prune_whole_model(request, method, cfg, quant, run, started)
 
-    def work(output: RunOutput) -> tuple[dict | None, dict]:
+    with run_output(request, run, packed=quant is not None) as output:
         prune_started = time.perf_counter()
+        record = output.saved_record(PruneProgress)
         if not output.resumed:
             output.writer.copy_outside_blocks()
-        stats = PruneStats(layers=[PrunedLayer(**layer) for layer in output.partial.saved.get("layers", [])])
-        plan = output.driver_plan(lambda: {"layers": [dataclasses.asdict(x) for x in stats.layers]})
         prune_layerwise(run.source, method, cfg, run.windows, run.device, request.selection, quant, request.progress,
-                        emit=output.writer.write_module, plan=plan, report=output.report, stats=stats)
-        manifest = _manifest(request, method, cfg, quant, run, stats, time.perf_counter() - prune_started)
+                        emit=output.writer.write_module, plan=output.driver_plan(record), report=output.report,
+                        stats=record.stats)
+        manifest = _manifest(request, method, cfg, quant, run, record.stats, time.perf_counter() - prune_started)
         manifest["blocks"] = output.report.blocks
         manifest["experts"] = output.experts_record(output.report, "magnitude pruning" + (" + RTN" if quant else ""))
         qcfg = None if quant is None else gptq_quantization_config(
-            quant, f"{method.name}+gptq", __version__, stats.block_prefix,
+            quant, f"{method.name}+gptq", __version__, record.stats.block_prefix,
             [layer["shape"][1] for layer in manifest["layers"]])
-        return qcfg, manifest
-
-    folder, manifest = run_streaming(request, run, quant is not None, work)
+        folder = output.finish(qcfg, manifest)
     return PruneResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
                        time.perf_counter() - started, manifest, None if run.source.streaming else run.model)
 

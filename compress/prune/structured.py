@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.driver import capture_block_inputs, run_layerwise
+from compress.block_inputs import capture_block_inputs
+from compress.driver import run_layerwise
 from compress.errors import UserError
 from compress.prune.apply import PruneStats
 from compress.prune.config import StructuredConfig

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress.driver import capture_block_inputs, linear_call_groups
+from compress.block_inputs import capture_block_inputs, linear_call_groups
 from compress.errors import UserError
 from compress.select import ModuleSelection, block_linears, find_blocks
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compress.driver import BlockInputs, for_each_layer_call
+from compress.block_inputs import BlockInputs, for_each_layer_call
 from compress.quant.config import N_GRID, WeightQuantConfig
 from compress.quant.rtn import rtn_quantize
 

@@ -37,7 +37,8 @@ class BitsAndBytesMethod(QuantMethod):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from compress import __version__
-        from compress.api import QuantizeResult, source_hash
+        from compress.fingerprint import source_hash
+        from compress.quant.run import QuantizeResult
         from compress.checkpoint import MANIFEST_NAME
         from compress.output import atomic_folder, refuse_existing, refuse_output_of_source, refuse_source_overlap
         from compress.models import check_checkpoint, is_causal_lm, quiet_transformers, resolve, weight_bytes_on_disk

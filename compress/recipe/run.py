@@ -34,7 +34,7 @@ class PlannedStage:
 
 def base_identity(model: str) -> str:
     """What the first stage's input is: the base model's weight files, by content."""
-    from compress.api import source_hash
+    from compress.fingerprint import source_hash
     from compress.models import resolve
 
     return "sha256:" + source_hash(resolve(model).path)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from compress.driver import capture_block_inputs, collect_hessian, linear_call_groups
+from compress.block_inputs import capture_block_inputs, collect_hessian, linear_call_groups
 from compress.prune.apply import prune_layerwise
 from compress.quant.apply import output_error
 from compress.prune.config import KeptWeightsQuantConfig

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.blocks import BlockSource
-from compress.driver import capture_block_inputs, linear_call_groups
+from compress.block_inputs import capture_block_inputs, linear_call_groups
 from compress.quant.awq import awq_prepare_block, candidate_scales, fold, producer_candidates, weight_mean
 from compress.select import ModuleSelection, block_linears
 from compress.tiny import tiny_config

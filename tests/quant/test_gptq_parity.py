@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from compress.driver import capture_block_inputs, collect_hessian, for_each_layer_call
+from compress.block_inputs import capture_block_inputs, collect_hessian, for_each_layer_call
 from compress.models import load_model, resolve
 from compress.quant.apply import output_error
 from compress.quant.gptq import GPTQConfig, gptq_quantize

@@ -80,17 +80,17 @@ def test_the_sensitivity_pass_carries_only_its_windows_under_the_activation_budg
     from compress.quant import sensitivity
 
     carried, spilled = [], []
-    real_replace_all, real_spill = Activations.replace_all, Activations._spill
+    real_replacing, real_spill = Activations.replacing, Activations._spill
 
-    def replace_all(self, produce):
+    def replacing(self):
         carried.append(len(self))
-        return real_replace_all(self, produce)
+        return real_replacing(self)
 
     def spill(self):
         spilled.append(self.spill_folder)
         return real_spill(self)
 
-    monkeypatch.setattr(Activations, "replace_all", replace_all)
+    monkeypatch.setattr(Activations, "replacing", replacing)
     monkeypatch.setattr(Activations, "_spill", spill)
     measured = []
     real_measure = sensitivity.measure_sensitivities
@@ -102,7 +102,7 @@ def test_the_sensitivity_pass_carries_only_its_windows_under_the_activation_budg
         measured.append((list(carried), list(spilled)))
         return result
 
-    import compress.api as api
+    import compress.quant.run as api
 
     monkeypatch.setattr(api, "measure_sensitivities", measure)
     out = tmp_path / "q"

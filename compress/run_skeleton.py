@@ -1,7 +1,7 @@
-"""What every model-changing command shares (quantize, prune): the settings for calibration, device,
-output and module selection, and the common steps: check the output, open the model (streaming by
-default: a meta skeleton whose blocks are read one at a time), cut the calibration windows, and write
-the result into a resumable partial folder that is renamed into place when complete."""
+"""The run skeleton every block-by-block command shares (quantize, prune; their settings are
+compress.settings): check the output, open the model (streaming by default: a meta skeleton whose blocks are
+read one at a time), cut the calibration windows, and write the result into a resumable partial folder that is
+renamed into place when complete (``run_output``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -25,9 +26,10 @@ from compress.lazy import LazyModel
 from compress.models import ResolvedModel, refuse_quantized_source, resolve
 from compress.shards import ShardReader
 from compress.fingerprint import fingerprint
-from compress.output import ModelOutput, refuse_existing, refuse_output_of_source, refuse_source_overlap, source_identity
+from compress.output import (BlockCheckpoints, ModelOutput, refuse_existing, refuse_output_of_source,
+                             refuse_source_overlap, source_identity)
 from compress.runtime import resolve_device
-from compress.settings import RunSettings  # noqa: F401  (re-exported)
+from compress.settings import RunSettings
 from compress.writer import CheckpointWriter
 
 
@@ -57,13 +59,50 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, streaming: bool = True) -> Loaded:
-    """Check everything the user could have got wrong, then open the model (a private copy: the source
-    is never touched) and, with ``needs_data``, cut the calibration windows. Streaming, only the
-    skeleton is built now; ``settings.in_memory`` (or ``streaming`` False, for methods that need the
-    whole model) reads every tensor first. ``check(model)`` runs before the slow part."""
-    from transformers import AutoTokenizer
+@dataclass
+class Opened:
+    """The model opened for a run, nothing read yet (a meta skeleton): what a command checks before the slow
+    part, then ``load``s."""
+    settings: RunSettings
+    device: torch.device
+    out: Path
+    resolved: ResolvedModel
+    lazy: LazyModel
+    streaming: bool
+    text: object
+    text_record: object
+    started: float
 
+    @property
+    def model(self):
+        return self.lazy.model
+
+    def load(self) -> Loaded:
+        """Read the model (streaming: only the skeleton; ``settings.in_memory``, or a method that needs the whole
+        model: every tensor), its tokenizer, and with calibration text, cut the windows."""
+        from transformers import AutoTokenizer
+
+        settings, lazy = self.settings, self.lazy
+        if not self.streaming:
+            lazy.materialize_all("cpu")
+        tokenizer = AutoTokenizer.from_pretrained(self.resolved.path, trust_remote_code=settings.trust_remote_code)
+        load_seconds = time.perf_counter() - self.started
+        windows, record = None, None
+        if self.text is not None:
+            config = lazy.model.config
+            seqlen = min(settings.seqlen, getattr(config, "max_position_embeddings", None) or settings.seqlen)
+            windows, record = calibration_windows_of_text(tokenizer, self.text, self.text_record, settings.nsamples,
+                                                          seqlen, settings.seed)
+            settings.say(f"calibration: {record.count} x {seqlen} tokens from {self.text_record.source}:"
+                         f"{self.text_record.split} ({self.text_record.origin}), seed {settings.seed}")
+        source = BlockSource(lazy.model, lazy, streaming=self.streaming)
+        return Loaded(self.device, self.out, self.resolved, lazy, source, tokenizer, windows, record, load_seconds)
+
+
+def open_for_run(settings: RunSettings, tag: str, needs_data: bool, streaming: bool = True) -> Opened:
+    """Check everything the user could have got wrong, then open the model as a meta skeleton (a private copy:
+    the source is never touched) and, with ``needs_data``, read the calibration text. ``streaming`` False is for
+    methods that need the whole model."""
     device = resolve_device(settings.device)
     out = settings.output_folder(tag)
     refuse_output_of_source(out, settings.model)
@@ -80,22 +119,7 @@ def load_for_run(settings: RunSettings, tag: str, needs_data: bool, check=None, 
     reader = ShardReader(resolved.path)
     refuse_quantized_source(settings.model, reader)
     lazy = LazyModel(resolved.path, compute_dtype(device), settings.trust_remote_code, reader=reader)
-    if check is not None:
-        check(lazy.model)
-    if not streaming:
-        lazy.materialize_all("cpu")
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code)
-    load_seconds = time.perf_counter() - started
-    windows, record = None, None
-    if needs_data:
-        config = lazy.model.config
-        seqlen = min(settings.seqlen, getattr(config, "max_position_embeddings", None) or settings.seqlen)
-        windows, record = calibration_windows_of_text(tokenizer, text, text_record, settings.nsamples, seqlen,
-                                                      settings.seed)
-        settings.say(f"calibration: {record.count} x {seqlen} tokens from {text_record.source}:{text_record.split} "
-                     f"({text_record.origin}), seed {settings.seed}")
-    source = BlockSource(lazy.model, lazy, streaming=streaming)
-    return Loaded(device, out, resolved, lazy, source, tokenizer, windows, record, load_seconds)
+    return Opened(settings, device, out, resolved, lazy, streaming, text, text_record, started)
 
 
 class RunOutput:
@@ -122,7 +146,7 @@ class RunOutput:
             settings.say(f"resuming at block {self.resumed_at} of {len(run.source.blocks)} "
                          f"from {self.partial.folder}")
         self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix, packed)
-        self._extra: Callable[[], dict] = dict
+        self._record = None
         self.report = DriverReport()
         """What the driver measures in this run (blocks' seconds and RSS, experts)."""
 
@@ -130,15 +154,19 @@ class RunOutput:
     def resumed(self) -> bool:
         return self.resumed_at > 0
 
-    def driver_plan(self, extra: Callable[[], dict]) -> DriverPlan:
-        """The driver's start and checkpoint hook; ``extra()`` gives what to record beside the weights."""
-        total = len(self.run.source.blocks)
-        self._extra = extra
+    def saved_record(self, kind):
+        """The method's resumable record (``kind.from_dict``) an interrupted run kept, or a fresh one."""
+        return kind.from_dict(self.partial.saved, str(self.partial.folder / "progress.json"))
+
+    def driver_plan(self, record) -> DriverPlan:
+        """The driver's start and checkpoint hook; ``record`` (a to_dict-able progress record) is written beside
+        the weights at each checkpoint."""
+        self._record = record
         return DriverPlan(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
             spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
             expert_min_fraction=self.settings.expert_min_share,
-            block_done=lambda index, hidden: self.partial.checkpoint(index + 1, total, hidden, extra()))
+            block_done=BlockCheckpoints(self.partial, len(self.run.source.blocks), record))
 
     def experts_record(self, report: DriverReport, rule: str) -> dict | None:
         """The manifest's record of how every expert was calibrated (None without experts), said aloud
@@ -160,8 +188,11 @@ class RunOutput:
 
     def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
         """Close the weights, write config, tokenizer and manifest, and exchange the folder into place."""
-        return self.partial.finish(len(self.run.source.blocks), self._extra(),
-                                   lambda folder: self._write_metadata(folder, quantization_config, manifest))
+        manifest["streaming"] = self.run.source.streaming
+        manifest["resumed_at_block"] = self.resumed_at or None
+        folder = self.partial.close_weights(len(self.run.source.blocks), self._record.to_dict() if self._record else {})
+        self._write_metadata(folder, quantization_config, manifest)
+        return self.partial.publish()
 
     def _write_metadata(self, folder: Path, quantization_config: dict | None, manifest: dict) -> None:
         lazy = self.run.lazy
@@ -183,18 +214,13 @@ class RunOutput:
         self.partial.abandon()
 
 
-def run_streaming(settings: RunSettings, run: Loaded, packed: bool,
-                  work: Callable[[RunOutput], tuple[dict | None, dict]]) -> tuple[Path, dict]:
-    """The one skeleton of every block-by-block command (quantize, prune): begin the output, let
-    ``work(output)`` drive the blocks and return (quantization_config or None, manifest), finish the
-    output; on any error or interruption abandon it, which keeps every resumable byte. Returns the
-    finished folder and the manifest written into it."""
+@contextmanager
+def run_output(settings: RunSettings, run: Loaded, packed: bool) -> Iterator[RunOutput]:
+    """The output of every block-by-block command (quantize, prune): begin it; the command drives the blocks and
+    calls ``finish``; on any error or interruption it is abandoned, which keeps every resumable byte."""
     output = RunOutput(settings, run, packed)
     try:
-        quantization_config, manifest = work(output)
-        manifest["streaming"] = run.source.streaming
-        manifest["resumed_at_block"] = output.resumed_at or None
-        return output.finish(quantization_config, manifest), manifest
+        yield output
     except BaseException:
         output.abandon()
         raise
