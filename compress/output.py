@@ -128,22 +128,19 @@ def _inventory(folder: Path) -> set[str] | None:
 
 def foreign_entries(folder: Path) -> list[str]:
     """The top-level entries of ``folder`` that our writer did not put there (folders end in '/'): every entry
-    when it has no inventory of ours, none for an empty folder or a complete earlier output of ours."""
+    when it has no inventory of ours, none for an empty folder or a complete earlier output of ours. A folder our
+    inventory does not reach is not walked (an --out of someone's home folder answers at once)."""
     listed = _inventory(folder) or set()
-    listed_dirs = {str(Path(f).parent) for f in listed} | {str(p) for f in listed for p in Path(f).parents}
-    foreign: set[str] = set()
-    for path in folder.rglob("*"):
+    listed_dirs = {p.as_posix() for f in listed for p in Path(f).parents if p != Path(".")}
+
+    def foreign(path: Path) -> bool:
         relative = path.relative_to(folder).as_posix()
-        if relative == INVENTORY_FILE:
-            continue
         if path.is_dir() and not path.is_symlink():
-            if relative in listed_dirs:
-                continue
-        elif relative in listed:
-            continue
-        top = relative.split("/")[0]
-        foreign.add(top + "/" if (folder / top).is_dir() and not (folder / top).is_symlink() else top)
-    return sorted(foreign)
+            return relative not in listed_dirs or any(foreign(child) for child in path.iterdir())
+        return relative not in listed
+
+    return sorted(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else "")
+                  for entry in folder.iterdir() if entry.name != INVENTORY_FILE and foreign(entry))
 
 
 def refuse_existing(final: Path, force: bool) -> None:

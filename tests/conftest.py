@@ -101,7 +101,8 @@ def data_dir() -> Path:
     """The shared offline data (set by .ci/run); tests that need it skip loudly without it."""
     value = os.environ.get("COMPRESS_DATA_DIR")
     if not value or not Path(value).is_dir():
-        pytest.skip("COMPRESS_DATA_DIR is not set to the shared data folder")
+        pytest.skip(f"the shared data folder is missing: COMPRESS_DATA_DIR is {value or 'not set'!r} (.ci/test sets it "
+                    "to ../shared/data)")
     return Path(value)
 
 
