@@ -41,9 +41,14 @@ def smollm2_figures(tmp: Path) -> dict:
     figures = {"fp32": fp}
     settings = dict(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16, seqlen=256,
                     progress=False, device="cpu")
-    for method in ("gptq", "rtn"):
-        folder = quantize(QuantizeRequest(method=method, out=str(tmp / method), **settings)).folder
-        figures[f"{method}_w4g128_ratio"] = ppl(load_quantized(folder)[0]) / fp
+    errors = {}
+    for name, method in {"gptq": {"method": "gptq"}, "rtn": {"method": "rtn"},
+                         "rtn_weighted": {"method": "rtn", "scale_search": "weighted"}}.items():
+        result = quantize(QuantizeRequest(out=str(tmp / name), **settings | method))
+        figures[f"{name}_w4g128_ratio"] = ppl(load_quantized(result.folder)[0]) / fp
+        errors[name] = sum(layer["proxy_loss"] or 0 for layer in result.manifest["layers"])
+    figures["gptq_layer_error"], figures["rtn_weighted_layer_error"] = errors["gptq"], errors["rtn_weighted"]
+    figures["gptq_over_rtn_same_grid_layer_error"] = errors["gptq"] / errors["rtn_weighted"]
     from transformers import AutoModelForCausalLM
 
     pruned = prune(PruneRequest(model="smollm2-135m", method="structured", target="mlp", sparsity=0.25,
@@ -52,7 +57,7 @@ def smollm2_figures(tmp: Path) -> dict:
     figures["structured_mlp25_ratio"] = ppl(AutoModelForCausalLM.from_pretrained(pruned.folder).eval()) / fp
     config = load_config(ROOT / "configs" / "distill" / "smollm2-l10.yaml", [
         "max_examples=48", "eval_windows=2", "stages.0.max_steps=6", "stages.1.max_steps=2", "checkpoint_every=0",
-        "progress=false", f"out={tmp / 'student'}"])
+        "progress=false", f"out={tmp / 'smollm2-student'}"])
     distilled = distill(config)["figures"]
     figures["distill_smollm2_after_over_before"] = distilled["student_after"] / distilled["student_before"]
     return figures

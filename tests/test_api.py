@@ -38,10 +38,11 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
     packed = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
     assert packed and len(packed) == len(result.manifest["layers"])
     assert all(m.bits == 4 and m.group_size == 32 for m in packed)
-    # The quantized model stays close to the original but is not the original.
+    # The quantized model stays close to the original but is not the original: at most 0.127 over the 30 cases
+    # today (AWQ on MPT; reports/test_bounds.json).
     original = model_output(load_model(resolve(f"tiny-{arch}").path)[0], ids)
     rel = (in_memory - original).norm() / original.norm()
-    assert 0 < rel < 0.5
+    assert 0 < rel < 0.15
     assert result.output_bytes < result.source_bytes
 
     manifest = json.loads((result.folder / MANIFEST_NAME).read_text())

@@ -122,11 +122,26 @@ def worst_weight_gap_in_steps(theirs: torch.nn.Module, ours: torch.nn.Module) ->
     return worst
 
 
+def assert_transformers_and_gptqmodel_agree(folder, ours, ids) -> None:
+    """transformers and GPTQModel read ``folder``: every weight within half a quantization step of ours (their
+    kernels round in half precision), and the logits within 1%."""
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        expected = ours(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert worst_weight_gap_in_steps(theirs, ours) < 0.5
+        assert relative_gap(theirs(ids).logits, expected) < 1e-2
+        del theirs
+        peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
+        assert relative_gap(peer.model(ids).logits, expected) < 1e-2
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_asymmetric_checkpoints_load_in_transformers_and_gptqmodel(bits, method, tmp_path, calib_file):
-    from gptqmodel import BACKEND, GPTQModel
-    from transformers import AutoModelForCausalLM
 
     source = one_signed_rows_model(tmp_path)
     folder = quantized(str(source), tmp_path, calib_file, method=method, bits=bits, sym=False,
@@ -137,15 +152,7 @@ def test_asymmetric_checkpoints_load_in_transformers_and_gptqmodel(bits, method,
     ours, _ = load_quantized(folder)
     zeros = [m.quantized_weight().zero for m in ours.modules() if hasattr(m, "qzeros")]
     assert min(float(z.min()) for z in zeros) == 0 and max(float(z.max()) for z in zeros) == 2**bits - 1
-    with torch.no_grad():
-        expected = ours(ids).logits
-        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        assert worst_weight_gap_in_steps(theirs, ours) < 0.5
-        assert relative_gap(theirs(ids).logits, expected) < 1e-2
-        del theirs
-        peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
-        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
-        assert relative_gap(peer.model(ids).logits, expected) < 1e-2
+    assert_transformers_and_gptqmodel_agree(folder, ours, ids)
 
 
 def test_mixed_precision_checkpoint_loads_in_gptqmodel(tmp_path, calib_file):
@@ -169,21 +176,10 @@ def test_mixed_precision_checkpoint_loads_in_gptqmodel(tmp_path, calib_file):
 def test_awq_checkpoints_load_in_transformers_and_gptqmodel(method, tmp_path, calib_file):
     """AWQ folds its scales into the producers and writes the same GPTQ layout: transformers and GPTQModel read
     it and agree with our loader, weight by weight and on the logits."""
-    from gptqmodel import BACKEND, GPTQModel
-    from transformers import AutoModelForCausalLM
-
     kw = dict(method="awq") if method == "awq" else dict(method="gptq", awq=True)
     folder = quantized("llama", tmp_path, calib_file, bits=4, sym=False, **kw)
     manifest = json.loads((folder / "compress_manifest.json").read_text())
     assert [s for s in manifest["awq_scales"] if s["ratio"] is not None], "nothing was scaled: not an AWQ test"
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
     ours, _ = load_quantized(folder)
-    with torch.no_grad():
-        expected = ours(ids).logits
-        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        assert worst_weight_gap_in_steps(theirs, ours) < 0.5
-        assert relative_gap(theirs(ids).logits, expected) < 1e-2
-        del theirs
-        peer = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
-        assert worst_weight_gap_in_steps(peer.model, ours) < 0.5
-        assert relative_gap(peer.model(ids).logits, expected) < 1e-2
+    assert_transformers_and_gptqmodel_agree(folder, ours, ids)

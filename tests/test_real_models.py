@@ -9,28 +9,34 @@ from compress.api import QuantizeRequest, quantize
 from compress.bench.score import score_windows
 from compress.checkpoint import load_quantized
 from compress.models import load_model, resolve
-from tests.conftest import assert_same_checkpoint, model_output
+from tests.conftest import model_output
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_gptq_w4g128_partial_groups_and_perplexity(smollm2_windows, tmp_path):
+    """GPTQ's defaults on the real model, against round-to-nearest on the very same grid (asymmetric, ranges searched
+    with the Hessian's diagonal): GPTQ's error propagation is what must show, so a GPTQ that fell back to RTN fails.
+    (Streaming and in-memory runs writing the same bytes is proven on every tiny architecture in test_api.py.)"""
     fp_model, windows = smollm2_windows
     settings = dict(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16, seqlen=256,
                     progress=False, device="cpu")
     result = quantize(QuantizeRequest(out=str(tmp_path / "q"), **settings))
-    # Streamed block by block (the default), the checkpoint is the one the in-memory path writes.
-    in_memory = quantize(QuantizeRequest(out=str(tmp_path / "m"), in_memory=True, **settings))
-    assert result.manifest["streaming"] and not in_memory.manifest["streaming"]
-    assert_same_checkpoint(result.folder, in_memory.folder)
+    same_grid = quantize(QuantizeRequest(out=str(tmp_path / "rtn"), **settings | {"method": "rtn",
+                                                                                  "scale_search": "weighted"}))
+    assert result.manifest["streaming"]
+    # The layers' output error on the calibration inputs, tr(dW H dW^T) summed: GPTQ 0.174x RTN's today
+    # (1.60 against 9.21; reports/test_bounds.json).
+    gptq_error, rtn_error = (sum(layer["proxy_loss"] for layer in r.manifest["layers"]) for r in (result, same_grid))
+    assert gptq_error < 0.25 * rtn_error
     qmodel, _ = load_quantized(result.folder)
     q_proj = qmodel.model.layers[0].self_attn.q_proj
     assert q_proj.in_features == 576 and q_proj.scales.shape[0] == 5  # 4 full groups of 128 + one of 64
     fp_ppl = score_windows(fp_model, windows, torch.device("cpu"))[0].perplexity.perplexity
     q_ppl = score_windows(qmodel, windows, torch.device("cpu"))[0].perplexity.perplexity
-    # 16 out-of-domain calibration windows and 4 short evaluation windows: a loose bound (1.61x seen with
-    # one thread, below 1.6x with two); a broken quantizer lands at many times the fp32 figure.
-    assert fp_ppl < q_ppl < 2.0 * fp_ppl
+    # 16 out-of-domain calibration windows and 4 short evaluation windows: GPTQ reaches 1.238x fp32 here, RTN with
+    # plain min/max grids 1.332x (reports/test_bounds.json, benchmarks/test_bounds.py).
+    assert fp_ppl < q_ppl < 1.28 * fp_ppl
     assert result.output_bytes < 0.35 * result.source_bytes
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
     assert qcfg["backend"] == "torch"  # 576 is not a multiple of 128

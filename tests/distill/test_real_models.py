@@ -35,5 +35,7 @@ def test_smollm2_intermediate_distillation_lowers_perplexity(tmp_path, data_dir)
         "progress=false", f"out={tmp_path / 'student'}"])
     manifest = run(config)
     figures = manifest["figures"]
-    assert figures["student_after"] < figures["student_before"]
+    # The 10 copied layers start far from a language model; 8 steps bring the perplexity to 8.7e-5 of where it
+    # started (reports/test_bounds.json).
+    assert figures["student_after"] < 1.2e-4 * figures["student_before"]
     assert manifest["student"]["layers"] == 10 and manifest["teacher"]["layers"] == 30

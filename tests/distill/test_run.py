@@ -41,7 +41,8 @@ def test_lm_student_improves_and_reloads(tmp_path, calib_file):
     assert saved["student"]["layers"] == 1 and saved["teacher"]["layers"] == 2
     assert [h["kind"] for h in saved["history"] if h["event"] == "stage"] == ["intermediate", "prediction"]
     figures = saved["figures"]
-    assert figures["student_after"] < figures["student_before"]  # perplexity falls with distillation
+    # Perplexity falls with distillation: to 0.9988x in these 8 steps (reports/test_bounds.json).
+    assert figures["student_after"] < 0.9992 * figures["student_before"]
     student = AutoModelForCausalLM.from_pretrained(out)
     assert student.config.num_hidden_layers == 1
     assert not (tmp_path / ".student.checkpoints").exists()

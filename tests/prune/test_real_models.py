@@ -38,4 +38,5 @@ def test_smollm2_structured_mlp_is_smaller_and_reloads(smollm2_windows, tmp_path
     model = AutoModelForCausalLM.from_pretrained(result.folder).eval()
     assert model.config.intermediate_size == 1152  # 1536 - 384
     assert result.output_bytes < 0.9 * result.source_bytes  # the MLPs are 59% of the weights; 0.85x seen
-    assert _ppl(model, windows) < 10 * _ppl(dense, windows)  # damaged, not destroyed, before any recovery
+    # Damaged, not destroyed, before any recovery: 1.889x the dense perplexity today (reports/test_bounds.json).
+    assert _ppl(model, windows) < 2.0 * _ppl(dense, windows)
