@@ -26,7 +26,7 @@ from compress.lazy import LazyModel
 from compress.models import ResolvedModel, refuse_quantized_source, resolve
 from compress.shards import ShardReader
 from compress.fingerprint import fingerprint
-from compress.output import (BlockCheckpoints, ModelOutput, refuse_existing, refuse_output_of_source,
+from compress.output import (PROGRESS_FILE, BlockCheckpoints, ModelOutput, refuse_existing, refuse_output_of_source,
                              refuse_source_overlap, source_identity)
 from compress.runtime import resolve_device
 from compress.settings import RunSettings
@@ -123,22 +123,27 @@ def open_for_run(settings: RunSettings, tag: str, needs_data: bool, streaming: b
 
 
 class RunOutput:
-    """The output of a layer-by-layer run while it is written: the resumable folder (compress.output),
-    the weight writer, the driver plan that continues an interrupted run, and the driver's report."""
+    """The output of a layer-by-layer run while it is written: the resumable folder (compress.output), the method's
+    resumable record (``record``: of ``record_kind``, read back from an interrupted run or fresh), the weight
+    writer, the driver plan that continues an interrupted run, and the driver's report."""
 
-    def __init__(self, settings: RunSettings, run: Loaded, packed: bool, extra_fingerprint: dict | None = None) -> None:
+    def __init__(self, settings: RunSettings, run: Loaded, packed: bool, record_kind) -> None:
         self.settings, self.run = settings, run
         calibration = run.calibration.text if run.calibration else None
         identity = {"settings": settings.result_settings(), "source": source_identity(run.resolved.path),
                     "device": run.device.type,
                     # The text itself, not its name: an edited file, or a hub that became reachable, is
                     # another calibration set, and mixing two in one output would go unnoticed.
-                    "calibration": [calibration.origin, calibration.sha256] if calibration else None,
-                    **(extra_fingerprint or {})}
+                    "calibration": [calibration.origin, calibration.sha256] if calibration else None}
         self.partial = ModelOutput(run.out, fingerprint(identity), resume=settings.resume, force=settings.force,
                                    max_shard_bytes=settings.max_shard_bytes,
                                    checkpoint_every_s=settings.checkpoint_every, source=run.resolved.path,
                                    say=settings.say)
+        try:  # a damaged record is said before anything runs, and the kept partial folder is left as it is
+            self.record = record_kind.from_dict(self.partial.saved, str(self.partial.folder / PROGRESS_FILE))
+        except BaseException:
+            self.partial.lock.release()
+            raise
         self.resumed_at = self.partial.next_block
         if settings.resume and self.partial.finishing:
             settings.say(f"every block of {run.out} is written: finishing it from {self.partial.folder}")
@@ -146,7 +151,6 @@ class RunOutput:
             settings.say(f"resuming at block {self.resumed_at} of {len(run.source.blocks)} "
                          f"from {self.partial.folder}")
         self.writer = CheckpointWriter(run.lazy, self.partial.shards, run.source.prefix, packed)
-        self._record = None
         self.report = DriverReport()
         """What the driver measures in this run (blocks' seconds and RSS, experts)."""
 
@@ -154,19 +158,13 @@ class RunOutput:
     def resumed(self) -> bool:
         return self.resumed_at > 0
 
-    def saved_record(self, kind):
-        """The method's resumable record (``kind.from_dict``) an interrupted run kept, or a fresh one."""
-        return kind.from_dict(self.partial.saved, str(self.partial.folder / "progress.json"))
-
-    def driver_plan(self, record) -> DriverPlan:
-        """The driver's start and checkpoint hook; ``record`` (a to_dict-able progress record) is written beside
-        the weights at each checkpoint."""
-        self._record = record
+    def driver_plan(self) -> DriverPlan:
+        """The driver's start and checkpoint hook: ``record`` is written beside the weights at each checkpoint."""
         return DriverPlan(
             start=self.partial.next_block, saved_hidden=self.partial.saved_hidden,
             spill_folder=self.partial.spill_folder, activation_budget=self.settings.activation_budget,
             expert_min_fraction=self.settings.expert_min_share,
-            block_done=BlockCheckpoints(self.partial, len(self.run.source.blocks), record))
+            block_done=BlockCheckpoints(self.partial, len(self.run.source.blocks), self.record))
 
     def experts_record(self, report: DriverReport, rule: str) -> dict | None:
         """The manifest's record of how every expert was calibrated (None without experts), said aloud
@@ -190,7 +188,7 @@ class RunOutput:
         """Close the weights, write config, tokenizer and manifest, and exchange the folder into place."""
         manifest["streaming"] = self.run.source.streaming
         manifest["resumed_at_block"] = self.resumed_at or None
-        folder = self.partial.close_weights(len(self.run.source.blocks), self._record.to_dict() if self._record else {})
+        folder = self.partial.close_weights(len(self.run.source.blocks), self.record.to_dict())
         self._write_metadata(folder, quantization_config, manifest)
         return self.partial.publish()
 
@@ -215,10 +213,10 @@ class RunOutput:
 
 
 @contextmanager
-def run_output(settings: RunSettings, run: Loaded, packed: bool) -> Iterator[RunOutput]:
+def run_output(settings: RunSettings, run: Loaded, packed: bool, record_kind) -> Iterator[RunOutput]:
     """The output of every block-by-block command (quantize, prune): begin it; the command drives the blocks and
     calls ``finish``; on any error or interruption it is abandoned, which keeps every resumable byte."""
-    output = RunOutput(settings, run, packed)
+    output = RunOutput(settings, run, packed, record_kind)
     try:
         yield output
     except BaseException:

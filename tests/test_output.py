@@ -348,3 +348,22 @@ def test_an_interrupted_run_keeps_only_what_resume_needs_and_says_how_much(deep_
                                                   resume=True)))
     whole = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "whole", calib_file, activation_budget=0)))
     assert_same_checkpoint(resumed.folder, whole.folder)
+
+
+def test_a_damaged_method_record_in_the_progress_file_ends_in_one_line(deep_llama, tmp_path, calib_file, monkeypatch,
+                                                                       capsys):
+    """The record's own part (the layers quantized so far) is read by the method's progress dataclass: a damaged
+    one is the same one line, and --force then starts again."""
+    with monkeypatch.context() as patch:
+        stop_after_block(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file)))
+    record_file = tmp_path / ".q.partial" / PROGRESS_FILE
+    progress = json.loads(record_file.read_text())
+    progress["extra"]["layers"] = [{"not": "a layer"}]
+    record_file.write_text(json.dumps(progress))
+    with pytest.raises(UserError, match=r"progress.json is damaged \(its quantize record: .*\): run the same command "
+                                        r"without --resume and with --force to start again"):
+        quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, resume=True)))
+    done = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "q", calib_file, force=True)))
+    assert done.manifest["resumed_at_block"] is None and not (tmp_path / ".q.partial").exists()

@@ -71,13 +71,13 @@ def prune(request: PruneRequest) -> PruneResult:
     if method.changes_shape:
         return _prune_whole_model(request, method, cfg, quant, run, started)
 
-    with run_output(request, run, packed=quant is not None) as output:
+    with run_output(request, run, packed=quant is not None, record_kind=PruneProgress) as output:
         prune_started = time.perf_counter()
-        record = output.saved_record(PruneProgress)
+        record = output.record
         if not output.resumed:
             output.writer.copy_outside_blocks()
         prune_layerwise(run.source, method, cfg, run.windows, run.device, request.selection, quant, request.progress,
-                        emit=output.writer.write_module, plan=output.driver_plan(record), report=output.report,
+                        emit=output.writer.write_module, plan=output.driver_plan(), report=output.report,
                         stats=record.stats)
         manifest = _manifest(request, method, cfg, quant, run, record.stats, time.perf_counter() - prune_started)
         manifest["blocks"] = output.report.blocks

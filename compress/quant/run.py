@@ -149,16 +149,16 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     opened = open_for_run(request, tag, method.needs_data(cfg) or request.avg_bits is not None)
     check_packable(opened.model, request.selection, head_cfg is not None)  # on the skeleton, before any work
     run = opened.load()
-    with run_output(request, run, packed=True) as output:
+    with run_output(request, run, packed=True, record_kind=QuantizeProgress) as output:
         quant_started = time.perf_counter()
-        record = output.saved_record(QuantizeProgress)
+        record = output.record
         if not output.resumed:  # what comes before the blocks, done once: a resumed run reads it from the record
             record.head = write_outside_blocks(run, output.writer, head_cfg, cfg.checkpoint_format)
             record.mixed = mixed_precision(request, cfg, run, output.partial.folder / "activations" / "sensitivity")
         overrides = {name: LayerOption(**c["option"]) for name, c in (record.mixed or {}).get("layers", {}).items()}
         quantize_model(run.source, method, cfg, run.windows if method.needs_data(cfg) else None, run.device,
                        request.selection, request.progress, emit=output.writer.write_module,
-                       plan=output.driver_plan(record), report=output.report, stats=record.stats, overrides=overrides)
+                       plan=output.driver_plan(), report=output.report, stats=record.stats, overrides=overrides)
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
             quantize_head(run.model, head_cfg, run.lazy.dtype, cfg.checkpoint_format)
         manifest = _manifest(request, method, cfg, run, output, record, time.perf_counter() - quant_started)
