@@ -51,11 +51,12 @@ class Row:
 
 
 def result_files(paths: list[Path]) -> list[Path]:
-    """The given files, and every *.json directly inside the given folders."""
+    """The given files, and every *.json directly inside the given folders (hidden files, such as an output's
+    inventory, are not results)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(path.glob("*.json"))
+            found = sorted(p for p in path.glob("*.json") if not p.name.startswith("."))
             if not found:
                 raise UserError(f"folder {path} holds no result files (*.json)")
             files.extend(found)

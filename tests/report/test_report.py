@@ -64,6 +64,20 @@ def test_an_existing_report_is_kept_without_force(two_results, tmp_path):
     assert json.loads((tmp_path / "rep" / "results" / "fp32.json").read_text())["name"] == "fp32"
 
 
+def test_a_report_of_a_sealed_folder_reads_only_its_results(two_results, tmp_path):
+    """A folder of ours carries its inventory (.compress-output.json): it is no bench result."""
+    import shutil
+
+    from compress.output import INVENTORY_FILE, seal
+
+    folder = tmp_path / "sealed"
+    shutil.copytree(two_results[0], folder)
+    seal(folder)
+    assert (folder / INVENTORY_FILE).is_file()
+    build_report([folder], tmp_path / "rep")
+    assert sorted(p.name for p in (tmp_path / "rep" / "results").iterdir()) == ["bf16.json", "fp32.json"]
+
+
 def test_a_classifier_report_shows_task_figures_and_no_empty_columns(tmp_path):
     from tests.bench.test_task_accuracy import _classifier
 
