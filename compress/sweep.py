@@ -293,10 +293,9 @@ def prepare_reference(cfg: SweepConfig) -> None:
 
 
 def run_sweep(cfg: SweepConfig, command: list[str]) -> Path:
+    from compress.output import refuse_existing
     from compress.report import build_report
     from compress.runtime import resolve_device
-
-    from compress.output import refuse_existing
 
     resolve_device(cfg.device)
     report = Path(cfg.report or Path("reports") / cfg.name)

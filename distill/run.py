@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from compress import __version__
-from compress.fingerprint import source_hash
 from compress.errors import UserError
-from compress.fingerprint import fingerprint
+from compress.fingerprint import fingerprint, source_hash
 from compress.interrupt import keep
 from compress.output import atomic_folder, cache_entry, refuse_existing, refuse_output_of_source, refuse_source_overlap
 from compress.models import (FLOAT_READER_FIX, ResolvedModel, cache_dir, is_causal_lm, quiet_transformers,

@@ -58,26 +58,25 @@ def _quantization_config(path: Path) -> dict | None:
 def choose_for(reference: str, dtype: str | torch.dtype, device: torch.device, trust_remote_code: bool = False,
                backend: str = "auto"):
     """(resolved model, its quantization_config, backend, dtype, what auto passed over), from the
-    folder's config alone: cheap, so a backend that cannot run the model fails before any work."""
+    folder's config and tensor headers alone: cheap, so a backend that cannot run the model, or weights it would
+    misread, fail before any work."""
     from compress.backends import choose_backend
 
     resolved = resolve(reference, trust_remote_code, allow_gguf=True)
     qcfg = _quantization_config(resolved.path)
-    if qcfg is None and resolved.path.is_dir():
-        from compress.models import ONNX_MODEL_FILE, refuse_quantized_source
+    from compress.models import ONNX_MODEL_FILE, is_gguf, refuse_quantized_source
+
+    onnx, gguf_file = (resolved.path / ONNX_MODEL_FILE).is_file(), is_gguf(resolved.path)
+    if qcfg is None and not (onnx or gguf_file):
         from compress.shards import ShardReader
 
-        if not (resolved.path / ONNX_MODEL_FILE).is_file():
-            # Quantized tensors that the config does not describe (FP8 without its scales) read as floats
-            # would be silent garbage.
-            refuse_quantized_source(reference, ShardReader(resolved.path),
-                                    "its config.json does not say how to read them: bench its float original, or a "
-                                    "checkpoint whose quantization_config names its format")
+        # Quantized tensors that the config does not describe (FP8 without its scales) read as floats would be
+        # silent garbage: refused here, before any work.
+        refuse_quantized_source(reference, ShardReader(resolved.path),
+                                "its config.json does not say how to read them: bench its float original, or a "
+                                "checkpoint whose quantization_config names its format")
     pinned = dtype if isinstance(dtype, torch.dtype) else None if dtype == "auto" else resolve_dtype(dtype, device)
-    from compress.models import ONNX_MODEL_FILE, is_gguf
-
-    chosen, passed_over = choose_backend(backend, qcfg, device, pinned, onnx=(resolved.path / ONNX_MODEL_FILE).is_file(),
-                                         gguf=is_gguf(resolved.path))
+    chosen, passed_over = choose_backend(backend, qcfg, device, pinned, onnx=onnx, gguf=gguf_file)
     return resolved, qcfg, chosen, pinned or resolve_dtype("auto", device, chosen.preferred_dtype(qcfg, device)), \
         passed_over
 

@@ -89,8 +89,9 @@ def _block_count(config: dict) -> int:
 
 
 def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
-    """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose grid fits ``type_name`` with its codes, or
-    (``f16``) a float model in float16, the input llama.cpp's own quantizer takes. Returns a record of what
+    """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose
+    grid fits ``type_name`` with its codes, or (``f16``) a float model in float16, the input llama.cpp's own
+    quantizer takes. Returns a record of what
     was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
     from compress.checkpoint import load_quantized
     from compress.models import load_model

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from compress import __version__
 from compress.checkpoint import gptq_quantization_config
-from compress.driver import DriverPlan
 from compress.errors import UserError
 from compress.fingerprint import source_hash
 from compress.models import weight_bytes_on_disk
@@ -86,10 +85,9 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
         return None
     options = mixed_options(cfg)
     request.say(f"measuring each layer's sensitivity to {', '.join(o.label for o in options)} ...")
-    plan = DriverPlan(spill_folder=spill_folder, activation_budget=request.activation_budget)
     try:
         costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
-                                      request.progress, plan)
+                                      request.progress, spill_folder, request.activation_budget)
     finally:
         if spill_folder is not None:
             shutil.rmtree(spill_folder, ignore_errors=True)

@@ -5,11 +5,14 @@ matters is the order of the layers, not GPTQ's absolute error) and its block's o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from compress.blocks import BlockSource
 from compress.driver import DriverPlan, run_layerwise
+from compress.limits import DEFAULT_ACTIVATION_BUDGET
 from compress.quant.awq import fake_quantize_weight
 from compress.quant.mixed import LayerCost, LayerOption
 from compress.select import ModuleSelection
@@ -38,14 +41,15 @@ def block_sensitivities(block_name: str, block: nn.Module, linears: dict[str, nn
 
 def measure_sensitivities(source: "BlockSource | nn.Module", windows: list[torch.Tensor], options: list[LayerOption],
                           sym: bool, selection: ModuleSelection, device: torch.device,
-                          show_progress: bool = True, plan: DriverPlan | None = None) -> list[LayerCost]:
+                          show_progress: bool = True, spill_folder: Path | None = None,
+                          activation_budget: int = DEFAULT_ACTIVATION_BUDGET) -> list[LayerCost]:
     """Every selected layer's block-output error under each option, the rest of the model in float. The
     blocks are read and run as they are (streaming: one at a time) and left unchanged. Only the windows
-    that are measured are carried through the blocks (each window's states depend on it alone), under
-    ``plan``'s activation budget and spill folder like any other pass."""
+    that are measured are carried through the blocks (each window's states depend on it alone), within
+    ``activation_budget`` bytes in memory and beyond it in ``spill_folder``, like any other pass."""
     costs: list[LayerCost] = []
     windows = windows[:SENSITIVITY_WINDOWS]
-    plan = DriverPlan(spill_folder=plan.spill_folder, activation_budget=plan.activation_budget) if plan else None
+    plan = DriverPlan(spill_folder=spill_folder, activation_budget=activation_budget)
 
     def measure(block_name, block, linears, _groups, inputs, _experts) -> None:
         costs.extend(block_sensitivities(block_name, block, linears, inputs, options, sym))
