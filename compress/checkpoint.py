@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from compress.errors import UserError
+from compress.formats import compressed_tensors as ct
 from compress.lazy import LazyModel, empty_model
 from compress.models import check_checkpoint
 from compress.quant.config import WeightQuantConfig
@@ -85,8 +88,42 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
+@dataclass
+class PackedLayers:
+    """How a checkpoint's packed layers are found and built: the tensor suffix that marks one, its layout, each
+    layer's (bits, group size) and (in, out) features."""
+    suffix: str
+    layout: str
+    sym: bool
+    settings: Callable[[str], tuple[int, int]]
+    shape: Callable[[object, str, int], tuple[int, int]]
+
+
+def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
+    method = qcfg.get("quant_method")
+    if method == "gptq":
+        checkpoint_format = qcfg.get("checkpoint_format", "gptq")
+        if checkpoint_format not in ZERO_OFFSETS:
+            raise UserError(f"{folder} has checkpoint_format {checkpoint_format!r}; this loader reads "
+                            f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
+        return PackedLayers(QUANTIZED_SUFFIX, checkpoint_format, bool(qcfg.get("sym", True)),
+                            lambda name: layer_settings(qcfg, name),
+                            lambda reader, module, bits: (reader.shape_of(f"{module}.g_idx")[0],
+                                                          reader.shape_of(f"{module}.scales")[1]))
+    if method == "compressed-tensors":
+        if qcfg.get("format") != "pack-quantized" or qcfg.get("quantization_status", "compressed") != "compressed":
+            raise UserError(f"{folder} is a compressed-tensors checkpoint in format {qcfg.get('format')!r}; this loader "
+                            "reads pack-quantized (integer weights, float activations)")
+        return PackedLayers(".weight_packed", "compressed-tensors", ct.is_symmetric(qcfg),
+                            lambda name: ct.layer_settings(qcfg, name),
+                            lambda reader, module, bits: (reader.shape_of(f"{module}.weight_packed")[1] * 32 // bits,
+                                                          reader.shape_of(f"{module}.weight_packed")[0]))
+    raise UserError(f"{folder} uses quant_method {method!r}; this loader reads gptq and compressed-tensors "
+                    "checkpoints")
+
+
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """(model, tokenizer) of a GPTQ-format folder, with our QuantLinear in place of each packed layer.
+    """(model, tokenizer) of a GPTQ or compressed-tensors folder, with our QuantLinear in place of each packed layer.
 
     The model is built on the meta device and every tensor is read straight into its final place: the
     packed layers' buffers as stored, everything else in ``dtype``. No dense float copy of a packed
@@ -101,29 +138,24 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         raise UserError(f"{folder} is not a quantized checkpoint (no quantization_config in config.json)")
     # The raw block: transformers' GPTQConfig object drops keys it does not know (GPTQModel's dynamic).
     qcfg = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if qcfg.get("quant_method") != "gptq":
-        raise UserError(f"{folder} uses quant_method {qcfg.get('quant_method')!r}; this loader reads gptq checkpoints")
-    checkpoint_format = qcfg.get("checkpoint_format", "gptq")
-    if checkpoint_format not in ZERO_OFFSETS:
-        raise UserError(f"{folder} has checkpoint_format {checkpoint_format!r}; this loader reads "
-                        f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
+    packed = packed_layers(folder, qcfg)
     del config.quantization_config
     lazy = LazyModel(folder, dtype, model=empty_model(folder, dtype, config=config))
     model = lazy.model
     head = (read_manifest(folder) or {}).get("lm_head") or {}
+    reader = lazy.reader
     for disk_key, memory_key in lazy.names.to_memory.items():
-        if not disk_key.endswith(QUANTIZED_SUFFIX):
+        if not disk_key.endswith(packed.suffix):
             continue
-        name = memory_key[: -len(QUANTIZED_SUFFIX)]
-        disk_module = disk_key[: -len(QUANTIZED_SUFFIX)]
-        reader = lazy.reader
-        bits, group_size = layer_settings(qcfg, name)
+        name = memory_key[: -len(packed.suffix)]
+        disk_module = disk_key[: -len(packed.suffix)]
+        bits, group_size = packed.settings(name)
+        in_features, out_features = packed.shape(reader, disk_module, bits)
         bias = f"{disk_module}.bias"
         with torch.device("meta"):
-            layer = QuantLinear(reader.shape_of(f"{disk_module}.g_idx")[0], reader.shape_of(f"{disk_module}.scales")[1],
-                                bits, group_size, bias=bias in reader,
+            layer = QuantLinear(in_features, out_features, bits, group_size, bias=bias in reader,
                                 bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16,
-                                checkpoint_format=checkpoint_format)
+                                checkpoint_format=packed.layout, sym=packed.sym)
         try:
             set_submodule(model, name, layer)
         except AttributeError:

@@ -173,8 +173,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,
                    help="GPTQ: quantize columns in their natural order")
     p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
-                   help=f"GPTQ with --act-order: fix group grids before any update (default: "
-                        f"{by_method('static_groups', on_off)})")
+                   help=f"GPTQ with --act-order: fix group grids before any update, so groups stay contiguous "
+                        f"columns (default: {by_method('static_groups', on_off)})")
+    p.add_argument("--no-static-groups", dest="static_groups", action="store_const", const=False, default=S,
+                   help="GPTQ with --act-order: make each group's grid as its columns come, in act order (a group "
+                        "order that only --format gptq holds)")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help=f"GPTQ dampening, a fraction of the Hessian's "
                    f"mean diagonal (default: {by_method('damp_percent')})")
     p.add_argument("--quant-type", dest="quant_type", default=S, choices=["nf4", "fp4"],
@@ -187,6 +190,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=S,
                    help="mixed precision: measure each layer's sensitivity and give it 3, 4 or 8 bits (or 4 at group "
                         "32) for the least predicted loss within this average of stored bits per weight (e.g. 4.25)")
+    from compress.formats import DEFAULT_FORMAT, FORMATS
+
+    p.add_argument("--format", dest="format", default=S, choices=list(FORMATS),
+                   help=f"checkpoint format (default {DEFAULT_FORMAT}): "
+                        + "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items()))
     p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=S,
                    help="also quantize the output head (and an embedding tied to it) per channel, data-free, at "
                         "these bits (8 recommended; default: keep it in float)")
@@ -211,6 +219,8 @@ def _quantize_run(args: argparse.Namespace) -> int:
     print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
           f"peak RSS {human_bytes(result.peak_rss_bytes)}")
     print(f"  saved  {result.folder}")
+    if "format" in result.manifest:
+        print(f"  loads  in {', '.join(result.manifest['format']['engines'])} ({result.manifest['format']['name']})")
     return 0
 
 
@@ -506,9 +516,24 @@ def _recipe_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine", choices=["vllm"], help="vllm: vLLM's CPU build in a virtual environment of its own "
+                   "(it pins its own transformers), used by the vLLM read-back tests and benchmarks")
+    p.add_argument("--force", action="store_true", help="make the environment again")
+
+
+def _setup_run(args: argparse.Namespace) -> int:
+    from compress.backends.vllm_env import setup_vllm
+
+    python = setup_vllm(args.force, say=lambda line: print(line, file=sys.stderr))
+    print(f"vLLM: {python}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "models": ("list the model aliases", _models_args, _models_run),
-    "quantize": ("quantize a model's linear layers and save a GPTQ-format checkpoint", _quantize_args, _quantize_run),
+    "quantize": ("quantize a model's linear layers and save a checkpoint that vLLM and transformers load "
+                 "(compressed-tensors; or GPTQ)", _quantize_args, _quantize_run),
     "prune": ("prune a model (magnitude, Wanda, SparseGPT, N:M or structured) and save it", _prune_args, _prune_run),
     "export-onnx": ("export a decoder with its KV cache to ONNX (float, INT8 dynamic, or packed INT4/INT8)",
                     _export_onnx_args, _export_onnx_run),
@@ -519,6 +544,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "sweep": ("quantize and benchmark a matrix of variants of one model, then report", _sweep_args, _sweep_run),
     "recipe": ("run a recipe: prune -> distill -> quantize -> export stages, each benchmarked, one report",
                _recipe_args, _recipe_run),
+    "setup": ("set up an engine that lives in an environment of its own (vllm)", _setup_args, _setup_run),
 }
 
 

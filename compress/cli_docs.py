@@ -11,7 +11,8 @@ from pathlib import Path
 
 PAGES = {"models": "quantize.md", "quantize": "quantize.md", "prune": "prune.md", "bench": "bench-and-report.md",
          "report": "bench-and-report.md", "export-onnx": "exports.md", "export-gguf": "exports.md",
-         "sweep": "recipes-and-sweeps.md", "recipe": "recipes-and-sweeps.md", "distill run": "distill.md"}
+         "sweep": "recipes-and-sweeps.md", "recipe": "recipes-and-sweeps.md", "distill run": "distill.md",
+         "setup": "bench-and-report.md"}
 """Each command's page under docs/."""
 BEGIN, END = "<!-- options:begin (python -m compress.cli_docs) -->", "<!-- options:end -->"
 

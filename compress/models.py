@@ -108,9 +108,12 @@ def quantized_source(config: dict, tensors: dict[str, str]) -> str | None:
     without their scales, packed integers taken for weights."""
     qcfg = config.get("quantization_config") or config.get("compression_config")
     if isinstance(qcfg, dict):
+        from compress.formats import packed_settings
+
         method = qcfg.get("quant_method") or qcfg.get("format") or "an unknown method"
-        bits = qcfg.get("bits") or qcfg.get("w_bit") or (4 if qcfg.get("load_in_4bit") else
-                                                         8 if qcfg.get("load_in_8bit") else None)
+        packed = packed_settings(qcfg)
+        bits = packed.bits if packed else qcfg.get("bits") or qcfg.get("w_bit") or (
+            4 if qcfg.get("load_in_4bit") else 8 if qcfg.get("load_in_8bit") else None)
         return f"quantization_config says {method}" + (f", {bits}-bit" if bits else "")
     marked = next((n for n in tensors if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
     if marked is not None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -99,14 +99,18 @@ class Opened:
         return Loaded(self.device, self.out, self.resolved, lazy, source, tokenizer, windows, record, load_seconds)
 
 
-def open_for_run(settings: RunSettings, tag: str, needs_data: bool, streaming: bool = True) -> Opened:
+def open_for_run(settings: RunSettings, tag: "str | Callable[[torch.nn.Module], str]", needs_data: bool,
+                 streaming: bool = True) -> Opened:
     """Check everything the user could have got wrong, then open the model as a meta skeleton (a private copy:
     the source is never touched) and, with ``needs_data``, read the calibration text. ``streaming`` False is for
-    methods that need the whole model."""
+    methods that need the whole model. ``tag`` names the default output folder; a callable makes it from the
+    skeleton (settings that depend on the model's widths), after checks of its own on it."""
     device = resolve_device(settings.device)
-    out = settings.output_folder(tag)
-    refuse_output_of_source(out, settings.model)
-    refuse_existing(out, settings.force)  # fail before the slow part, and again at the rename
+    named_now = isinstance(tag, str) or settings.out
+    out = settings.output_folder(tag) if isinstance(tag, str) else Path(settings.out) if settings.out else None
+    if named_now:
+        refuse_output_of_source(out, settings.model)
+        refuse_existing(out, settings.force)  # fail before the slow part, and again at the rename
     if settings.nsamples <= 0 or settings.seqlen <= 0:
         raise UserError(f"--nsamples ({settings.nsamples}) and --seqlen ({settings.seqlen}) must be positive")
     streaming = streaming and not settings.in_memory
@@ -114,11 +118,19 @@ def open_for_run(settings: RunSettings, tag: str, needs_data: bool, streaming: b
         raise UserError("--resume continues a streaming run: leave out --in-memory")
     started = time.perf_counter()
     resolved = resolve(settings.model, settings.trust_remote_code)
-    refuse_source_overlap(out, resolved.path)
+    if named_now:
+        refuse_source_overlap(out, resolved.path)
     text, text_record = load_calibration_text(settings.calib) if needs_data else (None, None)
     reader = ShardReader(resolved.path)
     refuse_quantized_source(settings.model, reader)
     lazy = LazyModel(resolved.path, compute_dtype(device), settings.trust_remote_code, reader=reader)
+    if not isinstance(tag, str):
+        named = settings.output_folder(tag(lazy.model))
+        if not named_now:
+            out = named
+            refuse_output_of_source(out, settings.model)
+            refuse_existing(out, settings.force)
+            refuse_source_overlap(out, resolved.path)
     return Opened(settings, device, out, resolved, lazy, streaming, text, text_record, started)
 
 

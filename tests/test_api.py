@@ -9,6 +9,7 @@ from compress.api import QuantizeRequest, quantize
 from compress.cli import main
 from compress.errors import UserError
 from compress.checkpoint import MANIFEST_NAME, load_quantized
+from compress.formats import packed_settings
 from compress.models import load_model, resolve
 from compress.quant.linear import QuantLinear
 from tests.conftest import ALL_ARCHS, assert_same_checkpoint, model_output
@@ -53,10 +54,14 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
         assert len(manifest["calibration"]["starts"]) == 8
         assert all(layer["proxy_loss"] > 0 for layer in manifest["layers"])
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
-    # Asymmetric is the default; its zero points are written as they are (GPTQ v2), so no loader has to undo v1's -1.
-    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq_v2" and qcfg["bits"] == 4
-    assert qcfg["group_size"] == 32 and qcfg["sym"] is False
-    assert qcfg["desc_act"] is (method == "gptq")  # act-order is GPTQ's default
+    # The default format is compressed-tensors (what vLLM loads), asymmetric with its zero points; GPTQ's act order
+    # is the static kind ("weight"), which needs no group index.
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "pack-quantized"
+    weights = qcfg["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, False)
+    assert weights["actorder"] == ("weight" if method == "gptq" else None)
+    assert "lm_head" in qcfg["ignore"] or arch == "bert"
+    assert manifest["format"]["name"] == "compressed-tensors" and "vLLM" in manifest["format"]["engines"]
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order", [(8, -1, True, False), (3, 32, False, False),
@@ -67,9 +72,21 @@ def test_bit_widths_and_options_round_trip(bits, group_size, sym, act_order, tmp
     ids = torch.randint(0, 512, (1, 16))
     reloaded, _ = load_quantized(result.folder)
     assert torch.equal(model_output(reloaded, ids), model_output(result.model, ids))
+    settings = packed_settings(json.loads((result.folder / "config.json").read_text())["quantization_config"])
+    assert (settings.bits, settings.group_size, settings.sym, settings.act_order) == (bits, group_size, sym, act_order)
+    # 3 bits: compressed-tensors packs whole codes into int32 words (2, 4, 8 bits), so the default writes GPTQ.
+    assert settings.format == ("gptq" if bits == 3 else "compressed-tensors")
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_gptq_format_writes_v1_for_symmetric_and_v2_for_asymmetric_grids(sym, tmp_path, calib_file):
+    result = quantize(request("llama", "gptq", tmp_path / "q", calib_file, sym=sym, format="gptq",
+                              static_groups=False))
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
-    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (bits, group_size, sym, act_order)
-    assert qcfg["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
+    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (4, 32, sym, True)
+    reloaded, _ = load_quantized(result.folder)
+    assert all(m.checkpoint_format == qcfg["checkpoint_format"] for m in reloaded.modules() if isinstance(m, QuantLinear))
 
 
 def test_source_model_is_not_modified(tmp_path, calib_file):
@@ -139,7 +156,7 @@ def test_an_already_quantized_source_is_refused_in_one_line(kind, command, tmp_p
     if kind == "gptq":
         source = quantize(QuantizeRequest(model="tiny-llama", method="rtn", out=str(tmp_path / "src"), device="cpu",
                                           progress=False)).folder
-        expected = "quantization_config says gptq, 4-bit"
+        expected = "quantization_config says compressed-tensors, 4-bit"
     else:
         source = _fp8_copy(tiny, tmp_path / "src", kind == "fp8 with config")
         expected = "quantization_config says fp8" if kind == "fp8 with config" else "it stores quantization tensors"

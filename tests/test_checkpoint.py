@@ -1,4 +1,5 @@
-"""The written checkpoint loads in the ecosystem's loaders and agrees with ours."""
+"""The GPTQ-format checkpoint (--format gptq) loads in the ecosystem's loaders and agrees with ours
+(the default compressed-tensors format: tests/formats/)."""
 
 import json
 import os
@@ -22,8 +23,9 @@ TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in ("falcon", "mixtral")]
 
 
 def quantized(arch, tmp_path, calib_file, **kw):
-    settings = dict(model=arch if "/" in arch else f"tiny-{arch}", method="gptq", bits=4, group_size=32, calib=str(calib_file), nsamples=8,
-                    seqlen=64, out=str(tmp_path / arch), progress=False, device="cpu")
+    settings = dict(model=arch if "/" in arch else f"tiny-{arch}", method="gptq", bits=4, group_size=32,
+                    calib=str(calib_file), nsamples=8, seqlen=64, out=str(tmp_path / arch), progress=False,
+                    device="cpu", format="gptq")
     settings.update(kw)
     return quantize(QuantizeRequest(**settings)).folder
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compress.cli import main
+from compress.formats import packed_settings
 from compress.models import resolve
 
 
@@ -158,14 +159,17 @@ def test_yaml_config_values_used_and_cli_overrides(capsys, quick, tmp_path):
     config.write_text("method: rtn\nbits: 8\ngroup_size: -1\n")
     code, stdout, _ = run_cli(["quantize", "tiny-llama", "--config", str(config), "--bits", "4"] + quick, capsys)
     assert code == 0
-    qcfg = json.loads((tmp_path / "out" / "q" / "config.json").read_text())["quantization_config"]
-    assert (qcfg["bits"], qcfg["group_size"], qcfg["meta"]["method"]) == (4, -1, "rtn")
+    settings = packed_settings(json.loads((tmp_path / "out" / "q" / "config.json").read_text())["quantization_config"])
+    assert (settings.bits, settings.group_size, settings.method) == (4, -1, "rtn")
 
 
 def test_summary_and_models_listing(capsys, quick):
     code, stdout, _ = run_cli(["quantize", "tiny-gpt_neox", "--bits", "4", "--group-size", "32"] + quick, capsys)
     assert code == 0
     assert "size" in stdout and "x smaller" in stdout and "saved" in stdout and "time" in stdout
+    # The closing line names the engines that load the output, and its format.
+    assert "loads  in vLLM, transformers (with compressed-tensors), compress bench (our loader) (compressed-tensors)" \
+        in stdout
     code, stdout, _ = run_cli(["models"], capsys)
     assert code == 0
     for alias in ["llama-2-7b", "mistral-7b", "mpt-7b", "falcon-7b", "gpt-j-6b", "dolly-v2-3b", "opt-125m",

@@ -244,7 +244,7 @@ def test_resume_refuses_an_edited_calibration_text(deep_llama, tmp_path, calib_f
 def test_a_resumed_awq_mixed_precision_run_equals_an_uninterrupted_one(deep_llama, tmp_path, calib_file, monkeypatch):
     """AWQ's folded scales and the mixed-precision choice are kept with the partial run: the resumed run does
     not measure again and writes the same bytes, manifest records included."""
-    kw = dict(method="awq", avg_bits=4.9)
+    kw = dict(method="awq", avg_bits=4.9, format="gptq")  # 4.9 bits needs 3-bit layers on these widths
     whole = quantize(QuantizeRequest(**settings(deep_llama, tmp_path / "whole", calib_file, **kw)))
     target = tmp_path / "cut"
     with monkeypatch.context() as patch:

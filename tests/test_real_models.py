@@ -20,7 +20,7 @@ def test_smollm2_gptq_w4g128_partial_groups_and_perplexity(smollm2_windows, tmp_
     (Streaming and in-memory runs writing the same bytes is proven on every tiny architecture in test_api.py.)"""
     fp_model, windows = smollm2_windows
     settings = dict(model="smollm2-135m", bits=4, group_size=128, calib="sst2:train", nsamples=16, seqlen=256,
-                    progress=False, device="cpu")
+                    progress=False, device="cpu", format="gptq")  # g128: a partial fifth group, GPTQ's layout
     result = quantize(QuantizeRequest(out=str(tmp_path / "q"), **settings))
     same_grid = quantize(QuantizeRequest(out=str(tmp_path / "rtn"), **settings | {"method": "rtn",
                                                                                   "scale_search": "weighted"}))
@@ -47,7 +47,7 @@ def test_smollm2_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     result = quantize(QuantizeRequest(model="smollm2-135m", method="rtn", bits=4, group_size=128,
-                                      out=str(tmp_path / "q"), progress=False, device="cpu"))
+                                      out=str(tmp_path / "q"), progress=False, device="cpu", format="gptq"))
     ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
     ours, _ = load_quantized(result.folder)
     theirs = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32)

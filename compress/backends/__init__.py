@@ -26,6 +26,7 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     # format -> device type -> backends tried in order by `auto`
     "dense": {"cpu": ("dense",), "cuda": ("dense",)},
     "gptq": {"cpu": ("torch", "dequant"), "cuda": ("gptqmodel", "dequant")},
+    "compressed-tensors": {"cpu": ("torch", "dequant"), "cuda": ("dequant",)},
     "bitsandbytes": {"cpu": ("bitsandbytes",), "cuda": ("bitsandbytes",)},
     "onnx": {"cpu": ("onnxruntime",), "cuda": ()},
     "gguf": {"cpu": ("llamacpp",), "cuda": ()},
@@ -107,7 +108,8 @@ def checkpoint_format(qcfg: dict | None, onnx: bool = False, gguf: bool = False)
     method = qcfg.get("quant_method")
     if method not in AUTO_ORDER:
         raise UserError(f"checkpoints quantized with {method!r} have no backend here; the benchmark reads dense, "
-                        "GPTQ-format and bitsandbytes checkpoints, `compress export-onnx` folders and GGUF files")
+                        "compressed-tensors (pack-quantized), GPTQ-format and bitsandbytes checkpoints, `compress "
+                        "export-onnx` folders and GGUF files")
     return method
 
 

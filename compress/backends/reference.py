@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from compress.backends import Backend, register_backend
+from compress.formats import PACKED_METHODS, packed_settings
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -14,13 +15,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def gptq_summary(qcfg: dict, manifest: dict) -> dict:
-    """bits / group_size / sym / desc_act / method / quantizer of a GPTQ-format checkpoint."""
-    quantization = {k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
-    meta_method = (qcfg.get("meta") or {}).get("method")
+    """bits / group_size / sym / desc_act / method / quantizer / format of a packed (GPTQ or compressed-tensors)
+    checkpoint."""
+    settings = packed_settings(qcfg)
+    quantization = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym,
+                    "desc_act": settings.act_order, "format": settings.format}
+    meta_method = settings.method
     # A pruned-then-quantized checkpoint's manifest names the pruning method; config.json names both.
     quantization["method"] = (meta_method if manifest.get("kind") == "prune" else None) or manifest.get("method") \
         or meta_method or "gptq"
-    quantization["quantizer"] = (qcfg.get("meta") or {}).get("quantizer")
+    quantization["quantizer"] = settings.quantizer
     if manifest.get("lm_head"):
         head = manifest["lm_head"]
         quantization["lm_head"] = {k: head[k] for k in ("bits", "group_size", "method", "tied_embedding")}
@@ -46,7 +50,7 @@ class Dense(Backend):
 class Dequant(Backend):
     name = "dequant"
     summary = "our QuantLinear: unpack once to uint8 codes, dequantize the whole weight per forward, F.linear"
-    formats = ("gptq",)
+    formats = PACKED_METHODS
 
     def load(self, resolved, qcfg, dtype, device, trust_remote_code):
         from compress.bench.load import LoadedModel
@@ -55,4 +59,4 @@ class Dequant(Backend):
         model, tokenizer = load_quantized(resolved.path, dtype)
         return LoadedModel(model, tokenizer, resolved, dtype, gptq_summary(qcfg, read_manifest(resolved.path) or {}),
                            f"compress QuantLinear: unpack once to uint8 codes, dequantize to {dtype_name(dtype)} "
-                           "per forward, then F.linear", float(qcfg["bits"]), backend=self.name)
+                           "per forward, then F.linear", float(packed_settings(qcfg).bits), backend=self.name)

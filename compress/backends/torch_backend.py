@@ -12,6 +12,7 @@ import torch
 from compress.backends import Backend, register_backend
 from compress.backends.packing import NotPackable
 from compress.backends.reference import dtype_name, gptq_summary
+from compress.formats import PACKED_METHODS, packed_settings
 from compress.backends.torch_kernels import Int4PackedLinear, Int8PackedLinear
 from compress.quant.head import QuantEmbedding
 from compress.quant.linear import QuantLinear
@@ -67,7 +68,7 @@ def kernel_description(used: Counter, kept: dict[str, str], dtype: torch.dtype) 
 class TorchKernels(Backend):
     name = "torch"
     summary = "torch's fused CPU matmuls: int4pack (4-bit, any group, act-order) and int8pack (8-bit per channel)"
-    formats = ("gptq",)
+    formats = PACKED_METHODS
     devices = ("cpu",)
 
     def preferred_dtype(self, qcfg, device):
@@ -76,13 +77,13 @@ class TorchKernels(Backend):
     def unsupported(self, qcfg, device, dtype):
         if dtype is not None and dtype != torch.bfloat16:
             return f"computes in bfloat16 (its kernels are slow in {dtype_name(dtype)}): use --dtype bfloat16 or auto"
-        bits = {int(qcfg["bits"])} | {int(v.get("bits", qcfg["bits"])) for k, v in (qcfg.get("dynamic") or {}).items()
-                                       if not k.startswith("-:")}
+        settings = packed_settings(qcfg)
+        bits = set(settings.all_bits)
         if not bits & set(KERNELS):
             return f"no fused torch kernel for {'/'.join(map(str, sorted(bits)))}-bit weights (4 and 8 have one)"
-        if bits == {8} and int(qcfg["group_size"]) != -1:
+        if bits == {8} and settings.group_size != -1:
             return "torch's int8 matmul takes one scale per output row; this checkpoint has groups of " \
-                   f"{qcfg['group_size']} (quantize with --group-size -1)"
+                   f"{settings.group_size} (quantize with --group-size -1)"
         return None
 
     def load(self, resolved, qcfg, dtype, device, trust_remote_code):
@@ -92,7 +93,7 @@ class TorchKernels(Backend):
         model, tokenizer = load_quantized(resolved.path, dtype)
         used, kept = convert(model, dtype)
         loaded = LoadedModel(model, tokenizer, resolved, dtype, gptq_summary(qcfg, read_manifest(resolved.path) or {}),
-                             kernel_description(used, kept, dtype), float(qcfg["bits"]), backend=self.name)
+                             kernel_description(used, kept, dtype), float(packed_settings(qcfg).bits), backend=self.name)
         for why in sorted(set(kept.values())):
             names = [n for n, w in kept.items() if w == why]
             loaded.notes.append(f"{len(names)} layer(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.formats import PACKED_METHODS
 from compress.export_gguf.blocks import BLOCK_TYPES
 from compress.output import atomic_file, refuse_existing_file, refuse_source_overlap
 
@@ -57,8 +58,8 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         if method not in QUANTIZE_METHODS:
             raise UserError(f"--method {method} does not make ggml's block grids: choose {', '.join(QUANTIZE_METHODS)}")
         check_widths(folder, model)
-    elif qcfg.get("quant_method") != "gptq":
-        raise UserError(f"{model} is not a GPTQ-format checkpoint: add --method gptq (or awq, rtn) to quantize it on "
+    elif qcfg.get("quant_method") not in PACKED_METHODS:
+        raise UserError(f"{model} is not a packed (compressed-tensors or GPTQ) checkpoint: add --method gptq (or awq, rtn) to quantize it on "
                         f"the way, or quantize it first: `compress quantize {model} {_quantize_flags(type_name)}`")
     target = Path(out) if out else None
     if target is not None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.formats import PACKED_METHODS
 from compress.ort.export import DATA_FILE, MODEL_FILE, export_decoder, linear_nodes
 from compress.ort.packing import nbits_operands
 
@@ -227,9 +228,9 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     resolved = resolve(request.model, request.trust_remote_code)
     config = json.loads((resolved.path / "config.json").read_text())
     qcfg = config.get("quantization_config")
-    if qcfg is not None and qcfg.get("quant_method") != "gptq":
+    if qcfg is not None and qcfg.get("quant_method") not in PACKED_METHODS:
         raise UserError(f"{request.model} is quantized with {qcfg.get('quant_method')!r}; export-onnx reads dense "
-                        "models and GPTQ-format checkpoints")
+                        "models and compressed-tensors (pack-quantized) or GPTQ-format checkpoints")
     weights = request.weights if request.weights != "auto" else ("packed" if qcfg else "float")
     if weights == "packed" and qcfg is None:
         raise UserError("--weights packed reuses a quantized checkpoint's codes: quantize first (compress quantize "

@@ -97,7 +97,7 @@ def prune_layerwise(source: "BlockSource | nn.Module", method: PruneMethod, cfg,
         if quant is not None:
             for name, layer in block_linears(block, selection).items():
                 packed = QuantLinear.from_quantized(pending.pop(f"{block_name}.{name}"), quant.group_size, layer.bias,
-                                                   quant.checkpoint_format)
+                                                   quant.checkpoint_format, sym=quant.sym)
                 set_submodule(block, name, packed.to(layer.weight.device))
         if emit is not None:
             emit(block_name, block)

@@ -61,10 +61,11 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
                    windows: list[torch.Tensor] | None, device: torch.device, selection: ModuleSelection | None = None,
                    show_progress: bool = True, emit: Callable[[str, nn.Module], None] | None = None,
                    plan: DriverPlan | None = None, report: DriverReport | None = None, stats: QuantizeStats | None = None,
-                   overrides: dict[str, LayerOption] | None = None) -> QuantizeStats:
+                   overrides: dict[str, LayerOption] | None = None, layout: str | None = None) -> QuantizeStats:
     """Quantize every selected layer; ``emit(block_name, block)`` receives each block once it is packed.
     ``stats`` carries the records of blocks an interrupted run already did; ``overrides`` gives layers
-    (by qualified name) bits and group sizes of their own (mixed precision)."""
+    (by qualified name) bits and group sizes of their own (mixed precision); ``layout`` is the packed layers'
+    layout (compress.quant.layouts; default: the method's GPTQ one)."""
     selection = selection or ModuleSelection()
     stats = stats or QuantizeStats()
     pending: dict[str, QuantizedWeight] = {}
@@ -105,7 +106,8 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
         for name, layer in block_linears(block, selection).items():
             qualified = f"{block_name}.{name}"
             qw = pending.pop(qualified)
-            packed = QuantLinear.from_quantized(qw, cfg_for(qualified).group_size, layer.bias, cfg.checkpoint_format)
+            packed = QuantLinear.from_quantized(qw, cfg_for(qualified).group_size, layer.bias,
+                                                layout or cfg.checkpoint_format, sym=cfg.sym)
             set_submodule(block, name, packed.to(layer.weight.device))
         if emit is not None:
             emit(block_name, block)

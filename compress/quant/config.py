@@ -62,8 +62,10 @@ class GPTQConfig(WeightQuantConfig):
     """Dampening added to the Hessian diagonal, as a fraction of its mean."""
     act_order: bool = True
     """Quantize columns in order of decreasing Hessian diagonal (desc_act)."""
-    static_groups: bool = False
-    """With act_order: fix each group's grid from the original weights before any update."""
+    static_groups: bool = True
+    """With act_order: fix each group's grid from the original weights before any update, so every group stays
+    a run of contiguous columns (compressed-tensors' "weight" act order, which vLLM loads; groups made in act
+    order need a group index that only the GPTQ format holds)."""
     block_size: int = 128
     """Columns updated together (lazy batch updates); changes speed, not results."""
     awq: bool = False

@@ -111,7 +111,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     wt[dead] = 0
 
     static_grids: list[QuantGrid] | None = None
-    if cfg.static_groups:
+    if cfg.static_groups and cfg.act_order:  # without act order every group is its own columns anyway
         static_grids = [choose_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym, cfg.scale_search,
                                     diagonal[g:g + group_size]) for g in range(0, cols, group_size)]
 
@@ -159,7 +159,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     codes = codes[inv_perm].t().to(torch.int32)
     # Group index of each original column: its position in quantization order // group size
     # (identity without act-order; its original group with static groups).
-    if cfg.static_groups or not cfg.act_order:
+    if static_grids is not None or not cfg.act_order:
         g_idx = torch.arange(cols, device=wt.device) // group_size
     else:
         g_idx = inv_perm // group_size

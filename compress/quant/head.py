@@ -22,7 +22,6 @@ from torch import nn
 from compress.errors import UserError
 from compress.quant.config import WeightQuantConfig
 from compress.quant.linear import QuantLinear
-from compress.quant.primitives import pack_weight
 from compress.quant.rtn import rtn_quantize
 from compress.select import set_submodule
 
@@ -124,15 +123,10 @@ def pack_head(weight: torch.Tensor, bias: torch.Tensor | None, cfg: WeightQuantC
     out_features, in_features = weight.shape
     layer = QuantLinear(in_features, out_features, cfg.bits, cfg.group_size, bias is not None,
                         bias_dtype=bias.dtype if bias is not None else torch.float16,
-                        checkpoint_format=checkpoint_format).to(weight.device)
+                        checkpoint_format=checkpoint_format, sym=cfg.sym).to(weight.device)
     for start in range(0, out_features, chunk_rows):
         end = min(start + chunk_rows, out_features)
-        packed = pack_weight(rtn_quantize(weight[start:end], cfg), checkpoint_format)
-        layer.qweight[:, start:end] = packed["qweight"]
-        layer.qzeros[:, start * cfg.bits // 32:end * cfg.bits // 32] = packed["qzeros"]
-        layer.scales[:, start:end] = packed["scales"]
-        layer.g_idx.copy_(packed["g_idx"])
-        del packed
+        layer.set_rows(start, end, rtn_quantize(weight[start:end], cfg))
     if bias is not None:
         layer.bias.copy_(bias.detach())
     return layer

@@ -1,6 +1,7 @@
-"""QuantLinear: a linear layer stored in the GPTQ packed layout, computed by dequantizing.
+"""QuantLinear: a linear layer stored in a packed checkpoint layout, computed by dequantizing.
 
-It holds exactly the tensors a GPTQ checkpoint holds (qweight, qzeros, scales, g_idx, bias), so a
+It holds exactly the tensors its checkpoint layout holds (GPTQ's qweight, qzeros, scales, g_idx or
+compressed-tensors' weight_packed, weight_scale, weight_zero_point, weight_shape; and the bias), so a
 model made of these saves to and loads from that format with a plain state dict. The forward pass
 unpacks the weight to the activation dtype and calls ``F.linear``: simple and exact, not fast; fast
 kernels are backends' business.
@@ -12,30 +13,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.quant.primitives import QuantizedWeight, dequantize, num_groups, pack_weight, unpack_weight
+from compress.quant.layouts import LAYOUTS
+from compress.quant.primitives import QuantizedWeight, dequantize
 
 _WORD_BITS = 32
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 bias_dtype: torch.dtype = torch.float16, checkpoint_format: str = "gptq") -> None:
+                 bias_dtype: torch.dtype = torch.float16, checkpoint_format: str = "gptq", sym: bool = False) -> None:
         super().__init__()
         self.checkpoint_format = checkpoint_format
-        """How qzeros holds the zero points: "gptq" (v1, minus one) or "gptq_v2" (as they are)."""
+        """The layout of its tensors (compress.quant.layouts): "gptq" (v1, zero points minus one), "gptq_v2" (as
+        they are) or "compressed-tensors"."""
+        self.layout = LAYOUTS[checkpoint_format]
         if in_features % _WORD_BITS or out_features % _WORD_BITS:
             raise ValueError(
-                f"a {in_features}x{out_features} layer cannot be packed: GPTQ packing needs both widths to be "
+                f"a {in_features}x{out_features} layer cannot be packed: packing needs both widths to be "
                 "multiples of 32")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
-        groups = num_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // _WORD_BITS, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // _WORD_BITS, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
-        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.sym = sym
+        """Symmetric grid: compressed-tensors then stores no zero points (they are 2**(bits-1))."""
+        for name, (shape, dtype) in self.layout.buffers(in_features, out_features, bits, group_size, sym).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
@@ -43,24 +46,41 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None,
-                       checkpoint_format: str = "gptq") -> "QuantLinear":
+                       checkpoint_format: str = "gptq", sym: bool = False) -> "QuantLinear":
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, qw.bits, group_size, bias is not None,
-                    bias_dtype=bias.dtype if bias is not None else torch.float16, checkpoint_format=checkpoint_format)
-        for name, tensor in pack_weight(qw, checkpoint_format).items():
-            getattr(layer, name).copy_(tensor)
+                    bias_dtype=bias.dtype if bias is not None else torch.float16, checkpoint_format=checkpoint_format,
+                    sym=sym)
+        layer.set_rows(0, out_features, qw)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
 
+    def _packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in
+                self.layout.buffers(self.in_features, self.out_features, self.bits, self.group_size, self.sym)}
+
+    def set_rows(self, start: int, end: int, qw: QuantizedWeight) -> None:
+        """Pack ``qw`` (output rows ``start:end``, multiples of 32) into the layer's buffers."""
+        packed = self.layout.pack(qw, self.sym, self.group_size)
+        for name, target in self.layout.rows(self._packed(), start, end, self.bits).items():
+            if name in ("g_idx", "weight_shape"):
+                continue  # whole-layer tensors, set below
+            target.copy_(packed[name])
+        if "g_idx" in packed:
+            self.g_idx.copy_(packed["g_idx"])
+        if "weight_shape" in packed:
+            self.weight_shape.copy_(torch.tensor([self.out_features, self.in_features]))
+        self._cache = None
+
     def quantized_weight(self) -> QuantizedWeight:
-        return unpack_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format)
+        return self.layout.unpack(self._packed(), self.bits, self.in_features, self.group_size)
 
     def _unpacked(self) -> QuantizedWeight:
         """Unpacking is the slow part of a forward pass, so the codes are unpacked once and kept as
         uint8 (1 byte per weight beside the packed 0.25-1) until new tensors are loaded."""
         cached = getattr(self, "_cache", None)
-        if cached is None or cached.codes.device != self.qweight.device:
+        if cached is None or cached.codes.device != getattr(self, self.layout.packed_name).device:
             qw = self.quantized_weight()
             qw.codes = qw.codes.to(torch.uint8)
             self._cache = cached = qw
@@ -83,11 +103,10 @@ class QuantLinear(nn.Module):
         return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)
 
     def dequantized_rows(self, start: int, end: int) -> torch.Tensor:
-        """Float32 rows ``start:end`` of the weight, unpacked from those output columns alone (both
-        multiples of 32, so the packed zero points split on word boundaries for every bit width)."""
-        words = slice(start * self.bits // _WORD_BITS, end * self.bits // _WORD_BITS)
-        return unpack_weight(self.qweight[:, start:end].contiguous(), self.qzeros[:, words].contiguous(),
-                             self.scales[:, start:end], self.g_idx, self.bits, self.checkpoint_format).dequantize()
+        """Float32 rows ``start:end`` of the weight, unpacked from those output rows alone (both multiples of
+        32, so packed zero points split on word boundaries for every bit width)."""
+        rows = {name: t.contiguous() for name, t in self.layout.rows(self._packed(), start, end, self.bits).items()}
+        return self.layout.unpack(rows, self.bits, self.in_features, self.group_size).dequantize()
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows ``ids`` of the weight (a tied embedding's lookup), dequantizing only those rows."""

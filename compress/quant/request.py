@@ -58,6 +58,9 @@ class QuantizeRequest(RunSettings):
     avg_bits: float | None = None
     """Mixed precision: measure each layer's sensitivity, then give every layer the option (3, 4 or 8 bits)
     with the least predicted loss within this average of stored bits per weight (e.g. 4.25)."""
+    format: str | None = None
+    """Checkpoint format: compressed-tensors (what vLLM and transformers load; the default) or gptq (what GPTQModel
+    and transformers load); None: the default. bitsandbytes writes its own."""
     lm_head_bits: int | None = None
     """Also quantize the output head (and an embedding tied to it), data-free, per output channel at
     these bits (8 is the usual choice); None keeps it in float."""

@@ -41,7 +41,7 @@ def test_a_head_at_8_bits_keeps_a_3_bit_body_on_the_fast_path_for_the_head():
 @pytest.mark.parametrize("name, qcfg, message", [
     ("torch", gptq(3), "cannot run this checkpoint: no fused torch kernel for 3-bit"),
     ("bitsandbytes", gptq(4), "runs bitsandbytes models, not a gptq one"),
-    ("dequant", None, "runs gptq models, not a dense one"),
+    ("dequant", None, "runs gptq, compressed-tensors models, not a dense one"),
     ("onnx-magic", gptq(4), "unknown backend 'onnx-magic'"),
 ])
 def test_a_named_backend_that_cannot_run_it_is_an_error(name, qcfg, message):

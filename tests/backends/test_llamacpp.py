@@ -86,7 +86,7 @@ def test_bench_of_a_gguf_file_measures_llama_cpp_with_the_same_windows(q8_files,
 @pytest.mark.parametrize("args, message", [
     (["quantize", "{gguf}"], "is a GGUF file: `compress bench"),
     (["bench", "{gguf}", "--dtype", "bfloat16"], "float32 activations"),
-    (["bench", "{gguf}", "--backend", "torch"], "backend 'torch' runs gptq models, not a gguf one"),
+    (["bench", "{gguf}", "--backend", "torch"], "backend 'torch' runs gptq, compressed-tensors models, not a gguf one"),
 ])
 def test_gguf_requests_a_command_cannot_serve_are_one_line_errors(args, message, q8_files, capsys):
     gguf = str(q8_files[1])

@@ -50,7 +50,7 @@ def test_a_budget_below_the_smallest_option_is_refused():
 def test_mixed_precision_checkpoint_loads_with_each_layers_bits(tmp_path, calib_file):
     result = quantize(QuantizeRequest(model="tiny-llama", method="gptq", bits=4, group_size=32, avg_bits=4.9,
                                       calib=str(calib_file), nsamples=4, seqlen=32, out=str(tmp_path / "m"),
-                                      device="cpu", progress=False))
+                                      device="cpu", progress=False, format="gptq"))
     mixed = result.manifest["mixed_precision"]
     assert mixed["avg_bits"] <= 4.9
     chosen = {name: c["option"]["bits"] for name, c in mixed["layers"].items()}
@@ -108,7 +108,7 @@ def test_the_sensitivity_pass_carries_only_its_windows_under_the_activation_budg
     out = tmp_path / "q"
     assert main(["quantize", "tiny-llama", "--method", "rtn", "--avg-bits", "4.5", "--calib", str(calib_file),
                  "--nsamples", "16", "--seqlen", "32", "--activation-budget", "0", "--out", str(out),
-                 "--device", "cpu", "--no-progress"]) == 0
+                 "--device", "cpu", "--no-progress", "--format", "gptq"]) == 0
     (windows, folders), = measured
     assert windows and set(windows) == {sensitivity.SENSITIVITY_WINDOWS}  # not the 16 calibration windows
     assert folders and all(f == tmp_path / ".q.partial" / "activations" / "sensitivity" for f in folders)

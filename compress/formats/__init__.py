@@ -1,0 +1,184 @@
+"""Checkpoint formats a quantized model is written in, one entry each: the layout of its packed layers
+(compress.quant.layouts), the config.json block that names it, what it cannot hold (checked on the model's
+skeleton before any work, one line each), and the engines that load it. No torch at import: the command line's
+help and early checks read this table.
+
+* ``compressed-tensors`` (the default): vLLM's format (pack-quantized: asymmetric grids with zero points, groups
+  of contiguous columns that divide every input width), read by vLLM and by transformers with the
+  compressed-tensors package.
+* ``gptq``: the GPTQ layout (v1 for symmetric grids, v2 for asymmetric ones), read by GPTQModel and transformers
+  (through GPTQModel and optimum), and by vLLM only for symmetric 4-bit grids without a group order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import gcd
+
+from compress.errors import UserError
+
+DEFAULT_FORMAT = "compressed-tensors"
+FALLBACK_GROUP_SIZES = (128, 64, 32)
+"""Group sizes a default (not asked for) group size steps down through until one divides every input width."""
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    name: str
+    in_features: int
+
+
+def fitting_group_sizes(widths: list[LayerWidth]) -> list[int]:
+    """Group sizes of 32 columns or more that divide every width (the divisors of their common divisor)."""
+    common = 0
+    for width in widths:
+        common = gcd(common, width.in_features)
+    return [size for size in range(32, common + 1) if common % size == 0]
+
+
+def first_misfit(group_size: int, widths: list[LayerWidth]) -> LayerWidth | None:
+    if group_size == -1:
+        return None
+    return next((w for w in widths if w.in_features % group_size), None)
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    name: str
+    summary: str
+    contiguous_groups: bool
+    """Every group is a run of contiguous input columns that divides the width (no group order, no partial group)."""
+    bits: tuple[int, ...]
+
+    def layout(self, cfg) -> str:
+        """The packed layers' layout (compress.quant.layouts) for a method's config."""
+        if self.name == "gptq":
+            return cfg.checkpoint_format
+        return self.name
+
+    def engines(self, cfg, head: bool = False, mixed: bool = False) -> list[str]:
+        """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
+        the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), one setting for
+        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head."""
+        ours = "compress bench (our loader)"
+        if self.name == "compressed-tensors":
+            engines = ["transformers (with compressed-tensors)", ours]
+        else:
+            engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
+        group_order = getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False)
+        if cfg.bits == 4 and not (head or mixed or group_order) and (self.name == "compressed-tensors" or cfg.sym):
+            engines.insert(0, "vLLM")
+        return engines
+
+    def fit_group_size(self, cfg, widths: list[LayerWidth], asked: bool) -> int:
+        """The group size this format writes ``cfg`` with: a default one (not ``asked``) that does not divide every
+        width steps down (128 -> 64 -> 32) where the format needs groups that do."""
+        if asked or not self.contiguous_groups or first_misfit(cfg.group_size, widths) is None:
+            return cfg.group_size
+        # Packed widths are multiples of 32, so the last step always fits.
+        return next(size for size in FALLBACK_GROUP_SIZES
+                    if size < cfg.group_size and first_misfit(size, widths) is None)
+
+    def why_not(self, cfg, widths: list[LayerWidth], head: bool = False) -> str | None:
+        """Why this format cannot hold ``cfg`` (one clause, with the fix), or None."""
+        if cfg.bits not in self.bits:
+            return f"it holds {', '.join(map(str, self.bits))}-bit weights, not {cfg.bits}-bit ones"
+        if not self.contiguous_groups:
+            return None
+        if getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False):
+            return ("it stores groups of contiguous columns, so act order needs static groups (drop "
+                    "--no-static-groups, or use --no-act-order)")
+        if head:
+            return "--lm-head-bits is written in the GPTQ layout only for now"
+        misfit = first_misfit(cfg.group_size, widths)
+        if misfit is not None:
+            fits = ", ".join(map(str, fitting_group_sizes(widths)))
+            return (f"--group-size {cfg.group_size} does not divide the {misfit.in_features} input features of "
+                    f"{misfit.name}, and vLLM needs groups that divide every width (choose {fits} or -1)")
+        return None
+
+
+FORMATS = {
+    "compressed-tensors": CheckpointFormat(
+        "compressed-tensors", "vLLM's format (pack-quantized, zero points, contiguous groups); transformers reads it "
+        "with the compressed-tensors package", contiguous_groups=True, bits=(2, 4, 8)),
+    "gptq": CheckpointFormat(
+        "gptq", "the GPTQ layout (v1 symmetric, v2 asymmetric) that GPTQModel and transformers read",
+        contiguous_groups=False, bits=(2, 3, 4, 8)),
+}
+
+
+def get_format(name: str) -> CheckpointFormat:
+    if name not in FORMATS:
+        raise UserError(f"unknown format '{name}': choose {' or '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    format: CheckpointFormat
+    group_size: int
+    note: str | None = None
+    """Why the default format was passed over, said aloud (None when it was not)."""
+
+
+def choose_format(asked: str | None, cfg, widths: list[LayerWidth], group_size_asked: bool,
+                  head: bool = False) -> FormatChoice:
+    """The format asked for, refused in one line where it cannot hold the settings; without one, the default
+    (what vLLM loads) where it can hold them, else the GPTQ layout, with the reason."""
+    if asked is not None:
+        fmt = get_format(asked)
+        group_size = fmt.fit_group_size(cfg, widths, group_size_asked)
+        why = fmt.why_not(replace(cfg, group_size=group_size), widths, head)
+        if why is not None:
+            other = next(name for name in FORMATS if name != fmt.name)
+            raise UserError(f"--format {fmt.name} cannot hold these settings: {why}; or use --format {other}")
+        return FormatChoice(fmt, group_size)
+    default = FORMATS[DEFAULT_FORMAT]
+    group_size = default.fit_group_size(cfg, widths, group_size_asked)
+    why = default.why_not(replace(cfg, group_size=group_size), widths, head)
+    if why is None:
+        return FormatChoice(default, group_size)
+    return FormatChoice(FORMATS["gptq"], cfg.group_size,
+                        f"written in the GPTQ layout, not {DEFAULT_FORMAT} (what vLLM loads): {why}")
+
+
+PACKED_METHODS = ("gptq", "compressed-tensors")
+"""quant_method values of the checkpoints our loader reads (integer codes in packed layers)."""
+
+
+@dataclass(frozen=True)
+class PackedSettings:
+    """What a packed checkpoint's quantization_config says, whichever format wrote it."""
+    format: str
+    bits: int
+    """The bits of the layers the run's own settings cover (mixed precision gives some layers others)."""
+    group_size: int
+    sym: bool
+    act_order: bool
+    all_bits: frozenset[int]
+    method: str | None
+    quantizer: list[str] | None
+
+
+def packed_settings(qcfg: dict) -> PackedSettings | None:
+    """None for a config that is not one of ``PACKED_METHODS``."""
+    meta = qcfg.get("meta") or {}
+    if qcfg.get("quant_method") == "gptq":
+        bits = int(qcfg["bits"])
+        overrides = {int(v.get("bits", bits)) for k, v in (qcfg.get("dynamic") or {}).items() if not k.startswith("-:")}
+        return PackedSettings("gptq", bits, int(qcfg["group_size"]), bool(qcfg.get("sym", True)),
+                              bool(qcfg.get("desc_act", False)), frozenset({bits} | overrides), meta.get("method"),
+                              meta.get("quantizer"))
+    if qcfg.get("quant_method") == "compressed-tensors":
+        groups = [g.get("weights") or {} for g in (qcfg.get("config_groups") or {}).values()]
+        main = next((g.get("weights") or {} for g in (qcfg.get("config_groups") or {}).values()
+                     if "Linear" in g.get("targets", [])), groups[0] if groups else {})
+        if not main:
+            return None
+        group_size = main.get("group_size")
+        return PackedSettings("compressed-tensors", int(main["num_bits"]), -1 if group_size is None else int(group_size),
+                              bool(main.get("symmetric", True)), main.get("actorder") is not None,
+                              frozenset(int(g["num_bits"]) for g in groups if "num_bits" in g), meta.get("method"),
+                              meta.get("quantizer"))
+    return None

@@ -1,0 +1,86 @@
+"""The config.json block of a compressed-tensors checkpoint (format pack-quantized), as vLLM and the
+compressed-tensors package read it: one config group per (bits, group size) in the model, the run's own
+settings targeting every ``Linear``, mixed precision's other options targeting their layers by name, and every
+linear layer left in float listed under ``ignore`` (vLLM refuses a linear layer that no group targets and
+``ignore`` does not name).
+
+The layers' tensors are written by compress.quant.layouts.CompressedTensorsLayout.
+"""
+
+from __future__ import annotations
+
+import re
+
+COMPRESSED_TENSORS_VERSION = "0.20.1"
+"""The compressed-tensors release whose config schema this writes (and the tests read back with)."""
+
+
+def weight_args(bits: int, group_size: int, sym: bool, act_order: bool) -> dict:
+    """compressed-tensors' QuantizationArgs for a weight: integer, static, per group or per output channel."""
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "group_size": None if group_size == -1 else group_size,
+        "strategy": "channel" if group_size == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        # "weight" (static) act order: columns were quantized in act order, but each group's grid belongs to its
+        # contiguous columns, so loading needs no group index. vLLM refuses the other kind ("group").
+        "actorder": "weight" if act_order else None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(cfg, method: str, version: str, layer_options: dict[str, tuple[int, int]],
+                        ignore: list[str]) -> dict:
+    """``layer_options``: qualified name -> (bits, group size) of every packed layer; ``ignore``: the linear layers
+    left in float."""
+    act_order = bool(getattr(cfg, "act_order", False))
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(cfg.bits, cfg.group_size, cfg.sym, act_order),
+                          "input_activations": None, "output_activations": None, "format": "pack-quantized"}}
+    others: dict[tuple[int, int], list[str]] = {}
+    for name, option in sorted(layer_options.items()):
+        if option != (cfg.bits, cfg.group_size):
+            others.setdefault(option, []).append(name)
+    for index, ((bits, group_size), names) in enumerate(sorted(others.items()), start=1):
+        groups[f"group_{index}"] = {
+            # Anchored patterns: a bare name would also match the same path inside a longer one in some readers.
+            "targets": [f"re:^{re.escape(name)}$" for name in names],
+            "weights": weight_args(bits, group_size, cfg.sym, act_order),
+            "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+        "version": COMPRESSED_TENSORS_VERSION,
+        "meta": {"quantizer": [f"compress-workbench:{version}"], "method": method},
+    }
+
+
+def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
+    """(bits, group size) of the packed layer ``name``: the first group that targets it by pattern, else the group
+    that targets every Linear."""
+    fallback = None
+    for group in qcfg.get("config_groups", {}).values():
+        weights = group.get("weights") or {}
+        setting = (int(weights["num_bits"]), -1 if weights.get("group_size") in (None, -1) else int(weights["group_size"]))
+        for target in group.get("targets", []):
+            if target == "Linear":
+                fallback = setting
+            elif (target.startswith("re:") and re.match(target[3:], name)) or target == name:
+                return setting
+    if fallback is None:
+        raise ValueError(f"no config group targets {name}")
+    return fallback
+
+
+def is_symmetric(qcfg: dict) -> bool:
+    return all((group.get("weights") or {}).get("symmetric", True) for group in qcfg.get("config_groups", {}).values())

@@ -1,0 +1,110 @@
+"""Pure conversions between a QuantizedWeight and the tensors a packed linear layer stores, one class per
+on-disk layout. Nothing here knows about modules, files or configs: each layout says which buffers a layer of
+a given shape holds, packs a weight into them (whole, or a range of output rows at a time, for a large head),
+and unpacks them.
+
+* ``gptq`` / ``gptq_v2``: qweight [in*bits/32, out] (codes packed along the input), qzeros [groups,
+  out*bits/32] (zero points minus one in v1, as they are in v2), scales [groups, out] fp16, g_idx [in]. What
+  GPTQModel, transformers (through GPTQModel) and vLLM's GPTQ paths read.
+* ``compressed-tensors`` (format pack-quantized): weight_packed [out, in*bits/32] (the same bit stream, along
+  each output row), weight_scale [out, groups], weight_zero_point [out*bits/32, groups] (asymmetric grids
+  only: a symmetric grid's zero point is implied), weight_shape [2]. compressed-tensors stores signed codes
+  ``q - 2**(bits-1)`` and packs them with that offset added back, so its packed words hold exactly our
+  unsigned codes and zero points. Groups are contiguous input columns (no group index): vLLM reads it
+  through its WNA16 kernels, transformers through the compressed-tensors package.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.quant.primitives import (ZERO_OFFSETS, QuantizedWeight, default_g_idx, num_groups, pack_rows, pack_weight,
+                                       unpack_rows, unpack_weight)
+
+_WORD_BITS = 32
+
+
+class GPTQLayout:
+    packed_name = "qweight"
+    """The buffer that marks a packed layer in a checkpoint (``NAME.qweight``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def buffers(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        groups = num_groups(in_features, group_size)
+        return {"qweight": ((in_features * bits // _WORD_BITS, out_features), torch.int32),
+                "qzeros": ((groups, out_features * bits // _WORD_BITS), torch.int32),
+                "scales": ((groups, out_features), torch.float16),
+                "g_idx": ((in_features,), torch.int32)}
+
+    def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
+        return pack_weight(qw, self.name)
+
+    def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
+               ) -> QuantizedWeight:
+        return unpack_weight(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits,
+                             self.name)
+
+    def rows(self, tensors: dict[str, torch.Tensor], start: int, end: int, bits: int) -> dict[str, torch.Tensor]:
+        """The tensors of output rows ``start:end`` (multiples of 32, so packed zero points split on words)."""
+        words = slice(start * bits // _WORD_BITS, end * bits // _WORD_BITS)
+        return {"qweight": tensors["qweight"][:, start:end], "qzeros": tensors["qzeros"][:, words],
+                "scales": tensors["scales"][:, start:end], "g_idx": tensors["g_idx"]}
+
+
+class CompressedTensorsLayout:
+    name = "compressed-tensors"
+    packed_name = "weight_packed"
+
+    def buffers(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        groups = num_groups(in_features, group_size)
+        layout = {"weight_packed": ((out_features, in_features * bits // _WORD_BITS), torch.int32),
+                  "weight_scale": ((out_features, groups), torch.float16)}
+        if not sym:
+            layout["weight_zero_point"] = ((out_features * bits // _WORD_BITS, groups), torch.int32)
+        layout["weight_shape"] = ((2,), torch.int64)
+        return layout
+
+    def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
+        out_features, in_features = qw.codes.shape
+        if not torch.equal(qw.g_idx.long().cpu(), default_g_idx(in_features, group_size).long()):
+            raise ValueError("compressed-tensors stores groups of contiguous columns: quantize without a group "
+                             "order (static groups or no act order)")
+        if sym and not bool((qw.zero == 2 ** (qw.bits - 1)).all()):
+            raise ValueError("a symmetric compressed-tensors layer needs every zero point at 2**(bits-1)")
+        tensors = {"weight_packed": pack_rows(qw.codes.t().contiguous(), qw.bits).t().contiguous(),
+                   "weight_scale": qw.scale.t().half().contiguous()}
+        if not sym:
+            tensors["weight_zero_point"] = pack_rows(qw.zero.t().to(torch.int32).contiguous(), qw.bits)
+        tensors["weight_shape"] = torch.tensor([out_features, in_features], dtype=torch.int64)
+        return tensors
+
+    def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
+               ) -> QuantizedWeight:
+        codes = unpack_rows(tensors["weight_packed"].t().contiguous(), bits).t().contiguous()
+        scale = tensors["weight_scale"].t().float()
+        zero_point = tensors.get("weight_zero_point")
+        if zero_point is None:
+            zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        else:
+            zero = unpack_rows(zero_point, bits).t().float()
+        g_idx = default_g_idx(in_features, group_size, codes.device)
+        return QuantizedWeight(codes=codes, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, bits=bits)
+
+    def rows(self, tensors: dict[str, torch.Tensor], start: int, end: int, bits: int) -> dict[str, torch.Tensor]:
+        rows = {"weight_packed": tensors["weight_packed"][start:end], "weight_scale": tensors["weight_scale"][start:end]}
+        if "weight_zero_point" in tensors:
+            rows["weight_zero_point"] = tensors["weight_zero_point"][start * bits // _WORD_BITS:end * bits // _WORD_BITS]
+        rows["weight_shape"] = torch.tensor([end - start, int(tensors["weight_shape"][1])], dtype=torch.int64)
+        return rows
+
+
+LAYOUTS = {name: GPTQLayout(name) for name in ZERO_OFFSETS} | {"compressed-tensors": CompressedTensorsLayout()}
+"""Layout name (a QuantLinear's ``checkpoint_format``) -> how its tensors are packed."""
+
+CT_BITS = (2, 4, 8)
+"""Bit widths compressed-tensors packs whole into int32 words as vLLM reads them (3 bits would leave two bits of
+each word empty in compressed-tensors, which vLLM does not expect)."""
