@@ -20,16 +20,17 @@ import torch
 
 from compress.errors import UserError
 from compress.formats import compressed_tensors as ct
+from compress.formats import packed_settings
 from compress.lazy import LazyModel, empty_model
 from compress.models import check_checkpoint
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import QuantEmbedding, dynamic_override, layer_settings
+from compress.quant.layouts import LAYOUTS
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import ZERO_OFFSETS
 from compress.select import set_submodule
 
 MANIFEST_NAME = "compress_manifest.json"
-QUANTIZED_SUFFIX = ".qweight"
 
 
 def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, block_prefix: str,
@@ -90,13 +91,16 @@ def read_manifest(folder: Path) -> dict | None:
 
 @dataclass
 class PackedLayers:
-    """How a checkpoint's packed layers are found and built: the tensor suffix that marks one, its layout, each
-    layer's (bits, group size) and (in, out) features."""
-    suffix: str
+    """How a checkpoint's packed layers are found and built: their layout (compress.quant.layouts), whether their
+    grids are symmetric, and each layer's (bits, group size)."""
     layout: str
     sym: bool
     settings: Callable[[str], tuple[int, int]]
-    shape: Callable[[object, str, int], tuple[int, int]]
+
+    @property
+    def suffix(self) -> str:
+        """The tensor name's end that marks a packed layer (``NAME.qweight``, ``NAME.weight_packed``)."""
+        return "." + LAYOUTS[self.layout].packed_name
 
 
 def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
@@ -106,18 +110,12 @@ def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
         if checkpoint_format not in ZERO_OFFSETS:
             raise UserError(f"{folder} has checkpoint_format {checkpoint_format!r}; this loader reads "
                             f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
-        return PackedLayers(QUANTIZED_SUFFIX, checkpoint_format, bool(qcfg.get("sym", True)),
-                            lambda name: layer_settings(qcfg, name),
-                            lambda reader, module, bits: (reader.shape_of(f"{module}.g_idx")[0],
-                                                          reader.shape_of(f"{module}.scales")[1]))
+        return PackedLayers(checkpoint_format, packed_settings(qcfg).sym, lambda name: layer_settings(qcfg, name))
     if method == "compressed-tensors":
         if qcfg.get("format") != "pack-quantized" or qcfg.get("quantization_status", "compressed") != "compressed":
             raise UserError(f"{folder} is a compressed-tensors checkpoint in format {qcfg.get('format')!r}; this loader "
                             "reads pack-quantized (integer weights, float activations)")
-        return PackedLayers(".weight_packed", "compressed-tensors", ct.is_symmetric(qcfg),
-                            lambda name: ct.layer_settings(qcfg, name),
-                            lambda reader, module, bits: (reader.shape_of(f"{module}.weight_packed")[1] * 32 // bits,
-                                                          reader.shape_of(f"{module}.weight_packed")[0]))
+        return PackedLayers("compressed-tensors", packed_settings(qcfg).sym, lambda name: ct.layer_settings(qcfg, name))
     raise UserError(f"{folder} uses quant_method {method!r}; this loader reads gptq and compressed-tensors "
                     "checkpoints")
 
@@ -150,7 +148,8 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         name = memory_key[: -len(packed.suffix)]
         disk_module = disk_key[: -len(packed.suffix)]
         bits, group_size = packed.settings(name)
-        in_features, out_features = packed.shape(reader, disk_module, bits)
+        in_features, out_features = LAYOUTS[packed.layout].features(
+            lambda buffer: reader.shape_of(f"{disk_module}.{buffer}"), bits)
         bias = f"{disk_module}.bias"
         with torch.device("meta"):
             layer = QuantLinear(in_features, out_features, bits, group_size, bias=bias in reader,

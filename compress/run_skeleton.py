@@ -106,9 +106,9 @@ def open_for_run(settings: RunSettings, tag: "str | Callable[[torch.nn.Module], 
     methods that need the whole model. ``tag`` names the default output folder; a callable makes it from the
     skeleton (settings that depend on the model's widths), after checks of its own on it."""
     device = resolve_device(settings.device)
-    named_now = isinstance(tag, str) or settings.out
-    out = settings.output_folder(tag) if isinstance(tag, str) else Path(settings.out) if settings.out else None
-    if named_now:
+    # Named before the model is opened unless the tag comes from its skeleton and no --out names the folder.
+    out = settings.output_folder(tag) if isinstance(tag, str) or settings.out else None
+    if out is not None:
         refuse_output_of_source(out, settings.model)
         refuse_existing(out, settings.force)  # fail before the slow part, and again at the rename
     if settings.nsamples <= 0 or settings.seqlen <= 0:
@@ -118,16 +118,16 @@ def open_for_run(settings: RunSettings, tag: "str | Callable[[torch.nn.Module], 
         raise UserError("--resume continues a streaming run: leave out --in-memory")
     started = time.perf_counter()
     resolved = resolve(settings.model, settings.trust_remote_code)
-    if named_now:
+    if out is not None:
         refuse_source_overlap(out, resolved.path)
     text, text_record = load_calibration_text(settings.calib) if needs_data else (None, None)
     reader = ShardReader(resolved.path)
     refuse_quantized_source(settings.model, reader)
     lazy = LazyModel(resolved.path, compute_dtype(device), settings.trust_remote_code, reader=reader)
     if not isinstance(tag, str):
-        named = settings.output_folder(tag(lazy.model))
-        if not named_now:
-            out = named
+        tag = tag(lazy.model)  # its checks on the skeleton run whether or not --out named the folder
+        if out is None:
+            out = settings.output_folder(tag)
             refuse_output_of_source(out, settings.model)
             refuse_existing(out, settings.force)
             refuse_source_overlap(out, resolved.path)

@@ -12,8 +12,8 @@ import torch
 from compress.backends import Backend, register_backend
 from compress.backends.packing import NotPackable
 from compress.backends.reference import dtype_name, gptq_summary
-from compress.formats import PACKED_METHODS, packed_settings
 from compress.backends.torch_kernels import Int4PackedLinear, Int8PackedLinear
+from compress.formats import PACKED_METHODS, packed_settings
 from compress.quant.head import QuantEmbedding
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule

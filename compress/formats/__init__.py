@@ -42,6 +42,12 @@ def first_misfit(group_size: int, widths: list[LayerWidth]) -> LayerWidth | None
     return next((w for w in widths if w.in_features % group_size), None)
 
 
+def group_order(cfg) -> bool:
+    """GPTQ's act order by groups (each group's grid made as its columns come up: a group index, no contiguous
+    groups), not the static kind."""
+    return bool(getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False))
+
+
 @dataclass(frozen=True)
 class CheckpointFormat:
     name: str
@@ -65,8 +71,7 @@ class CheckpointFormat:
             engines = ["transformers (with compressed-tensors)", ours]
         else:
             engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
-        group_order = getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False)
-        if cfg.bits == 4 and not (head or mixed or group_order) and (self.name == "compressed-tensors" or cfg.sym):
+        if cfg.bits == 4 and not (head or mixed or group_order(cfg)) and (self.name == "compressed-tensors" or cfg.sym):
             engines.insert(0, "vLLM")
         return engines
 
@@ -85,7 +90,7 @@ class CheckpointFormat:
             return f"it holds {', '.join(map(str, self.bits))}-bit weights, not {cfg.bits}-bit ones"
         if not self.contiguous_groups:
             return None
-        if getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False):
+        if group_order(cfg):
             return ("it stores groups of contiguous columns, so act order needs static groups (drop "
                     "--no-static-groups, or use --no-act-order)")
         if head:

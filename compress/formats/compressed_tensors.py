@@ -80,7 +80,3 @@ def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
     if fallback is None:
         raise ValueError(f"no config group targets {name}")
     return fallback
-
-
-def is_symmetric(qcfg: dict) -> bool:
-    return all((group.get("weights") or {}).get("symmetric", True) for group in qcfg.get("config_groups", {}).values())

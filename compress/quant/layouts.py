@@ -16,6 +16,8 @@ and unpacks them.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from compress.quant.primitives import (ZERO_OFFSETS, QuantizedWeight, default_g_idx, num_groups, pack_rows, pack_weight,
@@ -39,6 +41,14 @@ class GPTQLayout:
                 "scales": ((groups, out_features), torch.float16),
                 "g_idx": ((in_features,), torch.int32)}
 
+    def constants(self, in_features: int, out_features: int) -> dict[str, torch.Tensor]:
+        """Buffers fixed by the layer's shape alone (set once, not per row)."""
+        return {}
+
+    def features(self, shape_of: Callable[[str], tuple[int, ...]], bits: int) -> tuple[int, int]:
+        """(in, out) features of a stored layer, from its tensors' shapes (``shape_of(buffer name)``)."""
+        return shape_of("g_idx")[0], shape_of("scales")[1]
+
     def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
         return pack_weight(qw, self.name)
 
@@ -48,7 +58,8 @@ class GPTQLayout:
                              self.name)
 
     def rows(self, tensors: dict[str, torch.Tensor], start: int, end: int, bits: int) -> dict[str, torch.Tensor]:
-        """The tensors of output rows ``start:end`` (multiples of 32, so packed zero points split on words)."""
+        """The tensors of output rows ``start:end`` (multiples of 32, so packed zero points split on words); the group
+        index is the whole layer's."""
         words = slice(start * bits // _WORD_BITS, end * bits // _WORD_BITS)
         return {"qweight": tensors["qweight"][:, start:end], "qzeros": tensors["qzeros"][:, words],
                 "scales": tensors["scales"][:, start:end], "g_idx": tensors["g_idx"]}
@@ -68,6 +79,13 @@ class CompressedTensorsLayout:
         layout["weight_shape"] = ((2,), torch.int64)
         return layout
 
+    def constants(self, in_features: int, out_features: int) -> dict[str, torch.Tensor]:
+        return {"weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64)}
+
+    def features(self, shape_of: Callable[[str], tuple[int, ...]], bits: int) -> tuple[int, int]:
+        rows, words = shape_of("weight_packed")
+        return words * _WORD_BITS // bits, rows
+
     def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
         out_features, in_features = qw.codes.shape
         if not torch.equal(qw.g_idx.long().cpu(), default_g_idx(in_features, group_size).long()):
@@ -79,8 +97,7 @@ class CompressedTensorsLayout:
                    "weight_scale": qw.scale.t().half().contiguous()}
         if not sym:
             tensors["weight_zero_point"] = pack_rows(qw.zero.t().to(torch.int32).contiguous(), qw.bits)
-        tensors["weight_shape"] = torch.tensor([out_features, in_features], dtype=torch.int64)
-        return tensors
+        return tensors | self.constants(in_features, out_features)
 
     def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
                ) -> QuantizedWeight:
@@ -95,16 +112,12 @@ class CompressedTensorsLayout:
         return QuantizedWeight(codes=codes, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, bits=bits)
 
     def rows(self, tensors: dict[str, torch.Tensor], start: int, end: int, bits: int) -> dict[str, torch.Tensor]:
+        """The tensors of output rows ``start:end``; weight_shape is the layer's, not the rows'."""
         rows = {"weight_packed": tensors["weight_packed"][start:end], "weight_scale": tensors["weight_scale"][start:end]}
         if "weight_zero_point" in tensors:
             rows["weight_zero_point"] = tensors["weight_zero_point"][start * bits // _WORD_BITS:end * bits // _WORD_BITS]
-        rows["weight_shape"] = torch.tensor([end - start, int(tensors["weight_shape"][1])], dtype=torch.int64)
         return rows
 
 
 LAYOUTS = {name: GPTQLayout(name) for name in ZERO_OFFSETS} | {"compressed-tensors": CompressedTensorsLayout()}
 """Layout name (a QuantLinear's ``checkpoint_format``) -> how its tensors are packed."""
-
-CT_BITS = (2, 4, 8)
-"""Bit widths compressed-tensors packs whole into int32 words as vLLM reads them (3 bits would leave two bits of
-each word empty in compressed-tensors, which vLLM does not expect)."""

@@ -39,6 +39,8 @@ class QuantLinear(nn.Module):
         """Symmetric grid: compressed-tensors then stores no zero points (they are 2**(bits-1))."""
         for name, (shape, dtype) in self.layout.buffers(in_features, out_features, bits, group_size, sym).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        for name, value in self.layout.constants(in_features, out_features).items():
+            getattr(self, name).copy_(value)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
@@ -64,13 +66,7 @@ class QuantLinear(nn.Module):
         """Pack ``qw`` (output rows ``start:end``, multiples of 32) into the layer's buffers."""
         packed = self.layout.pack(qw, self.sym, self.group_size)
         for name, target in self.layout.rows(self._packed(), start, end, self.bits).items():
-            if name in ("g_idx", "weight_shape"):
-                continue  # whole-layer tensors, set below
-            target.copy_(packed[name])
-        if "g_idx" in packed:
-            self.g_idx.copy_(packed["g_idx"])
-        if "weight_shape" in packed:
-            self.weight_shape.copy_(torch.tensor([self.out_features, self.in_features]))
+            target.copy_(packed[name])  # views into the buffers
         self._cache = None
 
     def quantized_weight(self) -> QuantizedWeight:

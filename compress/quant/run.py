@@ -122,9 +122,10 @@ PACK_WIDTH = 32
 features: both must be multiples of 32."""
 
 
-def check_packable(model, selection, head: bool = False, fmt: str = "GPTQ") -> list[LayerWidth]:
+def check_packable(model, selection, head: bool = False) -> list[LayerWidth]:
     """One-line error, on the skeleton before any calibration, for a selected layer (or, with ``head``, the
-    output head) that the format cannot pack; the selected layers' input widths otherwise."""
+    output head, which only the GPTQ format holds) that cannot be packed; the selected layers' input widths
+    otherwise."""
     from compress.select import block_linears, find_blocks
 
     prefix, blocks = find_blocks(model)
@@ -132,15 +133,15 @@ def check_packable(model, selection, head: bool = False, fmt: str = "GPTQ") -> l
     for name, linear in block_linears(blocks[0], selection).items():  # the blocks are alike
         for what, size in (("input", linear.in_features), ("output", linear.out_features)):
             if size % PACK_WIDTH:
-                raise UserError(f"{name} has {size} {what} features, not a multiple of {PACK_WIDTH}: the {fmt} format "
-                                f"cannot pack it; leave it in float with --exclude '{name}'")
+                raise UserError(f"{name} has {size} {what} features, not a multiple of {PACK_WIDTH}: neither format "
+                                f"can pack it; leave it in float with --exclude '{name}'")
         widths.append(LayerWidth(f"{prefix}.0.{name}", linear.in_features))
     if head:
         name, linear, _ = head_and_embedding(model)
         for what, size in (("a vocabulary", linear.out_features), ("a hidden size", linear.in_features)):
             if size % PACK_WIDTH:
                 raise UserError(f"--lm-head-bits: the head ({name}) has {what} of {size}, not a multiple of "
-                                f"{PACK_WIDTH}, so the {fmt} format cannot pack it: drop --lm-head-bits to keep the "
+                                f"{PACK_WIDTH}, so the GPTQ format cannot pack it: drop --lm-head-bits to keep the "
                                 "head in float")
     return widths
 
