@@ -9,6 +9,7 @@ import torch
 
 from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import load_quantized
+from compress.formats import TRANSFORMERS_CANNOT
 from tests.conftest import CAUSAL_ARCHS
 
 pytest.importorskip("gptqmodel", reason="install the [gptqmodel] extra")
@@ -19,7 +20,7 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 # transformers hands GPTQ loading to optimum, which replaces only exact nn.Linear modules; Falcon's
 # layers are a subclass (FalconLinear), and transformers 5 fuses Mixtral's experts into 3-D tensors that
 # no GPTQ layer replaces, so those checkpoints load through GPTQModel.load instead.
-TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in ("falcon", "mixtral")]
+TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in TRANSFORMERS_CANNOT]
 
 
 def quantized(arch, tmp_path, calib_file, **kw):

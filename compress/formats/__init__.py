@@ -42,6 +42,15 @@ def first_misfit(group_size: int, widths: list[LayerWidth]) -> LayerWidth | None
     return next((w for w in widths if w.in_features % group_size), None)
 
 
+TRANSFORMERS_CANNOT = {
+    "falcon": "its layers are FalconLinear, a subclass that optimum does not replace and compressed-tensors leaves "
+              "without the weight its forward reads",
+    "mixtral": "transformers 5 fuses the experts into 3-D tensors that neither quantizer replaces",
+}
+"""Families whose packed checkpoints transformers cannot run, in either format (tests/test_checkpoint.py,
+tests/formats); GPTQModel and our loader run them."""
+
+
 def group_order(cfg) -> bool:
     """GPTQ's act order by groups (each group's grid made as its columns come up: a group index, no contiguous
     groups), not the static kind."""
@@ -62,15 +71,18 @@ class CheckpointFormat:
             return cfg.checkpoint_format
         return self.name
 
-    def engines(self, cfg, head: bool = False, mixed: bool = False) -> list[str]:
+    def engines(self, cfg, head: bool = False, mixed: bool = False, model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
         the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), one setting for
-        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head."""
+        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head. transformers: not
+        for the families in ``TRANSFORMERS_CANNOT``."""
         ours = "compress bench (our loader)"
         if self.name == "compressed-tensors":
             engines = ["transformers (with compressed-tensors)", ours]
         else:
             engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
+        if model_type in TRANSFORMERS_CANNOT:
+            engines = [engine for engine in engines if not engine.startswith("transformers")]
         if cfg.bits == 4 and not (head or mixed or group_order(cfg)) and (self.name == "compressed-tensors" or cfg.sym):
             engines.insert(0, "vLLM")
         return engines

@@ -233,7 +233,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
             quantize_head(run.model, head_cfg, run.lazy.dtype, layout)
         manifest = _manifest(request, method, cfg, run, output, record, time.perf_counter() - quant_started)
         manifest["format"] = {"name": fmt.name,
-                              "engines": fmt.engines(cfg, head_cfg is not None, request.avg_bits is not None)}
+                              "engines": fmt.engines(cfg, head_cfg is not None, request.avg_bits is not None,
+                                                     run.model.config.model_type)}
         qcfg = checkpoint_config(fmt, cfg, method.name, record, overrides, planned.linears)
         folder = output.finish(qcfg, manifest)
     return QuantizeResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),

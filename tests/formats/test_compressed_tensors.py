@@ -11,7 +11,7 @@ from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import load_quantized
 from compress.cli import main
 from compress.errors import UserError
-from compress.formats import LayerWidth, choose_format
+from compress.formats import TRANSFORMERS_CANNOT, LayerWidth, choose_format
 from compress.quant.config import GPTQConfig, RTNConfig
 from compress.quant.layouts import LAYOUTS
 from compress.quant.linear import QuantLinear
@@ -69,7 +69,7 @@ def test_a_group_order_cannot_be_written():
 
 # transformers 5 fuses Mixtral's experts into 3-D tensors that compressed-tensors does not quantize, and Falcon's
 # FalconLinear reads its own ``weight`` (which compressed-tensors removes): both stay with our loader and vLLM.
-TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in ("falcon", "mixtral")]
+TRANSFORMERS_ARCHS = [a for a in CAUSAL_ARCHS if a not in TRANSFORMERS_CANNOT]
 
 
 def quantized(arch, tmp_path, calib_file, **kw):
@@ -117,6 +117,15 @@ def test_symmetric_per_channel_and_mixed_precision_checkpoints_load_in_transform
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert relative_gap(theirs(ids).logits, ours(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mixtral"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_the_closing_line_leaves_out_transformers_for_the_families_it_cannot_run(arch, fmt, tmp_path, calib_file):
+    result = quantized(arch, tmp_path, calib_file, method="rtn", format=fmt)
+    engines = result.manifest["format"]["engines"]
+    assert not any(engine.startswith("transformers") for engine in engines)
+    assert "compress bench (our loader)" in engines and ("GPTQModel" in engines) == (fmt == "gptq")
 
 
 # --- which format, and one-line refusals ----------------------------------------------------------------------
