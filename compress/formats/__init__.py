@@ -51,6 +51,11 @@ TRANSFORMERS_CANNOT = {
 tests/formats); GPTQModel and our loader run them."""
 
 
+VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
+"""Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
+line names vLLM for these only."""
+
+
 def group_order(cfg) -> bool:
     """GPTQ's act order by groups (each group's grid made as its columns come up: a group index, no contiguous
     groups), not the static kind."""
@@ -74,8 +79,8 @@ class CheckpointFormat:
     def engines(self, cfg, head: bool = False, mixed: bool = False, model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
         the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), one setting for
-        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head. transformers: not
-        for the families in ``TRANSFORMERS_CANNOT``."""
+        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head, a family in
+        ``VLLM_FAMILIES``. transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
         ours = "compress bench (our loader)"
         if self.name == "compressed-tensors":
             engines = ["transformers (with compressed-tensors)", ours]
@@ -83,7 +88,8 @@ class CheckpointFormat:
             engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
         if model_type in TRANSFORMERS_CANNOT:
             engines = [engine for engine in engines if not engine.startswith("transformers")]
-        if cfg.bits == 4 and not (head or mixed or group_order(cfg)) and (self.name == "compressed-tensors" or cfg.sym):
+        if model_type in VLLM_FAMILIES and cfg.bits == 4 and not (head or mixed or group_order(cfg)) \
+                and (self.name == "compressed-tensors" or cfg.sym):
             engines.insert(0, "vLLM")
         return engines
 

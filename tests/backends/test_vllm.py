@@ -97,6 +97,7 @@ def test_smollm2_default_checkpoint_in_vllm_scores_our_perplexity_within_one_per
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
+# Every family of VLLM_FAMILIES is here or in LAYOUTS' wide Llama.
 WIDE = {"mistral": dict(hidden_size=128, intermediate_size=256, head_dim=32),
         "gpt_neox": dict(hidden_size=128, intermediate_size=256),
         "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128)}
@@ -126,6 +127,12 @@ def family_scores(tmp_path_factory):
         folders[arch] = result.folder
     scores = score_prompts([VllmJob(folders[arch], PROMPTS[:1], top_k=5) for arch in WIDE])
     return {arch: (folders[arch], score) for arch, score in zip(WIDE, scores)}
+
+
+def test_every_family_the_closing_line_names_vllm_for_is_tested_here():
+    from compress.formats import VLLM_FAMILIES
+
+    assert set(VLLM_FAMILIES) == {"llama", *WIDE}
 
 
 @pytest.mark.parametrize("arch", list(WIDE))
