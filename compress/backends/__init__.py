@@ -19,7 +19,8 @@ from compress.errors import UserError
 
 _BUILTIN_MODULES = ("compress.backends.reference", "compress.backends.torch_backend",
                     "compress.backends.gptqmodel_backend", "compress.backends.bnb",
-                    "compress.backends.onnxruntime_backend", "compress.backends.llamacpp_backend")
+                    "compress.backends.onnxruntime_backend", "compress.backends.llamacpp_backend",
+                    "compress.backends.vllm_backend")
 
 BACKENDS: dict[str, "Backend"] = {}
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
@@ -43,6 +44,13 @@ class Backend:
     """Module that must be importable."""
     extra: ClassVar[str | None] = None
     """The package extra that installs it."""
+    runs_itself: ClassVar[bool] = False
+    """It loads and runs the checkpoint in a process of its own (vLLM): the benchmark hands it the windows."""
+
+    @property
+    def install_hint(self) -> str:
+        """How to make it available."""
+        return f"pip install 'compress-workbench[{self.extra}]'"
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -126,8 +134,7 @@ def choose_backend(name: str, qcfg: dict | None, device: torch.device,
             raise UserError(f"no backend here runs {fmt} models on {device.type}: use --device {' or '.join(others)}")
         for candidate in AUTO_ORDER[fmt][device.type]:
             backend = backends[candidate]
-            why = None if backend.available() else \
-                f"needs {backend.requires}: pip install 'compress-workbench[{backend.extra}]'"
+            why = None if backend.available() else f"needs {backend.requires or backend.name}: {backend.install_hint}"
             why = why or backend.unsupported(qcfg, device, dtype)
             if why is None:
                 return backend, reasons
@@ -143,7 +150,7 @@ def choose_backend(name: str, qcfg: dict | None, device: torch.device,
         raise UserError(f"backend '{name}' does not run on {device.type}: use --backend auto or one of "
                         f"{', '.join(AUTO_ORDER[fmt][device.type])}")
     if not backend.available():
-        raise UserError(f"backend '{name}' needs {backend.requires}: pip install 'compress-workbench[{backend.extra}]'")
+        raise UserError(f"backend '{name}' needs {backend.requires or name}: {backend.install_hint}")
     why = backend.unsupported(qcfg, device, dtype)
     if why:
         raise UserError(f"backend '{name}' cannot run this checkpoint: {why}")

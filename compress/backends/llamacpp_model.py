@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compress.backends import HeadShape
+from compress.cpu_features import cpu_features
 from compress.errors import UserError
 
 KV_BYTES_PER_VALUE = 2
@@ -41,6 +42,29 @@ class LlamaCppCache:
         return self.tokens * self.batch * self.bytes_per_token
 
 
+def avoid_amx_buffers() -> None:
+    """Make every llama.cpp model load in this process (ours, and llama-cpp-python's high-level ``Llama``) leave out
+    the extra buffer types on a CPU with AMX: llama-cpp-python 0.3.36 crashes (segfault) in batched decodes with its
+    AMX buffer type there (tests/backends/test_llamacpp.py, tests/export_gguf), even with the AMX state granted.
+    Without them (AMX and the repacked layouts) it runs; other CPUs keep them, the repacked layouts being llama.cpp's
+    fast path there."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    if "amx_int8" not in cpu_features().features or getattr(lib, "_compress_no_amx", False):
+        return
+    defaults = lib.llama_model_default_params
+
+    def model_defaults():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    # Both names: the package re-exports the binding's functions, and Llama reads the binding module's.
+    lib.llama_model_default_params = llama_cpp.llama_model_default_params = model_defaults
+    lib._compress_no_amx = True
+
+
 def _quiet_llama_cpp() -> None:
     # llama-cpp-python prints llama.cpp's log lines by a level map older than llama.cpp's (its warnings arrive
     # as errors), so only CRITICAL keeps the load log and the unified cache's context warning quiet. Failures
@@ -54,6 +78,7 @@ class LlamaCppCausalLM(nn.Module):
         import llama_cpp
 
         _quiet_llama_cpp()
+        avoid_amx_buffers()
         self._lib = llama_cpp
         self.path = Path(path)
         self.config = config

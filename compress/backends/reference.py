@@ -20,6 +20,8 @@ def gptq_summary(qcfg: dict, manifest: dict) -> dict:
     settings = packed_settings(qcfg)
     quantization = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym,
                     "desc_act": settings.act_order, "format": settings.format}
+    if settings.act_bits:
+        quantization["act_bits"] = settings.act_bits
     meta_method = settings.method
     # A pruned-then-quantized checkpoint's manifest names the pruning method; config.json names both.
     quantization["method"] = (meta_method if manifest.get("kind") == "prune" else None) or manifest.get("method") \

@@ -13,7 +13,7 @@ from compress.backends import Backend, register_backend
 from compress.backends.packing import NotPackable
 from compress.backends.reference import dtype_name, gptq_summary
 from compress.backends.torch_kernels import Int4PackedLinear, Int8PackedLinear
-from compress.formats import PACKED_METHODS, packed_settings
+from compress.formats import PACKED_METHODS, activations_refusal, packed_settings
 from compress.quant.head import QuantEmbedding
 from compress.quant.linear import QuantLinear
 from compress.select import set_submodule
@@ -77,6 +77,10 @@ class TorchKernels(Backend):
     def unsupported(self, qcfg, device, dtype):
         if dtype is not None and dtype != torch.bfloat16:
             return f"computes in bfloat16 (its kernels are slow in {dtype_name(dtype)}): use --dtype bfloat16 or auto"
+        refusal = activations_refusal(qcfg, "torch's weight-only int4/int8 kernels",
+                                      "use --backend dequant (exact) or vllm")
+        if refusal:
+            return refusal
         settings = packed_settings(qcfg)
         bits = set(settings.all_bits)
         if not bits & set(KERNELS):

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.errors import UserError
@@ -27,6 +27,23 @@ BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 """Installed beside vLLM from the registry in builds for another torch: they break vLLM's imports."""
 COMPLETE_MARK = ".compress-complete"
 """Written last: a folder without it is a setup that was interrupted, and is made again."""
+AMX_HOOK = "compress_amx_permission"
+AMX_HOOK_SOURCE = '''"""Written by `compress setup vllm`; imported at every start of this environment's python (its .pth file).
+
+vLLM 0.32's CPU attention runs AMX tile instructions on CPUs that have them without asking Linux for the AMX state
+first (arch_prctl ARCH_REQ_XCOMP_PERM), so a process in which nothing else asked dies with SIGILL at its first
+attention call: vLLM's server engine on a Sapphire Rapids Xeon, for one. Asking costs one system call; where the CPU
+or kernel has no AMX it fails and nothing changes."""
+
+import ctypes
+import platform
+
+if platform.machine() == "x86_64":
+    try:
+        ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except (OSError, AttributeError):
+        pass
+'''
 
 
 def venv_folder() -> Path:
@@ -53,6 +70,19 @@ def require_vllm_python() -> Path:
     return python
 
 
+def site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return Path(out)
+
+
+def install_amx_hook(python: Path) -> None:
+    """The start-up hook that asks Linux for AMX state in every process of vLLM's environment (AMX_HOOK_SOURCE)."""
+    target = site_packages(python)
+    (target / f"{AMX_HOOK}.py").write_text(AMX_HOOK_SOURCE)
+    (target / f"{AMX_HOOK}.pth").write_text(f"import {AMX_HOOK}\n")
+
+
 def _run(command: list[str], say) -> None:
     say("  $ " + " ".join(command))
     completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -66,6 +96,7 @@ def setup_vllm(force: bool = False, say=print) -> Path:
     """Make vLLM's environment (once; ``force`` makes it again) and check that vllm imports; its python."""
     folder = venv_folder()
     if (folder / COMPLETE_MARK).is_file() and not force:
+        install_amx_hook(folder / "bin" / "python")  # environments made before the hook existed get it too
         say(f"vLLM is set up in {folder}")
         return folder / "bin" / "python"
     if folder.exists():
@@ -76,6 +107,7 @@ def setup_vllm(force: bool = False, say=print) -> Path:
     _run([*pip, TORCH], say)  # first, alone: the local CPU wheel, never a CUDA build pulled in by vLLM's pins
     _run([*pip, "-c", str(CONSTRAINTS), VLLM_PACKAGE], say)
     _run([str(folder / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", *BROKEN_EXTRAS], say)
+    install_amx_hook(folder / "bin" / "python")
     _run([str(folder / "bin" / "python"), "-c", "import vllm, sys; print(vllm.__version__)"], say)
     (folder / COMPLETE_MARK).write_text(VLLM_PACKAGE + "\n")
     say(f"vLLM is set up in {folder}")
@@ -91,8 +123,12 @@ class VllmScores:
     kernels: list[str]
     """The linear kernels vLLM chose, as its log names them, e.g. "CPUWNA16LinearKernel (CompressedTensorsWNA16)"."""
     quantization: str | None
+    parameters: int
+    """Elements of the model's parameters as vLLM holds them (packed weights count their words)."""
     load_s: float
     score_s: float
+    peak_rss_bytes: int
+    """VmHWM of the process that ran every job of the call."""
 
 
 @dataclass
@@ -103,6 +139,9 @@ class VllmJob:
     dtype: str = "bfloat16"
     """vLLM's CPU kernels for packed weights compute in bfloat16 (or float16), not float32."""
     max_model_len: int = 512
+    env: dict[str, str] = field(default_factory=dict)
+    """vLLM environment settings for this model alone (e.g. VLLM_CPU_INT4_W4A8=1: its int8-activation path for
+    4-bit layers on AMX CPUs, off by default here)."""
 
 
 def score_prompts(jobs: list[VllmJob], timeout_s: float = 900) -> list[VllmScores]:
@@ -114,7 +153,7 @@ def score_prompts(jobs: list[VllmJob], timeout_s: float = 900) -> list[VllmScore
         request, result = Path(work) / "request.json", Path(work) / "result.json"
         request.write_text(json.dumps({"jobs": [
             {"model": str(Path(job.model).resolve()), "prompts": job.prompts, "top_k": job.top_k, "dtype": job.dtype,
-             "max_model_len": job.max_model_len} for job in jobs]}))
+             "max_model_len": job.max_model_len, "env": job.env} for job in jobs]}))
         completed = subprocess.run([str(python), str(runner), str(request), str(result)], timeout=timeout_s,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    cwd=work)
@@ -124,7 +163,7 @@ def score_prompts(jobs: list[VllmJob], timeout_s: float = 900) -> list[VllmScore
             errors = [line for line in lines if "Error" in line] or lines
             raise UserError(f"vLLM could not run {', '.join(str(job.model) for job in jobs)} (exit "
                             f"{completed.returncode}): {errors[-1].strip() if errors else 'no output'}")
-        data = json.loads(result.read_text())["jobs"]
+        data = json.loads(result.read_text())
     return [VllmScores([[{int(token): lp for token, lp in position.items()} for position in prompt]
-                        for prompt in job["prompt_logprobs"]], job["kernels"], job["quantization"], job["load_s"],
-                       job["score_s"]) for job in data]
+                        for prompt in job["prompt_logprobs"]], job["kernels"], job["quantization"], job["parameters"],
+                       job["load_s"], job["score_s"], data["peak_rss_bytes"]) for job in data["jobs"]]

@@ -82,6 +82,23 @@ def kl_topk(ref_logprobs: torch.Tensor, ref_ids: torch.Tensor, logprobs: torch.T
     return (kl + tail).clamp(min=0.0).float()
 
 
+def kl_known(ref_logprobs: torch.Tensor, cand_at_ref: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(base || candidate) on the partition {each of the base's top K whose candidate log-prob is
+    known} + {every other token}, for a candidate that gives only its own top-k (vLLM): ``cand_at_ref`` [N, K] holds
+    the candidate's log-prob of each of the base's top-K tokens, NaN where it is unknown. Coarser than ``kl_topk``'s
+    partition, so (log-sum inequality) a lower bound of it and of the full KL; equal to ``kl_topk`` where every
+    one is known."""
+    known = ~torch.isnan(cand_at_ref)
+    ref = ref_logprobs.double()
+    cand = torch.where(known, cand_at_ref.double(), torch.zeros_like(ref))
+    p = torch.where(known, ref.exp(), torch.zeros_like(ref))
+    kl = (p * (ref - cand)).sum(1)
+    p_rest = (1 - p.sum(1)).clamp(min=0.0)
+    q_rest = (1 - torch.where(known, cand.exp(), torch.zeros_like(ref)).sum(1)).clamp(min=1e-300)
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (kl + tail).clamp(min=0.0).float()
+
+
 def top1_matches(ref_ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """Bool per position: the candidate's argmax is the base's argmax."""
     return logprobs.argmax(1).cpu() == ref_ids[:, 0].long().cpu()

@@ -134,6 +134,40 @@ class SpeedResult:
         return max((d for d in self.decode if d.batch > 1), key=lambda d: d.batch, default=None)
 
 
+@dataclass
+class ServingLevel:
+    """What ``clients`` concurrent clients got from a server (vLLM's), each sending its requests one after another."""
+    clients: int
+    requests: int
+    """Requests completed (errors are not counted)."""
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_ms: float | None
+    """Mean time to the first streamed token."""
+    itl_ms: float | None
+    """Inter-token latency: per request, the time from its first token to its last over the tokens after the first
+    (vLLM's TPOT), averaged over requests."""
+    prompt_tokens: int
+    output_tokens: int
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServingResult:
+    """A model served by an engine's own server under concurrent streaming requests (``--backend vllm``)."""
+    server: str
+    """What served it, e.g. vLLM 0.32.0's OpenAI server, bfloat16, eager."""
+    levels: list[ServingLevel]
+    start_s: float
+    """From launching the server to its first healthy answer (loading included)."""
+    peak_rss_bytes: int | None
+    """VmHWM summed over the server's processes."""
+
+    def at(self, clients: int) -> ServingLevel | None:
+        return next((level for level in self.levels if level.clients == clients), None)
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 
@@ -257,6 +291,8 @@ class BenchResult:
     command: list[str] = field(default_factory=list)
     created: str = ""
     sweep: SweepTag | None = None
+    serving: ServingResult | None = None
+    """Serving figures from an engine's own server (``--backend vllm``)."""
     annotations: dict = field(default_factory=dict)
     """Facts added by the program that ran the bench (a benchmark's end-to-end minutes)."""
     schema: str = SCHEMA

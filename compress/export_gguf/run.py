@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 from compress.errors import UserError
-from compress.formats import PACKED_METHODS
+from compress.formats import PACKED_METHODS, activations_refusal
 from compress.export_gguf.blocks import BLOCK_TYPES
 from compress.output import atomic_file, refuse_existing_file, refuse_source_overlap
 
 QUANTIZE_METHODS = ("gptq", "awq", "rtn")
+EXPORT_FIX = "export its float original, or a checkpoint quantized without --act-bits"
 """Methods whose codes are w = s * (q - z) per group: the grids ggml's legacy blocks hold."""
 
 
@@ -47,6 +48,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     config = json.loads((folder / "config.json").read_text())
     qcfg = config.get("quantization_config") or {}
     layout_for(config, model)
+    w8a8 = activations_refusal(qcfg, "llama.cpp's weight blocks", EXPORT_FIX)
     if type_name == "f16":
         if qcfg:
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
@@ -58,6 +60,8 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         if method not in QUANTIZE_METHODS:
             raise UserError(f"--method {method} does not make ggml's block grids: choose {', '.join(QUANTIZE_METHODS)}")
         check_widths(folder, model)
+    elif w8a8:
+        raise UserError(w8a8)
     elif qcfg.get("quant_method") not in PACKED_METHODS:
         raise UserError(f"{model} is not a packed (compressed-tensors or GPTQ) checkpoint: add --method gptq (or awq, rtn) to quantize it on "
                         f"the way, or quantize it first: `compress quantize {model} {_quantize_flags(type_name)}`")

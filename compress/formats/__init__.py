@@ -4,8 +4,8 @@ skeleton before any work, one line each), and the engines that load it. No torch
 help and early checks read this table.
 
 * ``compressed-tensors`` (the default): vLLM's format (pack-quantized: asymmetric grids with zero points, groups
-  of contiguous columns that divide every input width), read by vLLM and by transformers with the
-  compressed-tensors package.
+  of contiguous columns that divide every input width; int-quantized for W8A8), read by vLLM and by transformers
+  with the compressed-tensors package.
 * ``gptq``: the GPTQ layout (v1 for symmetric grids, v2 for asymmetric ones), read by GPTQModel and transformers
   (through GPTQModel and optimum), and by vLLM only for symmetric 4-bit grids without a group order.
 """
@@ -54,6 +54,9 @@ tests/formats); GPTQModel and our loader run them."""
 VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
 """Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
 line names vLLM for these only."""
+VLLM_W8A8_FAMILIES = ("llama", "mistral", "opt")
+"""The same for W8A8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend, which hands the
+int8 kernel 3-D activations that it refuses ("mat1 must be a 2D tensor"); its 4-bit kernel takes them."""
 
 
 def group_order(cfg) -> bool:
@@ -69,18 +72,20 @@ class CheckpointFormat:
     contiguous_groups: bool
     """Every group is a run of contiguous input columns that divides the width (no group order, no partial group)."""
     bits: tuple[int, ...]
+    activations: bool
+    """It can say that activations are quantized too (W8A8)."""
 
     def layout(self, cfg) -> str:
         """The packed layers' layout (compress.quant.layouts) for a method's config."""
         if self.name == "gptq":
             return cfg.checkpoint_format
-        return self.name
+        return "int-quantized" if getattr(cfg, "act_bits", None) else self.name
 
     def engines(self, cfg, head: bool = False, mixed: bool = False, model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
         the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), one setting for
         every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head, a family in
-        ``VLLM_FAMILIES``. transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
+        ``VLLM_FAMILIES``; or W8A8 (its int8 kernels). transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
         ours = "compress bench (our loader)"
         if self.name == "compressed-tensors":
             engines = ["transformers (with compressed-tensors)", ours]
@@ -88,7 +93,9 @@ class CheckpointFormat:
             engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
         if model_type in TRANSFORMERS_CANNOT:
             engines = [engine for engine in engines if not engine.startswith("transformers")]
-        if model_type in VLLM_FAMILIES and cfg.bits == 4 and not (head or mixed or group_order(cfg)) \
+        w8a8 = getattr(cfg, "act_bits", None) == 8
+        families = VLLM_W8A8_FAMILIES if w8a8 else VLLM_FAMILIES
+        if model_type in families and (cfg.bits == 4 or w8a8) and not (head or mixed or group_order(cfg)) \
                 and (self.name == "compressed-tensors" or cfg.sym):
             engines.insert(0, "vLLM")
         return engines
@@ -106,6 +113,8 @@ class CheckpointFormat:
         """Why this format cannot hold ``cfg`` (one clause, with the fix), or None."""
         if cfg.bits not in self.bits:
             return f"it holds {', '.join(map(str, self.bits))}-bit weights, not {cfg.bits}-bit ones"
+        if getattr(cfg, "act_bits", None) and not self.activations:
+            return "it has no way to say that activations are quantized (W8A8 is written in compressed-tensors)"
         if not self.contiguous_groups:
             return None
         if group_order(cfg):
@@ -124,10 +133,10 @@ class CheckpointFormat:
 FORMATS = {
     "compressed-tensors": CheckpointFormat(
         "compressed-tensors", "vLLM's format (pack-quantized, zero points, contiguous groups); transformers reads it "
-        "with the compressed-tensors package", contiguous_groups=True, bits=(2, 4, 8)),
+        "with the compressed-tensors package", contiguous_groups=True, bits=(2, 4, 8), activations=True),
     "gptq": CheckpointFormat(
         "gptq", "the GPTQ layout (v1 symmetric, v2 asymmetric) that GPTQModel and transformers read",
-        contiguous_groups=False, bits=(2, 3, 4, 8)),
+        contiguous_groups=False, bits=(2, 3, 4, 8), activations=False),
 }
 
 
@@ -182,6 +191,8 @@ class PackedSettings:
     all_bits: frozenset[int]
     method: str | None
     quantizer: list[str] | None
+    act_bits: int | None = None
+    """W8A8: the activations are quantized per token to these bits as each matmul runs."""
 
 
 def packed_settings(qcfg: dict) -> PackedSettings | None:
@@ -200,8 +211,20 @@ def packed_settings(qcfg: dict) -> PackedSettings | None:
         if not main:
             return None
         group_size = main.get("group_size")
+        activations = next((g.get("input_activations") for g in (qcfg.get("config_groups") or {}).values()
+                            if g.get("input_activations")), None)
         return PackedSettings("compressed-tensors", int(main["num_bits"]), -1 if group_size is None else int(group_size),
                               bool(main.get("symmetric", True)), main.get("actorder") is not None,
                               frozenset(int(g["num_bits"]) for g in groups if "num_bits" in g), meta.get("method"),
-                              meta.get("quantizer"))
+                              meta.get("quantizer"), int(activations["num_bits"]) if activations else None)
     return None
+
+
+def activations_refusal(qcfg: dict | None, reader: str, fix: str) -> str | None:
+    """Why ``reader`` (a kernel or an exporter that quantizes weights only) cannot run a W8A8 checkpoint as it says,
+    then ``fix``; None for a checkpoint with float activations."""
+    settings = packed_settings(qcfg or {})
+    if settings is None or settings.act_bits is None:
+        return None
+    return (f"this checkpoint is W8A8 (activations quantized to int{settings.act_bits} per token as each matmul runs), "
+            f"which {reader} does not do: {fix}")

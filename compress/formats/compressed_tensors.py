@@ -1,10 +1,11 @@
-"""The config.json block of a compressed-tensors checkpoint (format pack-quantized), as vLLM and the
-compressed-tensors package read it: one config group per (bits, group size) in the model, the run's own
-settings targeting every ``Linear``, mixed precision's other options targeting their layers by name, and every
-linear layer left in float listed under ``ignore`` (vLLM refuses a linear layer that no group targets and
-``ignore`` does not name).
+"""The config.json block of a compressed-tensors checkpoint, as vLLM and the compressed-tensors package read it: format
+pack-quantized for integer weights with float activations, int-quantized for W8A8 (int8 weights stored one per byte,
+int8 activations made per token as each matmul runs). There is one config group per (bits, group size) in the
+model, the run's own settings targeting every ``Linear``, mixed precision's other options targeting their layers by
+name, and every linear layer left in float listed under ``ignore`` (vLLM refuses a linear layer that no group
+targets and ``ignore`` does not name).
 
-The layers' tensors are written by compress.quant.layouts.CompressedTensorsLayout.
+The layers' tensors are written by compress.quant.layouts (CompressedTensorsLayout, IntQuantizedLayout).
 """
 
 from __future__ import annotations
@@ -33,13 +34,29 @@ def weight_args(bits: int, group_size: int, sym: bool, act_order: bool) -> dict:
     }
 
 
+def activation_args(bits: int) -> dict:
+    """compressed-tensors' QuantizationArgs for activations quantized as each matmul runs: integer, symmetric, one
+    scale per token (what vLLM's int8 W8A8 kernels do)."""
+    return {"num_bits": bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+            "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
+
+
+def storage_format(cfg) -> str:
+    """pack-quantized (codes packed into int32 words) for float activations; int-quantized (one int8 per weight) for
+    W8A8, the layout vLLM's int8 kernels read."""
+    return "int-quantized" if getattr(cfg, "act_bits", None) else "pack-quantized"
+
+
 def quantization_config(cfg, method: str, version: str, layer_options: dict[str, tuple[int, int]],
                         ignore: list[str]) -> dict:
     """``layer_options``: qualified name -> (bits, group size) of every packed layer; ``ignore``: the linear layers
     left in float."""
     act_order = bool(getattr(cfg, "act_order", False))
+    act_bits = getattr(cfg, "act_bits", None)
+    fmt = storage_format(cfg)
     groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(cfg.bits, cfg.group_size, cfg.sym, act_order),
-                          "input_activations": None, "output_activations": None, "format": "pack-quantized"}}
+                          "input_activations": activation_args(act_bits) if act_bits else None,
+                          "output_activations": None, "format": fmt}}
     others: dict[tuple[int, int], list[str]] = {}
     for name, option in sorted(layer_options.items()):
         if option != (cfg.bits, cfg.group_size):
@@ -52,7 +69,7 @@ def quantization_config(cfg, method: str, version: str, layer_options: dict[str,
             "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": sorted(ignore),

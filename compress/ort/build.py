@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-from compress.formats import PACKED_METHODS
+from compress.formats import PACKED_METHODS, activations_refusal
 from compress.ort.export import DATA_FILE, MODEL_FILE, export_decoder, linear_nodes
 from compress.ort.packing import nbits_operands
 
@@ -231,6 +231,10 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     if qcfg is not None and qcfg.get("quant_method") not in PACKED_METHODS:
         raise UserError(f"{request.model} is quantized with {qcfg.get('quant_method')!r}; export-onnx reads dense "
                         "models and compressed-tensors (pack-quantized) or GPTQ-format checkpoints")
+    refusal = activations_refusal(qcfg, "ONNX Runtime's MatMulNBits",
+                                  "export its float original, or a checkpoint quantized without --act-bits")
+    if refusal:
+        raise UserError(refusal)
     weights = request.weights if request.weights != "auto" else ("packed" if qcfg else "float")
     if weights == "packed" and qcfg is None:
         raise UserError("--weights packed reuses a quantized checkpoint's codes: quantize first (compress quantize "

@@ -21,6 +21,9 @@ def _llama(gguf: Path, n_ctx: int, threads: int, logits_all: bool):
         from llama_cpp import Llama
     except ImportError:
         raise UserError("the llama.cpp peer needs llama-cpp-python: pip install 'compress-workbench[llamacpp]'")
+    from compress.backends.llamacpp_model import avoid_amx_buffers
+
+    avoid_amx_buffers()
     return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                  logits_all=logits_all, verbose=False, n_batch=min(n_ctx, 512))
 

@@ -107,7 +107,7 @@ def quantize_model(source: "BlockSource | nn.Module", method: QuantMethod, cfg: 
             qualified = f"{block_name}.{name}"
             qw = pending.pop(qualified)
             packed = QuantLinear.from_quantized(qw, cfg_for(qualified).group_size, layer.bias,
-                                                layout or cfg.checkpoint_format, sym=cfg.sym)
+                                                layout or cfg.checkpoint_format, sym=cfg.sym, act_bits=cfg.act_bits)
             set_submodule(block, name, packed.to(layer.weight.device))
         if emit is not None:
             emit(block_name, block)

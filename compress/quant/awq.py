@@ -184,27 +184,30 @@ measured; the activation means use every token."""
 class GroupInputs:
     abs_mean: torch.Tensor
     """Mean |x| per input channel over every calibration token."""
+    abs_max: torch.Tensor
+    """Largest |x| per input channel over every calibration token (SmoothQuant's statistic)."""
     sample: torch.Tensor
     """[tokens, in_features]: up to SEARCH_TOKENS of the inputs, every stride-th token of each window."""
 
 
 def group_inputs(block: nn.Module, first: nn.Linear, inputs: BlockInputs, max_tokens: int = SEARCH_TOKENS) -> GroupInputs:
     """What the search needs of the input the group shares, in one pass over the windows."""
-    total, count, kept = None, 0, []
+    total, top, count, kept = None, None, 0, []
     windows = len(inputs.hidden)
     stride = None
 
     def add(x: torch.Tensor, _out) -> None:
-        nonlocal total, count, stride
+        nonlocal total, top, count, stride
         x = x.reshape(-1, x.shape[-1]).float()
         total = x.abs().sum(dim=0) if total is None else total + x.abs().sum(dim=0)
+        top = x.abs().amax(dim=0) if top is None else torch.maximum(top, x.abs().amax(dim=0))
         count += x.shape[0]
         if stride is None:
             stride = max(1, -(-x.shape[0] * windows // max_tokens))
         kept.append(x[::stride].clone())
 
     for_each_layer_call(block, first, inputs, add)
-    return GroupInputs(total / max(count, 1), torch.cat(kept)[:max_tokens])
+    return GroupInputs(total / max(count, 1), top, torch.cat(kept)[:max_tokens])
 
 
 def output_error(x: torch.Tensor, weights: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
@@ -215,12 +218,18 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], quantized: list[t
     return total
 
 
+Choice = tuple[float | None, torch.Tensor | None, float | None, float | None]
+"""(ratio, scales or None for none, the group's loss unscaled, its loss scaled), as ``search_ratio`` gives them."""
+
+
 @torch.no_grad()
-def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
-                      inputs: BlockInputs, bits: int, group_size: int, sym: bool, skip: set[str] = frozenset(),
-                      n_grid: int = N_GRID) -> list[GroupScaling]:
-    """Search and fold AWQ scales for each group of ``block`` in call order, before any layer is
-    quantized; groups holding a layer of ``skip`` (experts: each sees its own tokens) are left alone."""
+def fold_groups(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+                inputs: BlockInputs, choose: Callable[[list[torch.Tensor], GroupInputs], Choice],
+                skip: set[str] = frozenset()) -> list[GroupScaling]:
+    """For each group of ``block`` in call order, before any layer is quantized: find its producer, let ``choose``
+    pick channel scales from the group's weights and inputs, and fold them. Groups without an exact producer, or
+    holding a layer of ``skip`` (experts: each sees its own tokens), are left alone. What AWQ and SmoothQuant share;
+    they differ in ``choose``."""
     records = []
     for group in groups:
         members = {name: linears[name] for name in group}
@@ -231,10 +240,21 @@ def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.L
             records.append(GroupScaling(qualified, None, None))
             continue
         seen = group_inputs(block, layers[0], inputs)
-        weights = [layer.weight.data for layer in layers]
+        ratio, scales, plain, best = choose([layer.weight.data for layer in layers], seen)
+        if scales is not None:
+            fold(block.get_submodule(producer_name), layers, scales)
+        records.append(GroupScaling(qualified, f"{block_name}.{producer_name}", ratio, plain, best))
+        del seen
+    return records
+
+
+def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+                      inputs: BlockInputs, bits: int, group_size: int, sym: bool, skip: set[str] = frozenset(),
+                      n_grid: int = N_GRID) -> list[GroupScaling]:
+    """Search and fold AWQ scales for each group of ``block``."""
+    def choose(weights: list[torch.Tensor], seen: GroupInputs) -> Choice:
         device = weights[0].device
         x = seen.sample.to(device)
-        w_mean = weight_mean(weights, group_size).to(device)
 
         def loss(scales: torch.Tensor | None) -> float:
             quantized = []
@@ -245,9 +265,6 @@ def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.L
                     quantized.append(fake_quantize_weight(w.float() * scales, bits, group_size, sym) / scales)
             return output_error(x, weights, quantized)
 
-        ratio, scales, plain, best = search_ratio(loss, seen.abs_mean.to(device), w_mean, n_grid)
-        if scales is not None:
-            fold(block.get_submodule(producer_name), layers, scales)
-        records.append(GroupScaling(qualified, f"{block_name}.{producer_name}", ratio, plain, best))
-        del seen
-    return records
+        return search_ratio(loss, seen.abs_mean.to(device), weight_mean(weights, group_size).to(device), n_grid)
+
+    return fold_groups(block_name, block, linears, groups, inputs, choose, skip)

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from compress.errors import UserError
-from compress.quant.choices import SCALE_SEARCHES, SUPPORTED_BITS
+from compress.quant.choices import ACT_BITS, SCALE_SEARCHES, SUPPORTED_BITS
 
 
 @dataclass
@@ -22,6 +22,13 @@ class WeightQuantConfig:
     scale_search: str = "none"
     """How each group's range is chosen: none (min/max), mse (the shrink with least squared error) or
     weighted (least error weighted by the calibration inputs' mean squares: needs calibration data)."""
+    act_bits: int | None = None
+    """8: W8A8, activations quantized too, to int8 per token as each matmul runs (dynamic, symmetric), with
+    SmoothQuant's smoothing folded into the model first; weights then are 8-bit, symmetric, per output channel
+    (what vLLM's int8 kernels run). None: weights only."""
+    smoothing_strength: float | None = None
+    """W8A8: SmoothQuant's migration strength alpha in [0, 1] (0: no smoothing); None searches it per group of
+    layers for the least output error of the quantized group (no smoothing among the candidates)."""
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -32,6 +39,12 @@ class WeightQuantConfig:
                 "for one scale per output channel")
         if self.scale_search not in SCALE_SEARCHES:
             raise UserError(f"unknown scale search '{self.scale_search}': choose one of {', '.join(SCALE_SEARCHES)}")
+        check_activation_settings(self)
+
+    @property
+    def smooths(self) -> bool:
+        """Whether SmoothQuant's smoothing runs (it observes calibration data)."""
+        return self.act_bits is not None and self.smoothing_strength != 0
 
     @property
     def checkpoint_format(self) -> str:
@@ -44,12 +57,37 @@ class WeightQuantConfig:
     def tag(self) -> str:
         """Short name for output folders, e.g. w4g128 or w8pc (per channel), with a suffix for each grid
         setting that departs from the method's default (-sym, -asym, -mse, ...)."""
-        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.act_bits is not None:  # the weights' settings are fixed by the scheme
+            search = "" if self.scale_search == defaults["scale_search"] else f"-{self.scale_search}"
+            return f"w{self.bits}a{self.act_bits}{search}"
+        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
         suffix = "" if self.sym == defaults["sym"] else ("-sym" if self.sym else "-asym")
         if self.scale_search != defaults["scale_search"]:
             suffix += f"-{self.scale_search}"
         return f"w{self.bits}{group}{suffix}"
+
+
+W8A8_WEIGHTS = {"bits": 8, "group_size": -1, "sym": True}
+"""The weight settings --act-bits 8 implies (vLLM's int8 W8A8 kernels take symmetric per-channel int8 weights)."""
+
+
+def check_activation_settings(cfg: WeightQuantConfig) -> None:
+    if cfg.act_bits is None:
+        if cfg.smoothing_strength is not None:
+            raise UserError("--smoothing-strength applies to W8A8: add --act-bits 8")
+        return
+    if cfg.act_bits not in ACT_BITS:
+        raise UserError(f"unsupported --act-bits {cfg.act_bits}: choose {' or '.join(map(str, ACT_BITS))} (dynamic "
+                        "per-token int8), or leave activations in float")
+    given = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym}
+    if given != W8A8_WEIGHTS:
+        raise UserError(f"--act-bits {cfg.act_bits} takes 8-bit symmetric weights with one scale per output channel "
+                        "(what vLLM's int8 kernels run): drop --bits, --group-size and --asym, or use --bits 8 "
+                        "--group-size -1 --sym")
+    if cfg.smoothing_strength is not None and not 0 <= cfg.smoothing_strength <= 1:
+        raise UserError(f"invalid --smoothing-strength {cfg.smoothing_strength}: use a value between 0 and 1 "
+                        "(SmoothQuant's alpha, e.g. 0.5), or leave it out to search it")
 
 
 @dataclass
@@ -74,6 +112,8 @@ class GPTQConfig(WeightQuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hessian_settings(self.damp_percent, self.block_size)
+        if self.awq and self.act_bits is not None:
+            raise UserError("--awq and --act-bits fold different channel scales into the same producers: choose one")
 
 
 def check_hessian_settings(damp_percent: float, block_size: int) -> None:
@@ -88,6 +128,16 @@ def check_hessian_settings(damp_percent: float, block_size: int) -> None:
 class RTNConfig(WeightQuantConfig):
     sym: bool = False
     """Asymmetric by default: SmolLM2 W4 g128 perplexity 49.98 against 57.30 symmetric (16 windows)."""
+
+
+@dataclass
+class SmoothQuantConfig(RTNConfig):
+    """SmoothQuant (Xiao et al., 2023): W8A8 with per-channel round-to-nearest weights, the same as --method rtn
+    --act-bits 8. --method gptq --act-bits 8 rounds the weights with GPTQ instead (llm-compressor's W8A8 recipe)."""
+    bits: int = 8
+    group_size: int = -1
+    sym: bool = True
+    act_bits: int | None = 8
 
 
 N_GRID = 20
@@ -106,6 +156,9 @@ class AWQConfig(WeightQuantConfig):
         super().__post_init__()
         if not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise UserError(f"invalid n_grid {self.n_grid}: use a positive number of ratios to try, e.g. 20")
+        if self.act_bits is not None:
+            raise UserError("--act-bits does not apply to awq: its scales and SmoothQuant's would fight over the "
+                            "same channels; use --method gptq --act-bits 8 or --method smoothquant")
 
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -147,5 +200,6 @@ class BnbConfig:
                                   bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))
 
 
-QUANT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "bnb": BnbConfig}
+QUANT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig,
+                                  "smoothquant": SmoothQuantConfig, "bnb": BnbConfig}
 """Built-in method name -> its config (a test checks each against the registered method's config_cls)."""

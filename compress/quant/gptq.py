@@ -182,6 +182,10 @@ class GPTQ(QuantMethod):
         return gptq_quantize(weight, hessian, cfg)
 
     def prepare_block(self, block_name, block, linears, groups, inputs, cfg: GPTQConfig, experts):
+        if cfg.smooths:
+            from compress.quant.smoothquant_method import fold_smoothing
+
+            return fold_smoothing(block_name, block, linears, groups, inputs, cfg, experts)
         if not cfg.awq:
             return None
         from compress.quant.awq_method import fold_awq_scales  # the AWQ method module registers itself

@@ -12,6 +12,8 @@ and unpacks them.
   ``q - 2**(bits-1)`` and packs them with that offset added back, so its packed words hold exactly our
   unsigned codes and zero points. Groups are contiguous input columns (no group index): vLLM reads it
   through its WNA16 kernels, transformers through the compressed-tensors package.
+* ``int-quantized`` (compressed-tensors, W8A8): weight int8 [out, in] (signed codes ``q - 128``, one per byte),
+  weight_scale [out, 1]; symmetric 8-bit grids, one per output channel. vLLM's int8 W8A8 kernels read it as it is.
 """
 
 from __future__ import annotations
@@ -119,5 +121,42 @@ class CompressedTensorsLayout:
         return rows
 
 
-LAYOUTS = {name: GPTQLayout(name) for name in ZERO_OFFSETS} | {"compressed-tensors": CompressedTensorsLayout()}
+class IntQuantizedLayout:
+    name = "int-quantized"
+    packed_name = "weight_scale"
+    """A float linear has a ``weight`` too: the scale is what marks this layout's layers."""
+    _BITS = 8
+
+    def buffers(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if bits != self._BITS or group_size != -1 or not sym:
+            raise ValueError("int-quantized layers hold symmetric 8-bit grids, one per output channel")
+        return {"weight": ((out_features, in_features), torch.int8), "weight_scale": ((out_features, 1), torch.float16)}
+
+    def constants(self, in_features: int, out_features: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def features(self, shape_of: Callable[[str], tuple[int, ...]], bits: int) -> tuple[int, int]:
+        out_features, in_features = shape_of("weight")
+        return in_features, out_features
+
+    def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
+        middle = 2 ** (self._BITS - 1)
+        if qw.bits != self._BITS or qw.scale.shape[0] != 1 or not bool((qw.zero == middle).all()):
+            raise ValueError("int-quantized layers hold symmetric 8-bit grids, one per output channel")
+        return {"weight": (qw.codes - middle).to(torch.int8), "weight_scale": qw.scale.t().half().contiguous()}
+
+    def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
+               ) -> QuantizedWeight:
+        codes = tensors["weight"].to(torch.int32) + 2 ** (self._BITS - 1)
+        scale = tensors["weight_scale"].t().float().contiguous()
+        return QuantizedWeight(codes=codes, scale=scale, zero=torch.full_like(scale, float(2 ** (self._BITS - 1))),
+                               g_idx=default_g_idx(in_features, -1, codes.device), bits=self._BITS)
+
+    def rows(self, tensors: dict[str, torch.Tensor], start: int, end: int, bits: int) -> dict[str, torch.Tensor]:
+        return {"weight": tensors["weight"][start:end], "weight_scale": tensors["weight_scale"][start:end]}
+
+
+LAYOUTS = {name: GPTQLayout(name) for name in ZERO_OFFSETS} | {"compressed-tensors": CompressedTensorsLayout(),
+                                                                "int-quantized": IntQuantizedLayout()}
 """Layout name (a QuantLinear's ``checkpoint_format``) -> how its tensors are packed."""

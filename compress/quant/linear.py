@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.quant.layouts import LAYOUTS
-from compress.quant.primitives import QuantizedWeight, dequantize
+from compress.quant.primitives import QuantizedWeight, dequantize, fake_quantize_tokens
 
 _WORD_BITS = 32
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 bias_dtype: torch.dtype = torch.float16, checkpoint_format: str = "gptq", sym: bool = False) -> None:
+                 bias_dtype: torch.dtype = torch.float16, checkpoint_format: str = "gptq", sym: bool = False,
+                 act_bits: int | None = None) -> None:
         super().__init__()
         self.checkpoint_format = checkpoint_format
         """The layout of its tensors (compress.quant.layouts): "gptq" (v1, zero points minus one), "gptq_v2" (as
@@ -37,6 +38,8 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.sym = sym
         """Symmetric grid: compressed-tensors then stores no zero points (they are 2**(bits-1))."""
+        self.act_bits = act_bits
+        """W8A8: the input is quantized per token to these bits first, as the checkpoint's kernels do."""
         for name, (shape, dtype) in self.layout.buffers(in_features, out_features, bits, group_size, sym).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         for name, value in self.layout.constants(in_features, out_features).items():
@@ -48,11 +51,11 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None,
-                       checkpoint_format: str = "gptq", sym: bool = False) -> "QuantLinear":
+                       checkpoint_format: str = "gptq", sym: bool = False, act_bits: int | None = None) -> "QuantLinear":
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, qw.bits, group_size, bias is not None,
                     bias_dtype=bias.dtype if bias is not None else torch.float16, checkpoint_format=checkpoint_format,
-                    sym=sym)
+                    sym=sym, act_bits=act_bits)
         layer.set_rows(0, out_features, qw)
         if bias is not None:
             layer.bias.copy_(bias.detach())
@@ -112,10 +115,13 @@ class QuantLinear(nn.Module):
         return (qw.codes[rows].float() - qw.zero.t()[rows][..., g]) * qw.scale.t()[rows][..., g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_tokens(x, self.act_bits)
         weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}"
+                + (f", act_bits={self.act_bits}" if self.act_bits else ""))

@@ -113,6 +113,16 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_i
     return s * (codes.float() - z)
 
 
+def fake_quantize_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Activations quantized as a W8A8 kernel does as it runs (dynamic, per token, symmetric: one scale per row of
+    the last dimension, absmax / 127 for 8 bits, codes rounded to nearest and saturated to [-128, 127]) and
+    dequantized, in ``x``'s dtype."""
+    top = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
+    return (torch.round(xf / scale).clamp(-top - 1, top) * scale).to(x.dtype)
+
+
 # --- bit packing -------------------------------------------------------------------------------
 # The GPTQ format packs 32 consecutive values into `bits` 32-bit words as one little-endian bit
 # stream: value k occupies bits [k*bits, (k+1)*bits) of the stream. For 2, 4 and 8 bits no value

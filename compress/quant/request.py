@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.quant.config import WeightQuantConfig
+from compress.quant.config import W8A8_WEIGHTS, WeightQuantConfig
 from compress.registry import config_fields, get_method
 from compress.settings import RunSettings, method_option_values
 
-METHOD_OPTIONS = ("group_size", "sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq", "quant_type",
-                  "double_quant", "int8_threshold")
+METHOD_OPTIONS = ("bits", "group_size", "sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq",
+                  "act_bits", "smoothing_strength", "quant_type", "double_quant", "int8_threshold")
 """Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
 from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
 
@@ -26,6 +26,8 @@ def methods_taking(option: str) -> str:
 
     if option == "awq":
         return "use --method awq, or --method gptq --awq"
+    if option in ("act_bits", "smoothing_strength"):
+        return "W8A8 is --method smoothquant, or --method gptq or rtn with --act-bits 8"
     takers = [m.name for m in available_methods().values() if option in config_fields(m)]
     return f"it applies to {' and '.join(takers) if len(takers) < 3 else ', '.join(takers[:-1]) + ' and ' + takers[-1]}"
 
@@ -34,7 +36,8 @@ def methods_taking(option: str) -> str:
 class QuantizeRequest(RunSettings):
     method: str = "gptq"
     """Quantization method: gptq, awq or rtn (or a plugin's name)."""
-    bits: int = 4
+    bits: int | None = None
+    """Bits per weight; None: the method's default (4; 8 for W8A8 and smoothquant)."""
     group_size: int | None = None
     """Columns per scale (-1: per output channel); None: the method's default. bitsandbytes has fixed blocks."""
     sym: bool | None = None
@@ -49,6 +52,11 @@ class QuantizeRequest(RunSettings):
     damp_percent: float | None = None
     awq: bool | None = None
     """gptq: fold AWQ's activation-aware channel scales into each block first."""
+    act_bits: int | None = None
+    """gptq, rtn: 8 quantizes the activations too (W8A8: int8 per token, dynamic), after SmoothQuant's smoothing;
+    the weights then default to 8-bit, symmetric, per output channel."""
+    smoothing_strength: float | None = None
+    """W8A8: SmoothQuant's alpha for every group of layers; None: searched per group."""
     quant_type: str | None = None
     """bnb 4-bit: nf4 or fp4."""
     double_quant: bool | None = None
@@ -68,8 +76,9 @@ class QuantizeRequest(RunSettings):
     def method_config(self):
         method = get_method(self.method)
         # A setting left at None takes the method's own default (its config dataclass holds them).
-        values = {"bits": self.bits} if "bits" in config_fields(method) else {}
-        values |= method_option_values(self, METHOD_OPTIONS, method, methods_taking)
+        values = method_option_values(self, METHOD_OPTIONS, method, methods_taking)
+        if values.get("act_bits") is not None:  # W8A8 fixes the weights' settings: they need not be spelled out
+            values = W8A8_WEIGHTS | values
         return method, method.config_cls(**values)
 
     def head_config(self) -> WeightQuantConfig | None:

@@ -40,10 +40,15 @@ class RTN(QuantMethod):
     name = "rtn"
     config_cls = RTNConfig
     needs_calibration = False
-    summary = "round-to-nearest per group (data-free unless --scale-search weighted)"
+    summary = "round-to-nearest per group (data-free unless --scale-search weighted or --act-bits 8)"
 
     def needs_data(self, cfg: RTNConfig) -> bool:
-        return cfg.scale_search == "weighted"
+        return cfg.scale_search == "weighted" or cfg.smooths
 
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, cfg: RTNConfig) -> QuantizedWeight:
         return rtn_quantize(weight, cfg, hessian)
+
+    def prepare_block(self, block_name, block, linears, groups, inputs, cfg: RTNConfig, experts):
+        from compress.quant.smoothquant_method import fold_smoothing
+
+        return fold_smoothing(block_name, block, linears, groups, inputs, cfg, experts)

@@ -209,6 +209,8 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         if request.format is not None:
             raise UserError(f"--format applies to gptq, awq and rtn; {method.name} writes its own format")
         return method.quantize_checkpoint(request, cfg)
+    if cfg.act_bits is not None and request.avg_bits is not None:
+        raise UserError("--avg-bits mixes weight widths; W8A8 (--act-bits) has one: drop one of them")
     head_cfg = request.head_config()
     started = time.perf_counter()
     planned = Planned(cfg)
@@ -254,7 +256,8 @@ def _manifest(request: QuantizeRequest, method, cfg, run: Loaded, output: RunOut
         "calibration": run.calibration.to_dict() if run.calibration else None,
         "selection": {"include": request.include, "exclude": request.exclude},
         "layers": [dataclasses.asdict(layer) for layer in stats.layers],
-        "awq_scales": [dataclasses.asdict(scaling) for scaling in stats.scalings] or None,
+        # One record per group of layers: AWQ's scales, or SmoothQuant's smoothing (its ratio is the alpha folded).
+        ("smoothing" if cfg.act_bits else "awq_scales"): [dataclasses.asdict(s) for s in stats.scalings] or None,
         "mixed_precision": record.mixed,
         "lm_head": record.head,
         "device": str(run.device),

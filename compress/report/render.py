@@ -207,6 +207,38 @@ def task_table(rows: list[Row]) -> tuple[list[str], list[list[str]]] | None:
     return header, body
 
 
+def serving_table(rows: list[Row]) -> tuple[list[str], list[list[str]]] | None:
+    """Rows served by an engine's own server (``--backend vllm``) x concurrency: requests/s, output tokens/s (and
+    its ratio to the first served row's at the same level, the base where it was served), TTFT, ITL; None when no
+    row was served."""
+    served = [r for r in rows if r.result is not None and r.result.serving]
+    if not served:
+        return None
+    reference = next((r for r in served if r.is_base), served[0])
+    header = ["variant", "kernel", "clients", "requests/s", "output tok/s", f"x {reference.name}", "TTFT ms", "ITL ms",
+              "server peak MiB"]
+    body = []
+    for r in served:
+        serving = r.result.serving
+        for level in serving.levels:
+            ref = reference.result.serving.at(level.clients)
+            ratio = level.output_tokens_per_s / ref.output_tokens_per_s if ref and ref.output_tokens_per_s else None
+            body.append([r.name, r.kernel, str(level.clients), _num(level.requests_per_s, 3),
+                         _num(level.output_tokens_per_s, 1), _num(ratio, 2), _num(level.ttft_ms, 0),
+                         _num(level.itl_ms, 1),
+                         _num(None if serving.peak_rss_bytes is None else serving.peak_rss_bytes / MIB, 0)])
+    return header, body
+
+
+def serving_lines(rows: list[Row]) -> list[str]:
+    served = [r.result.serving for r in rows if r.result is not None and r.result.serving]
+    levels = [level for serving in served for level in serving.levels]
+    return [f"{served[0].server}: each client streams greedy completions of {levels[0].output_tokens} tokens after a "
+            f"{levels[0].prompt_tokens}-token prompt (end of text ignored), its requests one after another; TTFT = "
+            "time to the first token, ITL = time per token after it (first to last token over the tokens after the "
+            "first), both means over requests; peak = VmHWM summed over the server's processes"] if levels else []
+
+
 def task_lines(rows: list[Row]) -> list[str]:
     settings = sorted({(task, *s.setting) for r in rows for task, s in r.tasks.items()})
     return [f"{task}: {n} examples, {shots}-shot, {source}" for task, n, shots, source in settings]
@@ -226,6 +258,11 @@ def markdown(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: li
         out += ["| " + " | ".join(cells) + " |" for cells in tasks[1]]
         out += ["", "Score ± standard error, (recovery = score / the base's); recovery only between runs of the same "
                 "examples, few-shot count and data.", "", *[f"- {line}" for line in task_lines(rows)], ""]
+    serving = serving_table(rows)
+    if serving:
+        out += ["## Serving", "", "| " + " | ".join(serving[0]) + " |", "|" + "---|" * len(serving[0])]
+        out += ["| " + " | ".join(cells) + " |" for cells in serving[1]]
+        out += ["", *[f"- {line}" for line in serving_lines(rows)], ""]
     warnings = isa_warnings(rows)
     if warnings:
         out += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
@@ -265,6 +302,11 @@ def html_page(title: str, rows: list[Row], plots: dict[str, bytes], reproduce: l
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in tasks[1]]
         parts.append("</table><p>Score ± standard error, (recovery = score / the base's).</p><ul>" +
                      "".join(f"<li>{esc(x)}</li>" for x in task_lines(rows)) + "</ul>")
+    serving = serving_table(rows)
+    if serving:
+        parts.append("<h2>Serving</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in serving[0]) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in serving[1]]
+        parts.append("</table><ul>" + "".join(f"<li>{esc(x)}</li>" for x in serving_lines(rows)) + "</ul>")
     warnings = isa_warnings(rows)
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")

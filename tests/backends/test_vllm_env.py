@@ -29,3 +29,26 @@ def test_a_failed_setup_step_is_one_line_naming_the_command(tmp_path, monkeypatc
     assert last.startswith("error: `") and "failed (exit 1): ERROR: No matching distribution found for " \
         "no-such-package-for-this-test==0" in last
     assert not (tmp_path / "vllm-venv" / vllm_env.COMPLETE_MARK).exists()
+
+
+def test_the_environment_asks_linux_for_amx_state_in_every_process(tmp_path):
+    """vLLM's CPU attention runs AMX instructions without asking for the AMX state: the hook asks at every start of
+    the environment's python (a .pth file), and is harmless where there is no AMX."""
+    import subprocess
+    import sys
+    import venv
+
+    folder = tmp_path / "env"
+    venv.create(folder, with_pip=False)
+    python = folder / "bin" / "python"
+    vllm_env.install_amx_hook(python)
+    probe = ("import sys, ctypes; libc = ctypes.CDLL(None); state = ctypes.c_ulong(0); "
+             # ARCH_GET_XCOMP_PERM (0x1022): the granted features; bit 18 is AMX's tile data
+             "ok = libc.syscall(158, 0x1022, ctypes.byref(state)) == 0; "
+             "print('compress_amx_permission' in sys.modules, ok and bool(state.value & (1 << 18)))")
+    loaded, granted = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                                     check=True).stdout.split()
+    assert loaded == "True"
+    from compress.cpu_features import cpu_features
+
+    assert granted == str("amx_tile" in cpu_features().features and sys.platform == "linux")

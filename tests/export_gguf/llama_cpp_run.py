@@ -11,6 +11,9 @@ import torch
 def llama_cpp_logits(gguf: Path, ids: list[int], texts: tuple[str, ...] = (), add_bos: bool = False):
     """(logits [len(ids), vocab], [llama.cpp's tokens of each text])."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    from compress.backends.llamacpp_model import avoid_amx_buffers
+
+    avoid_amx_buffers()  # as every load of ours does
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, logits_all=True, verbose=False)
     try:
         tokens = [llm.tokenize(text.encode(), add_bos=add_bos, special=False) for text in texts]
