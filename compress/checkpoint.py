@@ -113,10 +113,12 @@ def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
                             f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
         return PackedLayers(checkpoint_format, packed_settings(qcfg).sym, lambda name: layer_settings(qcfg, name))
     if method == "compressed-tensors":
-        layouts = {"pack-quantized": "compressed-tensors", "int-quantized": "int-quantized"}
+        layouts = {"pack-quantized": "compressed-tensors", "int-quantized": "int-quantized",
+                   "float-quantized": "float-quantized"}
         if qcfg.get("format") not in layouts or qcfg.get("quantization_status", "compressed") != "compressed":
             raise UserError(f"{folder} is a compressed-tensors checkpoint in format {qcfg.get('format')!r}; this loader "
-                            "reads pack-quantized (integer weights, float activations) and int-quantized (W8A8)")
+                            "reads pack-quantized (integer weights, float activations), int-quantized (W8A8) and "
+                            "float-quantized (FP8 W8A8)")
         settings = packed_settings(qcfg)
         return PackedLayers(layouts[qcfg["format"]], settings.sym, lambda name: ct.layer_settings(qcfg, name),
                             settings.act_bits)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the method modules import torch; naming and checking a meth
 
 ENTRY_POINT_GROUP = "compress.methods"
 BUILTIN_QUANT = {"rtn": "compress.quant.rtn", "gptq": "compress.quant.gptq", "awq": "compress.quant.awq_method",
-                 "smoothquant": "compress.quant.smoothquant_method", "bnb": "compress.quant.bnb"}
+                 "smoothquant": "compress.quant.smoothquant_method", "fp8": "compress.quant.fp8_method", "bnb": "compress.quant.bnb"}
 BUILTIN_PRUNE = {"magnitude": "compress.prune.magnitude", "wanda": "compress.prune.wanda",
                  "sparsegpt": "compress.prune.sparsegpt", "structured": "compress.prune.structured"}
 """Built-in method name -> the module that registers it (a test checks the names against the classes)."""

@@ -196,7 +196,7 @@ def test_scale_search_is_recorded_and_a_weighted_rtn_reads_calibration_data(tmp_
     (["--method", "bnb", "--scale-search", "mse"], "--scale-search does not apply to bnb"),
     # bitsandbytes has fixed blocks: a group size was dropped silently before.
     (["--method", "bnb", "--group-size", "64"],
-     "--group-size does not apply to bnb: it applies to rtn, gptq, awq and smoothquant"),
+     "--group-size does not apply to bnb: it applies to rtn, gptq, awq, smoothquant and fp8"),
     (["--method", "bnb", "--avg-bits", "4.25"], "--avg-bits applies to gptq, awq and rtn; bnb has one precision"),
     # Issue 18: these used to be dropped silently.
     (["--method", "rtn", "--act-order"], "--act-order does not apply to rtn: it applies to gptq"),

@@ -29,7 +29,7 @@ def linear_kernels(model) -> set[str]:
         method = getattr(module, "scheme", None) or getattr(module, "quant_method", None)
         if method is None or type(method).__name__.startswith("Unquantized"):
             continue
-        kernel = getattr(method, "kernel", None)
+        kernel = getattr(method, "kernel", None) or getattr(method, "fp8_linear", None)
         name = f"{type(kernel).__name__} ({type(method).__name__})" if kernel is not None else type(method).__name__
         found.add(name + (" + int8 activations" if getattr(module, "use_w4a8", False) else ""))
     return found

@@ -55,7 +55,7 @@ VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
 """Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
 line names vLLM for these only."""
 VLLM_W8A8_FAMILIES = ("llama", "mistral", "opt")
-"""The same for W8A8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend, which hands the
+"""The same for W8A8, int8 and FP8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend, which hands the
 int8 kernel 3-D activations that it refuses ("mat1 must be a 2D tensor"); its 4-bit kernel takes them."""
 
 
@@ -79,7 +79,9 @@ class CheckpointFormat:
         """The packed layers' layout (compress.quant.layouts) for a method's config."""
         if self.name == "gptq":
             return cfg.checkpoint_format
-        return "int-quantized" if getattr(cfg, "act_bits", None) else self.name
+        if not getattr(cfg, "act_bits", None):
+            return self.name
+        return "float-quantized" if cfg.float_codes else "int-quantized"
 
     def engines(self, cfg, head: bool = False, mixed: bool = False, model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
@@ -193,6 +195,8 @@ class PackedSettings:
     quantizer: list[str] | None
     act_bits: int | None = None
     """W8A8: the activations are quantized per token to these bits as each matmul runs."""
+    float_codes: bool = False
+    """FP8 weights (and activations)."""
 
 
 def packed_settings(qcfg: dict) -> PackedSettings | None:
@@ -216,7 +220,8 @@ def packed_settings(qcfg: dict) -> PackedSettings | None:
         return PackedSettings("compressed-tensors", int(main["num_bits"]), -1 if group_size is None else int(group_size),
                               bool(main.get("symmetric", True)), main.get("actorder") is not None,
                               frozenset(int(g["num_bits"]) for g in groups if "num_bits" in g), meta.get("method"),
-                              meta.get("quantizer"), int(activations["num_bits"]) if activations else None)
+                              meta.get("quantizer"), int(activations["num_bits"]) if activations else None,
+                              main.get("type") == "float")
     return None
 
 

@@ -1,6 +1,6 @@
 """The config.json block of a compressed-tensors checkpoint, as vLLM and the compressed-tensors package read it: format
 pack-quantized for integer weights with float activations, int-quantized for W8A8 (int8 weights stored one per byte,
-int8 activations made per token as each matmul runs). There is one config group per (bits, group size) in the
+int8 activations made per token as each matmul runs), float-quantized for FP8 W8A8. There is one config group per (bits, group size) in the
 model, the run's own settings targeting every ``Linear``, mixed precision's other options targeting their layers by
 name, and every linear layer left in float listed under ``ignore`` (vLLM refuses a linear layer that no group
 targets and ``ignore`` does not name).
@@ -16,11 +16,12 @@ COMPRESSED_TENSORS_VERSION = "0.20.1"
 """The compressed-tensors release whose config schema this writes (and the tests read back with)."""
 
 
-def weight_args(bits: int, group_size: int, sym: bool, act_order: bool) -> dict:
-    """compressed-tensors' QuantizationArgs for a weight: integer, static, per group or per output channel."""
+def weight_args(bits: int, group_size: int, sym: bool, act_order: bool, number_type: str = "int") -> dict:
+    """compressed-tensors' QuantizationArgs for a weight: integer (or float: FP8), static, per group or per output
+    channel."""
     return {
         "num_bits": bits,
-        "type": "int",
+        "type": number_type,
         "symmetric": sym,
         "group_size": None if group_size == -1 else group_size,
         "strategy": "channel" if group_size == -1 else "group",
@@ -34,17 +35,19 @@ def weight_args(bits: int, group_size: int, sym: bool, act_order: bool) -> dict:
     }
 
 
-def activation_args(bits: int) -> dict:
-    """compressed-tensors' QuantizationArgs for activations quantized as each matmul runs: integer, symmetric, one
-    scale per token (what vLLM's int8 W8A8 kernels do)."""
-    return {"num_bits": bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+def activation_args(bits: int, number_type: str = "int") -> dict:
+    """compressed-tensors' QuantizationArgs for activations quantized as each matmul runs: integer (or float),
+    symmetric, one scale per token (what vLLM's W8A8 kernels do)."""
+    return {"num_bits": bits, "type": number_type, "symmetric": True, "group_size": None, "strategy": "token",
             "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
 
 
 def storage_format(cfg) -> str:
     """pack-quantized (codes packed into int32 words) for float activations; int-quantized (one int8 per weight) for
     W8A8, the layout vLLM's int8 kernels read."""
-    return "int-quantized" if getattr(cfg, "act_bits", None) else "pack-quantized"
+    if not getattr(cfg, "act_bits", None):
+        return "pack-quantized"
+    return "float-quantized" if cfg.float_codes else "int-quantized"
 
 
 def quantization_config(cfg, method: str, version: str, layer_options: dict[str, tuple[int, int]],
@@ -54,8 +57,10 @@ def quantization_config(cfg, method: str, version: str, layer_options: dict[str,
     act_order = bool(getattr(cfg, "act_order", False))
     act_bits = getattr(cfg, "act_bits", None)
     fmt = storage_format(cfg)
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(cfg.bits, cfg.group_size, cfg.sym, act_order),
-                          "input_activations": activation_args(act_bits) if act_bits else None,
+    number_type = "float" if getattr(cfg, "float_codes", False) else "int"
+    groups = {"group_0": {"targets": ["Linear"],
+                          "weights": weight_args(cfg.bits, cfg.group_size, cfg.sym, act_order, number_type),
+                          "input_activations": activation_args(act_bits, number_type) if act_bits else None,
                           "output_activations": None, "format": fmt}}
     others: dict[tuple[int, int], list[str]] = {}
     for name, option in sorted(layer_options.items()):

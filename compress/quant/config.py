@@ -42,6 +42,11 @@ class WeightQuantConfig:
         check_activation_settings(self)
 
     @property
+    def float_codes(self) -> bool:
+        """FP8 weights (E4M3 values times a scale) instead of integer grids."""
+        return False
+
+    @property
     def smooths(self) -> bool:
         """Whether SmoothQuant's smoothing runs (it observes calibration data)."""
         return self.act_bits is not None and self.smoothing_strength != 0
@@ -140,6 +145,31 @@ class SmoothQuantConfig(RTNConfig):
     act_bits: int | None = 8
 
 
+@dataclass
+class Fp8Config(WeightQuantConfig):
+    """FP8 W8A8, dynamic (llm-compressor's FP8_DYNAMIC): E4M3 weights with one scale per output channel (max|w| / 448),
+    activations rounded to E4M3 per token as each matmul runs. Data-free: no calibration, no smoothing."""
+    bits: int = 8
+    group_size: int = -1
+    sym: bool = True
+    act_bits: int | None = 8
+    smoothing_strength: float | None = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_bits is None or self.scale_search != "none" or self.smoothing_strength != 0:
+            raise UserError("--method fp8 has fixed settings (E4M3 weights per channel by their maxima, dynamic FP8 "
+                            "activations): drop --act-bits, --scale-search and --smoothing-strength")
+
+    @property
+    def float_codes(self) -> bool:
+        return True
+
+    @property
+    def tag(self) -> str:
+        return "fp8-dynamic"
+
+
 N_GRID = 20
 """AWQ: scale ratios tried per group of layers."""
 
@@ -201,5 +231,5 @@ class BnbConfig:
 
 
 QUANT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig,
-                                  "smoothquant": SmoothQuantConfig, "bnb": BnbConfig}
+                                  "smoothquant": SmoothQuantConfig, "fp8": Fp8Config, "bnb": BnbConfig}
 """Built-in method name -> its config (a test checks each against the registered method's config_cls)."""

@@ -14,6 +14,7 @@ and unpacks them.
   through its WNA16 kernels, transformers through the compressed-tensors package.
 * ``int-quantized`` (compressed-tensors, W8A8): weight int8 [out, in] (signed codes ``q - 128``, one per byte),
   weight_scale [out, 1]; symmetric 8-bit grids, one per output channel. vLLM's int8 W8A8 kernels read it as it is.
+* ``float-quantized`` (compressed-tensors, FP8 W8A8): weight float8_e4m3fn [out, in], weight_scale float32 [out, 1].
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _WORD_BITS = 32
 
 
 class GPTQLayout:
+    float_codes = False
     packed_name = "qweight"
     """The buffer that marks a packed layer in a checkpoint (``NAME.qweight``)."""
 
@@ -68,6 +70,7 @@ class GPTQLayout:
 
 
 class CompressedTensorsLayout:
+    float_codes = False
     name = "compressed-tensors"
     packed_name = "weight_packed"
 
@@ -125,13 +128,17 @@ class IntQuantizedLayout:
     name = "int-quantized"
     packed_name = "weight_scale"
     """A float linear has a ``weight`` too: the scale is what marks this layout's layers."""
+    float_codes = False
+    weight_dtype = torch.int8
+    scale_dtype = torch.float16
     _BITS = 8
 
     def buffers(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         if bits != self._BITS or group_size != -1 or not sym:
-            raise ValueError("int-quantized layers hold symmetric 8-bit grids, one per output channel")
-        return {"weight": ((out_features, in_features), torch.int8), "weight_scale": ((out_features, 1), torch.float16)}
+            raise ValueError(f"{self.name} layers hold symmetric 8-bit grids, one per output channel")
+        return {"weight": ((out_features, in_features), self.weight_dtype),
+                "weight_scale": ((out_features, 1), self.scale_dtype)}
 
     def constants(self, in_features: int, out_features: int) -> dict[str, torch.Tensor]:
         return {}
@@ -140,11 +147,16 @@ class IntQuantizedLayout:
         out_features, in_features = shape_of("weight")
         return in_features, out_features
 
+    def _check(self, qw: QuantizedWeight) -> None:
+        middle = 0 if self.float_codes else 2 ** (self._BITS - 1)
+        if qw.bits != self._BITS or qw.float_codes != self.float_codes or qw.scale.shape[0] != 1 \
+                or not bool((qw.zero == middle).all()):
+            raise ValueError(f"{self.name} layers hold symmetric 8-bit grids, one per output channel")
+
     def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
-        middle = 2 ** (self._BITS - 1)
-        if qw.bits != self._BITS or qw.scale.shape[0] != 1 or not bool((qw.zero == middle).all()):
-            raise ValueError("int-quantized layers hold symmetric 8-bit grids, one per output channel")
-        return {"weight": (qw.codes - middle).to(torch.int8), "weight_scale": qw.scale.t().half().contiguous()}
+        self._check(qw)
+        return {"weight": (qw.codes - 2 ** (self._BITS - 1)).to(torch.int8),
+                "weight_scale": qw.scale.t().to(self.scale_dtype).contiguous()}
 
     def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
                ) -> QuantizedWeight:
@@ -157,6 +169,27 @@ class IntQuantizedLayout:
         return {"weight": tensors["weight"][start:end], "weight_scale": tensors["weight_scale"][start:end]}
 
 
+class FloatQuantizedLayout(IntQuantizedLayout):
+    """compressed-tensors float-quantized (FP8 W8A8): weight float8_e4m3fn [out, in], weight_scale float32 [out, 1]."""
+    name = "float-quantized"
+    float_codes = True
+    weight_dtype = torch.float8_e4m3fn
+    scale_dtype = torch.float32
+
+    def pack(self, qw: QuantizedWeight, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
+        self._check(qw)
+        return {"weight": qw.codes.to(torch.uint8).view(torch.float8_e4m3fn),
+                "weight_scale": qw.scale.t().float().contiguous()}
+
+    def unpack(self, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int
+               ) -> QuantizedWeight:
+        codes = tensors["weight"].view(torch.uint8).to(torch.int32)
+        scale = tensors["weight_scale"].t().float().contiguous()
+        return QuantizedWeight(codes=codes, scale=scale, zero=torch.zeros_like(scale),
+                               g_idx=default_g_idx(in_features, -1, codes.device), bits=self._BITS, float_codes=True)
+
+
 LAYOUTS = {name: GPTQLayout(name) for name in ZERO_OFFSETS} | {"compressed-tensors": CompressedTensorsLayout(),
-                                                                "int-quantized": IntQuantizedLayout()}
+                                                                "int-quantized": IntQuantizedLayout(),
+                                                                "float-quantized": FloatQuantizedLayout()}
 """Layout name (a QuantLinear's ``checkpoint_format``) -> how its tensors are packed."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.quant.layouts import LAYOUTS
-from compress.quant.primitives import QuantizedWeight, dequantize, fake_quantize_tokens
+from compress.quant.primitives import QuantizedWeight, fake_quantize_tokens, fake_quantize_tokens_fp8
 
 _WORD_BITS = 32
 
@@ -98,8 +98,7 @@ class QuantLinear(nn.Module):
         return self.in_features * self.out_features
 
     def dequantized_weight(self) -> torch.Tensor:
-        qw = self._unpacked()
-        return dequantize(qw.codes, qw.scale, qw.zero, qw.g_idx)
+        return self._unpacked().dequantize()
 
     def dequantized_rows(self, start: int, end: int) -> torch.Tensor:
         """Float32 rows ``start:end`` of the weight, unpacked from those output rows alone (both multiples of
@@ -115,8 +114,8 @@ class QuantLinear(nn.Module):
         return (qw.codes[rows].float() - qw.zero.t()[rows][..., g]) * qw.scale.t()[rows][..., g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is not None:
-            x = fake_quantize_tokens(x, self.act_bits)
+        if self.act_bits is not None:  # the kernel's own rounding: FP8 layouts' activations are FP8 too
+            x = fake_quantize_tokens_fp8(x) if self.layout.float_codes else fake_quantize_tokens(x, self.act_bits)
         weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

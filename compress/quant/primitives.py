@@ -39,8 +39,12 @@ class QuantizedWeight:
     bits: int
     damp_percent: float | None = None
     """Set when GPTQ had to dampen the Hessian more than asked (the value that worked)."""
+    float_codes: bool = False
+    """FP8: each code is the bit pattern of an E4M3 float (not an integer step), zero points are 0."""
 
     def dequantize(self) -> torch.Tensor:
+        if self.float_codes:
+            return dequantize_fp8(self.codes, self.scale, self.g_idx)
         return dequantize(self.codes, self.scale, self.zero, self.g_idx)
 
 
@@ -121,6 +125,34 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
     return (torch.round(xf / scale).clamp(-top - 1, top) * scale).to(x.dtype)
+
+
+FP8_MAX = 448.0
+"""The largest finite E4M3 value (torch.float8_e4m3fn)."""
+
+
+def fp8_quantize(weight: torch.Tensor) -> QuantizedWeight:
+    """FP8 E4M3 per output channel: scale = max|w| / 448 per row, codes the bit patterns of the rounded w / scale."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    values = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = values.view(torch.uint8).to(torch.int32)
+    return QuantizedWeight(codes=codes, scale=scale[None, :], zero=torch.zeros_like(scale[None, :]),
+                           g_idx=default_g_idx(w.shape[1], -1, w.device), bits=8, float_codes=True)
+
+
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 weight from E4M3 bit patterns and per-group scales [n_groups, out]."""
+    values = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    return values * scale.t()[:, g_idx.long()]
+
+
+def fake_quantize_tokens_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Activations quantized as a dynamic FP8 W8A8 kernel does (per token: scale max|x| / 448, values rounded to
+    E4M3) and dequantized, in ``x``'s dtype."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return ((xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
 
 
 # --- bit packing -------------------------------------------------------------------------------
