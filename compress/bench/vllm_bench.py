@@ -5,8 +5,8 @@
   probability of each window's own next token (exact); KL against ``--base`` from vLLM's top ``VLLM_TOP_K``, on the
   partition {each of the base's top-K tokens that vLLM's top-k holds} + {the rest} (agreement.kl_known: a lower
   bound of the KL the other backends report, whose partition is finer), top-1 from vLLM's own most likely token.
-* Serving (unless --no-speed): vLLM's OpenAI server under 1, 4 and 16 concurrent clients streaming greedy completions
-  of ``--decode-tokens`` tokens after ``--prompt-tokens`` of the first window: requests/s, output tokens/s, time to
+* Serving (unless --no-speed): vLLM's OpenAI server (no prefix cache) under 1, 4 and 16 concurrent clients streaming
+  greedy completions of ``--decode-tokens`` tokens after the first ``--prompt-tokens`` of each window in turn: requests/s, output tokens/s, time to
   first token, inter-token latency; the server's peak RSS (VmHWM summed over its processes).
 * The kernel: what computes the quantized linear layers, read from the model vLLM loaded.
 """
@@ -67,8 +67,10 @@ def window_scores(windows: list[torch.Tensor], prompt_logprobs: list[list[dict[i
     return perplexity, agreement
 
 
-def serve(folder: Path, python: Path, dtype: str, prompt: list[int], output_tokens: int, max_model_len: int,
+def serve(folder: Path, python: Path, dtype: str, prompts: list[list[int]], output_tokens: int, max_model_len: int,
           say) -> ServingResult:
+    """The server under each of SERVING_CLIENTS; ``prompts`` are taken in turn (distinct texts, and the server keeps
+    no prefix cache, so every request does its own prefill)."""
     from compress.backends.vllm_serve import VllmServer, serve_level
 
     version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
@@ -77,10 +79,10 @@ def serve(folder: Path, python: Path, dtype: str, prompt: list[int], output_toke
     with tempfile.TemporaryDirectory(prefix="compress-vllm-serve-") as work:
         log = Path(work) / "server.log"
         with VllmServer(folder, python, log, dtype, max_model_len) as server:
-            server.stream(prompt, output_tokens)  # warm-up
+            server.stream(prompts[0], output_tokens)  # warm-up
             for clients in SERVING_CLIENTS:
                 say(f"vLLM serving: {clients} concurrent client(s) ...")
-                levels.append(serve_level(server, clients, [prompt], output_tokens, REQUESTS_PER_CLIENT))
+                levels.append(serve_level(server, clients, prompts, output_tokens, REQUESTS_PER_CLIENT))
                 if levels[-1].errors:
                     raise UserError(f"vLLM's server failed requests at {clients} clients: {levels[-1].errors[0]}")
         start_s = server.start_s
@@ -104,7 +106,7 @@ def measure(request, windows: list[torch.Tensor], reference: Reference | None, f
     perplexity, agreement = window_scores(windows, scores.prompt_logprobs, reference, VLLM_TOP_K)
     serving = None
     if request.speed:
-        prompt = windows[0].tolist()[: request.prompt_tokens]
-        serving = serve(folder, python, dtype_name, prompt, request.decode_tokens,
-                        max(max_model_len, len(prompt) + request.decode_tokens + 1), say)
+        prompts = [w.tolist()[: request.prompt_tokens] for w in windows]
+        serving = serve(folder, python, dtype_name, prompts, request.decode_tokens,
+                        max(max_model_len, len(prompts[0]) + request.decode_tokens + 1), say)
     return scores, perplexity, agreement, serving, seconds
