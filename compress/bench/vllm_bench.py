@@ -14,16 +14,22 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from compress.bench.agreement import Reference, kl_known, rest_mass
 from compress.bench.perplexity import perplexity_from_nll
-from compress.bench.result import AgreementResult, ServingResult
+from compress.bench.result import (AccuracyResult, AgreementResult, BenchResult, MemoryResult, ModelInfo, Protocol,
+                                   ServingResult)
 from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.bench.run import BenchRequest
 
 VLLM_TOP_K = 64
 """Log-probabilities vLLM returns per position for KL (its own most likely tokens, plus the window's own)."""
@@ -110,3 +116,57 @@ def measure(request, windows: list[torch.Tensor], reference: Reference | None, f
         serving = serve(folder, python, dtype_name, prompts, request.decode_tokens,
                         max(max_model_len, len(prompts[0]) + request.decode_tokens + 1), say)
     return scores, perplexity, agreement, serving, seconds
+
+
+def bench_in_vllm(request: BenchRequest, config, resolved, qcfg, dtype: torch.dtype, device: torch.device, windows,
+                   record, reference, reference_info, started: float, command: list[str]) -> BenchResult:
+    """The BenchResult of ``request`` measured in vLLM (``measure``), on the windows and reference bench() made."""
+    from compress.backends.reference import gptq_summary
+    from compress.bench.run import _default_name, _device_name
+    from compress.checkpoint import read_manifest
+    from compress.formats import packed_settings
+    from compress.models import weight_bytes_on_disk
+    from compress.runtime import environment
+
+    def say(message: str) -> None:
+        if request.progress:
+            print(message, file=sys.stderr)
+
+    scores, perplexity, agreement, serving, seconds = measure(request, windows, reference, resolved.path, dtype, say)
+    settings = packed_settings(qcfg) if qcfg else None
+    peaks = [p for p in (scores.peak_rss_bytes, serving.peak_rss_bytes if serving else None) if p]
+    bos = bool(record.bos)
+    protocol = Protocol(device=str(device), dtype=str(dtype)[6:], bos=bos, bos_choice=request.bos,
+                        tokenization=f"from the start of the text, no special tokens, {record.rule}",
+                        eval=record.text, seqlen=record.seqlen + bos, stride=record.seqlen, windows=record.count,
+                        text_tokens=record.tokens, scored_tokens=perplexity.tokens, remainder="dropped",
+                        batch_size=len(windows), scoring_threads=None,
+                        kl=f"base top-{request.top_k} where vLLM's top-{VLLM_TOP_K} holds them + rest bucket (lower "
+                           "bound)", base_reference=reference_info)
+    artifact = weight_bytes_on_disk(resolved.path)
+    return BenchResult(
+        name=request.name or _default_name(request),
+        model=ModelInfo(reference=request.model, path=str(resolved.path), origin=resolved.origin,
+                        model_type=config.model_type, parameters=scores.parameters, dtype=str(dtype)[6:],
+                        quantization=gptq_summary(qcfg, read_manifest(resolved.path) or {}) if qcfg else None,
+                        weight_bits=float(settings.bits) if settings else float(torch.finfo(dtype).bits),
+                        transform=None, backend="vllm",
+                        kernel="vLLM " + (", ".join(k for k in scores.kernels if "KVCache" not in k)
+                                          or f"dense {str(dtype)[6:]}"),
+                        notes=["vLLM's parameters are counted as it holds them (packed weights by their words); "
+                               "weight bytes are the files' on disk"]),
+        base=reference_info,
+        memory=MemoryResult(artifact_bytes=artifact, weight_bytes=artifact, runtime_cache_bytes=0,
+                            peak_bytes=max(peaks), peak_speed_bytes=serving.peak_rss_bytes if serving else None,
+                            peak_kind="VmHWM of vLLM's processes (scoring: its one process; serving: the server's, "
+                                      "summed)"),
+        speed=None,
+        accuracy=AccuracyResult(perplexity=perplexity, agreement=agreement,
+                                scoring_tokens_per_s=perplexity.tokens / scores.score_s if scores.score_s else None),
+        protocol=protocol,
+        environment=environment() | {"device_name": _device_name(device), "threads": torch.get_num_threads()},
+        timings_s={"load": scores.load_s, "score": round(seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        command=command,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        serving=serving,
+    )
