@@ -55,8 +55,9 @@ VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
 """Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
 line names vLLM for these only."""
 VLLM_W8A8_FAMILIES = ("llama", "mistral", "opt")
-"""The same for W8A8, int8 and FP8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend, which hands the
-int8 kernel 3-D activations that it refuses ("mat1 must be a 2D tensor"); its 4-bit kernel takes them."""
+"""The same for W8A8, int8 and FP8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend,
+which hands the int8 kernel 3-D activations that it refuses ("mat1 must be a 2D tensor"); its 4-bit kernel takes
+them."""
 
 
 def group_order(cfg) -> bool:
@@ -231,5 +232,6 @@ def activations_refusal(qcfg: dict | None, reader: str, fix: str) -> str | None:
     settings = packed_settings(qcfg or {})
     if settings is None or settings.act_bits is None:
         return None
-    return (f"this checkpoint is W8A8 (activations quantized to int{settings.act_bits} per token as each matmul runs), "
+    number = "FP8" if settings.float_codes else f"int{settings.act_bits}"
+    return (f"this checkpoint is W8A8 (activations quantized to {number} per token as each matmul runs), "
             f"which {reader} does not do: {fix}")

@@ -83,3 +83,13 @@ def test_the_checkpoint_runs_in_transformers_exactly_as_in_our_loader(tmp_path):
         a, b = theirs(ids).logits, ours(ids).logits
     # compressed-tensors rounds FP8 activations per token as we do (max / 448): the same logits.
     assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_weight_only_readers_name_fp8_activations_when_they_refuse(tmp_path, capsys):
+    from compress.cli import main
+
+    folder = quantize(QuantizeRequest(model="tiny-llama", method="fp8", out=str(tmp_path / "q"), progress=False,
+                                      device="cpu")).folder
+    assert main(["export-gguf", str(folder), "--type", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "activations quantized to FP8 per token" in err
