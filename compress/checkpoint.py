@@ -91,11 +91,11 @@ def read_manifest(folder: Path) -> dict | None:
 
 @dataclass
 class PackedLayers:
-    """How a checkpoint's packed layers are found and built: their layout (compress.quant.layouts), whether their
-    grids are symmetric, and each layer's (bits, group size)."""
+    """How a checkpoint's packed layers are found and built: their layout (compress.quant.layouts), each layer's
+    (bits, group size) and whether its grid is symmetric."""
     layout: str
-    sym: bool
     settings: Callable[[str], tuple[int, int]]
+    symmetric: Callable[[str], bool]
     act_bits: int | None = None
 
     @property
@@ -111,7 +111,8 @@ def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
         if checkpoint_format not in ZERO_OFFSETS:
             raise UserError(f"{folder} has checkpoint_format {checkpoint_format!r}; this loader reads "
                             f"{' and '.join(repr(f) for f in ZERO_OFFSETS)}")
-        return PackedLayers(checkpoint_format, packed_settings(qcfg).sym, lambda name: layer_settings(qcfg, name))
+        sym = packed_settings(qcfg).sym  # the GPTQ layout stores every layer's zero points: one flag for all
+        return PackedLayers(checkpoint_format, lambda name: layer_settings(qcfg, name), lambda name: sym)
     if method == "compressed-tensors":
         layouts = {"pack-quantized": "compressed-tensors", "int-quantized": "int-quantized",
                    "float-quantized": "float-quantized"}
@@ -120,8 +121,8 @@ def packed_layers(folder: Path, qcfg: dict) -> PackedLayers:
                             "reads pack-quantized (integer weights, float activations), int-quantized (W8A8) and "
                             "float-quantized (FP8 W8A8)")
         settings = packed_settings(qcfg)
-        return PackedLayers(layouts[qcfg["format"]], settings.sym, lambda name: ct.layer_settings(qcfg, name),
-                            settings.act_bits)
+        return PackedLayers(layouts[qcfg["format"]], lambda name: ct.layer_settings(qcfg, name),
+                            lambda name: ct.layer_symmetric(qcfg, name), settings.act_bits)
     raise UserError(f"{folder} uses quant_method {method!r}; this loader reads gptq and compressed-tensors "
                     "checkpoints")
 
@@ -160,7 +161,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         with torch.device("meta"):
             layer = QuantLinear(in_features, out_features, bits, group_size, bias=bias in reader,
                                 bias_dtype=reader.dtype_of(bias) if bias in reader else torch.float16,
-                                checkpoint_format=packed.layout, sym=packed.sym, act_bits=packed.act_bits)
+                                checkpoint_format=packed.layout, sym=packed.symmetric(name), act_bits=packed.act_bits)
         try:
             set_submodule(model, name, layer)
         except AttributeError:

@@ -196,15 +196,17 @@ class RunOutput:
             self.settings.say(message)
         return record
 
-    def finish(self, quantization_config: dict | None, manifest: dict) -> Path:
-        """Close the weights, write config, tokenizer and manifest, and exchange the folder into place."""
+    def finish(self, quantization_config: dict | None, manifest: dict, config_changes: dict | None = None) -> Path:
+        """Close the weights, write config (with ``config_changes`` set on it), tokenizer and manifest, and exchange
+        the folder into place."""
         manifest["streaming"] = self.run.source.streaming
         manifest["resumed_at_block"] = self.resumed_at or None
         folder = self.partial.close_weights(len(self.run.source.blocks), self.record.to_dict())
-        self._write_metadata(folder, quantization_config, manifest)
+        self._write_metadata(folder, quantization_config, manifest, config_changes or {})
         return self.partial.publish()
 
-    def _write_metadata(self, folder: Path, quantization_config: dict | None, manifest: dict) -> None:
+    def _write_metadata(self, folder: Path, quantization_config: dict | None, manifest: dict,
+                        config_changes: dict) -> None:
         lazy = self.run.lazy
         config = copy.deepcopy(lazy.model.config)
         source_config = json.loads((lazy.path / "config.json").read_text())
@@ -213,6 +215,8 @@ class RunOutput:
             config.dtype = stored
         if quantization_config is not None:
             config.quantization_config = quantization_config
+        for key, value in config_changes.items():
+            setattr(config, key, value)
         config.save_pretrained(folder)
         if (lazy.path / "generation_config.json").is_file():
             shutil.copyfile(lazy.path / "generation_config.json", folder / "generation_config.json")

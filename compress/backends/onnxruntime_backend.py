@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from compress.backends import Float32Runtime, register_backend
+from compress.formats import packed_settings
 
 
 @register_backend
@@ -36,8 +37,9 @@ class OnnxRuntime(Float32Runtime):
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         nodes = manifest.get("nodes") or {}
         weights = manifest.get("weights", "float")
-        source_q = (manifest.get("source") or {}).get("quantization_config") or {}
-        bits = {"int8": 8.0, "packed": float(source_q.get("bits", 4))}.get(weights, 32.0)
+        # Whichever format the packed source was written in (compressed-tensors keeps its bits in config groups).
+        source = packed_settings((manifest.get("source") or {}).get("quantization_config") or {})
+        bits = {"int8": 8.0, "packed": float(source.bits if source else 4)}.get(weights, 32.0)
         described = ", ".join(f"{k} x{v}" for k, v in sorted(nodes.items())) or "float MatMul"
         if manifest.get("accuracy_level") is not None:
             described += f" (accuracy_level {manifest['accuracy_level']}" + \
@@ -46,11 +48,11 @@ class OnnxRuntime(Float32Runtime):
         if weights == "int8":
             described += f"; {int8.get('weights', 'int8')} per-channel weights x uint8 per-tensor activations"
         quantization = None if weights == "float" else {
-            "bits": int(bits), "group_size": -1 if weights == "int8" else source_q.get("group_size"),
+            "bits": int(bits), "group_size": -1 if weights == "int8" else source and source.group_size,
             # Files written before the uint8 (no-saturation) format held symmetric int8 weights.
-            "sym": int8.get("weights", "int8") == "int8" if weights == "int8" else source_q.get("sym"),
+            "sym": int8.get("weights", "int8") == "int8" if weights == "int8" else source and source.sym,
             "method": "onnxruntime dynamic INT8" if weights == "int8" else
-            f"{(source_q.get('meta') or {}).get('method', 'gptq')} codes in MatMulNBits"}
+            f"{(source and source.method) or 'gptq'} codes in MatMulNBits"}
         return LoadedModel(model, tokenizer, resolved, torch.float32, quantization,
                            f"onnxruntime {model.session.get_providers()[0]}: {described}; activations float32",
                            bits, backend=self.name,

@@ -54,6 +54,9 @@ tests/formats); GPTQModel and our loader run them."""
 VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
 """Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
 line names vLLM for these only."""
+VLLM_HEAD_FAMILIES = ("llama", "mistral")
+"""The same for a packed head (--lm-head-bits): vLLM 0.32's OPT builds its head without the quantization config, and
+runs GPT-NeoX through its transformers backend, so only these read ``lm_head.weight_packed``."""
 VLLM_W8A8_FAMILIES = ("llama", "mistral", "opt")
 """The same for W8A8, int8 and FP8. Not GPT-NeoX: vLLM 0.32's CPU build runs it through its transformers backend,
 which hands the int8 kernel 3-D activations that it refuses ("mat1 must be a 2D tensor"); its 4-bit kernel takes
@@ -84,11 +87,13 @@ class CheckpointFormat:
             return self.name
         return "float-quantized" if cfg.float_codes else "int-quantized"
 
-    def engines(self, cfg, head: bool = False, mixed: bool = False, model_type: str | None = None) -> list[str]:
+    def engines(self, cfg, head_bits: int | None = None, mixed_bits: frozenset[int] | None = None,
+                model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
-        the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), one setting for
-        every layer (it fuses q/k/v and gate/up into one layer), no group order, no packed head, a family in
-        ``VLLM_FAMILIES``; or W8A8 (its int8 kernels). transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
+        the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), a head packed in
+        compressed-tensors at 4 bits too (``head_bits``) in a family of ``VLLM_HEAD_FAMILIES``, mixed precision whose options (``mixed_bits``: the bit
+        widths chosen) are all 4-bit, no group order, a family in ``VLLM_FAMILIES``; or W8A8 (its int8 kernels).
+        transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
         ours = "compress bench (our loader)"
         if self.name == "compressed-tensors":
             engines = ["transformers (with compressed-tensors)", ours]
@@ -96,12 +101,21 @@ class CheckpointFormat:
             engines = ["GPTQModel", "transformers (with GPTQModel and optimum)", ours]
         if model_type in TRANSFORMERS_CANNOT:
             engines = [engine for engine in engines if not engine.startswith("transformers")]
-        w8a8 = getattr(cfg, "act_bits", None) == 8
-        families = VLLM_W8A8_FAMILIES if w8a8 else VLLM_FAMILIES
-        if model_type in families and (cfg.bits == 4 or w8a8) and not (head or mixed or group_order(cfg)) \
-                and (self.name == "compressed-tensors" or cfg.sym):
+        if self._vllm_runs(cfg, head_bits, mixed_bits, model_type):
             engines.insert(0, "vLLM")
         return engines
+
+    def _vllm_runs(self, cfg, head_bits: int | None, mixed_bits: frozenset[int] | None, model_type: str | None
+                   ) -> bool:
+        if getattr(cfg, "act_bits", None) == 8:
+            return model_type in VLLM_W8A8_FAMILIES
+        if model_type not in VLLM_FAMILIES or group_order(cfg) or (self.name != "compressed-tensors" and not cfg.sym):
+            return False
+        if self.name == "gptq" and (head_bits or mixed_bits):  # GPTQModel's per-module overrides: not tested there
+            return False
+        if head_bits is not None and (head_bits != 4 or model_type not in VLLM_HEAD_FAMILIES):
+            return False
+        return cfg.bits == 4 and (mixed_bits is None or mixed_bits == {4})
 
     def fit_group_size(self, cfg, widths: list[LayerWidth], asked: bool) -> int:
         """The group size this format writes ``cfg`` with: a default one (not ``asked``) that does not divide every
@@ -112,10 +126,13 @@ class CheckpointFormat:
         return next(size for size in FALLBACK_GROUP_SIZES
                     if size < cfg.group_size and first_misfit(size, widths) is None)
 
-    def why_not(self, cfg, widths: list[LayerWidth], head: bool = False) -> str | None:
-        """Why this format cannot hold ``cfg`` (one clause, with the fix), or None."""
+    def why_not(self, cfg, widths: list[LayerWidth], head_bits: int | None = None) -> str | None:
+        """Why this format cannot hold ``cfg`` with a head packed at ``head_bits`` (one clause, with the fix), or
+        None."""
         if cfg.bits not in self.bits:
             return f"it holds {', '.join(map(str, self.bits))}-bit weights, not {cfg.bits}-bit ones"
+        if head_bits is not None and head_bits not in self.bits:
+            return f"it holds {', '.join(map(str, self.bits))}-bit weights, not a {head_bits}-bit head"
         if getattr(cfg, "act_bits", None) and not self.activations:
             return "it has no way to say that activations are quantized (W8A8 is written in compressed-tensors)"
         if not self.contiguous_groups:
@@ -123,8 +140,6 @@ class CheckpointFormat:
         if group_order(cfg):
             return ("it stores groups of contiguous columns, so act order needs static groups (drop "
                     "--no-static-groups, or use --no-act-order)")
-        if head:
-            return "--lm-head-bits is written in the GPTQ layout only for now"
         misfit = first_misfit(cfg.group_size, widths)
         if misfit is not None:
             fits = ", ".join(map(str, fitting_group_sizes(widths)))
@@ -158,20 +173,20 @@ class FormatChoice:
 
 
 def choose_format(asked: str | None, cfg, widths: list[LayerWidth], group_size_asked: bool,
-                  head: bool = False) -> FormatChoice:
+                  head_bits: int | None = None) -> FormatChoice:
     """The format asked for, refused in one line where it cannot hold the settings; without one, the default
     (what vLLM loads) where it can hold them, else the GPTQ layout, with the reason."""
     if asked is not None:
         fmt = get_format(asked)
         group_size = fmt.fit_group_size(cfg, widths, group_size_asked)
-        why = fmt.why_not(replace(cfg, group_size=group_size), widths, head)
+        why = fmt.why_not(replace(cfg, group_size=group_size), widths, head_bits)
         if why is not None:
             other = next(name for name in FORMATS if name != fmt.name)
             raise UserError(f"--format {fmt.name} cannot hold these settings: {why}; or use --format {other}")
         return FormatChoice(fmt, group_size)
     default = FORMATS[DEFAULT_FORMAT]
     group_size = default.fit_group_size(cfg, widths, group_size_asked)
-    why = default.why_not(replace(cfg, group_size=group_size), widths, head)
+    why = default.why_not(replace(cfg, group_size=group_size), widths, head_bits)
     if why is None:
         return FormatChoice(default, group_size)
     return FormatChoice(FORMATS["gptq"], cfg.group_size,

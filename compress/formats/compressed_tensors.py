@@ -1,9 +1,12 @@
-"""The config.json block of a compressed-tensors checkpoint, as vLLM and the compressed-tensors package read it: format
-pack-quantized for integer weights with float activations, int-quantized for W8A8 (int8 weights stored one per byte,
-int8 activations made per token as each matmul runs), float-quantized for FP8 W8A8. There is one config group per (bits, group size) in the
-model, the run's own settings targeting every ``Linear``, mixed precision's other options targeting their layers by
-name, and every linear layer left in float listed under ``ignore`` (vLLM refuses a linear layer that no group
-targets and ``ignore`` does not name).
+"""The config.json block of a compressed-tensors checkpoint, as vLLM and the compressed-tensors package read it:
+format pack-quantized for integer weights with float activations, int-quantized for W8A8 (int8 weights stored one
+per byte, int8 activations made per token as each matmul runs), float-quantized for FP8 W8A8.
+
+There is one config group per (bits, group size) in the model: the run's own settings targeting every ``Linear``,
+mixed precision's other options targeting their layers by name, and a quantized output head in a group of its own
+(vLLM runs it as a linear layer; the config says the head is not tied to the embedding, which gets a float16 copy of
+the head's dequantized rows). Every linear layer left in float is listed under ``ignore`` (vLLM refuses a linear
+layer that no group targets and ``ignore`` does not name).
 
 The layers' tensors are written by compress.quant.layouts (CompressedTensorsLayout, IntQuantizedLayout).
 """
@@ -51,9 +54,10 @@ def storage_format(cfg) -> str:
 
 
 def quantization_config(cfg, method: str, version: str, layer_options: dict[str, tuple[int, int]],
-                        ignore: list[str]) -> dict:
+                        ignore: list[str], head: dict | None = None) -> dict:
     """``layer_options``: qualified name -> (bits, group size) of every packed layer; ``ignore``: the linear layers
-    left in float."""
+    left in float; ``head``: the manifest's record of a quantized output head (compress.quant.head.head_record),
+    which gets a group of its own (its grid is symmetric, whatever the body's)."""
     act_order = bool(getattr(cfg, "act_order", False))
     act_bits = getattr(cfg, "act_bits", None)
     fmt = storage_format(cfg)
@@ -72,6 +76,12 @@ def quantization_config(cfg, method: str, version: str, layer_options: dict[str,
             "targets": [f"re:^{re.escape(name)}$" for name in names],
             "weights": weight_args(bits, group_size, cfg.sym, act_order),
             "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    if head is not None:
+        groups["lm_head"] = {
+            "targets": [f"re:^{re.escape(head['module'])}$"],
+            "weights": weight_args(head["bits"], head["group_size"], head["sym"], False),
+            "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+        ignore = [name for name in ignore if name != head["module"]]
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
@@ -87,18 +97,29 @@ def quantization_config(cfg, method: str, version: str, layer_options: dict[str,
     }
 
 
-def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
-    """(bits, group size) of the packed layer ``name``: the first group that targets it by pattern, else the group
-    that targets every Linear."""
+def _weights_of(qcfg: dict, name: str) -> dict:
+    """The weights' QuantizationArgs of the packed layer ``name``: the first group that targets it by pattern,
+    else the group that targets every Linear."""
     fallback = None
     for group in qcfg.get("config_groups", {}).values():
         weights = group.get("weights") or {}
-        setting = (int(weights["num_bits"]), -1 if weights.get("group_size") in (None, -1) else int(weights["group_size"]))
         for target in group.get("targets", []):
             if target == "Linear":
-                fallback = setting
+                fallback = weights
             elif (target.startswith("re:") and re.match(target[3:], name)) or target == name:
-                return setting
+                return weights
     if fallback is None:
         raise ValueError(f"no config group targets {name}")
     return fallback
+
+
+def layer_settings(qcfg: dict, name: str) -> tuple[int, int]:
+    """(bits, group size) of the packed layer ``name``."""
+    weights = _weights_of(qcfg, name)
+    return int(weights["num_bits"]), -1 if weights.get("group_size") in (None, -1) else int(weights["group_size"])
+
+
+def layer_symmetric(qcfg: dict, name: str) -> bool:
+    """Whether the packed layer ``name`` has a symmetric grid (no stored zero points): a head may differ from the
+    body."""
+    return bool(_weights_of(qcfg, name).get("symmetric", True))

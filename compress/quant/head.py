@@ -7,9 +7,11 @@ channel: the choice llama.cpp makes for its output tensor, since 4 bits there co
 anywhere else.
 
 Where the embedding is tied to the head, the quantized model reads embedding rows from the head's
-codes (:class:`QuantEmbedding`): one copy in memory. Loaders that cannot do that (transformers with
-GPTQModel) find a float16 copy of the same dequantized rows in the file, under the embedding's usual
-name, with ``tie_word_embeddings`` off: both ways give the same numbers up to float16 rounding.
+codes (:class:`QuantEmbedding`): one copy in memory. Loaders that cannot do that (transformers, vLLM) find a
+float16 copy of the same dequantized rows in the file, under the embedding's usual name: both ways give the same
+numbers up to float16 rounding. A compressed-tensors checkpoint says the two are not tied (vLLM would otherwise
+run the float embedding as the head); a GPTQ one keeps the source's tie, which is how transformers through
+optimum, quantizing only the blocks, gets its head from that copy.
 """
 
 from __future__ import annotations
@@ -149,12 +151,17 @@ def head_record(name: str, cfg: WeightQuantConfig, tied: str | None) -> dict:
 
 
 def head_file_tensors(record: dict, packed: QuantLinear) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds for a quantized head, by memory name: its packed tensors, and the float16
-    copy of its dequantized rows that loaders without our modules read, under the tied embedding's name or as
-    the head's own ``weight`` (transformers, through optimum, packs only the blocks' layers and would otherwise
-    start the head from random numbers; GPTQModel and vLLM read the packed head)."""
+    """What a checkpoint holds for a quantized head, by memory name: its packed tensors, and the float16 copy of its
+    dequantized rows that loaders without our modules read: under the tied embedding's name (the embedding every
+    loader needs), or in the GPTQ layout as the head's own ``weight`` too (transformers, through optimum, packs only
+    the blocks' layers and would otherwise start the head from random numbers; GPTQModel reads the packed head). A
+    compressed-tensors head has no float copy of its own: every reader of that format packs the head as its config
+    says."""
     tensors = packed.state_dict(prefix=f"{record['module']}.")
-    tensors[f"{record['tied_embedding'] or record['module']}.weight"] = float16_rows(packed)
+    if record["tied_embedding"]:
+        tensors[f"{record['tied_embedding']}.weight"] = float16_rows(packed)
+    elif packed.checkpoint_format != "compressed-tensors":
+        tensors[f"{record['module']}.weight"] = float16_rows(packed)
     return tensors
 
 

@@ -47,14 +47,69 @@ class LayerCost:
     """(out_features, in_features)"""
     losses: dict[LayerOption, float]
     """Measured sensitivity of each option (block output mean squared error)."""
+    parts: tuple[tuple[int, int], ...] = ()
+    """The shapes of the layers a fused unit stands for (see ``fuse``); empty for one layer."""
 
     def bits(self, option: LayerOption) -> int:
-        return stored_bits(self.shape[0], self.shape[1], option)
+        return sum(stored_bits(out_features, in_features, option) for out_features, in_features in self.shapes)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        return self.parts or (self.shape,)
+
+    @property
+    def weight_count(self) -> int:
+        return sum(out_features * in_features for out_features, in_features in self.shapes)
 
 
 def average_bits(costs: list[LayerCost], choice: dict[str, LayerOption]) -> float:
-    weights = sum(c.shape[0] * c.shape[1] for c in costs)
+    weights = sum(c.weight_count for c in costs)
     return sum(c.bits(choice[c.name]) for c in costs) / weights
+
+
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Layers that vLLM fuses into one (qkv_proj, gate_up_proj: Llama, Mistral, Qwen, Gemma, OPT, GPT-J) and so runs with
+one quantization scheme: it refuses a checkpoint whose siblings differ."""
+
+
+def fused_units(names: list[str]) -> list[list[str]]:
+    """``names`` grouped as vLLM fuses them (siblings of ``FUSED_SIBLINGS`` under one parent, every one present),
+    in their order; every other layer alone."""
+    units, placed = [], set()
+    present = set(names)
+    for name in names:
+        if name in placed:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        siblings = next((group for group in FUSED_SIBLINGS if leaf in group), None)
+        unit = [f"{parent}.{sibling}" if parent else sibling for sibling in siblings] if siblings else [name]
+        if not set(unit) <= present:
+            unit = [name]
+        units.append(unit)
+        placed.update(unit)
+    return units
+
+
+def fuse(costs: list[LayerCost], units: list[list[str]]) -> list[LayerCost]:
+    """One cost per unit: the members' losses added (each is measured with that layer alone quantized; added, they
+    predict the unit's loss as they predict the model's), their stored bits added, under the members' names joined
+    with "+"."""
+    by_name = {c.name: c for c in costs}
+    fused = []
+    for unit in units:
+        members = [by_name[name] for name in unit]
+        if len(members) == 1:
+            fused.append(members[0])
+            continue
+        options = set.intersection(*(set(m.losses) for m in members))
+        fused.append(LayerCost("+".join(unit), (sum(m.shape[0] for m in members), members[0].shape[1]),
+                               {o: sum(m.losses[o] for m in members) for o in options},
+                               tuple(shape for m in members for shape in m.shapes)))
+    return fused
+
+
+def unfuse(choice: dict[str, LayerOption]) -> dict[str, LayerOption]:
+    return {name: option for unit, option in choice.items() for name in unit.split("+")}
 
 
 def _pick(costs: list[LayerCost], lam: float) -> dict[str, LayerOption]:
@@ -70,9 +125,9 @@ def choose_options(costs: list[LayerCost], avg_bits: float, base: LayerOption | 
     short check)."""
     if base is not None and all(base in c.losses for c in costs) \
             and average_bits(costs, {c.name: base for c in costs}) <= avg_bits:
-        costs = [LayerCost(c.name, c.shape, {o: v for o, v in c.losses.items() if c.bits(o) >= c.bits(base)})
+        costs = [LayerCost(c.name, c.shape, {o: v for o, v in c.losses.items() if c.bits(o) >= c.bits(base)}, c.parts)
                  for c in costs]
-    weights = sum(c.shape[0] * c.shape[1] for c in costs)
+    weights = sum(c.weight_count for c in costs)
     budget = avg_bits * weights
     cheapest = {c.name: min(c.losses, key=c.bits) for c in costs}
     floor = average_bits(costs, cheapest)

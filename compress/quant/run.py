@@ -25,7 +25,7 @@ from compress.quant.apply import quantize_model
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import (check_reproducible, head_and_embedding, head_file_tensors, head_record, pack_head,
                                   quantize_head)
-from compress.quant.mixed import LayerOption, average_bits, choose_options
+from compress.quant.mixed import LayerOption, average_bits, choose_options, fuse, fused_units, unfuse
 from compress.quant.progress import QuantizeProgress
 from compress.quant.request import QuantizeRequest
 from compress.quant.sensitivity import measure_sensitivities
@@ -83,10 +83,12 @@ def mixed_options(cfg: WeightQuantConfig, allowed_bits: tuple[int, ...] = MIXED_
 
 
 def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loaded,
-                    spill_folder: Path | None = None, allowed_bits: tuple[int, ...] = MIXED_BITS) -> dict | None:
+                    spill_folder: Path | None = None, allowed_bits: tuple[int, ...] = MIXED_BITS,
+                    fused: bool = False) -> dict | None:
     """With ``avg_bits``: measure every layer's sensitivity, choose its option within the budget, and
     return the manifest's record of it (which the quantizing pass and a resumed run read). The measuring
-    pass carries its activations under the run's budget, spilling beyond it into ``spill_folder``."""
+    pass carries its activations under the run's budget, spilling beyond it into ``spill_folder``. With
+    ``fused``, the layers vLLM fuses into one (q/k/v, gate/up) get one option together."""
     if request.avg_bits is None:
         return None
     options = mixed_options(cfg, allowed_bits)
@@ -97,8 +99,9 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
     finally:
         if spill_folder is not None:
             shutil.rmtree(spill_folder, ignore_errors=True)
+    units = fused_units([c.name for c in costs]) if fused else [[c.name] for c in costs]
     try:
-        choice = choose_options(costs, request.avg_bits, LayerOption(cfg.bits, cfg.group_size))
+        choice = unfuse(choose_options(fuse(costs, units), request.avg_bits, LayerOption(cfg.bits, cfg.group_size)))
     except UserError as exc:
         if 3 in MIXED_BITS and 3 not in allowed_bits:
             raise UserError(f"{exc} (--format gptq also offers 3-bit layers)") from None
@@ -112,6 +115,9 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
         "avg_bits": round(achieved, 4),
         "predicted_loss": sum(c.losses[choice[c.name]] for c in costs),
         "measure": "block output mean squared error with the layer alone quantized (RTN, min/max grids)",
+        # The sibling layers given one option together (vLLM fuses them), by their names within a block.
+        "fused": [list(leaves) for leaves in sorted({tuple(name.rpartition(".")[2] for name in unit)
+                                                     for unit in units if len(unit) > 1})],
         "layers": {c.name: {"option": dataclasses.asdict(choice[c.name]),
                             "sensitivity": {o.label: loss for o, loss in c.losses.items()}} for c in costs},
     }
@@ -124,8 +130,7 @@ features: both must be multiples of 32."""
 
 def check_packable(model, selection, head: bool = False) -> list[LayerWidth]:
     """One-line error, on the skeleton before any calibration, for a selected layer (or, with ``head``, the
-    output head, which only the GPTQ format holds) that cannot be packed; the selected layers' input widths
-    otherwise."""
+    output head) that cannot be packed; the selected layers' input widths otherwise."""
     from compress.select import block_linears, find_blocks
 
     prefix, blocks = find_blocks(model)
@@ -141,7 +146,7 @@ def check_packable(model, selection, head: bool = False) -> list[LayerWidth]:
         for what, size in (("a vocabulary", linear.out_features), ("a hidden size", linear.in_features)):
             if size % PACK_WIDTH:
                 raise UserError(f"--lm-head-bits: the head ({name}) has {what} of {size}, not a multiple of "
-                                f"{PACK_WIDTH}, so the GPTQ format cannot pack it: drop --lm-head-bits to keep the "
+                                f"{PACK_WIDTH}, so neither format can pack it: drop --lm-head-bits to keep the "
                                 "head in float")
     return widths
 
@@ -159,13 +164,13 @@ class Planned:
     linears: list[str] = field(default_factory=list)
 
 
-def plan_on_skeleton(request: QuantizeRequest, planned: Planned, head: bool) -> Callable:
+def plan_on_skeleton(request: QuantizeRequest, planned: Planned, head_bits: int | None) -> Callable:
     """The output folder's tag, made from the skeleton once the format is chosen for the settings and the widths (a
     default group size that does not divide them steps down, said aloud)."""
     def settle(model) -> str:
         cfg = planned.cfg
-        widths = check_packable(model, request.selection, head)
-        choice = choose_format(request.format, cfg, widths, request.group_size is not None, head)
+        widths = check_packable(model, request.selection, head_bits is not None)
+        choice = choose_format(request.format, cfg, widths, request.group_size is not None, head_bits)
         if choice.note:
             request.say(choice.note)
         if choice.group_size != cfg.group_size:
@@ -196,7 +201,7 @@ def checkpoint_config(fmt: CheckpointFormat, cfg: WeightQuantConfig, method: str
                                         [layer.shape[1] for layer in stats.layers], record.head, overrides)
     options = {layer.name: (overrides[layer.name].bits, overrides[layer.name].group_size) if layer.name in overrides
                else (cfg.bits, cfg.group_size) for layer in stats.layers}
-    return compressed_tensors_config(cfg, method, __version__, options, sorted(set(linears) - set(options)))
+    return compressed_tensors_config(cfg, method, __version__, options, sorted(set(linears) - set(options)), record.head)
 
 
 def quantize(request: QuantizeRequest) -> QuantizeResult:
@@ -212,9 +217,12 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
     if cfg.act_bits is not None and request.avg_bits is not None:
         raise UserError("--avg-bits mixes weight widths; W8A8 (--act-bits) has one: drop one of them")
     head_cfg = request.head_config()
+    if cfg.act_bits is not None and head_cfg is not None:
+        raise UserError("--lm-head-bits packs the head for float activations; a W8A8 (--act-bits) head is not "
+                        "written: drop --lm-head-bits")
     started = time.perf_counter()
     planned = Planned(cfg)
-    opened = open_for_run(request, plan_on_skeleton(request, planned, head_cfg is not None),
+    opened = open_for_run(request, plan_on_skeleton(request, planned, head_cfg.bits if head_cfg else None),
                           method.needs_data(cfg) or request.avg_bits is not None)
     cfg, fmt = planned.cfg, planned.format
     layout = fmt.layout(cfg)
@@ -225,7 +233,7 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         if not output.resumed:  # what comes before the blocks, done once: a resumed run reads it from the record
             record.head = write_outside_blocks(run, output.writer, head_cfg, layout)
             record.mixed = mixed_precision(request, cfg, run, output.partial.folder / "activations" / "sensitivity",
-                                           fmt.bits)
+                                           fmt.bits, fused=fmt.name == "compressed-tensors")
         overrides = {name: LayerOption(**c["option"]) for name, c in (record.mixed or {}).get("layers", {}).items()}
         quantize_model(run.source, method, cfg, run.windows if method.needs_data(cfg) else None, run.device,
                        request.selection, request.progress, emit=output.writer.write_module,
@@ -234,11 +242,15 @@ def quantize(request: QuantizeRequest) -> QuantizeResult:
         if head_cfg and not run.source.streaming:  # the model in memory gets the head the file has
             quantize_head(run.model, head_cfg, run.lazy.dtype, layout)
         manifest = _manifest(request, method, cfg, run, output, record, time.perf_counter() - quant_started)
+        mixed_bits = frozenset(option.bits for option in overrides.values()) if record.mixed else None
         manifest["format"] = {"name": fmt.name,
-                              "engines": fmt.engines(cfg, head_cfg is not None, request.avg_bits is not None,
+                              "engines": fmt.engines(cfg, head_cfg.bits if head_cfg else None, mixed_bits,
                                                      run.model.config.model_type)}
         qcfg = checkpoint_config(fmt, cfg, method.name, record, overrides, planned.linears)
-        folder = output.finish(qcfg, manifest)
+        # A compressed-tensors head is packed apart from the embedding's float copy: a loader that tied them would
+        # run that copy as the head (vLLM does).
+        untie = fmt.name == "compressed-tensors" and bool(record.head and record.head["tied_embedding"])
+        folder = output.finish(qcfg, manifest, {"tie_word_embeddings": False} if untie else None)
     return QuantizeResult(folder, manifest["source"]["bytes"], weight_bytes_on_disk(folder),
                           time.perf_counter() - started, peak_rss_bytes(), manifest,
                           None if run.source.streaming else run.model)

@@ -7,7 +7,7 @@ import torch
 from compress.api import QuantizeRequest, quantize
 from compress.backends.vllm_env import VllmJob, score_prompts, vllm_python
 from compress.checkpoint import load_quantized
-from compress.formats import VLLM_FAMILIES, VLLM_W8A8_FAMILIES
+from compress.formats import VLLM_FAMILIES, VLLM_HEAD_FAMILIES, VLLM_W8A8_FAMILIES
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +20,10 @@ LAYOUTS = [
     ("w8a8-smoothquant", dict(method="smoothquant"), "CPUInt8ScaledMMLinearKernel (CompressedTensorsW8A8Int8)"),
     ("w8a8-gptq", dict(method="gptq", act_bits=8), "CPUInt8ScaledMMLinearKernel (CompressedTensorsW8A8Int8)"),
     ("fp8-dynamic", dict(method="fp8"), "ChannelWiseTorchFP8ScaledMMLinearKernel (CompressedTensorsW8A8Fp8)"),
+    # A 4-bit head (vLLM's CPU kernels take no 8-bit weight-only layer), untied here; OPT's tied one below.
+    ("rtn-head4", dict(method="rtn", lm_head_bits=4), "CPUWNA16LinearKernel (CompressedTensorsWNA16)"),
+    # Mixed precision among 4-bit group sizes (128 and 32), q/k/v and gate/up sharing one option as vLLM fuses them.
+    ("mixed-w4", dict(method="rtn", avg_bits=4.6), "CPUWNA16LinearKernel (CompressedTensorsWNA16)"),
 ]
 TOLERANCE = {"fp8-dynamic": 0.05}
 """FP8 keeps 3 mantissa bits: an activation that bfloat16 (vLLM) and float32 (ours) round apart can land on the
@@ -48,9 +52,17 @@ def wide_llama(tmp_path_factory):
 def checkpoints(wide_llama, calib_file):
     folders = {}
     for name, settings, _ in LAYOUTS:
-        result = quantize(QuantizeRequest(model=str(wide_llama), calib=str(calib_file), nsamples=8, seqlen=64,
-                                          out=str(wide_llama.parent / name), progress=False, device="cpu", **settings))
+        with pytest.MonkeyPatch.context() as patch:
+            if "avg_bits" in settings:  # vLLM's CPU kernels run 4-bit layers only: a choice among group sizes
+                patch.setattr("compress.quant.run.MIXED_BITS", (4,))
+            result = quantize(QuantizeRequest(model=str(wide_llama), calib=str(calib_file), nsamples=8, seqlen=64,
+                                              out=str(wide_llama.parent / name), progress=False, device="cpu",
+                                              **settings))
         assert any(engine.startswith("vLLM") for engine in result.manifest["format"]["engines"]), name
+        if "avg_bits" in settings:
+            options = {(c["option"]["bits"], c["option"]["group_size"])
+                       for c in result.manifest["mixed_precision"]["layers"].values()}
+            assert options == {(4, 128), (4, 32)}, options
         folders[name] = result.folder
     return folders
 
@@ -119,7 +131,7 @@ def test_smollm2_default_checkpoint_in_vllm_scores_our_perplexity_within_one_per
 
 
 # Every family of VLLM_FAMILIES is here or in LAYOUTS' wide Llama.
-WIDE = {"mistral": dict(hidden_size=128, intermediate_size=256, head_dim=32),
+WIDE = {"mistral": dict(hidden_size=128, intermediate_size=256, head_dim=32, tie_word_embeddings=True),
         "gpt_neox": dict(hidden_size=128, intermediate_size=256),
         "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128)}
 """Other families, widened so that their heads are 32 wide (vLLM's CPU attention needs it)."""
@@ -154,16 +166,18 @@ def family_scores(tmp_path_factory, calib_file):
 
 
 FAMILY_SCHEMES = {"w4": dict(method="rtn"), "w8a8": dict(method="smoothquant", nsamples=4, seqlen=64),
-                  "fp8": dict(method="fp8")}
+                  "fp8": dict(method="fp8"), "head4": dict(method="rtn", lm_head_bits=4)}
 FAMILY_KERNELS = {"w4": "CPUWNA16LinearKernel", "w8a8": "CPUInt8ScaledMMLinearKernel",
-                  "fp8": "ChannelWiseTorchFP8ScaledMMLinearKernel"}
+                  "fp8": "ChannelWiseTorchFP8ScaledMMLinearKernel", "head4": "CPUWNA16LinearKernel"}
 FAMILY_CASES = [(arch, scheme) for scheme, families in (("w4", VLLM_FAMILIES), ("w8a8", VLLM_W8A8_FAMILIES),
                                                         ("fp8", VLLM_W8A8_FAMILIES)) for arch in families if arch in WIDE]
+FAMILY_CASES += [(arch, "head4") for arch in VLLM_HEAD_FAMILIES if arch in WIDE]  # tied: the config unties them
 
 
 def test_every_family_the_closing_line_names_vllm_for_is_tested_here():
     assert set(VLLM_FAMILIES) == {"llama", *WIDE} and set(VLLM_W8A8_FAMILIES) <= set(VLLM_FAMILIES)
     assert "llama" in VLLM_W8A8_FAMILIES and any(name.startswith("w8a8") for name, _, _ in LAYOUTS)
+    assert set(VLLM_HEAD_FAMILIES) <= {"llama", *WIDE} and any("head" in name for name, _, _ in LAYOUTS)
 
 
 @pytest.mark.parametrize("arch, scheme", FAMILY_CASES)

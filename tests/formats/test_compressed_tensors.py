@@ -99,7 +99,7 @@ def test_transformers_runs_the_default_checkpoint_as_our_loader_does(arch, tmp_p
 
 
 @pytest.mark.parametrize("kw", [dict(method="rtn", sym=True, bits=8, group_size=-1),
-                                dict(method="gptq", avg_bits=5.2, group_size=32)])
+                                dict(method="gptq", avg_bits=6.0, group_size=32)])
 def test_symmetric_per_channel_and_mixed_precision_checkpoints_load_in_transformers(kw, tmp_path, calib_file):
     pytest.importorskip("compressed_tensors", reason="install the [ct] extra")
     from transformers import AutoModelForCausalLM
@@ -110,7 +110,14 @@ def test_symmetric_per_channel_and_mixed_precision_checkpoints_load_in_transform
     if "avg_bits" in kw:
         chosen = {name: c["option"]["bits"] for name, c in result.manifest["mixed_precision"]["layers"].items()}
         assert len(set(chosen.values())) > 1 and len(qcfg["config_groups"]) > 1
+        assert "vLLM" not in result.manifest["format"]["engines"]  # its CPU kernels run no 8-bit weight-only layer
         assert all(ours.get_submodule(name).bits == bits for name, bits in chosen.items())
+        # vLLM fuses q/k/v and gate/up into one layer each, with one scheme: the choice gives them one option.
+        assert result.manifest["mixed_precision"]["fused"] == [["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]]
+        layers = result.manifest["mixed_precision"]["layers"]
+        for block in range(2):
+            for siblings in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+                assert len({json.dumps(layers[f"model.layers.{block}.{leaf}"]["option"]) for leaf in siblings}) == 1
     else:
         assert qcfg["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
     theirs = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32)

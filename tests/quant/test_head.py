@@ -1,6 +1,7 @@
-"""The output head quantized too (--lm-head-bits), with a tied embedding reading the head's codes:
-saved and reloaded by our loader it gives the in-memory logits exactly; transformers, which knows no
-quantized head, finds float16 copies and agrees to float16 rounding."""
+"""The output head quantized too (--lm-head-bits), with a tied embedding reading the head's codes, in both
+formats: saved and reloaded by our loader it gives the in-memory logits exactly; transformers agrees to float16
+rounding (through compressed-tensors it unpacks the head; through optimum, which knows no quantized head, it finds
+float16 copies)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,35 @@ import torch
 from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import load_quantized
 from compress.errors import UserError
+from compress.formats import compressed_tensors as ct
 from compress.quant.head import QuantEmbedding, layer_settings
 from tests.conftest import CAUSAL_ARCHS
 
 TIED = {"mpt", "opt", "bloom", "falcon"}  # the tiny configs whose embedding is tied to the head
+FORMATS = ["compressed-tensors", "gptq"]
 
 
-def quantized_with_head(arch, tmp_path, bits=4):
+def quantized_with_head(arch, tmp_path, bits=4, fmt="compressed-tensors"):
     return quantize(QuantizeRequest(model=f"tiny-{arch}", method="rtn", bits=bits, group_size=32, lm_head_bits=8,
-                                    out=str(tmp_path / arch), device="cpu", progress=False, in_memory=True))
+                                    format=fmt, out=str(tmp_path / arch), device="cpu", progress=False,
+                                    in_memory=True))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)
-def test_a_quantized_head_reloads_exactly(arch, tmp_path):
-    result = quantized_with_head(arch, tmp_path)
+def test_a_quantized_head_reloads_exactly(arch, fmt, tmp_path):
+    result = quantized_with_head(arch, tmp_path, fmt=fmt)
     head = result.manifest["lm_head"]
     assert head["bits"] == 8 and head["group_size"] == -1
     assert bool(head["tied_embedding"]) == (arch in TIED)
-    qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
-    assert qcfg["lm_head"] is True
-    assert layer_settings(qcfg, head["module"]) == (8, -1)
+    config = json.loads((result.folder / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    if fmt == "gptq":
+        assert qcfg["lm_head"] is True
+        assert layer_settings(qcfg, head["module"]) == (8, -1)
+    else:  # a group of its own, symmetric whatever the body's grids, and never tied to the embedding's float copy
+        assert ct.layer_settings(qcfg, head["module"]) == (8, -1) and ct.layer_symmetric(qcfg, head["module"])
+        assert head["module"] not in qcfg["ignore"] and config.get("tie_word_embeddings") in (False, None)
     ids = torch.randint(0, 200, (2, 10))
     with torch.no_grad():
         expected = result.model.eval()(ids).logits
@@ -41,11 +51,12 @@ def test_a_quantized_head_reloads_exactly(arch, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", sorted(TIED - {"falcon"}) + ["llama"])  # falcon: optimum packs none of its layers
-def test_transformers_loads_the_float_copies(arch, tmp_path):
+def test_transformers_loads_the_head(arch, fmt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = quantized_with_head(arch, tmp_path)
+    result = quantized_with_head(arch, tmp_path, fmt=fmt)
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         expected = result.model.eval()(ids).logits
@@ -62,7 +73,8 @@ def test_a_tied_quantized_head_is_stored_once_in_memory(tmp_path):
     head, embedding = result.model.get_output_embeddings(), result.model.get_input_embeddings()
     assert embedding.source is head
     float_head = plain.model.get_output_embeddings().weight
-    saved = float_head.numel() * float_head.element_size() - head.qweight.numel() * 4 - head.scales.numel() * 2
+    packed = sum(buffer.numel() * buffer.element_size() for buffer in head.buffers())
+    saved = float_head.numel() * float_head.element_size() - packed
     assert model_weight_bytes(plain.model) - model_weight_bytes(result.model) >= 0.9 * saved
 
 
@@ -169,15 +181,16 @@ def test_a_head_the_format_cannot_pack_is_refused_before_any_work(tmp_path, voca
                  "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: --lm-head-bits: the head (lm_head) has a vocabulary of {vocab}, not a multiple of 32, so "
-                   "the GPTQ format cannot pack it: drop --lm-head-bits to keep the head in float\n")
+                   "neither format can pack it: drop --lm-head-bits to keep the head in float\n")
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
     # Without the head the same model quantizes (its blocks are packable).
     assert main(["quantize", str(source), "--method", "rtn", "--out", str(tmp_path / "q"), "--device", "cpu",
                  "--no-progress"]) == 0
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("in_memory", [True, False])
-def test_a_tied_source_storing_its_head_gets_no_float_head_beside_the_packed_one(tmp_path, in_memory):
+def test_a_tied_source_storing_its_head_gets_no_float_head_beside_the_packed_one(tmp_path, in_memory, fmt):
     """Some tied checkpoints store lm_head.weight beside the embedding; the output must not carry it."""
     from safetensors.torch import load_file, save_file
 
@@ -187,15 +200,43 @@ def test_a_tied_source_storing_its_head_gets_no_float_head_beside_the_packed_one
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     result = quantize(QuantizeRequest(model=str(source), method="rtn", bits=4, group_size=32, lm_head_bits=8,
-                                      out=str(tmp_path / "q"), device="cpu", progress=False, in_memory=in_memory))
+                                      format=fmt, out=str(tmp_path / "q"), device="cpu", progress=False,
+                                      in_memory=in_memory))
     assert result.manifest["lm_head"]["tied_embedding"] == "model.embed_tokens"
     written = load_file(result.folder / "model.safetensors")
-    assert "lm_head.weight" not in written and "lm_head.qweight" in written
+    packed_name = "qweight" if fmt == "gptq" else "weight_packed"
+    assert "lm_head.weight" not in written and f"lm_head.{packed_name}" in written
     ids = torch.randint(0, 200, (1, 8))
     reloaded, _ = load_quantized(result.folder)
     plain = tmp_path / "plain"  # the same source without the stored head: the same checkpoint
     tiny_llama_variant(plain, tie_word_embeddings=True)
     other = quantize(QuantizeRequest(model=str(plain), method="rtn", bits=4, group_size=32, lm_head_bits=8,
-                                     out=str(tmp_path / "q2"), device="cpu", progress=False, in_memory=in_memory))
+                                     format=fmt, out=str(tmp_path / "q2"), device="cpu", progress=False,
+                                     in_memory=in_memory))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, load_quantized(other.folder)[0](ids).logits, rtol=0, atol=0)
+
+
+def test_an_untied_compressed_tensors_head_has_no_float_copy(tmp_path):
+    """Every reader of compressed-tensors unpacks the head as its config says: a float lm_head.weight beside the
+    packed one would be a second head (vLLM refuses the unknown tensor)."""
+    from safetensors.torch import load_file
+
+    result = quantized_with_head("llama", tmp_path)
+    written = load_file(result.folder / "model.safetensors")
+    assert "lm_head.weight_packed" in written and "lm_head.weight" not in written
+    assert not any(name.startswith("model.embed_tokens.") and name != "model.embed_tokens.weight" for name in written)
+
+
+def test_head_bits_the_default_format_cannot_hold_fall_back_to_gptq_aloud(tmp_path, capsys):
+    result = quantize(QuantizeRequest(model="tiny-llama", method="rtn", bits=4, group_size=32, lm_head_bits=3,
+                                      out=str(tmp_path / "q"), device="cpu", progress=True))
+    assert result.manifest["format"]["name"] == "gptq"
+    assert "written in the GPTQ layout, not compressed-tensors (what vLLM loads): it holds 2, 4, 8-bit weights, not " \
+           "a 3-bit head" in capsys.readouterr().err
+
+
+def test_a_w8a8_head_is_refused(tmp_path):
+    with pytest.raises(UserError, match="drop --lm-head-bits"):
+        quantize(QuantizeRequest(model="tiny-llama", method="rtn", act_bits=8, lm_head_bits=8, out=str(tmp_path / "q"),
+                                 device="cpu", progress=False))

@@ -9,7 +9,8 @@ import torch
 from compress.api import QuantizeRequest, quantize
 from compress.checkpoint import load_quantized
 from compress.errors import UserError
-from compress.quant.mixed import LayerCost, LayerOption, average_bits, choose_options, stored_bits
+from compress.quant.mixed import (LayerCost, LayerOption, average_bits, choose_options, fuse, fused_units, stored_bits,
+                                  unfuse)
 
 W3, W4, W8 = LayerOption(3, 128), LayerOption(4, 128), LayerOption(8, 128)
 
@@ -113,3 +114,34 @@ def test_the_sensitivity_pass_carries_only_its_windows_under_the_activation_budg
     assert windows and set(windows) == {sensitivity.SENSITIVITY_WINDOWS}  # not the 16 calibration windows
     assert folders and all(f == tmp_path / ".q.partial" / "activations" / "sensitivity" for f in folders)
     assert out.is_dir() and not (tmp_path / ".q.partial").exists()
+
+
+def test_the_layers_vllm_fuses_are_grouped_under_one_parent_only_when_all_are_present():
+    names = ["m.0.self_attn.q_proj", "m.0.self_attn.k_proj", "m.0.self_attn.v_proj", "m.0.self_attn.o_proj",
+             "m.0.mlp.gate_proj", "m.0.mlp.up_proj", "m.0.mlp.down_proj", "m.1.mlp.gate_proj",
+             "m.2.attention.query_key_value"]
+    assert fused_units(names) == [names[:3], [names[3]], names[4:6], [names[6]], [names[7]], [names[8]]]
+
+
+def test_fused_siblings_get_one_option_and_the_budget_counts_each_member():
+    """q/k/v of one block fused: whatever the budget, the three share an option, the stored bits are the members'
+    (three g_idx, not one), and a unit is upgraded for the sum of its members' losses."""
+    g = torch.Generator().manual_seed(1)
+    layers = []
+    for block in range(4):
+        for leaf, shape in (("q_proj", (512, 512)), ("k_proj", (128, 512)), ("v_proj", (128, 512)),
+                            ("o_proj", (512, 512))):
+            base = float(torch.rand(1, generator=g)) * (30 if (block, leaf) == (2, "k_proj") else 1)
+            layers.append(LayerCost(f"b{block}.{leaf}", shape, {W4: base, W8: base / 100}))
+    units = fused_units([c.name for c in layers])
+    fused = fuse(layers, units)
+    assert len(fused) == 8 and fused[0].name == "b0.q_proj+b0.k_proj+b0.v_proj"
+    assert fused[0].bits(W4) == sum(c.bits(W4) for c in layers[:3]) and fused[0].weight_count == 768 * 512
+    uniform = average_bits(layers, {c.name: W4 for c in layers})
+    for extra in (0.3, 1.0, 2.0):
+        choice = unfuse(choose_options(fused, uniform + extra, base=W4))
+        assert set(choice) == {c.name for c in layers} and average_bits(layers, choice) <= uniform + extra
+        for block in range(4):
+            assert len({choice[f"b{block}.{leaf}"] for leaf in ("q_proj", "k_proj", "v_proj")}) == 1
+    # The sensitive k_proj takes its siblings up with it first.
+    assert choice["b2.q_proj"] == choice["b2.v_proj"] == W8
