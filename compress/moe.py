@@ -51,8 +51,9 @@ class UnfusedExperts(nn.ModuleList):
         return final
 
 
-# Fused experts modules this module knows how to unfuse (by class name).
-FUSED_EXPERTS = {"MixtralExperts"}
+# Fused experts modules this module knows how to unfuse (by class name): the same layout and call in both (Qwen2-MoE's
+# shared expert is an ordinary MLP beside them, its scalar gate a linear layer left in float: compress.select).
+FUSED_EXPERTS = {"MixtralExperts", "Qwen2MoeExperts"}
 # model_type -> the per-expert names its float checkpoints use for (gate_proj, up_proj, down_proj).
 CHECKPOINT_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 EXPERT_LAYERS = ("gate_proj", "up_proj", "down_proj")
@@ -90,7 +91,7 @@ def unfuse_experts(model: nn.Module) -> int:
         kind = type(module).__name__
         if kind not in FUSED_EXPERTS:
             raise UserError(f"{type(model).__name__} has mixture-of-experts layers ({kind}) this tool cannot split "
-                            "into experts yet: Mixtral-style models are supported")
+                            "into experts yet: Mixtral and Qwen2-MoE are supported")
         gate_up, down = module.gate_up_proj, module.down_proj
         experts, two_i, hidden = gate_up.shape
         device = "meta" if gate_up.is_meta else gate_up.device

@@ -49,10 +49,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module, selection: ModuleSelection) -> dict[str, nn.Linear]:
-    """The nn.Linear layers of one block (subclasses included) that the selection accepts, in order."""
+    """The nn.Linear layers of one block (subclasses included) that the selection accepts, in order, gates aside."""
     from torch import nn
 
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and selection.accepts(name)}
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not is_gate(m) and selection.accepts(name)}
+
+
+def is_gate(linear: nn.Linear) -> bool:
+    """A linear layer with one output is a gate (Qwen2-MoE's shared_expert_gate scales the whole shared expert): no
+    method touches it, as GPTQModel and llm-compressor leave it, and no packed format holds a 1-wide layer."""
+    return linear.out_features == 1
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

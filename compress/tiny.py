@@ -11,7 +11,10 @@ from pathlib import Path
 
 TINY_VOCAB = 512
 
-# model_type -> config keyword arguments (the names each transformers config class uses).
+_ATTENTION_32 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     max_position_embeddings=512)
+
+# name -> config keyword arguments (the names each transformers config class uses).
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512),
@@ -31,7 +34,29 @@ TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, num_local_experts=4,
                     num_experts_per_tok=2),
+    # Today's families: heads 32 wide (vLLM's CPU attention needs at least 32), two query heads sharing one
+    # key/value head, each family's own parts switched on.
+    "llama3": dict(_ATTENTION_32, model_type="llama", intermediate_size=128, tie_word_embeddings=True,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+    "qwen2": dict(_ATTENTION_32, intermediate_size=128, use_sliding_window=False),  # q/k/v carry biases
+    "qwen3": dict(_ATTENTION_32, intermediate_size=128, head_dim=32, use_sliding_window=False),  # q/k norms
+    # Sliding and global layers, logit and attention soft-capping, the norms after attention and MLP too.
+    "gemma2": dict(_ATTENTION_32, intermediate_size=128, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    # Sliding layers with their own RoPE base, a scaled embedding, q/k norms.
+    "gemma3": dict(_ATTENTION_32, model_type="gemma3_text", intermediate_size=128, head_dim=32,
+                   query_pre_attn_scalar=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(_ATTENTION_32, intermediate_size=128, original_max_position_embeddings=512),  # fused qkv, gate_up
+    # Mixture of experts with a shared expert beside the routed ones (4 experts, 2 per token).
+    "qwen2_moe": dict(_ATTENTION_32, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                      use_sliding_window=False),
 }
+"""Tiny name -> config keyword arguments; ``model_type`` where the name is not one (Llama 3 is a Llama with its own
+rope scaling; Gemma 3's text model is ``gemma3_text``)."""
 
 # Short original text to train the tiny tokenizer on: enough variety for a few hundred merges.
 _TRAINING_TEXT = """
@@ -51,10 +76,15 @@ the, and, ing, tion, ment, ness, able, ally, ers, est, pre, pro, con, com, dis, 
 """
 
 
-def tiny_config(model_type: str):
+def tiny_model_type(name: str) -> str:
+    return TINY_CONFIGS[name].get("model_type", name)
+
+
+def tiny_config(name: str):
     from transformers import AutoConfig
 
-    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs = dict(TINY_CONFIGS[name])
+    model_type = kwargs.pop("model_type", name)
     kwargs.setdefault("vocab_size", TINY_VOCAB)
     # Special tokens must exist in the tiny vocabulary (GPT-J's default 50256 does not).
     kwargs.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)

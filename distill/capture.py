@@ -40,7 +40,8 @@ def _scores_attention(module, query, key, value, attention_mask, scaling=None, d
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     recorder = getattr(module, _RECORDER, None)
-    if recorder is None:
+    softcap = kwargs.get("softcap")
+    if recorder is None and softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if scaling is None:
@@ -50,6 +51,9 @@ def _scores_attention(module, query, key, value, attention_mask, scaling=None, d
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:  # Gemma 2's attention soft-capping: the scores softmax sees are the capped ones
+        scores = torch.tanh(scores / softcap) * softcap
+    # A sliding window needs nothing here: the eager-style mask already hides what lies outside it.
     q_len, k_len = scores.shape[-2:]
     if attention_mask is not None:
         bias = attention_mask[..., :k_len]
@@ -67,7 +71,8 @@ def _scores_attention(module, query, key, value, attention_mask, scaling=None, d
     probs = torch.softmax(weights.float(), dim=-1).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    recorder(scores, usable)
+    if recorder is not None:
+        recorder(scores, usable)
     return output, probs
 
 

@@ -10,6 +10,7 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.checkpoint import MANIFEST_NAME, load_quantized
 from compress.formats import VLLM_FAMILIES, packed_settings
+from compress.tiny import tiny_model_type
 from compress.models import load_model, resolve
 from compress.quant.linear import QuantLinear
 from tests.conftest import ALL_ARCHS, assert_same_checkpoint, model_output
@@ -40,10 +41,12 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
     assert packed and len(packed) == len(result.manifest["layers"])
     assert all(m.bits == 4 and m.group_size == 32 for m in packed)
     # The quantized model stays close to the original but is not the original: at most 0.127 over the 30 cases
-    # today (AWQ on MPT; reports/test_bounds.json).
+    # today (AWQ on MPT; reports/test_bounds.json). Gemma's norms after attention and MLP give every random branch a
+    # unit-RMS output against an embedding of RMS 0.16, so its errors reach the logits whole: RTN W4 g32 0.25 (W8
+    # 0.016, the same 16x), against 0.076 on the same-sized Llama 3.
     original = model_output(load_model(resolve(f"tiny-{arch}").path)[0], ids)
     rel = (in_memory - original).norm() / original.norm()
-    assert 0 < rel < 0.15
+    assert 0 < rel < (0.3 if arch.startswith("gemma") else 0.15)
     assert result.output_bytes < result.source_bytes
 
     manifest = json.loads((result.folder / MANIFEST_NAME).read_text())
@@ -62,7 +65,8 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
     assert weights["actorder"] == ("weight" if method == "gptq" else None)
     assert "lm_head" in qcfg["ignore"] or arch == "bert"
     assert manifest["format"]["name"] == "compressed-tensors"
-    assert ("vLLM" in manifest["format"]["engines"]) == (arch in VLLM_FAMILIES)  # the families a test loads in vLLM
+    # The families a test loads in vLLM, by model type (Llama 3 is a Llama).
+    assert ("vLLM" in manifest["format"]["engines"]) == (tiny_model_type(arch) in VLLM_FAMILIES)
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order", [(8, -1, True, False), (3, 32, False, False),

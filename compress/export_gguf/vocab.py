@@ -43,6 +43,18 @@ class Vocabulary:
     add_eos: bool = False
 
 
+_SPLIT_REGEXES = {
+    # Qwen 2 and 3: letters, one digit at a time, punctuation runs, newlines, spaces.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    # Llama 3: the same with digits in runs of up to three.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
+"""A Split regex (isolated matches, then byte-level without a regex of its own) -> llama.cpp's pre-tokenizer that
+splits with the same regex."""
+
+
 def pre_tokenizer_name(spec: dict | None) -> str:
     """llama.cpp's name for the regex that splits text as ``spec`` (tokenizer.json's pre_tokenizer) does."""
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True) and not spec.get("add_prefix_space"):
@@ -53,8 +65,14 @@ def pre_tokenizer_name(spec: dict | None) -> str:
         if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") \
                 and pre_tokenizer_name(parts[1]) == "gpt-2":
             return "smollm"  # each digit alone, then GPT-2's regex (StarCoder, SmolLM)
+        if kinds == ["Split", "ByteLevel"] and parts[0].get("behavior") == "Isolated" \
+                and not parts[0].get("invert") and not parts[1].get("use_regex", True):
+            name = _SPLIT_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+            if name is not None:
+                return name
     raise UserError(f"the tokenizer's pre-tokenizer ({json.dumps(spec)[:120]}) has no llama.cpp equivalent known "
-                    "here: export-gguf handles byte-level BPE tokenizers (GPT-2, SmolLM, StarCoder style)")
+                    "here: export-gguf handles byte-level BPE tokenizers (GPT-2, SmolLM, StarCoder, Qwen and Llama 3 "
+                    "style)")
 
 
 def _is_sentencepiece(folder: Path, spec: dict | None) -> bool:

@@ -146,6 +146,9 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
         else:
             writer.add_tensor(target, _numpy(param, np.float16))
             counts["float16"] += 1
+    for target, tensor in layout.extra_tensors(config).items():
+        writer.add_tensor(target, _numpy(tensor, np.float32))
+        counts["float32"] += 1
     writer.write_header_to_file(path=out)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

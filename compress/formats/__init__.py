@@ -46,6 +46,7 @@ TRANSFORMERS_CANNOT = {
     "falcon": "its layers are FalconLinear, a subclass that optimum does not replace and compressed-tensors leaves "
               "without the weight its forward reads",
     "mixtral": "transformers 5 fuses the experts into 3-D tensors that neither quantizer replaces",
+    "qwen2_moe": "transformers 5 fuses the experts into 3-D tensors that neither quantizer replaces",
 }
 """Families whose packed checkpoints transformers cannot run, in either format (tests/test_checkpoint.py,
 tests/formats); GPTQModel and our loader run them."""

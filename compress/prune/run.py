@@ -20,7 +20,7 @@ from compress import __version__
 from compress.checkpoint import MANIFEST_NAME, gptq_quantization_config
 from compress.errors import UserError
 from compress.output import atomic_folder
-from compress.models import weight_bytes_on_disk
+from compress.models import source_license, weight_bytes_on_disk
 from compress.prune.request import PruneRequest  # noqa: F401  (re-exported)
 from compress.prune.apply import PruneStats, prune_layerwise
 from compress.prune.progress import PruneProgress
@@ -114,6 +114,7 @@ def _manifest(request: PruneRequest, method, cfg, quant, run, stats: PruneStats,
         "config": dataclasses.asdict(cfg),
         "quantization": dataclasses.asdict(quant) if quant else None,
         "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
+                   "license": source_license(resolved),
                    "bytes": weight_bytes_on_disk(resolved.path)},
         "calibration": run.calibration.to_dict() if run.calibration else None,
         "selection": {"include": request.include, "exclude": request.exclude},

@@ -101,6 +101,7 @@ def _prune_units(model, cfg: StructuredConfig, windows, device, prefix: str, sho
         layout = mlp_layout(model)
         consumer, producers = layout.output, {name: 1 for name in layout.inputs}
         units, unit_width, unit_name = shape.mlp, 1, "MLP channels"
+        stacked = layout.stacked
     else:
         layout = attention_layout(model, windows[0])
         group = shape.heads // shape.kv_heads
@@ -108,6 +109,7 @@ def _prune_units(model, cfg: StructuredConfig, windows, device, prefix: str, sho
         producers = {layout.query: group, **{name: 1 for name in layout.keys_values}}
         units, unit_width = shape.kv_heads, group * shape.head_dim
         unit_name = "heads" if group == 1 else "kv groups"
+        stacked = {}
     remove = removal_count(units, cfg.sparsity, unit_name)
     if cfg.target == "heads":
         kept_heads = (units - remove) * (shape.heads // shape.kv_heads)
@@ -128,7 +130,12 @@ def _prune_units(model, cfg: StructuredConfig, windows, device, prefix: str, sho
         columns = expand(keep, unit_width)
         # Rows each producer keeps: a query layer owns `group` heads per kv group, k/v and MLP inputs one unit.
         head = 1 if cfg.target == "mlp" else shape.head_dim
-        cuts[index] = Cut({p: expand(keep, per * head) for p, per in producers.items()}, (consumer, columns))
+
+        def rows(producer: str, per: int) -> torch.Tensor:
+            # A stacked producer's parts each lose the same units: part j's rows start at j x units x width.
+            kept = expand(keep, per * head)
+            return torch.cat([kept + part * units * per * head for part in range(stacked.get(producer, 1))])
+        cuts[index] = Cut({p: rows(p, per) for p, per in producers.items()}, (consumer, columns))
         weight = torch.zeros_like(layer.weight.data)
         weight[:, columns] = layer.weight.data[:, columns]
         return weight

@@ -17,6 +17,7 @@ from torch import nn
 
 from compress.block_inputs import capture_block_inputs, linear_call_groups
 from compress.errors import UserError
+from compress.moe import is_expert_list, is_fused_experts
 from compress.select import ModuleSelection, block_linears, find_blocks
 
 MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
@@ -57,6 +58,9 @@ class MLPLayout:
     """Layers producing the MLP channels (gate and up, or fc1): their rows are cut."""
     output: str
     """The layer reading the MLP channels (down, fc2): its columns are cut."""
+    stacked: dict[str, int] = field(default_factory=dict)
+    """Inputs that hold several producers stacked (Phi-3's gate_up_proj: gate rows, then up rows) -> how many: a
+    channel is cut from each part alike."""
 
 
 @dataclass
@@ -76,13 +80,25 @@ def mlp_layout(model: nn.Module) -> MLPLayout:
         raise UserError(f"{kind}'s MLP is as wide as its hidden size ({shape.hidden}), so its layers cannot be told "
                         "apart by shape: MLP channels cannot be removed from this model")
     _, blocks = find_blocks(model)
+    if any(is_expert_list(module) or is_fused_experts(module) for module in blocks[0].modules()):
+        raise UserError(f"{kind}'s MLPs are mixtures of experts, whose channels are each expert's own: MLP channels "
+                        "cannot be removed from this model; use --target layers")
     linears = block_linears(blocks[0], ModuleSelection())
     outputs = [n for n, m in linears.items() if (m.in_features, m.out_features) == (shape.mlp, shape.hidden)]
-    inputs = [n for n, m in linears.items() if (m.in_features, m.out_features) == (shape.hidden, shape.mlp)]
-    if len(outputs) != 1 or not inputs:
+    # Producers beside the output projection where there are any (Phi-3's fused qkv_proj is as wide as its MLP, in
+    # another module), else anywhere in the block (BERT's intermediate and output are modules of their own).
+    parent = outputs[0].rpartition(".")[0] if len(outputs) == 1 else None
+    siblings = {n: m for n, m in linears.items() if n.rpartition(".")[0] == parent and n not in outputs}
+    candidates = siblings or linears
+    inputs = [n for n, m in candidates.items() if (m.in_features, m.out_features) == (shape.hidden, shape.mlp)]
+    # A fused gate and up projection, twice the MLP width (Phi-3), where no single-width producer exists.
+    fused = [n for n, m in candidates.items() if (m.in_features, m.out_features) == (shape.hidden, 2 * shape.mlp)]
+    if len(outputs) != 1 or not (inputs or fused):
         raise UserError(f"could not find the MLP of {kind}'s blocks (one {shape.mlp}->{shape.hidden} layer fed by "
                         f"{shape.hidden}->{shape.mlp} layers): MLP channels cannot be removed from this model")
-    return MLPLayout(inputs, outputs[0])
+    if inputs:
+        return MLPLayout(inputs, outputs[0])
+    return MLPLayout(fused, outputs[0], {name: 2 for name in fused})
 
 
 def attention_layout(model: nn.Module, window: torch.Tensor) -> AttentionLayout:

@@ -52,7 +52,7 @@ class BitsAndBytesMethod(QuantMethod):
         resolved = resolve(request.model, request.trust_remote_code)
         refuse_source_overlap(out, resolved.path)
         check_checkpoint(resolved.path, request.trust_remote_code)
-        from compress.models import refuse_quantized_source
+        from compress.models import refuse_quantized_source, source_license
         from compress.shards import ShardReader
 
         refuse_quantized_source(request.model, ShardReader(resolved.path))
@@ -71,7 +71,7 @@ class BitsAndBytesMethod(QuantMethod):
             "tool": "compress-workbench", "version": __version__, "method": self.name,
             "config": dataclasses.asdict(cfg),
             "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
-                       "sha256_safetensors": source_hash(resolved.path), "bytes": weight_bytes_on_disk(resolved.path)},
+                       "license": source_license(resolved), "sha256_safetensors": source_hash(resolved.path), "bytes": weight_bytes_on_disk(resolved.path)},
             "calibration": None, "quantized_layers": len(layers), "device": str(device),
             "timings_s": {"quantize": round(quant_seconds, 3)}, "peak_rss_bytes": peak_rss_bytes(),
             "environment": environment(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -20,7 +20,7 @@ from compress.errors import UserError
 from compress.formats import CheckpointFormat, LayerWidth, choose_format, first_misfit
 from compress.formats.compressed_tensors import quantization_config as compressed_tensors_config
 from compress.fingerprint import source_hash
-from compress.models import weight_bytes_on_disk
+from compress.models import source_license, weight_bytes_on_disk
 from compress.quant.apply import quantize_model
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import (check_reproducible, head_and_embedding, head_file_tensors, head_record, pack_head,
@@ -264,6 +264,7 @@ def _manifest(request: QuantizeRequest, method, cfg, run: Loaded, output: RunOut
         "method": method.name,
         "config": dataclasses.asdict(cfg),
         "source": {"reference": request.model, "path": str(resolved.path), "origin": resolved.origin,
+                   "license": source_license(resolved),
                    "sha256_safetensors": source_hash(resolved.path), "bytes": weight_bytes_on_disk(resolved.path)},
         "calibration": run.calibration.to_dict() if run.calibration else None,
         "selection": {"include": request.include, "exclude": request.exclude},

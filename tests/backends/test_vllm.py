@@ -8,6 +8,7 @@ from compress.api import QuantizeRequest, quantize
 from compress.backends.vllm_env import VllmJob, score_prompts, vllm_python
 from compress.checkpoint import load_quantized
 from compress.formats import VLLM_FAMILIES, VLLM_HEAD_FAMILIES, VLLM_W8A8_FAMILIES
+from compress.tiny import tiny_model_type
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +134,8 @@ def test_smollm2_default_checkpoint_in_vllm_scores_our_perplexity_within_one_per
 # Every family of VLLM_FAMILIES is here or in LAYOUTS' wide Llama.
 WIDE = {"mistral": dict(hidden_size=128, intermediate_size=256, head_dim=32, tie_word_embeddings=True),
         "gpt_neox": dict(hidden_size=128, intermediate_size=256),
-        "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128)}
+        "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128),
+        "llama3": {}}  # heads 32 wide already; rope scaling llama3 and a tied embedding
 """Other families, widened so that their heads are 32 wide (vLLM's CPU attention needs it)."""
 
 
@@ -170,14 +172,16 @@ FAMILY_SCHEMES = {"w4": dict(method="rtn"), "w8a8": dict(method="smoothquant", n
 FAMILY_KERNELS = {"w4": "CPUWNA16LinearKernel", "w8a8": "CPUInt8ScaledMMLinearKernel",
                   "fp8": "ChannelWiseTorchFP8ScaledMMLinearKernel", "head4": "CPUWNA16LinearKernel"}
 FAMILY_CASES = [(arch, scheme) for scheme, families in (("w4", VLLM_FAMILIES), ("w8a8", VLLM_W8A8_FAMILIES),
-                                                        ("fp8", VLLM_W8A8_FAMILIES)) for arch in families if arch in WIDE]
-FAMILY_CASES += [(arch, "head4") for arch in VLLM_HEAD_FAMILIES if arch in WIDE]  # tied: the config unties them
+                                                        ("fp8", VLLM_W8A8_FAMILIES), ("head4", VLLM_HEAD_FAMILIES))
+                for arch in WIDE if tiny_model_type(arch) in families]  # heads tied to embeddings: the config unties
 
 
 def test_every_family_the_closing_line_names_vllm_for_is_tested_here():
-    assert set(VLLM_FAMILIES) == {"llama", *WIDE} and set(VLLM_W8A8_FAMILIES) <= set(VLLM_FAMILIES)
+    assert set(VLLM_FAMILIES) == {"llama", *(tiny_model_type(arch) for arch in WIDE)}
+    assert set(VLLM_W8A8_FAMILIES) <= set(VLLM_FAMILIES)
     assert "llama" in VLLM_W8A8_FAMILIES and any(name.startswith("w8a8") for name, _, _ in LAYOUTS)
     assert set(VLLM_HEAD_FAMILIES) <= {"llama", *WIDE} and any("head" in name for name, _, _ in LAYOUTS)
+    assert ("llama3", "w4") in FAMILY_CASES and ("mistral", "head4") in FAMILY_CASES
 
 
 @pytest.mark.parametrize("arch, scheme", FAMILY_CASES)

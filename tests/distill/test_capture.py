@@ -79,3 +79,24 @@ def test_hidden_states_are_block_outputs(arch):
     assert set(seen.hidden) == {1, 2}
     assert torch.equal(seen.embedding, out.hidden_states[0])
     assert torch.equal(seen.hidden[1], out.hidden_states[1])
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen2"])
+def test_scores_keep_soft_capping_and_sliding_windows(arch):
+    """Gemma 2 caps its attention scores (tanh) and alternates sliding and global layers (window 16 here, over 24
+    tokens): the capture's attention gives the model's own logits, and its recorded scores are what the model's eager
+    attention turns into probabilities, in both kinds of layer."""
+    model, _ = load_model(resolve(f"tiny-{arch}").path)
+    ids = torch.randint(1, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(ids).logits
+        with capture(model, hidden=True, attention_layers=[1, 2]) as seen:
+            captured_logits = model(ids).logits
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        probabilities = eager(ids, output_attentions=True).attentions
+    torch.testing.assert_close(captured_logits, reference, rtol=0, atol=1e-5)
+    for layer in (1, 2):
+        scores, usable = seen.scores[layer]
+        masked = scores.masked_fill(~usable, float("-inf"))
+        torch.testing.assert_close(torch.softmax(masked, -1), probabilities[layer - 1], rtol=0, atol=1e-6)

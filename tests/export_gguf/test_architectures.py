@@ -1,5 +1,5 @@
-"""Every seed architecture llama.cpp runs, exported and run by llama.cpp with our loader's logits; the others
-refused in one line before any work."""
+"""Every architecture llama.cpp runs, exported and run by llama.cpp with our loader's logits (Llama 3 with its rope
+factors, Qwen 2's biases, Qwen 3's q/k norms); the others refused in one line before any work."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from compress.export_gguf.run import export_gguf
 from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 LLAMA_CPP_ARCHS = {"llama": "llama", "mistral": "llama", "gpt_neox": "gptneox", "bloom": "bloom", "mpt": "mpt",
-                   "falcon": "falcon"}
+                   "falcon": "falcon", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def test_fused_qkv_orders_gather_queries_keys_and_values():
@@ -71,3 +71,30 @@ def test_llama_cpp_runs_each_architecture_with_our_logits(case, kind, bits, sym,
     # llama.cpp's int8 activations, f16 embedding and tanh GELU (where a model uses the exact one): up to
     # 1.3% seen; a misplaced q/k/v row: 18% or more.
     assert relative_error(theirs, expected) < 0.04
+
+
+def test_llama3_rope_factors_are_written_as_llama_cpp_reads_them(tmp_path, monkeypatch):
+    """Llama 3.1's rope scaling goes in as rope_freqs.weight (a factor per frequency, as llama.cpp's converter
+    writes it). Over 48 positions llama.cpp gives our logits with it (0.9% seen) and misses by 11.6% without it."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    import dataclasses
+
+    from gguf import GGUFReader
+
+    from compress.export_gguf import layouts
+
+    source = attention_heavy("llama3", tmp_path / "float")
+    folder = quantize(QuantizeRequest(model=str(source), method="rtn", bits=8, group_size=32, sym=True,
+                                      out=str(tmp_path / "q"), progress=False, device="cpu")).folder
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77] * 4
+    ours, _ = load_quantized(folder)
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    export_gguf(str(folder), "q8_0", str(tmp_path / "m.gguf"), keep_float=True)
+    factors = next(t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "rope_freqs.weight")
+    assert factors.data.shape == (16,) and factors.data.min() == 1.0 and factors.data.max() == 8.0
+    assert relative_error(llama_cpp_logits(tmp_path / "m.gguf", ids)[0], expected) < 0.04
+    monkeypatch.setitem(layouts.LAYOUTS, "LlamaForCausalLM", dataclasses.replace(
+        layouts.LAYOUTS["LlamaForCausalLM"], extra_tensors=lambda config: {}))
+    export_gguf(str(folder), "q8_0", str(tmp_path / "plain.gguf"), keep_float=True)
+    assert relative_error(llama_cpp_logits(tmp_path / "plain.gguf", ids)[0], expected) > 0.06

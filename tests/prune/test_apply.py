@@ -71,7 +71,11 @@ def test_wanda_and_sparsegpt_layer_error_is_below_magnitude(arch):
         for module in block.modules():
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.nn.Parameter) and weight.dim() == 1:
-                weight.mul_(torch.exp(1.5 * torch.randn(weight.shape, generator=g)))
+                scales = torch.exp(1.5 * torch.randn(weight.shape, generator=g))
+                if torch.all(weight == 0):  # Gemma's norms scale by 1 + weight, initialised at zero
+                    weight.copy_(scales - 1)
+                else:
+                    weight.mul_(scales)
     inputs = capture_block_inputs(model, blocks, WINDOWS)
     linears = block_linears(block, ModuleSelection())
     errors = {"magnitude": 0.0, "wanda": 0.0, "sparsegpt": 0.0}

@@ -15,7 +15,8 @@ from compress.select import ModuleSelection, find_blocks
 from tests.conftest import ALL_ARCHS, calibration_ids, model_output
 
 WINDOWS = calibration_ids(6, 32)
-MLP_ARCHS = ["llama", "mistral", "falcon", "gptj", "gpt_neox", "opt", "bert"]
+MLP_ARCHS = ["llama", "mistral", "falcon", "gptj", "gpt_neox", "opt", "bert", "llama3", "qwen2", "qwen3", "gemma2",
+             "gemma3", "phi3"]  # Phi-3: its fused gate_up_proj loses each channel from both halves
 HEAD_ARCHS = ["llama", "mistral"]
 _models: dict = {}
 
@@ -156,6 +157,9 @@ def test_layers_removed(arch, tmp_path):
     ("mpt", "mlp", "no MLP width setting"),
     ("opt", "heads", "derives the head size"),
     ("falcon", "heads", "derives the head size"),
+    ("phi3", "heads", "derives the head size"),
+    ("mixtral", "mlp", "mixtures of experts"),
+    ("qwen2_moe", "mlp", "mixtures of experts"),
 ])
 def test_architectures_a_target_cannot_handle_are_refused(arch, target, match):
     with pytest.raises(UserError, match=match):

@@ -15,9 +15,11 @@ from compress.checkpoint import load_quantized
 from compress.errors import UserError
 from compress.formats import compressed_tensors as ct
 from compress.quant.head import QuantEmbedding, layer_settings
+from compress.tiny import tiny_config
 from tests.conftest import CAUSAL_ARCHS
 
-TIED = {"mpt", "opt", "bloom", "falcon"}  # the tiny configs whose embedding is tied to the head
+TIED = {arch for arch in CAUSAL_ARCHS if tiny_config(arch).tie_word_embeddings}
+"""The tiny configs whose embedding is tied to the head (MPT, OPT, BLOOM, Falcon, Llama 3, Gemma 2 and 3)."""
 FORMATS = ["compressed-tensors", "gptq"]
 
 
