@@ -46,9 +46,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma2": dict(_ATTENTION_32, intermediate_size=128, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
                    layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=50.0,
                    final_logit_softcapping=30.0),
-    # Sliding layers with their own RoPE base, a scaled embedding, q/k norms.
-    "gemma3": dict(_ATTENTION_32, model_type="gemma3_text", intermediate_size=128, head_dim=32,
-                   query_pre_attn_scalar=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    # Sliding layers with their own RoPE base, a scaled embedding, q/k norms; six layers, the sixth global, as every
+    # Gemma 3 has them (and llama.cpp's gemma3 graph assumes).
+    "gemma3": dict(_ATTENTION_32, model_type="gemma3_text", intermediate_size=128, head_dim=32, num_hidden_layers=6,
+                   query_pre_attn_scalar=32, sliding_window=16,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"]),
     "phi3": dict(_ATTENTION_32, intermediate_size=128, original_max_position_embeddings=512),  # fused qkv, gate_up
     # Mixture of experts with a shared expert beside the routed ones (4 experts, 2 per token).
     "qwen2_moe": dict(_ATTENTION_32, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,

@@ -43,10 +43,10 @@ def test_quantize_save_reload_same_outputs(arch, method, tmp_path, calib_file):
     # The quantized model stays close to the original but is not the original: at most 0.127 over the 30 cases
     # today (AWQ on MPT; reports/test_bounds.json). Gemma's norms after attention and MLP give every random branch a
     # unit-RMS output against an embedding of RMS 0.16, so its errors reach the logits whole: RTN W4 g32 0.25 (W8
-    # 0.016, the same 16x), against 0.076 on the same-sized Llama 3.
+    # 0.016, the same 16x), against 0.076 on the same-sized Llama 3; Gemma 3's six layers add up to 0.35.
     original = model_output(load_model(resolve(f"tiny-{arch}").path)[0], ids)
     rel = (in_memory - original).norm() / original.norm()
-    assert 0 < rel < (0.3 if arch.startswith("gemma") else 0.15)
+    assert 0 < rel < (0.4 if arch.startswith("gemma") else 0.15)
     assert result.output_bytes < result.source_bytes
 
     manifest = json.loads((result.folder / MANIFEST_NAME).read_text())

@@ -90,6 +90,8 @@ class Layout:
     """Write a tied head as its own tensor (llama.cpp's converter does for BLOOM)."""
     extra_tensors: Callable[[dict], dict[str, torch.Tensor]] = lambda config: {}
     """Tensors llama.cpp reads that the model holds as no parameter (Llama 3's rope factors), by GGUF name."""
+    norm_offset: float = 0.0
+    """Added to every norm weight: Gemma's norms scale by 1 + weight, llama.cpp's by the weight it reads."""
 
 
 def _heads(config: dict) -> int:
@@ -122,6 +124,72 @@ def _llama_tensors(config: dict) -> dict[str, torch.Tensor]:
     if rope_type(config) != "llama3":
         return {}
     return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+
+
+def _gemma_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    """What Gemma 2 and 3 share in llama.cpp: sizes, the head size as key and value length, the sliding window.
+    llama.cpp scales attention by 1/sqrt(head size) (its 27B case aside), so a query_pre_attn_scalar that differs is
+    refused; it scales the embedding by sqrt(hidden) itself."""
+    heads, head_dim = config["num_attention_heads"], _head_dim(config)
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and scalar != head_dim:
+        raise UserError(f"this Gemma scales its queries by 1/sqrt({scalar}), not by 1/sqrt of its head size "
+                        f"({head_dim}), which is what llama.cpp's gemma graphs do for every size but 27B")
+    writer.add_context_length(config.get("max_position_embeddings", 8192))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+
+
+def _check_layer_types(config: dict, every: int, graph: str) -> None:
+    """llama.cpp fixes which layers slide (all but every ``every``-th); a model laid out otherwise is refused."""
+    layers = config["num_hidden_layers"]
+    expected = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
+    if config.get("layer_types") not in (None, expected):
+        raise UserError(f"llama.cpp's {graph} graph makes every {every} layer global and the others sliding; this "
+                        f"model's layer_types are {config['layer_types']}")
+
+
+def _gemma2_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _plain_rope(config)
+    _check_layer_types(config, 2, "gemma2")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is None:  # llama.cpp would cap with its own default instead
+            raise UserError(f"this Gemma 2 has no {key}, which llama.cpp's gemma2 graph always applies")
+    _gemma_metadata(writer, config)
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+
+
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+"""The rotary base of Gemma 3's sliding layers: llama.cpp's gemma3 graph fixes it, its converter writes none."""
+
+
+def _gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    rope = config.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
+    for kind, parameters in (("global", full), ("sliding", local)):
+        if parameters.get("rope_type", "default") != "default":
+            raise UserError(f"this Gemma 3's {kind} layers use {parameters['rope_type']} rope scaling, which "
+                            "export-gguf does not write yet")
+    if float(local.get("rope_theta", GEMMA3_LOCAL_ROPE_BASE)) != GEMMA3_LOCAL_ROPE_BASE:
+        raise UserError(f"this Gemma 3's sliding layers rotate with base {local['rope_theta']}; llama.cpp's gemma3 "
+                        f"graph fixes {GEMMA3_LOCAL_ROPE_BASE:g}")
+    if config.get("attn_logit_softcapping") is not None:
+        raise UserError("this Gemma 3 caps its attention scores, which llama.cpp's gemma3 graph does not")
+    _check_layer_types(config, 6, "gemma3")
+    _gemma_metadata(writer, config)
+    writer.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))
+    if config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
 
 
 def _qwen_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
@@ -227,6 +295,11 @@ LAYOUTS: dict[str, Layout] = {
     # q/k norms keep their names through gguf's map.
     "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, _qwen_metadata, lambda module, rows, config: None),
     "Qwen3ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN3, _qwen_metadata, lambda module, rows, config: None),
+    # Gemma rotates halves as llama.cpp's gemma graphs do: no row order. Its norms (Gemma 3's q/k norms too) get 1.
+    "Gemma2ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, lambda module, rows, config: None,
+                                norm_offset=1.0),
+    "Gemma3ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, lambda module, rows, config: None,
+                                norm_offset=1.0),
     "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
     "GPTNeoXForCausalLM": Layout(gguf.MODEL_ARCH.GPTNEOX, _neox_metadata, _per_head_qkv_rows),
     "BloomForCausalLM": Layout(gguf.MODEL_ARCH.BLOOM, _bloom_metadata, _per_head_qkv_rows,

@@ -137,6 +137,8 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
         target = names(param_name)
         ggml_type = float_matrix_type(target, type_name, tied, keep_float) if param.dim() == 2 else None
         if param.dim() == 1:
+            if layout.norm_offset and param_name.endswith("norm.weight"):
+                param = param + layout.norm_offset
             writer.add_tensor(target, _numpy(param, np.float32))
             counts["float32"] += 1
         elif ggml_type is not None:

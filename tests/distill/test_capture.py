@@ -76,7 +76,7 @@ def test_hidden_states_are_block_outputs(arch):
     ids = torch.randint(1, 500, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), capture(model, hidden=True) as seen:
         out = model(ids, output_hidden_states=True)
-    assert set(seen.hidden) == {1, 2}
+    assert set(seen.hidden) == set(range(1, model.config.num_hidden_layers + 1))
     assert torch.equal(seen.embedding, out.hidden_states[0])
     assert torch.equal(seen.hidden[1], out.hidden_states[1])
 
@@ -90,13 +90,14 @@ def test_scores_keep_soft_capping_and_sliding_windows(arch):
     ids = torch.randint(1, 500, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = model(ids).logits
-        with capture(model, hidden=True, attention_layers=[1, 2]) as seen:
+        layers = [1, model.config.num_hidden_layers]  # the first (sliding) and the last (global) layer
+        with capture(model, hidden=True, attention_layers=layers) as seen:
             captured_logits = model(ids).logits
         eager = copy.deepcopy(model)
         eager.set_attn_implementation("eager")
         probabilities = eager(ids, output_attentions=True).attentions
     torch.testing.assert_close(captured_logits, reference, rtol=0, atol=1e-5)
-    for layer in (1, 2):
+    for layer in layers:
         scores, usable = seen.scores[layer]
         masked = scores.masked_fill(~usable, float("-inf"))
         torch.testing.assert_close(torch.softmax(masked, -1), probabilities[layer - 1], rtol=0, atol=1e-6)

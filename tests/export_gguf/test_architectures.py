@@ -11,7 +11,8 @@ from compress.export_gguf.run import export_gguf
 from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 LLAMA_CPP_ARCHS = {"llama": "llama", "mistral": "llama", "gpt_neox": "gptneox", "bloom": "bloom", "mpt": "mpt",
-                   "falcon": "falcon", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+                   "falcon": "falcon", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                   "gemma3": "gemma3"}
 
 
 def test_fused_qkv_orders_gather_queries_keys_and_values():
@@ -98,3 +99,29 @@ def test_llama3_rope_factors_are_written_as_llama_cpp_reads_them(tmp_path, monke
         layouts.LAYOUTS["LlamaForCausalLM"], extra_tensors=lambda config: {}))
     export_gguf(str(folder), "q8_0", str(tmp_path / "plain.gguf"), keep_float=True)
     assert relative_error(llama_cpp_logits(tmp_path / "plain.gguf", ids)[0], expected) > 0.06
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_runs_past_its_sliding_window_with_our_logits(arch, tmp_path, monkeypatch):
+    """40 positions over a window of 16: Gemma 2's alternating and Gemma 3's five-to-one sliding and global layers,
+    soft-capping (Gemma 2), the local rotary base (Gemma 3) and the norms llama.cpp reads as 1 + weight. Without that
+    offset llama.cpp's logits are far off."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    import dataclasses
+
+    from compress.export_gguf import layouts
+
+    source = attention_heavy(arch, tmp_path / "float")
+    folder = quantize(QuantizeRequest(model=str(source), method="rtn", bits=8, group_size=32, sym=True,
+                                      out=str(tmp_path / "q"), progress=False, device="cpu")).folder
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3] * 4
+    ours, _ = load_quantized(folder)
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    export_gguf(str(folder), "q8_0", str(tmp_path / "m.gguf"), keep_float=True)
+    assert relative_error(llama_cpp_logits(tmp_path / "m.gguf", ids)[0], expected) < 0.04
+    architecture = ours.config.architectures[0]
+    monkeypatch.setitem(layouts.LAYOUTS, architecture, dataclasses.replace(layouts.LAYOUTS[architecture],
+                                                                           norm_offset=0.0))
+    export_gguf(str(folder), "q8_0", str(tmp_path / "plain.gguf"), keep_float=True)
+    assert relative_error(llama_cpp_logits(tmp_path / "plain.gguf", ids)[0], expected) > 0.1

@@ -136,11 +136,12 @@ def _random_state(config):
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_layers_removed(arch, tmp_path):
     model = tiny(arch)
+    layers = model.config.num_hidden_layers  # 2, and Gemma 3's 6
     new, stats = structured(model, target="layers", sparsity=0.5)
-    assert new.config.num_hidden_layers == 1
-    assert len(find_blocks(new)[1]) == 1
+    assert new.config.num_hidden_layers == layers // 2
+    assert len(find_blocks(new)[1]) == layers // 2
     kept = stats.structure["kept_layers"]
-    assert len(kept) == 1 and len(stats.structure["block_influence"]) == 2
+    assert len(kept) == layers // 2 and len(stats.structure["block_influence"]) == layers
     # The kept block is the original block, byte for byte.
     prefix, blocks = find_blocks(model)
     for (name, a), (_, b) in zip(blocks[kept[0]].state_dict().items(), find_blocks(new)[1][0].state_dict().items()):
