@@ -106,8 +106,15 @@ def _llama_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     """Llama and the families llama.cpp runs with its hyperparameters (Qwen 2 and 3): no rope scaling but Llama 3's,
     which goes in as a tensor (``_llama_tensors``)."""
     _plain_rope(config, also=("llama3",))
+    _decoder_sizes(writer, config, default_context=2048)
+    writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_rope_freq_base(rope_theta(config))
+
+
+def _decoder_sizes(writer: gguf.GGUFWriter, config: dict, default_context: int) -> None:
+    """The sizes every RMS-normed grouped-query decoder here writes: context, widths, blocks, heads, head size."""
     heads = config["num_attention_heads"]
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_context_length(config.get("max_position_embeddings", default_context))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -115,8 +122,6 @@ def _llama_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_key_length(_head_dim(config))
     writer.add_value_length(_head_dim(config))
-    writer.add_rope_dimension_count(_head_dim(config))
-    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
 
 
@@ -130,20 +135,12 @@ def _gemma_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     """What Gemma 2 and 3 share in llama.cpp: sizes, the head size as key and value length, the sliding window.
     llama.cpp scales attention by 1/sqrt(head size) (its 27B case aside), so a query_pre_attn_scalar that differs is
     refused; it scales the embedding by sqrt(hidden) itself."""
-    heads, head_dim = config["num_attention_heads"], _head_dim(config)
+    head_dim = _head_dim(config)
     scalar = config.get("query_pre_attn_scalar")
     if scalar is not None and scalar != head_dim:
         raise UserError(f"this Gemma scales its queries by 1/sqrt({scalar}), not by 1/sqrt of its head size "
                         f"({head_dim}), which is what llama.cpp's gemma graphs do for every size but 27B")
-    writer.add_context_length(config.get("max_position_embeddings", 8192))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    _decoder_sizes(writer, config, default_context=8192)
     if config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
 
