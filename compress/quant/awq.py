@@ -51,6 +51,10 @@ class GroupScaling:
     """None: no scaling (no producer, or no candidate beat plain quantization)."""
     loss_plain: float | None = None
     loss_scaled: float | None = None
+    fold: str | None = None
+    """How the scales went into the producer where it is not plain (``1 + weight``, ``rows 128:256``)."""
+    unscaled_because: str | None = None
+    """Why the group was left unscaled, where it was."""
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -102,8 +106,25 @@ def search_ratio(loss: Callable[[torch.Tensor | None], float], x_mean: torch.Ten
 # --- folding --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Producer:
+    """A module whose output channels are (a part of) the group's input, and how scales fold into it."""
+    name: str
+    rows: tuple[int, int] | None = None
+    """The rows of a fused linear that make the input (Phi-3's gate_up_proj: its up half feeds down_proj)."""
+    offset: float = 0.0
+    """A norm that scales by ``offset + weight`` (Gemma's 1 + weight): the weight becomes (offset + w) / s - offset."""
+
+    @property
+    def fold_note(self) -> str | None:
+        if self.rows is not None:
+            return f"rows {self.rows[0]}:{self.rows[1]}"
+        return f"{self.offset:g} + weight" if self.offset else None
+
+
 def producer_candidates(block: nn.Module, group_layers: dict[str, nn.Linear]) -> dict[str, nn.Module]:
-    """Modules of ``block`` whose output channels could be the group's input channels."""
+    """Modules of ``block`` whose output channels could be the group's input channels (or twice as many: a fused
+    pair of projections, one half of which feeds the group)."""
     width = next(iter(group_layers.values())).in_features
     members = set(group_layers.values())
     found = {}
@@ -114,23 +135,40 @@ def producer_candidates(block: nn.Module, group_layers: dict[str, nn.Linear]) ->
         if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.UninitializedParameter):
             continue
         if isinstance(module, nn.Linear):
-            if module.out_features == width:
+            if module.out_features in (width, 2 * width):
                 found[name] = module
         elif weight.dim() == 1 and weight.numel() == width and not list(module.children()):
             found[name] = module
     return found
 
 
-def scale_producer(producer: nn.Module, scales: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``scales``: a norm's weight (and bias), a linear's rows."""
-    s = scales.to(producer.weight.device)
-    if producer.weight.dim() == 1:
-        producer.weight.data = (producer.weight.data.float() / s).to(producer.weight.dtype)
+def fold_options(name: str, module: nn.Module, width: int) -> list[Producer]:
+    """The ways scales could fold into a candidate, plain first; the probe in ``find_producer`` keeps the exact one."""
+    if isinstance(module, nn.Linear):
+        if module.out_features == width:
+            return [Producer(name)]
+        return [Producer(name, rows=(0, width)), Producer(name, rows=(width, 2 * width))]
+    return [Producer(name), Producer(name, offset=1.0)]
+
+
+def scale_producer(module: nn.Module, scales: torch.Tensor, producer: Producer | None = None) -> None:
+    """Divide the producer's output channels by ``scales``: a norm's weight (and bias), a linear's rows (or the part
+    of its rows that feeds the group)."""
+    producer = producer or Producer("")
+    s = scales.to(module.weight.device)
+    weight = module.weight.data.float()
+    if weight.dim() == 1:
+        module.weight.data = ((producer.offset + weight) / s - producer.offset).to(module.weight.dtype)
     else:
-        producer.weight.data = (producer.weight.data.float() / s[:, None]).to(producer.weight.dtype)
-    bias = getattr(producer, "bias", None)
+        start, end = producer.rows or (0, weight.shape[0])
+        weight[start:end] /= s[:, None]
+        module.weight.data = weight.to(module.weight.dtype)
+    bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
-        producer.bias.data = (bias.data.float() / s).to(bias.dtype)
+        values = bias.data.float()
+        start, end = producer.rows or (0, values.shape[0])
+        values[start:end] /= s
+        module.bias.data = values.to(bias.dtype)
 
 
 def scale_columns(layers: list[nn.Linear], scales: torch.Tensor) -> None:
@@ -138,9 +176,9 @@ def scale_columns(layers: list[nn.Linear], scales: torch.Tensor) -> None:
         layer.weight.data = (layer.weight.data.float() * scales.to(layer.weight.device)).to(layer.weight.dtype)
 
 
-def fold(producer: nn.Module, layers: list[nn.Linear], scales: torch.Tensor) -> None:
+def fold(module: nn.Module, layers: list[nn.Linear], scales: torch.Tensor, producer: Producer | None = None) -> None:
     """Move ``scales`` from the group's input onto its weights: the function the block computes is unchanged."""
-    scale_producer(producer, scales)
+    scale_producer(module, scales, producer)
     scale_columns(layers, scales)
 
 
@@ -155,22 +193,29 @@ def restore(modules: list[nn.Module], saved: list[dict[str, torch.Tensor]]) -> N
 
 
 def find_producer(block: nn.Module, group_layers: dict[str, nn.Linear], run_block: Callable[[], torch.Tensor],
-                  seed: int = 0) -> str | None:
-    """The name of the module whose output the group reads, where folding scales into it is exact."""
+                  seed: int = 0) -> Producer | None:
+    """The module whose output the group reads, and the fold that is exact there: tried with a random scale on the
+    block's output, so a fold that changes what the block computes is never taken."""
     reference = run_block()
     layers = list(group_layers.values())
     width = layers[0].in_features
     g = torch.Generator().manual_seed(seed)
     probe = torch.empty(width).uniform_(0.5, 2.0, generator=g)
-    for name, producer in producer_candidates(block, group_layers).items():
-        saved = snapshot([producer, *layers])
-        fold(producer, layers, probe)
-        changed = run_block()
-        restore([producer, *layers], saved)
-        gap = (changed.float() - reference.float()).abs().max() / reference.float().abs().max().clamp(min=1e-12)
-        if gap < FOLD_TOLERANCE:
-            return name
+    for name, module in producer_candidates(block, group_layers).items():
+        for option in fold_options(name, module, width):
+            saved = snapshot([module, *layers])
+            fold(module, layers, probe, option)
+            changed = run_block()
+            restore([module, *layers], saved)
+            gap = (changed.float() - reference.float()).abs().max() / reference.float().abs().max().clamp(min=1e-12)
+            if gap < FOLD_TOLERANCE:
+                return option
     return None
+
+
+NO_PRODUCER = ("no module of the block produces its input alone (its input is computed after the last weight that "
+               "could take the scales, as under grouped-query attention, or shared with layers outside the group)")
+"""Why a group without an exact producer is left unscaled."""
 
 
 # --- the per-block pre-step ------------------------------------------------------------------------
@@ -235,15 +280,20 @@ def fold_groups(block_name: str, block: nn.Module, linears: dict[str, nn.Linear]
         members = {name: linears[name] for name in group}
         layers = list(members.values())
         qualified = [f"{block_name}.{name}" for name in group]
-        producer_name = None if skip & set(group) else find_producer(block, members, lambda: inputs.call(block, 0))
-        if producer_name is None:
-            records.append(GroupScaling(qualified, None, None))
+        if skip & set(group):
+            records.append(GroupScaling(qualified, None, None, unscaled_because="experts: each sees only the tokens "
+                                                                                "routed to it"))
+            continue
+        producer = find_producer(block, members, lambda: inputs.call(block, 0))
+        if producer is None:
+            records.append(GroupScaling(qualified, None, None, unscaled_because=NO_PRODUCER))
             continue
         seen = group_inputs(block, layers[0], inputs)
         ratio, scales, plain, best = choose([layer.weight.data for layer in layers], seen)
         if scales is not None:
-            fold(block.get_submodule(producer_name), layers, scales)
-        records.append(GroupScaling(qualified, f"{block_name}.{producer_name}", ratio, plain, best))
+            fold(block.get_submodule(producer.name), layers, scales, producer)
+        records.append(GroupScaling(qualified, f"{block_name}.{producer.name}", ratio, plain, best, producer.fold_note,
+                                    None if scales is not None else "no scaling beat plain quantization"))
         del seen
     return records
 

@@ -128,3 +128,31 @@ def test_awq_and_gptq_after_awq_write_checkpoints_that_reload_and_lower_the_erro
     assert both.manifest["awq_scales"] and both.manifest["config"]["awq"] is True
     assert error(awq.folder) < error(rtn.folder)
     assert error(both.folder) < error(rtn.folder)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    # Gemma's norms scale by 1 + weight: the scales fold as (1 + w) / s - 1, into every norm before a group.
+    ("gemma2", {("q_proj", "k_proj", "v_proj"): ("input_layernorm", "1 + weight"),
+                ("gate_proj", "up_proj"): ("pre_feedforward_layernorm", "1 + weight"), ("down_proj",): ("up_proj", None)}),
+    ("gemma3", {("q_proj", "k_proj", "v_proj"): ("input_layernorm", "1 + weight"),
+                ("gate_proj", "up_proj"): ("pre_feedforward_layernorm", "1 + weight"), ("down_proj",): ("up_proj", None)}),
+    # Phi-3's down_proj reads act(gate) * up, up being the second half of the fused gate_up_proj's rows.
+    ("phi3", {("qkv_proj",): ("input_layernorm", None), ("gate_up_proj",): ("post_attention_layernorm", None),
+              ("down_proj",): ("gate_up_proj", "rows 128:256")}),
+    ("qwen2", {("q_proj", "k_proj", "v_proj"): ("input_layernorm", None),
+               ("gate_proj", "up_proj"): ("post_attention_layernorm", None), ("down_proj",): ("up_proj", None)}),
+])
+def test_todays_families_fold_into_every_producer_they_have(arch, expected):
+    """The folded model computes the same function (test above); here: each group with a producer found it, with the
+    fold its producer needs, and each group left alone says why (o_proj under grouped-query attention)."""
+    model = tiny_model(arch)
+    records = fold_every_block(model, calibration_ids(4, 32))
+    per_block = len(records) // model.config.num_hidden_layers
+    for record in records[:per_block]:
+        leaves = tuple(name.rsplit(".", 1)[-1] for name in record.layers)
+        if leaves in expected:
+            assert (record.producer.rsplit(".", 1)[-1], record.fold) == expected[leaves], leaves
+        else:
+            assert leaves in (("o_proj",),) and record.producer is None
+            assert "no module of the block produces its input" in record.unscaled_because
+    assert all(r.unscaled_because for r in records if r.ratio is None)
