@@ -189,6 +189,18 @@ def _gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
 
 
+def _phi3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Phi-3: Llama's hyperparameters with its q/k/v and gate/up fused as llama.cpp reads them; the long-context
+    variants' rope scaling (factors for short and long contexts) is not written yet, nor a sliding window."""
+    _plain_rope(config)
+    if config.get("sliding_window"):
+        raise UserError("this Phi-3 uses sliding-window attention, which export-gguf does not write yet")
+    fraction = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    _decoder_sizes(writer, config, default_context=4096)
+    writer.add_rope_dimension_count(int(fraction * _head_dim(config)))
+    writer.add_rope_freq_base(rope_theta(config))
+
+
 def _qwen_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     if config.get("use_sliding_window"):
         raise UserError("this Qwen uses sliding-window attention, which llama.cpp's qwen graphs do not run")
@@ -292,6 +304,8 @@ LAYOUTS: dict[str, Layout] = {
     # q/k norms keep their names through gguf's map.
     "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, _qwen_metadata, lambda module, rows, config: None),
     "Qwen3ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN3, _qwen_metadata, lambda module, rows, config: None),
+    # Phi-3 rotates halves too; its fused qkv_proj (all q rows, then k, then v) and gate_up_proj are llama.cpp's.
+    "Phi3ForCausalLM": Layout(gguf.MODEL_ARCH.PHI3, _phi3_metadata, lambda module, rows, config: None),
     # Gemma rotates halves as llama.cpp's gemma graphs do: no row order. Its norms (Gemma 3's q/k norms too) get 1.
     "Gemma2ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, lambda module, rows, config: None,
                                 norm_offset=1.0),
@@ -308,6 +322,7 @@ NOT_IN_LLAMA_CPP = {
     "GPTJForCausalLM": "llama.cpp has no GPT-J graph (its converter does not take GPT-J)",
     "OPTForCausalLM": "llama.cpp has no OPT architecture",
     "MixtralForCausalLM": "export-gguf does not write mixture-of-experts layers yet",
+    "Qwen2MoeForCausalLM": "export-gguf does not write mixture-of-experts layers yet",
 }
 
 

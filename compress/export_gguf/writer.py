@@ -11,6 +11,7 @@ package's constants and name map).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -84,6 +85,19 @@ class _Names:
         return target
 
 
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+"""llama.cpp looks these tokens up (and fails to load without them) in any file whose general.name holds "phi3" or
+"phi-3", to set Phi-3's token attributes."""
+
+
+def model_name(name: str, tokens: list[str]) -> str:
+    """general.name: the folder's, except that a name llama.cpp would take for Phi-3's is kept from it where the
+    vocabulary lacks the tokens that case reads (a Phi-3-shaped model with another tokenizer: tiny-phi3)."""
+    if re.search(r"phi-?3", name, re.IGNORECASE) and not set(PHI3_NAME_TOKENS) <= set(tokens):
+        return re.sub(r"phi-?3", "phi", name, flags=re.IGNORECASE)
+    return name
+
+
 def _block_count(config: dict) -> int:
     return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
 
@@ -102,7 +116,7 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     block_type: BlockType | None = BLOCK_TYPES.get(type_name)
     vocab = read_vocabulary(folder, config["vocab_size"])
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[layout.arch])
-    writer.add_name(folder.name)
+    writer.add_name(model_name(folder.name, vocab.tokens))
     writer.add_quantized_by(WRITER)  # what lets --force replace this file later, and nothing it did not write
     layout.metadata(writer, config)
     writer.add_vocab_size(config["vocab_size"])

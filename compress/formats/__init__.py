@@ -52,7 +52,7 @@ TRANSFORMERS_CANNOT = {
 tests/formats); GPTQModel and our loader run them."""
 
 
-VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt")
+VLLM_FAMILIES = ("llama", "mistral", "gpt_neox", "opt", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 """Families whose default checkpoints a test loads in vLLM's CPU build (tests/backends/test_vllm.py); the closing
 line names vLLM for these only."""
 VLLM_HEAD_FAMILIES = ("llama", "mistral")

@@ -135,7 +135,9 @@ def test_smollm2_default_checkpoint_in_vllm_scores_our_perplexity_within_one_per
 WIDE = {"mistral": dict(hidden_size=128, intermediate_size=256, head_dim=32, tie_word_embeddings=True),
         "gpt_neox": dict(hidden_size=128, intermediate_size=256),
         "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128),
-        "llama3": {}}  # heads 32 wide already; rope scaling llama3 and a tied embedding
+        # Today's families: heads 32 wide already (Llama 3's rope scaling and tied embedding, Qwen's biases and q/k
+        # norms, Gemma's soft-capping and sliding windows, Phi-3's fused projections).
+        **dict.fromkeys(["llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"], {})}
 """Other families, widened so that their heads are 32 wide (vLLM's CPU attention needs it)."""
 
 

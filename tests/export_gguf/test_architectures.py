@@ -12,7 +12,7 @@ from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 LLAMA_CPP_ARCHS = {"llama": "llama", "mistral": "llama", "gpt_neox": "gptneox", "bloom": "bloom", "mpt": "mpt",
                    "falcon": "falcon", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                   "gemma3": "gemma3"}
+                   "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def test_fused_qkv_orders_gather_queries_keys_and_values():
@@ -125,3 +125,13 @@ def test_gemma_runs_past_its_sliding_window_with_our_logits(arch, tmp_path, monk
                                                                            norm_offset=0.0))
     export_gguf(str(folder), "q8_0", str(tmp_path / "plain.gguf"), keep_float=True)
     assert relative_error(llama_cpp_logits(tmp_path / "plain.gguf", ids)[0], expected) > 0.1
+
+
+def test_a_phi3_name_is_kept_only_where_llama_cpp_finds_the_tokens_it_then_reads():
+    """llama.cpp sets Phi-3's token attributes in any file named like one, looking up </s>, <unk>, <s> and
+    <|endoftext|>, and fails to load without them (tiny-phi3's vocabulary has only the last)."""
+    from compress.export_gguf.writer import model_name
+
+    assert model_name("tiny-phi3-5eef", ["<|endoftext|>", "a"]) == "tiny-phi-5eef"
+    assert model_name("Phi-3-mini", ["</s>", "<unk>", "<s>", "<|endoftext|>"]) == "Phi-3-mini"
+    assert model_name("smollm2-135m", ["a"]) == "smollm2-135m"
