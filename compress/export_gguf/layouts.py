@@ -202,9 +202,15 @@ def _phi3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
 
 
 def _qwen_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _plain_rope(config)  # no rope_freqs tensor for Qwen: Llama 3's scaling is refused here, not written without it
     if config.get("use_sliding_window"):
         raise UserError("this Qwen uses sliding-window attention, which llama.cpp's qwen graphs do not run")
     _llama_metadata(writer, config)
+
+
+def _keep_rows(module: str, rows: int, config: dict) -> None:
+    """Every row where Hugging Face has it (families that rotate halves as llama.cpp does, or do not rotate)."""
+    return None
 
 
 def _llama_rows(module: str, rows: int, config: dict) -> torch.Tensor | None:
@@ -302,20 +308,20 @@ LAYOUTS: dict[str, Layout] = {
     "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows, extra_tensors=_llama_tensors),
     # Qwen's rotary pairs are halves, as llama.cpp's qwen graphs rotate them: no row order; q/k/v biases and Qwen 3's
     # q/k norms keep their names through gguf's map.
-    "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, _qwen_metadata, lambda module, rows, config: None),
-    "Qwen3ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN3, _qwen_metadata, lambda module, rows, config: None),
+    "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, _qwen_metadata, _keep_rows),
+    "Qwen3ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN3, _qwen_metadata, _keep_rows),
     # Phi-3 rotates halves too; its fused qkv_proj (all q rows, then k, then v) and gate_up_proj are llama.cpp's.
-    "Phi3ForCausalLM": Layout(gguf.MODEL_ARCH.PHI3, _phi3_metadata, lambda module, rows, config: None),
+    "Phi3ForCausalLM": Layout(gguf.MODEL_ARCH.PHI3, _phi3_metadata, _keep_rows),
     # Gemma rotates halves as llama.cpp's gemma graphs do: no row order. Its norms (Gemma 3's q/k norms too) get 1.
-    "Gemma2ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, lambda module, rows, config: None,
+    "Gemma2ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, _keep_rows,
                                 norm_offset=1.0),
-    "Gemma3ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, lambda module, rows, config: None,
+    "Gemma3ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, _keep_rows,
                                 norm_offset=1.0),
-    "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows),
+    "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows, extra_tensors=_llama_tensors),
     "GPTNeoXForCausalLM": Layout(gguf.MODEL_ARCH.GPTNEOX, _neox_metadata, _per_head_qkv_rows),
     "BloomForCausalLM": Layout(gguf.MODEL_ARCH.BLOOM, _bloom_metadata, _per_head_qkv_rows,
                                strip_prefix="transformer.", writes_tied_output=True),
-    "MptForCausalLM": Layout(gguf.MODEL_ARCH.MPT, _mpt_metadata, lambda module, rows, config: None),
+    "MptForCausalLM": Layout(gguf.MODEL_ARCH.MPT, _mpt_metadata, _keep_rows),
     "FalconForCausalLM": Layout(gguf.MODEL_ARCH.FALCON, _falcon_metadata, _falcon_rows),
 }
 NOT_IN_LLAMA_CPP = {

@@ -135,3 +135,25 @@ def test_a_phi3_name_is_kept_only_where_llama_cpp_finds_the_tokens_it_then_reads
     assert model_name("tiny-phi3-5eef", ["<|endoftext|>", "a"]) == "tiny-phi-5eef"
     assert model_name("Phi-3-mini", ["</s>", "<unk>", "<s>", "<|endoftext|>"]) == "Phi-3-mini"
     assert model_name("smollm2-135m", ["a"]) == "smollm2-135m"
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_is_written_for_mistral_and_refused_for_qwen(tmp_path):
+    """Llama 3's scaling goes in as rope_freqs.weight wherever llama.cpp's llama graph runs the file (a Mistral with
+    it too); Qwen's graphs are not given the tensor, so the scaling is refused there rather than left out."""
+    from gguf import GGUFReader
+
+    from compress.errors import UserError
+
+    folders = {}
+    for arch in ("mistral", "qwen2"):
+        source = attention_heavy(arch, tmp_path / arch, rope_parameters=dict(LLAMA3_ROPE))
+        folders[arch] = quantize(QuantizeRequest(model=str(source), method="rtn", bits=8, group_size=32, sym=True,
+                                                 out=str(tmp_path / f"{arch}-q"), progress=False, device="cpu")).folder
+    export_gguf(str(folders["mistral"]), "q8_0", str(tmp_path / "mistral.gguf"), keep_float=True)
+    assert any(t.name == "rope_freqs.weight" for t in GGUFReader(str(tmp_path / "mistral.gguf")).tensors)
+    with pytest.raises(UserError, match="uses llama3 rope scaling, which export-gguf does not write yet"):
+        export_gguf(str(folders["qwen2"]), "q8_0", str(tmp_path / "qwen2.gguf"), keep_float=True)
