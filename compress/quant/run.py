@@ -201,7 +201,8 @@ def checkpoint_config(fmt: CheckpointFormat, cfg: WeightQuantConfig, method: str
                                         [layer.shape[1] for layer in stats.layers], record.head, overrides)
     options = {layer.name: (overrides[layer.name].bits, overrides[layer.name].group_size) if layer.name in overrides
                else (cfg.bits, cfg.group_size) for layer in stats.layers}
-    return compressed_tensors_config(cfg, method, __version__, options, sorted(set(linears) - set(options)), record.head)
+    return compressed_tensors_config(cfg, method, __version__, options, sorted(set(linears) - set(options)),
+                                     record.head)
 
 
 def quantize(request: QuantizeRequest) -> QuantizeResult:

@@ -116,7 +116,8 @@ def test_symmetric_per_channel_and_mixed_precision_checkpoints_load_in_transform
         assert result.manifest["mixed_precision"]["fused"] == [["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]]
         layers = result.manifest["mixed_precision"]["layers"]
         for block in range(2):
-            for siblings in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for siblings in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                             ("mlp.gate_proj", "mlp.up_proj")):
                 assert len({json.dumps(layers[f"model.layers.{block}.{leaf}"]["option"]) for leaf in siblings}) == 1
     else:
         assert qcfg["config_groups"]["group_0"]["weights"]["strategy"] == "channel"

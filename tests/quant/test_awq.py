@@ -132,10 +132,9 @@ def test_awq_and_gptq_after_awq_write_checkpoints_that_reload_and_lower_the_erro
 
 @pytest.mark.parametrize("arch, expected", [
     # Gemma's norms scale by 1 + weight: the scales fold as (1 + w) / s - 1, into every norm before a group.
-    ("gemma2", {("q_proj", "k_proj", "v_proj"): ("input_layernorm", "1 + weight"),
-                ("gate_proj", "up_proj"): ("pre_feedforward_layernorm", "1 + weight"), ("down_proj",): ("up_proj", None)}),
-    ("gemma3", {("q_proj", "k_proj", "v_proj"): ("input_layernorm", "1 + weight"),
-                ("gate_proj", "up_proj"): ("pre_feedforward_layernorm", "1 + weight"), ("down_proj",): ("up_proj", None)}),
+    *[(arch, {("q_proj", "k_proj", "v_proj"): ("input_layernorm", "1 + weight"),
+              ("gate_proj", "up_proj"): ("pre_feedforward_layernorm", "1 + weight"),
+              ("down_proj",): ("up_proj", None)}) for arch in ("gemma2", "gemma3")],
     # Phi-3's down_proj reads act(gate) * up, up being the second half of the fused gate_up_proj's rows.
     ("phi3", {("qkv_proj",): ("input_layernorm", None), ("gate_up_proj",): ("post_attention_layernorm", None),
               ("down_proj",): ("gate_up_proj", "rows 128:256")}),
