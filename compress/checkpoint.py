@@ -23,14 +23,13 @@ from compress.formats import compressed_tensors as ct
 from compress.formats import packed_settings
 from compress.lazy import LazyModel, empty_model
 from compress.models import check_checkpoint
+from compress.output import MANIFEST_NAME
 from compress.quant.config import WeightQuantConfig
 from compress.quant.head import QuantEmbedding, dynamic_override, layer_settings
 from compress.quant.layouts import LAYOUTS
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import ZERO_OFFSETS
 from compress.select import set_submodule
-
-MANIFEST_NAME = "compress_manifest.json"
 
 
 def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, block_prefix: str,

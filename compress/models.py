@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from compress.errors import UserError
 from compress.hub import hub_reachable
-from compress.output import cache_entry
+from compress.output import MANIFEST_NAME, cache_entry
 from compress.tiny import TINY_CONFIGS, build_tiny, tiny_fingerprint
 
 if TYPE_CHECKING:  # torch and the shard reader load where weights are read: naming a model needs neither
@@ -261,8 +261,6 @@ def resolve(reference: str, trust_remote_code: bool = False, allow_gguf: bool = 
 def source_license(resolved: ResolvedModel) -> str | None:
     """The terms of the weights behind ``resolved``: the registry's for an alias, else those that the manifest of a
     checkpoint we wrote carries over from its source (a quantized or pruned gemma3-270m is still under Gemma's)."""
-    from compress.checkpoint import MANIFEST_NAME  # it imports this module
-
     if resolved.license is not None or not resolved.path.is_dir():
         return resolved.license
     manifest_path = resolved.path / MANIFEST_NAME

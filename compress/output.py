@@ -69,7 +69,9 @@ if TYPE_CHECKING:
 PROGRESS_FILE = "progress.json"
 INVENTORY_FILE = ".compress-output.json"
 WRITER = "compress-workbench"
-LEGACY_MANIFESTS = ("compress_manifest.json", "distill.json")
+MANIFEST_NAME = "compress_manifest.json"
+"""What a model folder of ours says about how it was made (written by ``compress.checkpoint``)."""
+LEGACY_MANIFESTS = (MANIFEST_NAME, "distill.json")
 """Manifests that outputs of versions before the inventory carried: named in the refusal, never replaced."""
 STATE_VERSION = 2
 BLOCKS, FINISHING = "blocks", "finishing"
