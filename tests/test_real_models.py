@@ -118,3 +118,60 @@ def test_gemma3_270m_resolves_with_the_right_tokenizer_and_its_terms():
     # A 270M base model, greedy: " the capital of the country of France. It is the largest" (WikiText-2 perplexity
     # 23.3 on 4 x 512 tokens with BOS): sensible text, where a wrong conversion rambles.
     assert "France" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_gemma3_270m_in_gguf_tokenizes_and_scores_as_our_loader(tmp_path):
+    """Gemma 3's tokenizer comes as a tokenizer.json alone: written as llama.cpp's SentencePiece tokenizer, its
+    pieces, types and score order are those of Gemma's own GGUF (read from the packages the alias is built from)
+    but for the runs of spaces that GGUF types user-defined, llama.cpp splits WikiText-2 as transformers does, and
+    the f16 file scores our perplexity."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    import llama_cpp
+    import numpy as np
+    from gguf import GGUFReader
+
+    from compress.backends.llamacpp_model import avoid_amx_buffers
+    from compress.bench.load import load_for_bench
+    from compress.data import eval_windows, load_text, tokenize
+    from compress.export_gguf.run import export_gguf
+    from compress.models import REGISTRY, _package_folder
+
+    resolved = resolve("gemma3-270m")
+    if not resolved.origin.startswith("package:"):
+        pytest.skip("the hub's gemma3-270m: Gemma's own GGUF is what the packages hold")
+    export_gguf("gemma3-270m", "f16", str(tmp_path / "ours.gguf"))
+    with (tmp_path / "theirs.gguf").open("wb") as whole:
+        for requirement in REGISTRY["gemma3-270m"].packages:
+            whole.write(next(_package_folder(requirement).glob("*/data/*.gguf.part*")).read_bytes())
+    ours, theirs = ({key: GGUFReader(str(tmp_path / f"{name}.gguf")).fields[f"tokenizer.ggml.{key}"].contents()
+                     for key in ("tokens", "token_type", "scores")} for name in ("ours", "theirs"))
+    spaces = {i for i, token in enumerate(theirs["tokens"]) if token.strip(" ") == "" and len(token) > 1}
+    assert len(spaces) == 30 and all(ours["tokens"][i] == "\u2581" * len(theirs["tokens"][i]) for i in spaces)
+    assert [t for i, t in enumerate(ours["tokens"]) if i not in spaces] == \
+        [t for i, t in enumerate(theirs["tokens"]) if i not in spaces]
+    assert {(a, b) for a, b in zip(theirs["token_type"], ours["token_type"]) if a != b} == {(4, 1)}  # the spaces
+    normal = [i for i, kind in enumerate(theirs["token_type"]) if kind == 1]
+    assert len(normal) == 255474
+    by_theirs = np.argsort(-np.array(theirs["scores"])[normal], kind="stable")
+    by_ours = np.argsort(-np.array(ours["scores"])[normal], kind="stable")
+    assert np.array_equal(by_theirs, by_ours)
+    (tmp_path / "theirs.gguf").unlink()
+
+    model, tokenizer = load_model(resolved.path)
+    text, record = load_text("wikitext2:test")
+    avoid_amx_buffers()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "ours.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        for start in range(0, len(text), 20_000):
+            chunk = text[start:start + 2_000]
+            assert llm.tokenize(chunk.encode(), add_bos=False, special=False) == \
+                tokenizer(chunk, add_special_tokens=False)["input_ids"], start
+    finally:
+        llm.close()
+    windows, _ = eval_windows(tokenize(tokenizer, text), record, 255, max_windows=2)
+    windows = [torch.cat([torch.tensor([tokenizer.bos_token_id]), w]) for w in windows]  # Gemma reads after BOS
+    cpu = torch.device("cpu")
+    ours_ppl = score_windows(model, windows, cpu)[0].perplexity.perplexity
+    theirs_ppl = score_windows(load_for_bench(str(tmp_path / "ours.gguf"), "auto", cpu).model, windows,
+                               cpu)[0].perplexity.perplexity
+    assert abs(theirs_ppl / ours_ppl - 1) < 0.001  # 0.002% on 4 x 512 windows

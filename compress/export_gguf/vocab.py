@@ -130,11 +130,98 @@ def read_sentencepiece_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
                       add_space_prefix=model.add_dummy_prefix, add_eos=bool(config.get("add_eos_token", False)))
 
 
+SPACE = "\u2581"
+"""SentencePiece's space symbol, which its pieces and a converted tokenizer.json spell spaces with."""
+
+
+def sentencepiece_space_prefix(spec: dict) -> bool | None:
+    """For a tokenizer.json that is a SentencePiece BPE model converted to byte-fallback BPE without its
+    tokenizer.model (Gemma 3's, a Llama-2 saved by transformers alone): whether a space goes before the text
+    (llama.cpp's add_space_prefix). None when ``spec`` splits or spells text any other way.
+
+    The conversions seen: spaces replaced by the normalizer (Gemma: no prefix; older Llama-2: a Prepend first),
+    where a Split on spaces after it finds none; or a Metaspace pre-tokenizer that does not split."""
+    model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    replaces_spaces = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    splits_nothing = pre is None or pre == {"type": "Split", "pattern": {"String": " "},
+                                            "behavior": "MergedWithPrevious", "invert": False}
+    if normalizer == replaces_spaces and splits_nothing:
+        return False
+    if normalizer and normalizer.get("type") == "Sequence" and splits_nothing and normalizer.get("normalizers") == [
+            {"type": "Prepend", "prepend": SPACE}, replaces_spaces]:
+        return True
+    if normalizer is None and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE \
+            and not pre.get("split", True):
+        return pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
+def merge_scores(merges: list[str], tokens: list[str]) -> list[float]:
+    """A score for each normal token that makes llama.cpp's SentencePiece tokenizer (which joins the adjacent pair
+    whose joined text is the highest-scored token, leftmost first) join in the order of the BPE merges: minus the
+    rank of the first merge that makes the token. Tokens no merge makes (single characters, which no join can
+    produce, and the odd longer piece) score below them all."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        first_rank.setdefault(left + right, rank)
+    unmade = -float(len(merges))
+    return [-float(first_rank[token]) if token in first_rank else unmade for token in tokens]
+
+
+def read_converted_sentencepiece_vocabulary(spec: dict, folder: Path, vocab_size: int, add_space_prefix: bool
+                                            ) -> Vocabulary:
+    """llama.cpp's "llama" tokenizer from a converted SentencePiece tokenizer.json (see
+    ``sentencepiece_space_prefix``): the pieces as written (``\u2581`` for spaces), byte pieces ``<0xNN>``
+    as bytes, special added tokens as control tokens, other added tokens as user-defined ones spelled with plain
+    spaces (llama.cpp matches them in the text before tokenizing, as transformers does), and scores from the
+    merges (``merge_scores``)."""
+    import re
+
+    from compress.export_gguf.sentencepiece import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED
+
+    model = spec["model"]
+    by_id = {token_id: token for token, token_id in model["vocab"].items()}
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    scores = merge_scores(merges, tokens)
+    types = [NORMAL if i in by_id else UNUSED for i in range(vocab_size)]
+    for i, token in enumerate(tokens):
+        if i in added:
+            special = added[i].get("special", False)
+            tokens[i] = added[i]["content"] if special else added[i]["content"].replace(SPACE, " ")
+            types[i], scores[i] = (CONTROL if special else USER_DEFINED), -1000.0
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i], scores[i] = BYTE, 0.0
+        elif types[i] == UNUSED:
+            scores[i] = -10000.0
+    config = _tokenizer_config(folder)
+    template = config.get("chat_template")
+    return Vocabulary(tokens, types, [], "default", _special_ids(config, tokens),
+                      bool(config.get("add_bos_token", _post_processor_adds_bos(spec))),
+                      template if isinstance(template, str) else None, model="llama", scores=scores,
+                      add_space_prefix=add_space_prefix, add_eos=bool(config.get("add_eos_token", False)))
+
+
+def _post_processor_adds_bos(spec: dict) -> bool:
+    """Whether tokenizer.json's own template puts a special token first (Gemma's config leaves add_bos_token
+    out and its post-processor adds <bos>)."""
+    post = spec.get("post_processor") or {}
+    single = post.get("single") or []
+    return post.get("type") == "TemplateProcessing" and bool(single) and "SpecialToken" in single[0]
+
+
 def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     tokenizer_file = folder / "tokenizer.json"
     spec = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else None
     if _is_sentencepiece(folder, spec):
         return read_sentencepiece_vocabulary(folder, vocab_size)
+    space_prefix = sentencepiece_space_prefix(spec) if spec is not None else None
+    if space_prefix is not None:
+        return read_converted_sentencepiece_vocabulary(spec, folder, vocab_size, space_prefix)
     if spec is None:
         raise UserError(f"{folder} has no tokenizer.json or tokenizer.model: export-gguf writes the tokenizer "
                         "from one of them")

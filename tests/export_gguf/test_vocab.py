@@ -90,3 +90,66 @@ def test_a_broken_tokenizer_model_is_a_one_line_error(spm_llama, tmp_path, capsy
     err = capsys.readouterr().err
     assert "tokenizer.model is not a SentencePiece model" in err and err.count("\n") == 1
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_converted_sentencepiece_tokenizer_json_alone_is_written_as_the_tokenizer_model_would_be(spm_llama,
+                                                                                                   tmp_path):
+    """Without tokenizer.model (Gemma 3's case), the converted tokenizer.json gives llama.cpp the same pieces and
+    types, and scores in the same order for every piece a join can make: so it tokenizes as SentencePiece does."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    import shutil
+
+    import sentencepiece as spm
+    from gguf import GGUFReader
+
+    alone = tmp_path / "alone"
+    shutil.copytree(spm_llama, alone)
+    (alone / "tokenizer.model").unlink()
+    export_gguf(str(spm_llama), "f16", str(tmp_path / "model.gguf"))
+    export_gguf(str(alone), "f16", str(tmp_path / "json.gguf"))
+    written = {}
+    for name in ("model", "json"):
+        fields = GGUFReader(str(tmp_path / f"{name}.gguf")).fields
+        written[name] = {key: fields[f"tokenizer.ggml.{key}"].contents()
+                         for key in ("model", "tokens", "token_type", "scores", "add_space_prefix", "bos_token_id")}
+    from_model, from_json = written["model"], written["json"]
+    assert from_json["model"] == "llama" and from_json["add_space_prefix"] and from_json["bos_token_id"] == 1
+    assert from_json["tokens"] == from_model["tokens"]
+    # tokenizer.json lists <unk> among its special added tokens, so it is a control token there, as llama.cpp's
+    # converter makes it when tokenizer_config.json lists it so (Gemma's own GGUF); byte fallback never emits it.
+    differ = {i: (a, b) for i, (a, b) in enumerate(zip(from_model["token_type"], from_json["token_type"])) if a != b}
+    assert differ == {0: (UNKNOWN, CONTROL)}
+    made = [i for i, token in enumerate(from_model["tokens"]) if from_model["token_type"][i] == 1 and len(token) > 1]
+    assert len(made) > 200
+    order = sorted(made, key=lambda i: -from_model["scores"][i])
+    assert sorted(made, key=lambda i: -from_json["scores"][i]) == order  # ties never happen among made pieces
+    processor = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
+    _, tokenized = llama_cpp_logits(tmp_path / "json.gguf", [1], tuple(TEXTS), add_bos=True)
+    for text, ours in zip(TEXTS, tokenized):
+        assert ours == [1] + processor.encode(text), text
+
+
+@pytest.mark.parametrize("normalizer, pre_tokenizer, prefix", [
+    ({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+     {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}, False),
+    ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                          {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+     None, True),
+    (None, {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never", "split": False}, False),
+    (None, {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}, None),
+    (None, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, None),
+    ({"type": "NFKC"}, None, None),
+])
+def test_which_tokenizer_json_is_a_converted_sentencepiece_model(normalizer, pre_tokenizer, prefix):
+    from compress.export_gguf.vocab import sentencepiece_space_prefix
+
+    spec = {"model": {"type": "BPE", "byte_fallback": True}, "normalizer": normalizer, "pre_tokenizer": pre_tokenizer}
+    assert sentencepiece_space_prefix(spec) is prefix
+    assert sentencepiece_space_prefix(spec | {"model": {"type": "BPE", "byte_fallback": False}}) is None
+
+
+def test_merge_scores_rank_each_piece_by_the_first_merge_that_makes_it():
+    from compress.export_gguf.vocab import merge_scores
+
+    scores = merge_scores(["a b", "ab c", "a bc", "x y"], ["a", "ab", "abc", "xy", "bc", "q"])
+    assert scores == [-4.0, -0.0, -1.0, -3.0, -4.0, -4.0]
