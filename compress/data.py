@@ -294,13 +294,32 @@ def tokenize_prefix(tokenizer, text: str, tokens: int | None) -> torch.Tensor:
         characters *= 2
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text it encodes (Llama-2, Mistral, Gemma), or None (GPT-2-style
+    tokenizers such as SmolLM2's): the convention the model was trained in, which calibration and scoring follow."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
 def calibration_windows_of_text(tokenizer, text: str, record: TextRecord, nsamples: int, seqlen: int,
                                 seed: int) -> tuple[list[torch.Tensor], WindowRecord]:
-    """``calibration_windows`` over the pool of CALIBRATION_POOL x nsamples x seqlen tokens from the start."""
+    """``calibration_windows`` over the pool of CALIBRATION_POOL x nsamples x seqlen tokens from the start, in the
+    tokenizer's convention: where it puts BOS before a text, each window is BOS and seqlen - 1 text tokens (a model
+    trained always to see BOS first, such as Gemma, parks attention on it; without it the first positions'
+    activations are unlike any the model meets in use)."""
+    import torch
+
+    bos = leading_bos(tokenizer) if seqlen > 1 else None
+    text_tokens = seqlen - (bos is not None)
     pool = CALIBRATION_POOL * max(nsamples, 1) * max(seqlen, 1)
-    windows, window_record = calibration_windows(tokenize_prefix(tokenizer, text, pool), record, nsamples, seqlen,
-                                                 seed)
+    windows, window_record = calibration_windows(tokenize_prefix(tokenizer, text, pool), record, nsamples,
+                                                 text_tokens, seed)
     window_record.rule = f"random starts within the first {CALIBRATION_POOL} x nsamples x seqlen = {pool} tokens"
+    if bos is not None:
+        windows = [torch.cat([torch.tensor([bos], dtype=w.dtype), w]) for w in windows]
+        window_record.bos = True
     return windows, window_record
 
 

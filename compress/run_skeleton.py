@@ -93,7 +93,8 @@ class Opened:
             seqlen = min(settings.seqlen, getattr(config, "max_position_embeddings", None) or settings.seqlen)
             windows, record = calibration_windows_of_text(tokenizer, self.text, self.text_record, settings.nsamples,
                                                           seqlen, settings.seed)
-            settings.say(f"calibration: {record.count} x {seqlen} tokens from {self.text_record.source}:"
+            settings.say(f"calibration: {record.count} x {seqlen} tokens{' (BOS first)' if record.bos else ''} from "
+                         f"{self.text_record.source}:"
                          f"{self.text_record.split} ({self.text_record.origin}), seed {settings.seed}")
         source = BlockSource(lazy.model, lazy, streaming=self.streaming)
         return Loaded(self.device, self.out, self.resolved, lazy, source, tokenizer, windows, record, load_seconds)

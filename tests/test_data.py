@@ -152,3 +152,24 @@ def test_a_hub_that_cannot_give_a_split_is_named_as_such(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path))
     with pytest.raises(UserError, match=r"the hub did not give it \(ValueError: Unknown split nope\) and no offline"):
         load_text("wikitext2:nope")
+
+
+def test_calibration_windows_start_with_bos_where_the_tokenizer_puts_one(calib_file):
+    """A tokenizer that puts BOS before a text (Llama-2, Gemma) gets windows of BOS and seqlen - 1 text tokens, the
+    text drawn as the same rule draws seqlen - 1 tokens; one that does not (SmolLM2's, the tiny ones) is unchanged."""
+    from tokenizers import processors
+
+    from compress.data import calibration_windows_of_text, leading_bos
+    from compress.tiny import tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    with_bos = tiny_tokenizer()
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)])
+    assert leading_bos(plain) is None and leading_bos(with_bos) == bos
+    text, record = load_text(str(calib_file))
+    windows, rec = calibration_windows_of_text(with_bos, text, record, 4, 32, seed=1)
+    text_only, rec_plain = calibration_windows_of_text(plain, text, record, 4, 31, seed=1)
+    assert rec.bos and not rec_plain.bos and rec.starts == rec_plain.starts
+    assert all(w.numel() == 32 and int(w[0]) == bos and torch.equal(w[1:], t) for w, t in zip(windows, text_only))

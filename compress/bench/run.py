@@ -33,7 +33,7 @@ from compress.bench.result import (
 )
 from compress.bench.score import output_vocab, score_windows
 from compress.bench.task_accuracy import is_classifier, task_accuracy
-from compress.data import eval_windows_of_text, load_labelled, load_text
+from compress.data import eval_windows_of_text, leading_bos, load_labelled, load_text
 from compress.errors import UserError
 from compress.models import cache_dir, is_causal_lm, source_license, weight_bytes_on_disk
 from compress.runtime import environment, resolve_device
@@ -134,8 +134,7 @@ def bos_token(tokenizer, choice: str) -> int | None:
         if bos is None:
             raise UserError("--bos yes: this tokenizer has no BOS token; use --bos no")
         return bos
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if bos is not None and ids[:1] == [bos] else None
+    return leading_bos(tokenizer)
 
 
 def _check_same_vocabulary(model_tok, base_tok, model_ref: str, base_ref: str) -> None:
