@@ -1,5 +1,5 @@
-"""Quantization quality and cost on the real SmolLM2-135M: ours (RTN, GPTQ, AWQ, mixed precision)
-beside GPTQModel and bitsandbytes NF4.
+"""Quantization quality and cost on a real model (SmolLM2-135M by default, or --model gemma3-270m): ours (RTN,
+GPTQ, AWQ, mixed precision) beside GPTQModel and bitsandbytes NF4.
 
 Every configuration runs in its own child process (so peak RSS and time are its own), on the same
 calibration windows and the same evaluation windows, and every checkpoint is measured the same way:
@@ -7,7 +7,8 @@ reloaded from disk and run over WikiText-2 test, perplexity and KL against the f
 
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/quantize_smollm2.py
 
-writes reports/quantize_smollm2.json and reports/quantize_smollm2.md.
+writes reports/quantize_smollm2.json and reports/quantize_smollm2.md (--model M: reports/quantize_M.*). Windows follow
+the tokenizer's convention as `compress quantize` and `compress bench` do: BOS first where it puts one (Gemma).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
+LABELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 
 
 @dataclass
@@ -76,13 +78,15 @@ RUNS = [
 
 
 def windows(args, tokenizer):
-    from compress.data import calibration_windows, eval_windows, load_calibration_text, load_text, tokenize
+    """The calibration windows `compress quantize` cuts, and the evaluation windows `compress bench` scores."""
+    from compress.bench.run import BenchRequest, _windows
+    from compress.data import calibration_windows_of_text, load_calibration_text
 
     calib_text, calib_record = load_calibration_text(args.calib)
-    calib, calib_info = calibration_windows(tokenize(tokenizer, calib_text), calib_record, args.nsamples, args.seqlen,
-                                            args.seed)
-    eval_text, eval_record = load_text("wikitext2:test")
-    evals, eval_info = eval_windows(tokenize(tokenizer, eval_text), eval_record, args.seqlen, args.eval_windows)
+    calib, calib_info = calibration_windows_of_text(tokenizer, calib_text, calib_record, args.nsamples, args.seqlen,
+                                                    args.seed)
+    evals, eval_info = _windows(BenchRequest(model=args.model, eval="wikitext2:test", seqlen=args.seqlen,
+                                             windows=args.eval_windows), tokenizer, None)
     return calib, calib_info, evals, eval_info
 
 
@@ -114,7 +118,7 @@ def run_child(spec: RunSpec, args) -> dict:
     from compress.select import ModuleSelection, block_linears
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    source = resolve(MODEL).path
+    source = resolve(args.model).path
     model, tokenizer = load_model(source)
     prefix_blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
     blocks_name, blocks = prefix_blocks[0]
@@ -122,7 +126,7 @@ def run_child(spec: RunSpec, args) -> dict:
               for name, layer in block_linears(block, ModuleSelection()).items()}
     calib, calib_info, evals, eval_info = windows(args, tokenizer)
     result = {"run": asdict(spec), "calibration": calib_info.to_dict(), "evaluation": eval_info.to_dict()}
-    reference_file = Path(args.work or tempfile.gettempdir()) / "quantize_smollm2_reference.safetensors"
+    reference_file = Path(args.work or tempfile.gettempdir()) / f"quantize_{args.model}_reference.safetensors"
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         folder = Path(work) / spec.name
         if spec.tool == "fp32":
@@ -132,7 +136,7 @@ def run_child(spec: RunSpec, args) -> dict:
             started = time.perf_counter()
             if spec.tool in ("ours", "bnb"):
                 quantized = quantize(QuantizeRequest(
-                    model=MODEL, method=spec.method, bits=spec.bits, group_size=spec.group_size, calib=args.calib,
+                    model=args.model, method=spec.method, bits=spec.bits, group_size=spec.group_size, calib=args.calib,
                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, out=str(folder), progress=False,
                     device="cpu", **spec.options))
                 manifest = quantized.manifest
@@ -177,6 +181,11 @@ def quantize_with_gptqmodel(source: Path, spec: RunSpec, calib: list[torch.Tenso
         sym=spec.options["sym"], act_group_aware=spec.options["act_group_aware"], mse=spec.options["mse"])
 
 
+def window_tokens(record: dict) -> str:
+    """What a window holds: BOS first where the tokenizer puts one (then seqlen counts the text after it)."""
+    return f"BOS + {record['seqlen']} text tokens" if record.get("bos") else f"{record['seqlen']} tokens"
+
+
 def _settings(run: dict) -> str:
     if run["tool"] == "fp32":
         return "-"
@@ -194,24 +203,26 @@ def markdown(results: list[dict], args) -> str:
     defaults = {k: v for k, v in (by_name.get("gptq-w4g128", {}).get("config") or {}).items()
                 if k in ("sym", "scale_search", "act_order", "damp_percent", "awq")}
     lines = [
-        "# SmolLM2-135M: better 4- and 3-bit weights (ours) beside GPTQModel and bitsandbytes",
+        f"# {LABELS.get(args.model, args.model)}: better 4- and 3-bit weights (ours) beside GPTQModel and bitsandbytes",
         "",
-        f"Generated by `python benchmarks/quantize_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU, "
+        f"Generated by `python benchmarks/quantize_smollm2.py{'' if args.model == MODEL else ' --model ' + args.model}"
+        f"{'' if args.runs == 'all' else ' --runs ' + args.runs}` on {time.strftime('%Y-%m-%d')}, CPU, "
         f"{first['threads']} threads (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}), one child process per row. "
         "CUDA was not measured.",
         "",
-        f"- Calibration: {cal['count']} windows x {cal['seqlen']} tokens, random starts (seed {cal['seed']}) in "
-        f"{cal['text']['source']}:{cal['text']['split']} ({cal['text']['origin']}); the same windows for every row "
+        f"- Calibration: {cal['count']} windows x {window_tokens(cal)}, random starts (seed {cal['seed']}) in "
+        f"{cal['text']['source']}:{cal['text']['split']} ({cal['text']['origin']}); the same windows "
+        "for every row "
         "(ours cut them through `compress quantize`, which the benchmark checks; GPTQModel is handed them).",
-        f"- Perplexity: WikiText-2 raw test ({ev['text']['origin']}), tokenized once without BOS, the first "
-        f"{ev['count']} non-overlapping {ev['seqlen']}-token windows ({first['eval_tokens']} predicted tokens), "
+        f"- Perplexity: WikiText-2 raw test ({ev['text']['origin']}), tokenized once without special tokens, the "
+        f"first {ev['count']} non-overlapping windows of {window_tokens(ev)} ({first['eval_tokens']} predicted tokens), "
         "ppl = exp(mean NLL). Every checkpoint is reloaded from disk: GPTQ-layout ones dequantized exactly in fp32 by "
         "our loader, bitsandbytes through its own CPU kernels in fp32. KL: mean KL(fp32 || row) per token on the "
         "fp32 model's top-256 tokens plus the rest as one bucket (a lower bound of the full KL); top-1: share of "
         "positions where the row's argmax is the fp32 model's.",
         "- bits/weight: every stored byte of the quantized block linears (codes, zero points, fp16 scales, int32 "
         "group index; for NF4 its packed codes, absmax, nested absmax and code book) x 8 / their weight count.",
-        f"- `defaults` rows are `compress quantize smollm2-135m --bits B --group-size 128` with no other flag "
+        f"- `defaults` rows are `compress quantize {args.model} --bits B --group-size 128` with no other flag "
         f"(besides this protocol's --nsamples {cal['count']}); their settings: {defaults}.",
         "- `classic` is what every run did before: symmetric min/max grids. GPTQModel 7.6 rows: `classic` = "
         "symmetric, desc_act, no GAR, no MSE search (the paper's GPTQ); `best` = asymmetric, act_group_aware "
@@ -237,7 +248,7 @@ def markdown(results: list[dict], args) -> str:
     if mixed:
         lines += ["", f"Mixed precision (target {mixed['target_avg_bits']} bits per weight as the budget counts them, "
                       f"{mixed['avg_bits']} reached): layers per option {mixed['options']}."]
-    lines += ["", "## Targets (issue 14)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets (issues 14 and 33)", "", "| target | measured | met |", "|---|---|---|"]
 
     def ratio(name):
         return by_name[name]["perplexity"] / base if name in by_name else None
@@ -245,13 +256,18 @@ def markdown(results: list[dict], args) -> str:
     def row(text, value, ok):
         lines.append(f"| {text} | {value} | {'yes' if ok else 'no'} |")
 
-    w4, nf4, w3 = ratio("gptq-w4g128"), ratio("bnb-nf4"), ratio("gptq-w3g128")
+    w4, w3 = ratio("gptq-w4g128"), ratio("gptq-w3g128")
     if w4 is not None:
         bpw = by_name["gptq-w4g128"]["bits_per_weight"]
         row("W4 g128 defaults: body bits/weight <= 4.25", f"{bpw:.3f}", bpw <= 4.25)
         row("W4 g128 defaults: perplexity ratio <= 1.25 (before: 1.49)", f"x{w4:.3f}", w4 <= 1.25)
-        if nf4 is not None:
-            row("W4 g128 defaults ahead of bitsandbytes NF4", f"x{w4:.3f} vs x{nf4:.3f}", w4 < nf4)
+        ours = by_name["gptq-w4g128"]
+        for peer_name, label in (("bnb-nf4", "bitsandbytes NF4"), ("gptqmodel-w4g128-best", "GPTQModel's best")):
+            peer = by_name.get(peer_name)
+            if peer is not None:
+                row(f"W4 g128 defaults ahead of {label} on perplexity", f"x{w4:.3f} vs x{peer['perplexity'] / base:.3f}",
+                    w4 < peer["perplexity"] / base)
+                row("... and on KL", f"{ours['kl_mean']:.4f} vs {peer['kl_mean']:.4f}", ours["kl_mean"] < peer["kl_mean"])
     if w3 is not None:
         row("W3 g128 defaults: perplexity ratio <= 2.5 (before: 5.31)", f"x{w3:.3f}", w3 <= 2.5)
     if mixed and "gptq-w4g128" in by_name:
@@ -272,6 +288,7 @@ def markdown(results: list[dict], args) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help="a real model alias (default smollm2-135m)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -279,11 +296,12 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--runs", default="all", help="comma-separated run names, or all (fp32 always runs first: "
                         "it makes the KL reference)")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quantize_smollm2")
+    parser.add_argument("--out", type=Path, default=None, help="default reports/quantize_smollm2 (or _MODEL)")
     parser.add_argument("--work", default=None, help="folder for temporary checkpoints (default: the system's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or ROOT / "reports" / ("quantize_smollm2" if args.model == MODEL else f"quantize_{args.model}")
 
     if args.child:
         spec = next(r for r in RUNS if r.name == args.child)
@@ -296,7 +314,7 @@ def main() -> int:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--child", spec.name, "--result", out.name,
                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                       "--calib", args.calib, "--eval-windows", str(args.eval_windows)]
+                       "--calib", args.calib, "--eval-windows", str(args.eval_windows), "--model", args.model]
             if args.work:
                 command += ["--work", args.work]
             print(f"[{time.strftime('%H:%M:%S')}] {spec.name} ...", flush=True)
