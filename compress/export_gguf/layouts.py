@@ -208,6 +208,36 @@ def _qwen_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     _llama_metadata(writer, config)
 
 
+def _experts(writer: gguf.GGUFWriter, config: dict) -> None:
+    """How many experts a mixture-of-experts block holds and routes each token to (its expert tensors are the
+    per-expert layers stacked, ``writer``)."""
+    writer.add_expert_count(config.get("num_local_experts") or config["num_experts"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+
+
+def _mixtral_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Mixtral runs as llama.cpp's llama with experts: softmax over the router, top-k weights renormalized, as in
+    transformers."""
+    _llama_metadata(writer, config)
+    _experts(writer, config)
+
+
+def _qwen2_moe_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Qwen2-MoE: every block a mixture of experts beside a shared expert under a sigmoid gate. llama.cpp's qwen2moe
+    graph keeps the top-k softmax weights as they are, so a config that renormalizes them, or keeps some blocks
+    dense, would run differently there: refused."""
+    if config.get("norm_topk_prob"):
+        raise UserError("this Qwen2-MoE renormalizes its top-k routing weights (norm_topk_prob), which llama.cpp's "
+                        "qwen2moe graph does not")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise UserError("this Qwen2-MoE keeps some blocks dense (mlp_only_layers / decoder_sparse_step), which "
+                        "llama.cpp's qwen2moe graph does not")
+    _qwen_metadata(writer, config)
+    _experts(writer, config)
+    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+
+
 def _keep_rows(module: str, rows: int, config: dict) -> None:
     """Every row where Hugging Face has it (families that rotate halves as llama.cpp does, or do not rotate)."""
     return None
@@ -318,6 +348,9 @@ LAYOUTS: dict[str, Layout] = {
     "Gemma3ForCausalLM": Layout(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, _keep_rows,
                                 norm_offset=1.0),
     "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _llama_metadata, _llama_rows, extra_tensors=_llama_tensors),
+    # Mixture of experts: each block's experts go in as three stacked tensors (writer), the router in float32.
+    "MixtralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, _mixtral_metadata, _llama_rows, extra_tensors=_llama_tensors),
+    "Qwen2MoeForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2MOE, _qwen2_moe_metadata, _keep_rows),
     "GPTNeoXForCausalLM": Layout(gguf.MODEL_ARCH.GPTNEOX, _neox_metadata, _per_head_qkv_rows),
     "BloomForCausalLM": Layout(gguf.MODEL_ARCH.BLOOM, _bloom_metadata, _per_head_qkv_rows,
                                strip_prefix="transformer.", writes_tied_output=True),
@@ -327,8 +360,6 @@ LAYOUTS: dict[str, Layout] = {
 NOT_IN_LLAMA_CPP = {
     "GPTJForCausalLM": "llama.cpp has no GPT-J graph (its converter does not take GPT-J)",
     "OPTForCausalLM": "llama.cpp has no OPT architecture",
-    "MixtralForCausalLM": "export-gguf does not write mixture-of-experts layers yet",
-    "Qwen2MoeForCausalLM": "export-gguf does not write mixture-of-experts layers yet",
 }
 
 

@@ -98,6 +98,41 @@ def model_name(name: str, tokens: list[str]) -> str:
     return name
 
 
+EXPERT_LAYER = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)$")
+"""One expert's layer (compress.moe's names): llama.cpp holds each kind of a block's experts as one 3-D tensor."""
+FLOAT32_MATRICES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+"""Routers stay float32, as llama.cpp's converter keeps them (they are small, and pick the experts)."""
+
+
+class ExpertStacks:
+    """Each block's expert layers, gathered by kind and stacked in expert order ([experts, rows, ...]): the
+    packed blocks of quantized experts, or the float matrices of float ones (a mix of both is refused)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[int, np.ndarray]] = {}
+        self.packed: dict[str, bool] = {}
+
+    def add(self, layer: str, array: np.ndarray, packed: bool) -> bool:
+        """Keep ``array`` if ``layer`` is an expert's; False (nothing kept) for any other layer."""
+        match = EXPERT_LAYER.match(layer)
+        if match is None:
+            return False
+        stacked = f"{match['experts']}.{match['kind']}"
+        if self.packed.setdefault(stacked, packed) != packed:
+            raise UserError(f"{stacked}: some experts are quantized and some are not; llama.cpp holds a block's "
+                            "experts in one tensor of one type: quantize all of them (or export the float model with "
+                            "--type f16)")
+        self.parts.setdefault(stacked, {})[int(match["index"])] = array
+        return True
+
+    def stacked(self):
+        """(name of the stacked layer, [experts, ...] array, whether it holds packed blocks), in the order met."""
+        for name, parts in self.parts.items():
+            if sorted(parts) != list(range(len(parts))):
+                raise UserError(f"{name}: experts {sorted(parts)} do not run from 0 without a gap")
+            yield name, np.stack([parts[e] for e in range(len(parts))]), self.packed[name]
+
+
 def _block_count(config: dict) -> int:
     return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
 
@@ -109,6 +144,7 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
     from compress.checkpoint import load_quantized
     from compress.models import load_model
+    from compress.moe import unfuse_experts
     from compress.quant.linear import QuantLinear
 
     config = json.loads((folder / "config.json").read_text())
@@ -124,10 +160,12 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(writer, vocab)
     model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
+    unfuse_experts(model)  # a float model's fused experts as one layer each, as a quantized model has them
     names = _Names(layout, config)
     counts = {"blocks": 0, "float16": 0, "float32": 0}
     rounded: dict[str, str] = {}  # float matrices written in a block type by ggml's rounding
     quantized: set[str] = set()
+    experts = ExpertStacks()
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quantized.add(module_name)
@@ -135,9 +173,10 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
             order = layout.row_order(module_name, qw.codes.shape[0], config)
             if order is not None:
                 qw = reorder_rows(qw, order)
-            writer.add_tensor(names(f"{module_name}.weight"), encode(qw, block_type, module_name),
-                              raw_dtype=GGML_TYPES[type_name])
-            counts["blocks"] += 1
+            blocks = encode(qw, block_type, module_name)
+            if not experts.add(module_name, blocks, packed=True):
+                writer.add_tensor(names(f"{module_name}.weight"), blocks, raw_dtype=GGML_TYPES[type_name])
+                counts["blocks"] += 1
     tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
     for param_name, param in model.state_dict().items():
         module_name, _, kind = param_name.rpartition(".")
@@ -148,9 +187,11 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
         order = layout.row_order(module_name, param.shape[0], config)
         if order is not None:
             param = param[order]
+        if kind == "weight" and experts.add(module_name, _numpy(param, np.float16), packed=False):
+            continue
         target = names(param_name)
         ggml_type = float_matrix_type(target, type_name, tied, keep_float) if param.dim() == 2 else None
-        if param.dim() == 1:
+        if param.dim() == 1 or target.endswith(FLOAT32_MATRICES):
             if layout.norm_offset and param_name.endswith("norm.weight"):
                 param = param + layout.norm_offset
             writer.add_tensor(target, _numpy(param, np.float32))
@@ -161,6 +202,13 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
             rounded[target.removesuffix(".weight")] = ggml_type.name.lower()
         else:
             writer.add_tensor(target, _numpy(param, np.float16))
+            counts["float16"] += 1
+    for layer, stack, packed in experts.stacked():
+        if packed:
+            writer.add_tensor(names(f"{layer}.weight"), stack, raw_dtype=GGML_TYPES[type_name])
+            counts["blocks"] += 1
+        else:
+            writer.add_tensor(names(f"{layer}.weight"), stack)
             counts["float16"] += 1
     for target, tensor in layout.extra_tensors(config).items():
         writer.add_tensor(target, _numpy(tensor, np.float32))

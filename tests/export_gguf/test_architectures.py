@@ -12,7 +12,7 @@ from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
 
 LLAMA_CPP_ARCHS = {"llama": "llama", "mistral": "llama", "gpt_neox": "gptneox", "bloom": "bloom", "mpt": "mpt",
                    "falcon": "falcon", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                   "gemma3": "gemma3", "phi3": "phi3"}
+                   "gemma3": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
 
 
 def test_fused_qkv_orders_gather_queries_keys_and_values():
@@ -27,7 +27,8 @@ def test_fused_qkv_orders_gather_queries_keys_and_values():
 def attention_heavy(arch: str, folder, **overrides):
     """A tiny random model whose attention outweighs its residual stream (attention weights x4): in the plain
     tiny models a misplaced q/k/v row moves the logits by about 1%, here by 18% or more (seen), while
-    llama.cpp's own rounding stays near 1%."""
+    llama.cpp's own rounding stays near 1%. A mixture of experts' experts weigh x4 too: the experts stacked in
+    reverse order then move the logits by 41% (Qwen2-MoE) to 107% (Mixtral), not 1-2% as in the plain ones."""
     from transformers import AutoModelForCausalLM
 
     from compress.tiny import tiny_config, tiny_tokenizer
@@ -41,6 +42,9 @@ def attention_heavy(arch: str, folder, **overrides):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ("attn" in name or "attention" in name):
                 module.weight.mul_(4)
+        for name, param in model.named_parameters():
+            if ".experts." in name:  # fused (3-D) or one layer per expert
+                param.mul_(4)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -157,3 +161,42 @@ def test_llama3_rope_scaling_is_written_for_mistral_and_refused_for_qwen(tmp_pat
     assert any(t.name == "rope_freqs.weight" for t in GGUFReader(str(tmp_path / "mistral.gguf")).tensors)
     with pytest.raises(UserError, match="uses llama3 rope scaling, which export-gguf does not write yet"):
         export_gguf(str(folders["qwen2"]), "q8_0", str(tmp_path / "qwen2.gguf"), keep_float=True)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_a_float_mixture_of_experts_is_written_with_its_experts_stacked(arch, tmp_path):
+    """transformers holds a float model's experts fused (gate and up in one 3-D tensor): f16 writes each kind of a
+    block's experts as llama.cpp's converter does (one [experts, rows, columns] tensor each, the router float32),
+    and llama.cpp gives the float model's logits."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    from gguf import GGUFReader
+
+    from compress.models import load_model
+
+    source = attention_heavy(arch, tmp_path / "float")
+    record = export_gguf(str(source), "f16", str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    model = load_model(source)[0]
+    config = model.config
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    for kind, shape in (("gate", [config.hidden_size, width, experts]), ("up", [config.hidden_size, width, experts]),
+                        ("down", [width, config.hidden_size, experts])):
+        assert tensors[f"blk.0.ffn_{kind}_exps.weight"].shape.tolist() == shape
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert record["tensors"]["blocks"] == 0
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77]
+    theirs, _ = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    assert relative_error(theirs, expected) < 0.01  # float16 weights; a misrouted token moves them far more
+
+
+def test_moe_configs_llama_cpp_would_run_otherwise_are_refused(tmp_path):
+    from compress.errors import UserError
+
+    for overrides, why in (({"norm_topk_prob": True}, "renormalizes its top-k routing weights"),
+                           ({"mlp_only_layers": [0]}, "keeps some blocks dense")):
+        source = attention_heavy("qwen2_moe", tmp_path / why.split()[0], **overrides)
+        with pytest.raises(UserError, match=why):
+            export_gguf(str(source), "f16", str(tmp_path / "m.gguf"))
