@@ -3,10 +3,11 @@ run by llama.cpp through `compress bench FILE.gguf` on the same WikiText-2 token
 
     OMP_NUM_THREADS=2 COMPRESS_DATA_DIR=../shared/data python benchmarks/gguf_smollm2.py
 
-writes reports/gguf_smollm2.json and reports/gguf_smollm2.md (about 60 min on 2 cores). Each bench row runs in
-its own process (`compress bench`), so its peak memory is its own. Note (../shared/MODELS.md): the offline
-SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up with them and
-looks nearly lossless; the comparison between tools is still on equal terms.
+writes reports/gguf_smollm2.json and reports/gguf_smollm2.md (about 60 min on 2 cores); --model gemma3-270m writes
+reports/gguf_gemma3-270m.*, its windows BOS first as the tokenizer puts it (as `compress bench` scores them). Each
+bench row runs in its own process (`compress bench`), so its peak memory is its own. Note (../shared/MODELS.md):
+the offline SmolLM2 weights were dequantized from Q4_1 blocks of 32, so every 4-bit grid of 32 lines up with them
+and looks nearly lossless; the comparison between tools is still on equal terms.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from compress.bench.result import BenchResult  # noqa: E402
 
 MODEL = "smollm2-135m"
+LABELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 OURS = (
     # (label, quantize settings, GGUF type; None where no legacy type holds the grid)
     ("our GPTQ W4 g32 sym", dict(method="gptq", bits=4, sym=True), "q4_0"),
@@ -39,6 +41,13 @@ OURS = (
     ("our GPTQ W8 g32 sym", dict(method="gptq", bits=8, sym=True), "q8_0"),
     ("our GPTQ W3 g32 asym", dict(method="gptq", bits=3, sym=False), None),
 )
+SMOLLM2_Q4_1_NOTE = (
+    "- The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32. A Q4_1 block stores its minimum as "
+    "a free fp16 number, which llama.cpp's own Q4_1 rounding (min/max per block) finds again exactly: its Q4_1 "
+    "row is nearly lossless (x1.004). Our codes, like GPTQ's format, have an integer zero point, so their "
+    "minimum is a multiple of the step: even plain min/max rounding with integer zero points (the RTN row) "
+    "cannot find that grid. The Q4_1 comparison measures this artifact of the offline weights, not the "
+    "methods; the Q4_0, 8-bit and 3-bit rows do not share it.")
 THEIRS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q3_k_m", "q3_k_s")
 
 
@@ -89,25 +98,29 @@ def summarize(result: BenchResult) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help="a real model alias (default smollm2-135m)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gguf_smollm2")
+    parser.add_argument("--out", type=Path, default=None, help="default reports/gguf_smollm2 (or _MODEL)")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
+    args.out = args.out or ROOT / "reports" / ("gguf_smollm2" if args.model == MODEL else f"gguf_{args.model}")
+    model_alias = args.model
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
     import llama_cpp
 
     from compress.api import QuantizeRequest, quantize, takes_option
-    from compress.data import eval_windows, load_text, tokenize
+    from compress.bench.run import BenchRequest, _windows
     from compress.export_gguf.run import export_gguf
     from compress.models import load_model, resolve
 
-    common = ["--base", MODEL, "--seqlen", "512", "--windows", str(args.eval_windows), "--decode-batches", "1",
+    common = ["--base", model_alias, "--seqlen", "512", "--windows", str(args.eval_windows), "--decode-batches", "1",
               "--no-progress"]
-    _, tokenizer = load_model(resolve(MODEL).path)
-    text, record = load_text("wikitext2:test")
-    windows, info = eval_windows(tokenize(tokenizer, text), record, 512, args.eval_windows)
+    _, tokenizer = load_model(resolve(model_alias).path)
+    # The windows every bench row scores (BOS first where the tokenizer puts one), for the readers run here.
+    windows, info = _windows(BenchRequest(model=model_alias, eval="wikitext2:test", seqlen=512,
+                                          windows=args.eval_windows), tokenizer, None)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         work = Path(work)
@@ -120,15 +133,15 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             return row
 
-        bench("fp32 (torch)", MODEL, ["--dtype", "float32", "--backend", "dense"])
+        bench("fp32 (torch)", model_alias, ["--dtype", "float32", "--backend", "dense"])
         f16 = work / "f16.gguf"
-        export_gguf(MODEL, "f16", str(f16))
+        export_gguf(model_alias, "f16", str(f16))
         bench("f16 GGUF (llama.cpp)", str(f16), [], tool="llama.cpp", type="f16")
         gguf_files = {"f16 GGUF (llama.cpp)": f16}
         for index, (label, settings, kind) in enumerate(OURS):
             started = time.perf_counter()
             grid = {"act_order": False} if takes_option(settings["method"], "act_order") else {}
-            result = quantize(QuantizeRequest(model=MODEL, group_size=32, nsamples=args.nsamples, **grid,
+            result = quantize(QuantizeRequest(model=model_alias, group_size=32, nsamples=args.nsamples, **grid,
                                               out=str(work / f"ours-{index}"), progress=False, device="cpu",
                                               **settings))
             seconds = round(time.perf_counter() - started, 1)
@@ -183,29 +196,24 @@ def main() -> int:
 def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> None:
     base = rows[0]["perplexity"]
     lines = [
-        "# SmolLM2-135M: our GPTQ / AWQ codes in GGUF beside llama.cpp's own quantization",
+        f"# {LABELS.get(args.model, args.model)}: our GPTQ / AWQ codes in GGUF beside llama.cpp's own quantization",
         "",
-        f"Generated by `python benchmarks/gguf_smollm2.py` on {time.strftime('%Y-%m-%d')}, CPU, {threads} threads "
-        f"(llama.cpp and torch alike). CUDA was not measured.",
+        f"Generated by `python benchmarks/gguf_smollm2.py{'' if args.model == MODEL else ' --model ' + args.model}` on "
+        f"{time.strftime('%Y-%m-%d')}, CPU, {threads} threads (llama.cpp and torch alike). CUDA was not measured.",
         "",
-        f"- Every row is one `compress bench` run on the same token ids: the first {info.count} x {info.seqlen} "
-        "WikiText-2 test windows, no BOS; KL(fp32 || row) per token on fp32's top-256 tokens plus the rest as one "
-        f"bucket. GGUF rows run in llama.cpp (llama-cpp-python {version}, its CPU kernels), batch-1 decode of 32 "
-        "tokens after a 128-token prompt.",
-        f"- Ours: `compress quantize {MODEL} --group-size 32 --no-act-order --bits B [--sym]` ({args.nsamples} x 512 "
-        "calibration windows; asymmetric grids searched with the inputs' weights), then `compress export-gguf "
+        f"- Every row is one `compress bench` run on the same token ids: the first {info.count} WikiText-2 test "
+        f"windows of {'BOS + ' if info.bos else ''}{info.seqlen} {'text ' if info.bos else ''}tokens; KL(fp32 || row) "
+        "per token on fp32's top-256 tokens plus the rest as one bucket. GGUF rows run in llama.cpp "
+        f"(llama-cpp-python {version}, its CPU kernels), batch-1 decode of 32 tokens after a 128-token prompt.",
+        f"- Ours: `compress quantize {args.model} --group-size 32 --no-act-order --bits B [--sym]` ({args.nsamples} x "
+        "512 calibration windows; asymmetric grids searched with the inputs' weights), then `compress export-gguf "
         "--type q4_0|q4_1|q8_0`: the codes unchanged. llama.cpp's own: `compress export-gguf --type f16` of the "
-        "float model, then llama.cpp's quantizer (`llama_model_quantize`, default settings). In both, SmolLM2's "
+        "float model, then llama.cpp's quantizer (`llama_model_quantize`, default settings). In both, the "
         "tied embedding is Q8_0 (llama.cpp's choice where rows are not a multiple of 256; ours by ggml's rounding): "
         "the files of one type are the same size.",
         "- llama.cpp's importance matrix is not compared: llama-cpp-python exposes no way to compute one (the "
         "`llama-imatrix` tool is not part of it).",
-        "- The offline SmolLM2 weights were dequantized from Q4_1 blocks of 32. A Q4_1 block stores its minimum as "
-        "a free fp16 number, which llama.cpp's own Q4_1 rounding (min/max per block) finds again exactly: its Q4_1 "
-        "row is nearly lossless (x1.004). Our codes, like GPTQ's format, have an integer zero point, so their "
-        "minimum is a multiple of the step: even plain min/max rounding with integer zero points (the RTN row) "
-        "cannot find that grid. The Q4_1 comparison measures this artifact of the offline weights, not the "
-        "methods; the Q4_0, 8-bit and 3-bit rows do not share it.",
+        *([SMOLLM2_Q4_1_NOTE] if args.model == MODEL else []),
         "- Speed: the first table's speed columns are each taken at its own moment of a shared machine (some "
         "during other work); the turns table below is the comparison. Files of one type run the same kernel.",
         "",
@@ -235,6 +243,20 @@ def write_markdown(args, rows: list[dict], info, threads: int, version: str) -> 
             ours, theirs = same["our_loader_perplexity"], same["llama_cpp_perplexity"]
             lines.append(f"| {r['name']} | {theirs:.3f} | {ours:.3f} | {100 * (theirs / ours - 1):+.2f}% | "
                          f"{same['transformers_gguf_perplexity']:.3f} |")
+    by_name = {r["name"]: r for r in rows}
+    f16 = by_name.get("f16 GGUF (llama.cpp)")
+    q8 = [r for r in rows if r.get("same_codes") and r.get("type") == "q8_0"]
+    if f16:
+        lines += ["", "## Done when (issue 33): llama.cpp within 0.5% of our loader on the same windows", "",
+                  "| file | llama.cpp | ours | difference | met |", "|---|---|---|---|---|"]
+        pairs = [("f16 GGUF (float model)", f16["perplexity"], base)]
+        pairs += [(f"{r['name']} (--float-embedding: the same weights)", r["same_codes"]["llama_cpp_perplexity"],
+                   r["same_codes"]["our_loader_perplexity"]) for r in q8]
+        pairs += [(f"{r['name']} (Q8_0 embedding as llama.cpp's quantizer gives it)", r["perplexity"],
+                   r["same_codes"]["our_loader_perplexity"]) for r in q8]
+        for label, theirs, ours in pairs:
+            lines.append(f"| {label} | {theirs:.3f} | {ours:.3f} | {100 * (theirs / ours - 1):+.2f}% | "
+                         f"{'yes' if abs(theirs / ours - 1) <= 0.005 else 'no'} |")
     lines += ["", "llama.cpp rounds the activations of every quantized matrix product to 8 bits per block of 32 "
               "(q8_0 / q8_1); our loader and transformers compute in float32 on the dequantized weights.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
