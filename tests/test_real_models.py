@@ -175,3 +175,17 @@ def test_gemma3_270m_in_gguf_tokenizes_and_scores_as_our_loader(tmp_path):
     theirs_ppl = score_windows(load_for_bench(str(tmp_path / "ours.gguf"), "auto", cpu).model, windows,
                                cpu)[0].perplexity.perplexity
     assert abs(theirs_ppl / ours_ppl - 1) < 0.001  # 0.002% on 4 x 512 windows
+
+
+def test_gemma3_270m_streams_block_by_block_into_the_in_memory_bytes(tmp_path):
+    """The real second family through GPTQ (its calibration BOS first): streaming block by block writes the bytes the
+    in-memory run writes."""
+    from tests.conftest import assert_same_checkpoint
+
+    settings = dict(model="gemma3-270m", bits=4, group_size=128, calib="sst2:train", nsamples=8, seqlen=128,
+                    progress=False, device="cpu")
+    in_memory = quantize(QuantizeRequest(out=str(tmp_path / "m"), in_memory=True, **settings))
+    streamed = quantize(QuantizeRequest(out=str(tmp_path / "s"), **settings))
+    assert streamed.manifest["streaming"] and not in_memory.manifest["streaming"]
+    assert streamed.manifest["calibration"]["bos"] and streamed.manifest["calibration"]["seqlen"] == 127
+    assert_same_checkpoint(streamed.folder, in_memory.folder)
