@@ -1,0 +1,76 @@
+"""ggml's K-quant blocks: the bytes we write are read back by the gguf package's own dequantizers (ggml's reference
+layout and order of operations) as our float32 weights, bit for bit, for random blocks and for real weights."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from compress.export_gguf.kquants import KFORMATS, SUPER, KBlocks, dequantize as our_dequantize, encode, fit_minmax
+
+GGML = {name: getattr(GGMLQuantizationType, name.upper()) for name in KFORMATS}
+
+
+def random_blocks(name: str, rows: int, cols: int, seed: int = 0) -> KBlocks:
+    fmt = KFORMATS[name]
+    g = torch.Generator().manual_seed(seed)
+    supers, subs = cols // SUPER, fmt.subs
+
+    def ints(low, high, *shape):
+        return torch.randint(low, high, shape, generator=g, dtype=torch.int32)
+
+    scale_low, scale_high = (-128, 128) if fmt.signed_scales else (0, 2 ** fmt.scale_bits)
+    d = (torch.rand(rows, supers, generator=g) * 0.01).to(torch.float16)
+    blocks = KBlocks(fmt, ints(0, 2 ** fmt.code_bits, rows, cols), d, ints(scale_low, scale_high, rows, supers, subs))
+    if fmt.has_min:
+        blocks.dmin = (torch.rand(rows, supers, generator=g) * 0.01).to(torch.float16)
+        blocks.mins = ints(0, 2 ** fmt.scale_bits, rows, supers, subs)
+    return blocks
+
+
+def read_back(blocks: KBlocks) -> torch.Tensor:
+    data = encode(blocks)
+    rows, cols = blocks.codes.shape
+    assert data.shape == (rows, cols // SUPER * blocks.fmt.block_bytes) and data.dtype == np.uint8
+    return torch.from_numpy(dequantize(data, GGML[blocks.fmt.name]).astype(np.float32)).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("name", list(KFORMATS))
+def test_random_blocks_read_back_bit_for_bit(name):
+    blocks = random_blocks(name, rows=6, cols=3 * SUPER)
+    assert torch.equal(read_back(blocks), our_dequantize(blocks))
+
+
+@pytest.mark.parametrize("name", list(KFORMATS))
+def test_every_code_and_scale_value_lands_in_its_place(name):
+    """One block per stored value: each code value in every position, each scale value in every sub-block, so a
+    bit that landed in a neighbour's field shows."""
+    fmt = KFORMATS[name]
+    for seed in range(4):
+        blocks = random_blocks(name, rows=2 ** fmt.code_bits, cols=SUPER, seed=seed)
+        blocks.codes = (torch.arange(2 ** fmt.code_bits, dtype=torch.int32).unsqueeze(1)
+                        + torch.arange(SUPER, dtype=torch.int32)) % 2 ** fmt.code_bits
+        assert torch.equal(read_back(blocks), our_dequantize(blocks)), seed
+
+
+@pytest.mark.parametrize("name", list(KFORMATS))
+def test_real_shaped_weights_round_into_the_format_and_back(name):
+    """Weights of a real model's spread (heavy-tailed rows, a few outlier columns) fitted by plain rounding: the
+    bytes read back as the grid's weights, and more bits cost less error."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 2 * SUPER, generator=g) * torch.rand(64, 1, generator=g)
+    weight[:, 7] *= 8
+    blocks = fit_minmax(weight, KFORMATS[name])
+    ours = our_dequantize(blocks)
+    assert torch.equal(read_back(blocks), ours)
+    error = float((ours - weight).norm() / weight.norm())
+    ceiling = {"q2_k": 0.45, "q3_k": 0.25, "q4_k": 0.12, "q5_k": 0.06, "q6_k": 0.03}[name]
+    assert error < ceiling, error
+
+
+def test_a_width_that_is_not_a_multiple_of_256_is_refused():
+    blocks = random_blocks("q4_k", rows=2, cols=SUPER)
+    blocks.codes = torch.zeros(2, 576, dtype=torch.int32)
+    with pytest.raises(ValueError, match="576 columns are not a multiple of 256"):
+        encode(blocks)
