@@ -1,5 +1,7 @@
-"""ggml's K-quant blocks: the bytes we write are read back by the gguf package's own dequantizers (ggml's reference
-layout and order of operations) as our float32 weights, bit for bit, for random blocks and for real weights."""
+"""ggml's K-quant blocks: the bytes we write are read back by the gguf package's own dequantizers and by ggml's own
+(llama.cpp's libggml-base) as our float32 weights, bit for bit, for random blocks and for real weights."""
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from compress.export_gguf.kquants import KFORMATS, SUPER, KBlocks, dequantize as our_dequantize, encode, fit_minmax
+from tests.export_gguf.ggml_ref import ggml_dequantize
 
 GGML = {name: getattr(GGMLQuantizationType, name.upper()) for name in KFORMATS}
 
@@ -30,10 +33,14 @@ def random_blocks(name: str, rows: int, cols: int, seed: int = 0) -> KBlocks:
 
 
 def read_back(blocks: KBlocks) -> torch.Tensor:
+    """The gguf package's reading of our bytes, checked equal to ggml's own where llama.cpp is installed."""
     data = encode(blocks)
     rows, cols = blocks.codes.shape
     assert data.shape == (rows, cols // SUPER * blocks.fmt.block_bytes) and data.dtype == np.uint8
-    return torch.from_numpy(dequantize(data, GGML[blocks.fmt.name]).astype(np.float32)).reshape(rows, cols)
+    theirs = dequantize(data, GGML[blocks.fmt.name]).astype(np.float32).reshape(rows, cols)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert np.array_equal(ggml_dequantize(blocks.fmt.name, data, cols), theirs)
+    return torch.from_numpy(theirs)
 
 
 @pytest.mark.parametrize("name", list(KFORMATS))
