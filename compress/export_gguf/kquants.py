@@ -1,4 +1,5 @@
-"""Pure math: ggml's K-quant blocks (Q2_K to Q6_K) as data, their exact dequantization, and their bytes.
+"""Pure math: ggml's K-quant blocks (Q2_K to Q6_K) as data, their exact dequantization, their bytes, and the codes
+and grids chosen for them (``fit_weighted``: the grid for the least output error; ``fit_gptq``: GPTQ's codes on it).
 
 A K block holds 256 weights of one row (a super-block) in sub-blocks of 16 or 32, each with its own scale (and,
 in Q2_K, Q4_K and Q5_K, its own minimum) stored as a small integer under the super-block's float16 ``d`` (and
@@ -307,3 +308,23 @@ def _fit_rows(weight: torch.Tensor, fmt: KFormat, importance: torch.Tensor) -> K
                         torch.zeros_like(x)).round().clamp(-half, half - 1) + half
     stored = scales if fmt.signed_scales else scales + fmt.scale_offset
     return KBlocks(fmt, codes.reshape(rows, cols).to(torch.int32), d, stored.to(torch.int32))
+
+
+def grid_of(blocks: KBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sub-block's real step and offset ([rows, cols / sub]): a weight is ``step * code - offset``."""
+    fmt = blocks.fmt
+    rows = blocks.codes.shape[0]
+    step = blocks.d.float().unsqueeze(-1) * (blocks.scales.float() - fmt.scale_offset)
+    offset = blocks.dmin.float().unsqueeze(-1) * blocks.mins.float() if fmt.has_min else step * fmt.code_offset
+    return step.reshape(rows, -1), offset.reshape(rows, -1)
+
+
+def fit_gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: KFormat, damp_percent: float = 0.01) -> KBlocks:
+    """``fit_weighted``'s grids (weighted by the Hessian's diagonal) fixed first, then GPTQ's error propagation
+    choosing the codes on them (compress.quant.fixed_grid): the codes GPTQ picks are the codes written."""
+    from compress.quant.fixed_grid import gptq_fixed_grid
+
+    grid = fit_weighted(weight, fmt, torch.diag(hessian))
+    step, offset = grid_of(grid)
+    codes = gptq_fixed_grid(weight, hessian, step, offset, fmt.sub, 2 ** fmt.code_bits - 1, damp_percent)
+    return KBlocks(fmt, codes, grid.d, grid.scales, grid.dmin, grid.mins)
