@@ -11,6 +11,10 @@ Codes are held unsigned here: Q3_K's signed codes -4..3 as 0..7 and Q6_K's -32..
 6-bit scales as 0..63 with their offset of 32 (``scale_offset``); Q6_K's int8 scales as they are. ``encode`` packs
 them in ggml's byte layout (``block_q2_K`` ... ``block_q6_K`` in ggml-common.h), which the gguf package's
 dequantizers and llama.cpp read.
+
+The legacy blocks of 32 that a K file falls back to where a tensor's rows hold no K blocks (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0: ``LEGACY_FORMATS``) are held the same way with one level of scale, so one fit and one GPTQ serve every
+tensor of a K file.
 """
 
 from __future__ import annotations
@@ -38,10 +42,17 @@ class KFormat:
     """Subtracted from the stored code in the symmetric formats (Q3_K: 4, Q6_K: 32)."""
     scale_offset: int = 0
     """Subtracted from the stored scale (Q3_K: 32); Q6_K's scales are signed bytes."""
+    block: int = SUPER
+    """Weights per block: 256 for the K formats; 32 for the legacy ones, whose one level of scale is held as the
+    block's float16 ``d`` (and ``dmin``) with every sub-block scale (and minimum) 1."""
 
     @property
     def subs(self) -> int:
-        return SUPER // self.sub
+        return self.block // self.sub
+
+    @property
+    def two_level(self) -> bool:
+        return self.block == SUPER
 
     @property
     def signed_scales(self) -> bool:
@@ -55,11 +66,19 @@ KFORMATS = {
     "q5_k": KFormat("q5_k", 32, 5, 6, True, 176),
     "q6_k": KFormat("q6_k", 16, 6, 8, False, 210, code_offset=32),
 }
+LEGACY_FORMATS = {
+    # the blocks of 32 that K file types fall back to where rows hold no K blocks (kmix.FALLBACK)
+    "q4_0": KFormat("q4_0", 32, 4, 0, False, 18, code_offset=8, block=32),
+    "q4_1": KFormat("q4_1", 32, 4, 0, True, 20, block=32),
+    "q5_0": KFormat("q5_0", 32, 5, 0, False, 22, code_offset=16, block=32),
+    "q5_1": KFormat("q5_1", 32, 5, 0, True, 24, block=32),
+    "q8_0": KFormat("q8_0", 32, 8, 0, False, 34, code_offset=128, block=32),
+}
 
 
 @dataclass
 class KBlocks:
-    """One matrix in K blocks: ``rows`` x ``cols`` weights, ``cols`` a multiple of 256."""
+    """One matrix in K blocks: ``rows`` x ``cols`` weights, ``cols`` a multiple of the format's block."""
 
     fmt: KFormat
     codes: torch.Tensor
@@ -76,10 +95,10 @@ class KBlocks:
     def check(self) -> None:
         fmt = self.fmt
         rows, cols = self.codes.shape
-        if cols % SUPER:
-            raise ValueError(f"{fmt.name}: {cols} columns are not a multiple of {SUPER}")
-        supers = cols // SUPER
-        low, high = (-128, 127) if fmt.signed_scales else (0, 2 ** fmt.scale_bits - 1)
+        if cols % fmt.block:
+            raise ValueError(f"{fmt.name}: {cols} columns are not a multiple of {fmt.block}")
+        supers = cols // fmt.block
+        low, high = (-128, 127) if fmt.signed_scales else (0, 2 ** fmt.scale_bits - 1) if fmt.two_level else (1, 1)
         assert self.d.shape == (rows, supers) and self.d.dtype == torch.float16
         assert self.scales.shape == (rows, supers, fmt.subs)
         assert int(self.codes.min()) >= 0 and int(self.codes.max()) < 2 ** fmt.code_bits, "codes out of range"
@@ -87,16 +106,16 @@ class KBlocks:
         if fmt.has_min:
             assert self.dmin is not None and self.dmin.shape == (rows, supers) and self.dmin.dtype == torch.float16
             assert self.mins is not None and self.mins.shape == (rows, supers, fmt.subs)
-            assert int(self.mins.min()) >= 0 and int(self.mins.max()) < 2 ** fmt.scale_bits, "minimums out of range"
+            assert int(self.mins.min()) >= low and int(self.mins.max()) <= high, "minimums out of range"
 
 
 def dequantize(blocks: KBlocks) -> torch.Tensor:
     """float32 [rows, cols], with ggml's order of operations: (d * scale) * code - (dmin * min)."""
     fmt = blocks.fmt
     rows, cols = blocks.codes.shape
-    shape = (rows, cols // SUPER, fmt.subs, 1)
+    shape = (rows, cols // fmt.block, fmt.subs, 1)
     step = (blocks.d.float().unsqueeze(-1) * (blocks.scales.float() - fmt.scale_offset)).reshape(shape)
-    codes = (blocks.codes.float() - fmt.code_offset).reshape(rows, cols // SUPER, fmt.subs, fmt.sub)
+    codes = (blocks.codes.float() - fmt.code_offset).reshape(rows, cols // fmt.block, fmt.subs, fmt.sub)
     weights = step * codes
     if fmt.has_min:
         weights = weights - (blocks.dmin.float().unsqueeze(-1) * blocks.mins.float()).reshape(shape)
@@ -140,13 +159,19 @@ def _scale_bytes_q3(scales: np.ndarray) -> np.ndarray:
     return np.concatenate([low, high], axis=-1)
 
 
+def _fifth_bits(codes: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1: bit j of a little-endian 32-bit word is weight j's fifth bit."""
+    bits = ((codes >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
 def encode(blocks: KBlocks) -> np.ndarray:
     """uint8 [rows, cols / 256 * block_bytes]: each super-block as ggml stores it."""
     blocks.check()
     fmt = blocks.fmt
     rows, cols = blocks.codes.shape
-    n = rows * (cols // SUPER)
-    codes = blocks.codes.numpy().astype(np.uint8).reshape(n, SUPER)
+    n = rows * (cols // fmt.block)
+    codes = blocks.codes.numpy().astype(np.uint8).reshape(n, fmt.block)
     scales = blocks.scales.numpy().reshape(n, fmt.subs)
     d = _f16_bytes(blocks.d.reshape(n))
     if fmt.has_min:
@@ -168,6 +193,15 @@ def encode(blocks: KBlocks) -> np.ndarray:
         ql = _pack_bits(halves & 0xF, 4, 2).reshape(n, 128)
         qh = _pack_bits(halves >> 4, 2, 4).reshape(n, 64)
         parts = [ql, qh, scales.astype(np.int8).view(np.uint8), d]
+    elif fmt.name == "q8_0":
+        parts = [d, (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+    elif fmt.name in LEGACY_FORMATS:
+        # Byte j holds weights j and j + 16 in its nibbles; Q5's fifth bits as one little-endian 32-bit word.
+        nibbles = _pack_bits(codes & 0xF, 4, 2)
+        high = [_fifth_bits(codes)] if fmt.code_bits == 5 else []
+        # the _1 formats store the minimum itself (added), which is minus our offset
+        minimum = [_f16_bytes(-blocks.dmin.reshape(n))] if fmt.has_min else []
+        parts = [d, *minimum, *high, nibbles]
     else:
         raise ValueError(f"unknown K format {fmt.name}")
     packed = np.concatenate(parts, axis=-1)
@@ -269,8 +303,8 @@ def fit_weighted(weight: torch.Tensor, fmt: KFormat, importance: torch.Tensor | 
     and refitted by weighted least squares; the sub-block steps are then rounded under the super-block's float16
     scale by the same error, and the codes rounded on the grid that is stored."""
     rows, cols = weight.shape
-    if cols % SUPER:
-        raise ValueError(f"{fmt.name}: {cols} columns are not a multiple of {SUPER}")
+    if cols % fmt.block:
+        raise ValueError(f"{fmt.name}: {cols} columns are not a multiple of {fmt.block}")
     importance = torch.ones(cols) if importance is None else importance.detach().float().clamp(min=0)
     # A column no input reached still counts a little, so that its weights are not rounded arbitrarily.
     importance = importance + 1e-6 * importance.mean().clamp(min=1e-30)
@@ -282,17 +316,26 @@ def fit_weighted(weight: torch.Tensor, fmt: KFormat, importance: torch.Tensor | 
                    torch.cat([p.mins for p in parts]) if fmt.has_min else None)
 
 
+def _one_level(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A legacy block's float16 step (or minimum) itself as its ``d``, under a sub-block scale of 1."""
+    return values.squeeze(-1).to(torch.float16), torch.ones_like(values)
+
+
 def _fit_rows(weight: torch.Tensor, fmt: KFormat, importance: torch.Tensor) -> KBlocks:
     rows, cols = weight.shape
-    x = weight.reshape(rows, cols // SUPER, fmt.subs, fmt.sub)
-    w = importance.reshape(1, cols // SUPER, fmt.subs, fmt.sub).expand_as(x)
+    x = weight.reshape(rows, cols // fmt.block, fmt.subs, fmt.sub)
+    w = importance.reshape(1, cols // fmt.block, fmt.subs, fmt.sub).expand_as(x)
     sub_weight = w.sum(-1)
     levels = 2 ** fmt.code_bits - 1
     if fmt.has_min:
         step, minimum = _affine_candidates(x, w, levels)
-        top = 2 ** fmt.scale_bits - 1
-        d, scales = _quantize_sub_scales(step, sub_weight, top, signed=False)
-        dmin, mins = _quantize_sub_scales(minimum, sub_weight, top, signed=False)
+        if fmt.two_level:
+            top = 2 ** fmt.scale_bits - 1
+            d, scales = _quantize_sub_scales(step, sub_weight, top, signed=False)
+            dmin, mins = _quantize_sub_scales(minimum, sub_weight, top, signed=False)
+        else:
+            d, scales = _one_level(step)
+            dmin, mins = _one_level(minimum)
         real_step = (d.float().unsqueeze(-1) * scales).unsqueeze(-1)
         real_min = (dmin.float().unsqueeze(-1) * mins).unsqueeze(-1)
         codes = torch.where(real_step > 0, (x + real_min) / real_step.where(real_step > 0, torch.ones_like(real_step)),
@@ -301,12 +344,15 @@ def _fit_rows(weight: torch.Tensor, fmt: KFormat, importance: torch.Tensor) -> K
                        mins.to(torch.int32))
     half = fmt.code_offset
     step = _symmetric_candidates(x, w, half)
-    top = 127 if fmt.signed_scales else fmt.scale_offset - 1
-    d, scales = _quantize_sub_scales(step, sub_weight, top, signed=True)
+    if fmt.two_level:
+        top = 127 if fmt.signed_scales else fmt.scale_offset - 1
+        d, scales = _quantize_sub_scales(step, sub_weight, top, signed=True)
+    else:
+        d, scales = _one_level(step)
     real_step = (d.float().unsqueeze(-1) * scales).unsqueeze(-1)
     codes = torch.where(real_step != 0, x / real_step.where(real_step != 0, torch.ones_like(real_step)),
                         torch.zeros_like(x)).round().clamp(-half, half - 1) + half
-    stored = scales if fmt.signed_scales else scales + fmt.scale_offset
+    stored = scales if fmt.signed_scales or not fmt.two_level else scales + fmt.scale_offset
     return KBlocks(fmt, codes.reshape(rows, cols).to(torch.int32), d, stored.to(torch.int32))
 
 

@@ -16,9 +16,14 @@ def _library() -> ctypes.CDLL:
     return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
 
 
+def _symbol(name: str) -> str:
+    """ggml's spelling of a type in its function names: q4_K, but q4_0."""
+    return name[:-1] + "K" if name.endswith("_k") else name
+
+
 def ggml_dequantize(name: str, data: np.ndarray, cols: int) -> np.ndarray:
     """float32 [rows, cols] from ``data`` (uint8 [rows, bytes per row]) by ggml's dequantize_row_<name>."""
-    function = getattr(_library(), f"dequantize_row_{name[:-1]}K")
+    function = getattr(_library(), f"dequantize_row_{_symbol(name)}")
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     data = np.ascontiguousarray(data)
     out = np.empty((data.shape[0], cols), dtype=np.float32)
@@ -30,7 +35,7 @@ def ggml_quantize(name: str, weight: np.ndarray, bytes_per_row: int, importance:
                   ) -> np.ndarray:
     """uint8 [rows, bytes per row]: ggml's quantize_<name> of float32 ``weight`` [rows, cols] (llama.cpp's
     quantizer's rounding; ``importance`` [cols] is an importance matrix's row, as llama-quantize passes it)."""
-    function = getattr(_library(), f"quantize_{name[:-1]}K")
+    function = getattr(_library(), f"quantize_{_symbol(name)}")
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     function.restype = ctypes.c_size_t
     weight = np.ascontiguousarray(weight, dtype=np.float32)
