@@ -402,8 +402,10 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    "or a float model (with --method, or --type f16)")
     p.add_argument("--type", dest="type_name", default="q4_0",
                    help="q4_0 (4-bit symmetric, group 32), q4_1 (4-bit asymmetric, group 32) or q8_0 (8-bit "
-                        "symmetric, group 32) from our checkpoints, or f16 from a float model (what llama.cpp's "
-                        "own quantizer takes); default q4_0")
+                        "symmetric, group 32) from our checkpoints; a K file type (q2_k, q3_k_s, q3_k_m, q3_k_l, "
+                        "q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k: llama.cpp's mix of types) fitted from a float model "
+                        "with --method gptq or rtn; or f16 from a float model (what llama.cpp's own quantizer "
+                        "takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing GGUF file that compress-workbench wrote (never another file)")
     p.add_argument("--float-embedding", dest="keep_float", action="store_true",
@@ -411,7 +413,8 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                         "quantizer gives them, Q8_0 for the head or a tied embedding, the file's type for an untied "
                         "embedding: the same file size as llama.cpp's)")
     p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
-                   "or rtn (the checkpoint is kept, see --checkpoint)")
+                   "or rtn (the checkpoint is kept, see --checkpoint); K types: gptq (calibrated codes on the "
+                   "format's grids) or rtn (the grids fitted to the weights), no checkpoint")
     p.add_argument("--checkpoint", dest="out_checkpoint", default=S,
                    help="with --method: folder of the quantized checkpoint (default out/<model>-<method>-<tag>)")
     p.add_argument("--calib", default=S, help=f"with --method: calibration text: auto (default), "

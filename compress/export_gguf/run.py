@@ -10,6 +10,8 @@ from pathlib import Path
 from compress.errors import UserError
 from compress.formats import PACKED_METHODS, activations_refusal
 from compress.export_gguf.blocks import BLOCK_TYPES
+from compress.export_gguf.kexport import check_k_request
+from compress.export_gguf.kmix import K_FILE_TYPES
 from compress.output import atomic_file, refuse_existing_file, refuse_source_overlap
 
 QUANTIZE_METHODS = ("gptq", "awq", "rtn")
@@ -37,8 +39,9 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     from compress.export_gguf.writer import check_widths, export_checkpoint
     from compress.models import resolve
 
-    if type_name not in (*BLOCK_TYPES, "f16"):
-        raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)} or f16")
+    if type_name not in (*BLOCK_TYPES, *K_FILE_TYPES, "f16"):
+        raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)}, "
+                        f"{', '.join(K_FILE_TYPES)} or f16")
     settings = dict(quantize_settings or {})
     asked = [k for k in settings if k != "progress"]
     if asked and method is None:
@@ -49,7 +52,14 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     qcfg = config.get("quantization_config") or {}
     layout_for(config, model)
     w8a8 = activations_refusal(qcfg, "llama.cpp's weight blocks", EXPORT_FIX)
-    if type_name == "f16":
+    if type_name in K_FILE_TYPES:
+        check_k_request(config, model, method, bool(qcfg))
+        unused = [k for k in ("out", "resume") if k in settings]
+        if unused:
+            raise UserError(f"{', '.join('--' + {'out': 'checkpoint'}.get(k, k) for k in unused)}: a K file is "
+                            "fitted in one pass and keeps no checkpoint; leave it out")
+        check_widths(folder, model)
+    elif type_name == "f16":
         if qcfg:
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
         if method:
@@ -70,6 +80,15 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         refuse_source_overlap(target, folder)
         refuse_existing_file(target, force)
     quantized = None
+    if type_name in K_FILE_TYPES:
+        from compress.export_gguf.kexport import export_kquants
+
+        target = target or default_output(folder, type_name)
+        started = time.perf_counter()
+        with atomic_file(target, force=force, source=folder) as partial:
+            record = export_kquants(folder, partial, type_name, method, settings, keep_float)
+        record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
+        return record
     if method is not None:
         from compress.api import QuantizeRequest, quantize, takes_option
 

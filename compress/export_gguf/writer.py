@@ -137,6 +137,27 @@ def _block_count(config: dict) -> int:
     return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
 
 
+def start_file(folder: Path, config: dict, layout: Layout, file_type: gguf.LlamaFileType):
+    """A GGUF writer holding the file's metadata and vocabulary (the tensors to come), and the vocabulary."""
+    vocab = read_vocabulary(folder, config["vocab_size"])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[layout.arch])
+    writer.add_name(model_name(folder.name, vocab.tokens))
+    writer.add_quantized_by(WRITER)  # what lets --force replace this file later, and nothing it did not write
+    layout.metadata(writer, config)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocabulary(writer, vocab)
+    return writer, vocab
+
+
+def finish_file(writer: gguf.GGUFWriter, out: Path) -> None:
+    writer.write_header_to_file(path=out)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
     """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose
     grid fits ``type_name`` with its codes, or (``f16``) a float model in float16, the input llama.cpp's own
@@ -150,15 +171,7 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     config = json.loads((folder / "config.json").read_text())
     layout = layout_for(config, str(folder))
     block_type: BlockType | None = BLOCK_TYPES.get(type_name)
-    vocab = read_vocabulary(folder, config["vocab_size"])
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[layout.arch])
-    writer.add_name(model_name(folder.name, vocab.tokens))
-    writer.add_quantized_by(WRITER)  # what lets --force replace this file later, and nothing it did not write
-    layout.metadata(writer, config)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(FILE_TYPES[type_name])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocabulary(writer, vocab)
+    writer, vocab = start_file(folder, config, layout, FILE_TYPES[type_name])
     model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
     unfuse_experts(model)  # a float model's fused experts as one layer each, as a quantized model has them
     names = _Names(layout, config)
@@ -213,9 +226,6 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
     for target, tensor in layout.extra_tensors(config).items():
         writer.add_tensor(target, _numpy(tensor, np.float32))
         counts["float32"] += 1
-    writer.write_header_to_file(path=out)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_file(writer, out)
     return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
             gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": rounded, "pre_tokenizer": vocab.pre}

@@ -1,0 +1,137 @@
+"""`compress export-gguf MODEL --type q4_k_m --method gptq|rtn`: a float model into one of llama.cpp's K file types.
+
+Each tensor gets the type llama.cpp's own quantizer would give it in that file (``kmix``). The blocks stream through
+the shared driver (compress.driver: one block in memory at a time) and each linear layer is fitted into its type
+as it comes: with ``gptq``, the format's grids are chosen first for the least output error on the calibration
+inputs and GPTQ's error propagation then picks the codes on them; with ``rtn``, the grids are chosen on the weights
+alone (``kquants``). Every later layer is calibrated on the quantized layers before it. The fitted blocks wait in a
+temporary folder until the file is written; the embedding and head take their types by the same weighted fit, the
+norms float32, anything else float16, as in the files llama.cpp makes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from compress.errors import UserError
+from compress.export_gguf.kmix import K_FILE_TYPES, MixRules, ModelShape, is_quantized
+from compress.export_gguf.kquants import KFORMATS, LEGACY_FORMATS, dequantize, encode, fit_gptq, fit_weighted
+from compress.export_gguf.layouts import layout_for
+
+FORMATS = {**KFORMATS, **LEGACY_FORMATS}
+K_METHODS = ("gptq", "rtn")
+K_FILE_ENUMS = {name: getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}") for name in K_FILE_TYPES}
+MOE_KEYS = ("num_local_experts", "num_experts")
+
+
+def check_k_request(config: dict, where: str, method: str | None, quantized: bool) -> None:
+    """One-line errors, before any work, for what a K file cannot be made from."""
+    if quantized:
+        raise UserError(f"{where} is already quantized: K types are fitted from the float model (point at its float "
+                        "original and add --method gptq or rtn)")
+    if method is None:
+        raise UserError("K types are fitted from the float model on the way: add --method gptq (calibrated) or rtn")
+    if method not in K_METHODS:
+        raise UserError(f"--method {method} does not make K blocks yet: choose {' or '.join(K_METHODS)}")
+    if any(config.get(key) for key in MOE_KEYS):
+        raise UserError(f"{where} is a mixture of experts: K types do not write expert tensors yet (q4_0, q4_1 and "
+                        "q8_0 do)")
+
+
+def export_kquants(folder: Path, out: Path, file_type: str, method: str, settings: dict,
+                   keep_float: bool = False) -> dict:
+    """Write the float model in ``folder`` to ``out`` (the caller renames it into place) as ``file_type``;
+    ``keep_float`` leaves the embedding and head in float16."""
+    from transformers import AutoTokenizer
+
+    from compress.blocks import BlockSource
+    from compress.data import calibration_windows_of_text, load_calibration_text
+    from compress.driver import run_layerwise
+    from compress.export_gguf.writer import _Names, finish_file, start_file
+    from compress.lazy import LazyModel
+    from compress.runtime import resolve_device
+    from compress.select import ModuleSelection, block_linears
+    from compress.shards import ShardReader
+
+    config = json.loads((folder / "config.json").read_text())
+    layout = layout_for(config, str(folder))
+    trust = settings.get("trust_remote_code", False)
+    lazy = LazyModel(folder, torch.float32, trust, reader=ShardReader(folder))
+    source = BlockSource(lazy.model, lazy, streaming=True)
+    names = _Names(layout, config)
+    tied = bool(config.get("tie_word_embeddings", False)) and not layout.writes_tied_output
+    selection = ModuleSelection()
+    linears = [f"{source.prefix}.{i}.{name}" for i, block in enumerate(source.blocks)
+               for name in block_linears(block, selection)]
+    shapes = {key: tuple(value.shape) for key, value in lazy.model.state_dict().items()}
+    others = [key for key in shapes if key.rpartition(".")[0] not in linears or not key.endswith(".weight")]
+    if tied:
+        others = [key for key in others if not key.startswith("lm_head.")]
+    plan = [(f"{name}.weight", names(f"{name}.weight")) for name in linears]
+    plan += [(key, names(key)) for key in others]
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    shape = ModelShape(gguf.MODEL_ARCH_NAMES[layout.arch], len(source.blocks), heads,
+                       config.get("num_key_value_heads") or heads, tied=tied)
+    rules = MixRules(file_type, shape, [target for _, target in plan])
+    types = {hf: rules.type_of(target, shapes[hf][-1]) for hf, target in plan if is_quantized(target, shapes[hf])}
+    if keep_float:
+        types = {hf: kind for hf, kind in types.items() if names(hf) not in ("token_embd.weight", "output.weight")}
+
+    windows = None
+    if method == "gptq":
+        text, record = load_calibration_text(settings.get("calib", "auto"))
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+        windows, _ = calibration_windows_of_text(tokenizer, text, record, settings.get("nsamples", 128),
+                                                 settings.get("seqlen", 512), settings.get("seed", 0))
+    device = resolve_device(settings.get("device", "cpu"))
+    with tempfile.TemporaryDirectory(prefix=".kquants-", dir=out.parent) as scratch:
+        fitted: dict[str, Path] = {}
+
+        def fit_layer(name: str, layer: torch.nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
+            fmt = FORMATS[types[f"{name}.weight"]]
+            weight = layer.weight.data.float().cpu()
+            blocks = fit_gptq(weight, hessian.cpu(), fmt) if hessian is not None else fit_weighted(weight, fmt)
+            data = encode(blocks)
+            order = layout.row_order(name, data.shape[0], config)
+            fitted[name] = Path(scratch) / f"{len(fitted)}.npy"
+            np.save(fitted[name], data if order is None else data[order.numpy()])
+            return dequantize(blocks).to(layer.weight.dtype)
+
+        run_layerwise(source, windows, fit_layer, selection, device, lambda *_: None,
+                      desc=f"{method} {file_type}", show_progress=settings.get("progress", True))
+        writer, vocab = start_file(folder, config, layout, K_FILE_ENUMS[file_type])
+        counts = Counter()
+        for hf, target in plan:
+            kind = types.get(hf)
+            if hf.removesuffix(".weight") in fitted:
+                data = np.load(fitted[hf.removesuffix(".weight")], mmap_mode="r")
+            else:
+                tensor = lazy.read(hf).float()
+                if tensor.dim() == 1 or kind is None:
+                    if layout.norm_offset and hf.endswith("norm.weight"):
+                        tensor = tensor + layout.norm_offset
+                    float32 = tensor.dim() == 1 or target.endswith(("ffn_gate_inp.weight",))
+                    writer.add_tensor(target, tensor.numpy().astype(np.float32 if float32 else np.float16))
+                    counts["f32" if float32 else "f16"] += 1
+                    continue
+                order = layout.row_order(hf.removesuffix(".weight"), tensor.shape[0], config)
+                if order is not None:
+                    tensor = tensor[order]
+                data = encode(fit_weighted(tensor, FORMATS[kind]))
+            writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()))
+            counts[kind] += 1
+        for target, tensor in layout.extra_tensors(config).items():
+            writer.add_tensor(target, tensor.float().numpy())
+            counts["f32"] += 1
+        finish_file(writer, out)
+    return {"type": file_type, "architecture": config["architectures"][0],
+            "gguf_architecture": gguf.MODEL_ARCH_NAMES[layout.arch], "method": method,
+            "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre,
+            "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())}}
