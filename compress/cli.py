@@ -442,6 +442,13 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
     if "out_checkpoint" in settings:
         settings["out"] = settings.pop("out_checkpoint")
     record = export_gguf(args.model, args.type_name, args.out, args.force, args.method, settings, args.keep_float)
+    if "tensor_types" in record:  # a K file: fitted on the way, no checkpoint
+        kinds = ", ".join(f"{count} {kind}" for kind, count in record["tensor_types"].items())
+        print(f"exported {args.model} to GGUF {record['type']} ({record['method']}, the types llama.cpp's quantizer "
+              f"gives this file type): {kinds}")
+        print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
+        print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
+        return 0
     counts = record["tensors"]
     if "checkpoint" in record:
         made = record["checkpoint"]

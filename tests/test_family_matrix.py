@@ -201,6 +201,9 @@ def onnx_cell(family: Family, name: str, args: list[str]) -> Cell:
     return Cell(OK, "onnxruntime's logits (full pass and cached decode) match")
 
 
+K_FROM_FLOAT = {"gemma2": 0.2, "gemma3": 0.35}
+
+
 def gguf_cell(family: Family, name: str, args: list[str]) -> Cell:
     from compress.checkpoint import load_quantized
     from tests.export_gguf.llama_cpp_run import llama_cpp_logits, relative_error
@@ -221,8 +224,11 @@ def gguf_cell(family: Family, name: str, args: list[str]) -> Cell:
         reference = load_quantized(family.root / "q8-checkpoint")[0]
     expected = model_output(reference or family.float_model(), torch.tensor([IDS]))[0]
     theirs, _ = llama_cpp_logits(out, IDS)
-    # llama.cpp's int8 activations and float16 embedding: about 1% (tests/export_gguf).
-    assert relative_error(theirs, expected) < 0.04
+    # llama.cpp's int8 activations and float16 embedding: about 1% (tests/export_gguf). The K file is compared with
+    # the float model, so its own rounding counts too (rows of 64 fall back to 5-bit blocks of 32): up to 0.074 seen
+    # (MPT), 0.12 and 0.26 on Gemma 2 and 3, whose tiny models magnify rounding (tests/test_api.py).
+    tolerance = 0.04 if name != "gguf-q4_k_m" else K_FROM_FLOAT.get(family.name, 0.1)
+    assert relative_error(theirs, expected) < tolerance
     return Cell(OK, "llama.cpp's logits match")
 
 
@@ -267,6 +273,8 @@ CELLS = {
     # random tiny embedding to 4 bits: 7.9% off on Llama).
     "gguf-q8_0": (gguf_cell, ["--type", "q8_0", "--float-embedding"]),
     "gguf-q4_0": (gguf_cell, ["--type", "q4_0", "--float-embedding"]),
+    # A K file type fitted on the way (the tiny models' rows of 64 fall back to llama.cpp's blocks of 32: Q5_0).
+    "gguf-q4_k_m": (gguf_cell, ["--type", "q4_k_m", "--method", "rtn", "--float-embedding"]),
     "distill": (distill_cell, []),
 }
 

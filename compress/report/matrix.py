@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "gguf-f16": "export-gguf f16",
     "gguf-q8_0": "export-gguf q8_0",
     "gguf-q4_0": "export-gguf q4_0",
+    "gguf-q4_k_m": "export-gguf q4_k_m",
     "distill": "distill (layers)",
 }
 """Cell name -> its column heading, in the table's order."""
