@@ -45,6 +45,28 @@ def check_k_request(config: dict, where: str, method: str | None, quantized: boo
                         "q8_0 do)")
 
 
+def _quantized(hf: str, fmt, fitted: dict[str, Path], lazy, layout, config: dict) -> np.ndarray:
+    """A quantized tensor's blocks: a block linear's from the scratch folder, the embedding or head fitted now (on
+    the weights alone, in the rows' GGUF order)."""
+    name = hf.removesuffix(".weight")
+    if name in fitted:
+        return np.load(fitted[name], mmap_mode="r")
+    tensor = lazy.read(hf).float()
+    order = layout.row_order(name, tensor.shape[0], config)
+    return encode(fit_weighted(tensor if order is None else tensor[order], fmt))
+
+
+def _float(hf: str, dtype, lazy, layout, config: dict) -> np.ndarray:
+    """A tensor kept in float (norms with Gemma's offset, a q/k bias in the rows' GGUF order)."""
+    tensor = lazy.read(hf).float()
+    order = layout.row_order(hf.rpartition(".")[0], tensor.shape[0], config)
+    if order is not None:
+        tensor = tensor[order]
+    if layout.norm_offset and hf.endswith("norm.weight"):
+        tensor = tensor + layout.norm_offset
+    return tensor.numpy().astype(dtype)
+
+
 def export_kquants(folder: Path, out: Path, file_type: str, method: str, settings: dict,
                    keep_float: bool = False) -> dict:
     """Write the float model in ``folder`` to ``out`` (the caller renames it into place) as ``file_type``;
@@ -54,7 +76,7 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     from compress.blocks import BlockSource
     from compress.data import calibration_windows_of_text, load_calibration_text
     from compress.driver import run_layerwise
-    from compress.export_gguf.writer import _Names, finish_file, start_file
+    from compress.export_gguf.writer import _Names, start_file
     from compress.lazy import LazyModel
     from compress.runtime import resolve_device
     from compress.select import ModuleSelection, block_linears
@@ -107,30 +129,35 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
         run_layerwise(source, windows, fit_layer, selection, device, lambda *_: None,
                       desc=f"{method} {file_type}", show_progress=settings.get("progress", True))
         writer, vocab = start_file(folder, config, layout, K_FILE_ENUMS[file_type])
-        counts = Counter()
+        # Every tensor's place and size is written first, then its data one tensor at a time (read from the scratch
+        # folder, or made then): the file is never held in memory.
+        entries = []
         for hf, target in plan:
-            kind = types.get(hf)
-            if hf.removesuffix(".weight") in fitted:
-                data = np.load(fitted[hf.removesuffix(".weight")], mmap_mode="r")
+            kind, dims = types.get(hf), shapes[hf]
+            if kind is not None:
+                fmt = FORMATS[kind]
+                row_bytes = dims[-1] // fmt.block * fmt.block_bytes
+                entries.append((target, (dims[0], row_bytes), np.uint8, dims[0] * row_bytes, kind,
+                                lambda hf=hf, fmt=fmt: _quantized(hf, fmt, fitted, lazy, layout, config)))
             else:
-                tensor = lazy.read(hf).float()
-                if tensor.dim() == 1 or kind is None:
-                    if layout.norm_offset and hf.endswith("norm.weight"):
-                        tensor = tensor + layout.norm_offset
-                    float32 = tensor.dim() == 1 or target.endswith(("ffn_gate_inp.weight",))
-                    writer.add_tensor(target, tensor.numpy().astype(np.float32 if float32 else np.float16))
-                    counts["f32" if float32 else "f16"] += 1
-                    continue
-                order = layout.row_order(hf.removesuffix(".weight"), tensor.shape[0], config)
-                if order is not None:
-                    tensor = tensor[order]
-                data = encode(fit_weighted(tensor, FORMATS[kind]))
-            writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()))
-            counts[kind] += 1
+                as_float32 = len(dims) == 1 or target.endswith("ffn_gate_inp.weight")
+                dtype = np.float32 if as_float32 else np.float16
+                entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
+                                lambda hf=hf, dtype=dtype: _float(hf, dtype, lazy, layout, config)))
         for target, tensor in layout.extra_tensors(config).items():
-            writer.add_tensor(target, tensor.float().numpy())
-            counts["f32"] += 1
-        finish_file(writer, out)
+            data = tensor.float().numpy()
+            entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
+        for target, dims, dtype, nbytes, kind, _ in entries:
+            writer.add_tensor_info(target, dims, np.dtype(dtype), nbytes,
+                                   raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()) if kind else None)
+        writer.write_header_to_file(path=out)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        counts = Counter()
+        for target, dims, dtype, nbytes, kind, make in entries:
+            writer.write_tensor_data(np.ascontiguousarray(make()))
+            counts[kind or np.dtype(dtype).name.replace("float", "f")] += 1
+        writer.close()
     return {"type": file_type, "architecture": config["architectures"][0],
             "gguf_architecture": gguf.MODEL_ARCH_NAMES[layout.arch], "method": method,
             "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre,
