@@ -24,6 +24,7 @@ from compress.errors import UserError
 from compress.export_gguf.kmix import K_FILE_TYPES, MixRules, ModelShape, is_quantized
 from compress.export_gguf.kquants import KFORMATS, LEGACY_FORMATS, dequantize, encode, fit_gptq, fit_weighted
 from compress.export_gguf.layouts import layout_for
+from compress.export_gguf.writer import EXPERT_LAYER, FLOAT32_MATRICES
 
 FORMATS = {**KFORMATS, **LEGACY_FORMATS}
 K_METHODS = ("gptq", "rtn")
@@ -40,15 +41,14 @@ def check_k_request(config: dict, where: str, method: str | None, quantized: boo
         raise UserError("K types are fitted from the float model on the way: add --method gptq (calibrated) or rtn")
     if method not in K_METHODS:
         raise UserError(f"--method {method} does not make K blocks yet: choose {' or '.join(K_METHODS)}")
-    if any(config.get(key) for key in MOE_KEYS):
-        raise UserError(f"{where} is a mixture of experts: K types do not write expert tensors yet (q4_0, q4_1 and "
-                        "q8_0 do)")
 
 
-def _quantized(hf: str, fmt, fitted: dict[str, Path], lazy, layout, config: dict) -> np.ndarray:
-    """A quantized tensor's blocks: a block linear's from the scratch folder, the embedding or head fitted now (on
-    the weights alone, in the rows' GGUF order)."""
+def _quantized(hf: str, fmt, members: list[str], fitted: dict[str, Path], lazy, layout, config: dict) -> np.ndarray:
+    """A quantized tensor's blocks: a block linear's from the scratch folder (a block's experts of one kind
+    stacked), the embedding or head fitted now (on the weights alone, in the rows' GGUF order)."""
     name = hf.removesuffix(".weight")
+    if members and members != [name]:
+        return np.stack([np.load(fitted[member]) for member in members])
     if name in fitted:
         return np.load(fitted[name], mmap_mode="r")
     tensor = lazy.read(hf).float()
@@ -96,11 +96,21 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     others = [key for key in shapes if key.rpartition(".")[0] not in linears or not key.endswith(".weight")]
     if tied:
         others = [key for key in others if not key.startswith("lm_head.")]
-    plan = [(f"{name}.weight", names(f"{name}.weight")) for name in linears]
+    # A block's experts of one kind are one [experts, rows, columns] tensor in llama.cpp (stacked when written).
+    stacks: dict[str, list[str]] = {}
+    for name in linears:
+        match = EXPERT_LAYER.match(name)
+        key = f"{match['experts']}.{match['kind']}" if match else name
+        stacks.setdefault(key, []).append(name)
+    for key, members in stacks.items():
+        if len(members) > 1 or members[0] != key:
+            shapes[f"{key}.weight"] = (len(members), *shapes[f"{members[0]}.weight"])
+    plan = [(f"{key}.weight", names(f"{key}.weight")) for key in stacks]
     plan += [(key, names(key)) for key in others]
     heads = config.get("num_attention_heads") or config.get("n_head")
+    experts = max((config.get(key) or 0) for key in MOE_KEYS)
     shape = ModelShape(gguf.MODEL_ARCH_NAMES[layout.arch], len(source.blocks), heads,
-                       config.get("num_key_value_heads") or heads, tied=tied)
+                       config.get("num_key_value_heads") or heads, experts=experts, tied=tied)
     rules = MixRules(file_type, shape, [target for _, target in plan])
     types = {hf: rules.type_of(target, shapes[hf][-1]) for hf, target in plan if is_quantized(target, shapes[hf])}
     if keep_float:
@@ -116,8 +126,10 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     with tempfile.TemporaryDirectory(prefix=".kquants-", dir=out.parent) as scratch:
         fitted: dict[str, Path] = {}
 
+        stacked_as = {member: key for key, members in stacks.items() for member in members}
+
         def fit_layer(name: str, layer: torch.nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
-            fmt = FORMATS[types[f"{name}.weight"]]
+            fmt = FORMATS[types[f"{stacked_as[name]}.weight"]]
             weight = layer.weight.data.float().cpu()
             blocks = fit_gptq(weight, hessian.cpu(), fmt) if hessian is not None else fit_weighted(weight, fmt)
             data = encode(blocks)
@@ -137,10 +149,12 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
             if kind is not None:
                 fmt = FORMATS[kind]
                 row_bytes = dims[-1] // fmt.block * fmt.block_bytes
-                entries.append((target, (dims[0], row_bytes), np.uint8, dims[0] * row_bytes, kind,
-                                lambda hf=hf, fmt=fmt: _quantized(hf, fmt, fitted, lazy, layout, config)))
+                members = stacks.get(hf.removesuffix(".weight"), [])
+                entries.append((target, (*dims[:-1], row_bytes), np.uint8, int(np.prod(dims[:-1])) * row_bytes, kind,
+                                lambda hf=hf, fmt=fmt, members=members:
+                                _quantized(hf, fmt, members, fitted, lazy, layout, config)))
             else:
-                as_float32 = len(dims) == 1 or target.endswith("ffn_gate_inp.weight")
+                as_float32 = len(dims) == 1 or target.endswith(FLOAT32_MATRICES)
                 dtype = np.float32 if as_float32 else np.float16
                 entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
                                 lambda hf=hf, dtype=dtype: _float(hf, dtype, lazy, layout, config)))

@@ -67,7 +67,6 @@ class MixRules:
         self.file_type, self.model = file_type, model
         self.values_seen, self.downs_seen = 0, 0
         self.values = sum(1 for n in names if "attn_v.weight" in n or "attn_qkv.weight" in n)
-        self.downs = sum(1 for n in names if "ffn_down" in n)
 
     def type_of(self, name: str, row_length: int) -> str:
         chosen = self._choose(name, row_length)
@@ -113,9 +112,12 @@ class MixRules:
 
     def _down(self, name: str, default: str) -> str:
         ft, model = self.file_type, self.model
-        layer, layers = self.downs_seen, self.downs
-        if model.experts > 1:  # experts' tensors need not come in block order: the block is in the name
-            layer, layers = int(name.split(".")[1]), model.blocks
+        # llama.cpp counts the down projections it meets, but takes the model's block count as their number (a
+        # Qwen2-MoE's shared and routed down projections are two per block); experts' tensors need not come in block
+        # order, so there the block is read from the name.
+        layer, layers = self.downs_seen, model.blocks
+        if model.experts > 1:
+            layer = int(name.split(".")[1])
         self.downs_seen += 1
         falcon = model.arch == "falcon"
         if ft == "q2_k":

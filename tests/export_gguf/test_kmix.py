@@ -67,3 +67,28 @@ def test_every_k_file_type_gets_llama_cpps_types(case, tmp_path):
         assert ours == {name: kind for name, kind in theirs[file_type].items() if name in ours}, file_type
         assert set(theirs[file_type]) - set(ours) == {n for n, d in tensors if not is_quantized(n, d)}
         assert all(theirs[file_type][n] in ("f32", "f16") for n, d in tensors if not is_quantized(n, d))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_mixtures_of_experts_get_llama_cpps_types(arch, tmp_path):
+    """Stacked expert tensors (and Qwen2-MoE's shared expert) take llama.cpp's choices too (the tiny rows of 64 all
+    fall back to blocks of 32, so the file types differ in which fallback each tensor takes)."""
+    pytest.importorskip("llama_cpp", reason="install the [llamacpp] extra")
+    from gguf import GGUFReader
+
+    from compress.models import resolve
+
+    source = resolve(f"tiny-{arch}")
+    export_gguf(str(source.path), "f16", str(tmp_path / "f16.gguf"))
+    printed = subprocess.run([sys.executable, "-c", ORACLE, str(tmp_path / "f16.gguf"), str(tmp_path),
+                              ",".join(K_FILE_TYPES)], capture_output=True, text=True, check=True).stdout
+    theirs = json.loads(printed.strip().splitlines()[-1])
+    tensors = [(t.name, tuple(int(n) for n in t.shape)) for t in GGUFReader(str(tmp_path / "f16.gguf")).tensors]
+    config = json.loads((source.path / "config.json").read_text())
+    experts = config.get("num_local_experts") or config["num_experts"]
+    shape = ModelShape("llama" if arch == "mixtral" else "qwen2moe", config["num_hidden_layers"],
+                       config["num_attention_heads"], config["num_key_value_heads"], experts=experts)
+    for file_type in K_FILE_TYPES:
+        rules = MixRules(file_type, shape, [name for name, _ in tensors])
+        ours = {name: rules.type_of(name, dims[0]) for name, dims in tensors if is_quantized(name, dims)}
+        assert ours == {name: kind for name, kind in theirs[file_type].items() if name in ours}, file_type
