@@ -108,7 +108,7 @@ def body_bits_per_weight(folder: Path, shapes: dict[str, tuple[int, int]]) -> fl
 
 
 def run_child(spec: RunSpec, args) -> dict:
-    from compress.api import QuantizeRequest, quantize
+    from compress.api import QuantizeRequest, quantize, takes_option
     from compress.bench.agreement import Reference
     from compress.bench.load import load_for_bench
     from compress.bench.score import score_windows
@@ -135,10 +135,12 @@ def run_child(spec: RunSpec, args) -> dict:
             del model
             started = time.perf_counter()
             if spec.tool in ("ours", "bnb"):
+                # bitsandbytes takes no group size flag (its blocks of 64 are its own): passed only where it applies
+                grid = {"group_size": spec.group_size} if takes_option(spec.method, "group_size") else {}
                 quantized = quantize(QuantizeRequest(
-                    model=args.model, method=spec.method, bits=spec.bits, group_size=spec.group_size, calib=args.calib,
-                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, out=str(folder), progress=False,
-                    device="cpu", **spec.options))
+                    model=args.model, method=spec.method, bits=spec.bits, calib=args.calib, nsamples=args.nsamples,
+                    seqlen=args.seqlen, seed=args.seed, out=str(folder), progress=False, device="cpu", **grid,
+                    **spec.options))
                 manifest = quantized.manifest
                 if manifest.get("calibration"):
                     assert manifest["calibration"]["starts"] == calib_info.to_dict()["starts"], "other windows"
@@ -310,7 +312,15 @@ def main() -> int:
 
     chosen = RUNS if args.runs == "all" else [r for r in RUNS if r.name == "fp32" or r.name in args.runs.split(",")]
     results = []
+    # With --work, each finished row is kept there and reused by a rerun of the same protocol (a row that fails
+    # no longer loses the rows before it).
+    kept = Path(args.work) / f"quantize-{args.model}-n{args.nsamples}-s{args.seqlen}-w{args.eval_windows}" \
+        if args.work else None
     for spec in chosen:
+        if kept is not None and (kept / f"{spec.name}.json").is_file():
+            results.append(json.loads((kept / f"{spec.name}.json").read_text()))
+            print(f"[{time.strftime('%H:%M:%S')}] {spec.name}: kept from an earlier run", flush=True)
+            continue
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--child", spec.name, "--result", out.name,
                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
@@ -323,6 +333,9 @@ def main() -> int:
             result = json.loads(Path(out.name).read_text())
         print(f"    ppl {result['perplexity']:.3f}  quantize {result['quantize_seconds']:.1f} s", flush=True)
         results.append(result)
+        if kept is not None:
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / f"{spec.name}.json").write_text(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                          "results": results}, indent=2))
