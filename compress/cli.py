@@ -449,6 +449,9 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{count} {kind}" for kind, count in record["tensor_types"].items())
         print(f"exported {args.model} to GGUF {record['type']} ({record['method']}, the types llama.cpp's quantizer "
               f"gives this file type): {kinds}")
+        if record["fallbacks"]:
+            print(f"  {len(record['fallbacks'])} tensors have rows that hold no K blocks (not a multiple of 256 "
+                  f"weights) and take llama.cpp's fallbacks, e.g. {next(iter(record['fallbacks'].items()))}")
         print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
         print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
         return 0

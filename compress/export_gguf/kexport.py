@@ -205,6 +205,8 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     return {"type": file_type, "architecture": config["architectures"][0],
             "gguf_architecture": gguf.MODEL_ARCH_NAMES[layout.arch], "method": method,
             "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre, "auto": chosen,
+            # tensors whose rows hold no K blocks, in the blocks of 32 llama.cpp falls back to
+            "fallbacks": {names(hf): kind for hf, kind in types.items() if kind in LEGACY_FORMATS},
             "block_bits_per_weight": round(type_bits_per_weight({f"{k}.weight": t for k, t in zip(stacks, block_types)},
                                                                 shapes), 4),
             "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())}}

@@ -116,7 +116,8 @@ def test_a_mixture_of_experts_is_written_with_its_experts_stacked(arch, tmp_path
     model = load_model(source)[0]
     experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     assert tensors["blk.0.ffn_down_exps.weight"].shape.tolist()[-1] == experts
-    assert record["tensor_types"]["q8_0"] > 0  # rows of 64: Q6_K falls back to Q8_0
+    assert record["tensor_types"]["q8_0"] > 0  # rows of 64: Q6_K falls back to Q8_0, and the record says where
+    assert record["fallbacks"]["blk.0.ffn_down_exps.weight"] == "q8_0"
     ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77]
     theirs, _ = llama_cpp_logits(tmp_path / "m.gguf", ids)
     with torch.no_grad():
