@@ -158,22 +158,91 @@ def finish_file(writer: gguf.GGUFWriter, out: Path) -> None:
     writer.close()
 
 
-def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
-    """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose
-    grid fits ``type_name`` with its codes, or (``f16``) a float model in float16, the input llama.cpp's own
-    quantizer takes. Returns a record of what
-    was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
-    from compress.checkpoint import load_quantized
-    from compress.models import load_model
-    from compress.moe import unfuse_experts
-    from compress.quant.linear import QuantLinear
+def write_streamed(writer: gguf.GGUFWriter, out: Path, entries: list) -> None:
+    """Every tensor's place and size first, then its data one tensor at a time: ``entries`` are (GGUF name, shape,
+    numpy dtype, bytes, ggml type or None, a function that makes the data), so the file is never held in memory."""
+    for target, dims, dtype, nbytes, kind, _ in entries:
+        writer.add_tensor_info(target, dims, np.dtype(dtype), nbytes,
+                               raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()) if kind else None)
+    writer.write_header_to_file(path=out)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for *_, make in entries:
+        writer.write_tensor_data(np.ascontiguousarray(make()))
+    writer.close()
+
+
+def export_float(folder: Path, out: Path) -> dict:
+    """``folder``'s float model as float16 (norms and routers float32), read and written one tensor at a time from
+    its shards: what llama.cpp's own quantizer takes, whatever the model's size."""
+    from compress.lazy import LazyModel
+    from compress.shards import ShardReader
 
     config = json.loads((folder / "config.json").read_text())
     layout = layout_for(config, str(folder))
-    block_type: BlockType | None = BLOCK_TYPES.get(type_name)
+    writer, vocab = start_file(folder, config, layout, FILE_TYPES["f16"])
+    lazy = LazyModel(folder, torch.float32, reader=ShardReader(folder))  # a meta skeleton: experts one layer each
+    names = _Names(layout, config)
+    tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
+    shapes = {key: tuple(value.shape) for key, value in lazy.model.state_dict().items()}
+    stacks: dict[str, list[str]] = {}
+    entries, counts = [], {"blocks": 0, "float16": 0, "float32": 0}
+    for key, dims in shapes.items():
+        module_name, _, kind = key.rpartition(".")
+        if kind not in ("weight", "bias") or (tied and module_name == "lm_head"):
+            continue  # llama.cpp reads the embedding when the file has no output tensor
+        match = EXPERT_LAYER.match(module_name)
+        if match and kind == "weight":
+            stacks.setdefault(f"{match['experts']}.{match['kind']}", []).append(key)
+            continue
+        target = names(key)
+        as_float32 = len(dims) == 1 or target.endswith(FLOAT32_MATRICES)
+        dtype = np.float32 if as_float32 else np.float16
+        entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
+                        lambda key=key, dtype=dtype: _float_tensor(lazy, key, dtype, layout, config)))
+        counts["float32" if as_float32 else "float16"] += 1
+    for stacked, members in stacks.items():
+        dims = (len(members), *shapes[members[0]])
+        entries.append((names(f"{stacked}.weight"), dims, np.float16, int(np.prod(dims)) * 2, None,
+                        lambda members=members: np.stack([_numpy(lazy.read(m), np.float16) for m in members])))
+        counts["float16"] += 1
+    for target, tensor in layout.extra_tensors(config).items():
+        data = _numpy(tensor, np.float32)
+        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
+        counts["float32"] += 1
+    write_streamed(writer, out, entries)
+    return {"type": "f16", "architecture": config["architectures"][0], "gguf_architecture":
+            gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": {}, "pre_tokenizer": vocab.pre}
+
+
+def _float_tensor(lazy, key: str, dtype, layout: Layout, config: dict) -> np.ndarray:
+    """One float tensor as the file holds it: in the rows' GGUF order, Gemma's norms with their offset."""
+    tensor = lazy.read(key)
+    order = layout.row_order(key.rpartition(".")[0], tensor.shape[0], config)
+    if order is not None:
+        tensor = tensor[order]
+    if layout.norm_offset and key.endswith("norm.weight"):
+        tensor = tensor.float() + layout.norm_offset
+    return _numpy(tensor, dtype)
+
+
+def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
+    """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose
+    grid fits ``type_name`` with its codes, or (``f16``) a float model in float16, streamed (``export_float``), the
+    input llama.cpp's own quantizer takes. Returns a record of what was written. ``keep_float`` writes the
+    embedding and a float head in float16 instead of llama.cpp's types."""
+    from compress.checkpoint import load_quantized
+    from compress.moe import unfuse_experts
+    from compress.quant.linear import QuantLinear
+
+    if type_name == "f16":
+        return export_float(folder, out)
+    config = json.loads((folder / "config.json").read_text())
+    layout = layout_for(config, str(folder))
+    block_type: BlockType = BLOCK_TYPES[type_name]
     writer, vocab = start_file(folder, config, layout, FILE_TYPES[type_name])
-    model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
-    unfuse_experts(model)  # a float model's fused experts as one layer each, as a quantized model has them
+    model = load_quantized(folder, torch.float32)[0]
+    unfuse_experts(model)  # experts one layer each (our checkpoints store them so; a fused module is split)
     names = _Names(layout, config)
     counts = {"blocks": 0, "float16": 0, "float32": 0}
     rounded: dict[str, str] = {}  # float matrices written in a block type by ggml's rounding
