@@ -154,3 +154,21 @@ def test_auto_needs_a_budget_and_a_budget_needs_auto(k_llama, tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("--bpw" in err) and err.count("\n") == 1, err
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_transformers_gguf_reader_gives_llama_cpps_logits_for_a_k_file(k_llama, tmp_path):
+    """A second reader of our K blocks: transformers dequantizes the file itself (through the gguf package) and its
+    float model gives llama.cpp's logits, within llama.cpp's int8 activations."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.export_gguf.llama_cpp_run import relative_error
+
+    folder, _ = k_llama
+    gguf = tmp_path / "q4_k_m.gguf"
+    export_gguf(str(folder / "float"), "q4_k_m", str(gguf), method="rtn", quantize_settings={"progress": False})
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77]
+    theirs, _ = llama_cpp_logits(gguf, ids)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        transformers_logits = model(torch.tensor([ids])).logits[0]
+    assert relative_error(theirs, transformers_logits) < 0.02
