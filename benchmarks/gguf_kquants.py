@@ -47,6 +47,14 @@ def timed(command: list[str], seconds_file: Path) -> None:
     seconds_file.write_text(f"{time.perf_counter() - started:.1f}")
 
 
+def block_bits_per_weight(gguf: Path) -> float:
+    """Bits per weight the file's block tensors (blk.*, two or more dimensions) store."""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(str(gguf)).tensors if t.name.startswith("blk.") and len(t.shape) >= 2]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
@@ -100,6 +108,15 @@ def main() -> int:
                   work / f"{theirs.stem}.seconds")
         measure(f"llama.cpp {kind}", str(theirs), tool="llama.cpp", type=kind,
                 seconds=float((work / f"{theirs.stem}.seconds").read_text()))
+        if kind == "q4_k_m":  # --type auto at our Q4_K_M file's own bits per weight
+            auto = work / "ours-gptq-auto.gguf"
+            budget = block_bits_per_weight(work / "ours-gptq-q4_k_m.gguf")
+            if not auto.exists():
+                timed([*cli, "export-gguf", args.model, "--type", "auto", "--bpw", f"{budget:.4f}", "--method",
+                       "gptq", "--nsamples", str(args.nsamples), "--out", str(auto), "--no-progress"],
+                      work / f"{auto.stem}.seconds")
+            measure("ours gptq auto", str(auto), tool="ours gptq", type="auto", budget=budget,
+                    reached=block_bits_per_weight(auto), seconds=float((work / f"{auto.stem}.seconds").read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"model": args.model, "nsamples": args.nsamples,
                                                     "eval_windows": args.eval_windows, "rows": rows}, indent=2))
@@ -138,6 +155,12 @@ def markdown(args, rows: list[dict]) -> str:
             met = ratio <= TARGETS.get(kind, 1.0) and abs(size) <= 0.01
             lines.append(f"| {kind} | {ours['kl_mean']:.4f} | {theirs['kl_mean']:.4f} | {ratio:.2f} | "
                          f"<= {TARGETS.get(kind, 1.0)} | {100 * size:+.2f}% | {'yes' if met else 'no'} |")
+    auto, fixed = by.get(("ours gptq", "auto")), by.get(("ours gptq", "q4_k_m"))
+    if auto and fixed:
+        ratio = auto["kl_mean"] / fixed["kl_mean"]
+        lines.append(f"| auto at our Q4_K_M's {auto['budget']:.3f} bits/weight (reached {auto['reached']:.3f}) | "
+                     f"{auto['kl_mean']:.4f} | our Q4_K_M {fixed['kl_mean']:.4f} | {ratio:.2f} | < 1 | "
+                     f"{100 * (auto['file_bytes'] / fixed['file_bytes'] - 1):+.2f}% | {'yes' if ratio < 1 else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -133,7 +133,20 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
     packed layers' buffers as stored, everything else in ``dtype``. No dense float copy of a packed
     layer is ever made, so a 7B W4 checkpoint opens in about its own size.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    lazy = open_quantized(folder, dtype)
+    lazy.materialize_all(device)
+    lazy.model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return lazy.model, tokenizer
+
+
+def open_quantized(folder: Path, dtype: torch.dtype = torch.float32) -> LazyModel:
+    """``load_quantized``'s model before any tensor is read: every module in place on the meta device, each tensor
+    read when asked (``LazyModel.materialize``), so a writer can go through it one layer at a time."""
+    from transformers import AutoConfig
 
     folder = Path(folder)
     check_checkpoint(folder)
@@ -170,7 +183,4 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32, device: tor
         # The file's float16 embedding is for other loaders; ours reads rows from the packed head.
         set_submodule(model, head["tied_embedding"], QuantEmbedding(model.get_submodule(head["module"]), dtype,
                                                                     model.get_submodule(head["tied_embedding"])))
-    lazy.materialize_all(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
-    return model, tokenizer
+    return lazy

@@ -412,6 +412,9 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    help="write the embedding and a float output head in float16 (default: the types llama.cpp's own "
                         "quantizer gives them, Q8_0 for the head or a tied embedding, the file's type for an untied "
                         "embedding: the same file size as llama.cpp's)")
+    p.add_argument("--bpw", type=float, default=S,
+                   help="with --type auto: bits per weight of the blocks' linear layers as stored; each one's K type "
+                        "is chosen under it from its measured sensitivity (Q4_K_M's mix stores about 4.9)")
     p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
                    "or rtn (the checkpoint is kept, see --checkpoint); K types: gptq (calibrated codes on the "
                    "format's grids) or rtn (the grids fitted to the weights), no checkpoint")
@@ -446,6 +449,9 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{count} {kind}" for kind, count in record["tensor_types"].items())
         print(f"exported {args.model} to GGUF {record['type']} ({record['method']}, the types llama.cpp's quantizer "
               f"gives this file type): {kinds}")
+        if record["fallbacks"]:
+            print(f"  {len(record['fallbacks'])} tensors have rows that hold no K blocks (not a multiple of 256 "
+                  f"weights) and take llama.cpp's fallbacks, e.g. {next(iter(record['fallbacks'].items()))}")
         print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
         print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
         return 0

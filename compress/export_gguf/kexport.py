@@ -23,12 +23,19 @@ import torch
 from compress.errors import UserError
 from compress.export_gguf.kmix import K_FILE_TYPES, MixRules, ModelShape, is_quantized
 from compress.export_gguf.kquants import KFORMATS, LEGACY_FORMATS, dequantize, encode, fit_gptq, fit_weighted
+from compress.export_gguf.kauto import type_bits_per_weight
 from compress.export_gguf.layouts import layout_for
 from compress.export_gguf.writer import EXPERT_LAYER, FLOAT32_MATRICES
 
 FORMATS = {**KFORMATS, **LEGACY_FORMATS}
 K_METHODS = ("gptq", "rtn")
+AUTO = "auto"
+"""--type auto --bpw B: each block linear's type chosen under the budget (compress.export_gguf.kauto)."""
 K_FILE_ENUMS = {name: getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}") for name in K_FILE_TYPES}
+# an auto file is labelled by its blocks' most common type
+K_FILE_ENUMS.update({kind: getattr(gguf.LlamaFileType, label) for kind, label in (
+    ("q3_k", "MOSTLY_Q3_K_M"), ("q4_k", "MOSTLY_Q4_K_M"), ("q5_k", "MOSTLY_Q5_K_M"), ("q4_0", "MOSTLY_Q4_0"),
+    ("q5_0", "MOSTLY_Q5_0"), ("q5_1", "MOSTLY_Q5_1"), ("q8_0", "MOSTLY_Q8_0"))})
 MOE_KEYS = ("num_local_experts", "num_experts")
 
 
@@ -111,18 +118,40 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     experts = max((config.get(key) or 0) for key in MOE_KEYS)
     shape = ModelShape(gguf.MODEL_ARCH_NAMES[layout.arch], len(source.blocks), heads,
                        config.get("num_key_value_heads") or heads, experts=experts, tied=tied)
-    rules = MixRules(file_type, shape, [target for _, target in plan])
+    auto = file_type == AUTO
+    # auto: the tensors outside the blocks (embedding, head) take Q4_K_M's types; the blocks' are measured below.
+    rules = MixRules("q4_k_m" if auto else file_type, shape, [target for _, target in plan])
     types = {hf: rules.type_of(target, shapes[hf][-1]) for hf, target in plan if is_quantized(target, shapes[hf])}
     if keep_float:
         types = {hf: kind for hf, kind in types.items() if names(hf) not in ("token_embd.weight", "output.weight")}
 
+    if auto:
+        from compress.export_gguf.kauto import candidate_types
+
+        floor = type_bits_per_weight({f"{key}.weight": candidate_types(shapes[f"{key}.weight"][-1])[0]
+                                      for key in stacks}, shapes)
+        if settings["bpw"] < floor:
+            raise UserError(f"--bpw {settings['bpw']:g} is below {floor:.3f}, what the smallest types store: "
+                            "raise it")
     windows = None
-    if method == "gptq":
+    if method == "gptq" or auto:
         text, record = load_calibration_text(settings.get("calib", "auto"))
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
         windows, _ = calibration_windows_of_text(tokenizer, text, record, settings.get("nsamples", 128),
                                                  settings.get("seqlen", 512), settings.get("seed", 0))
     device = resolve_device(settings.get("device", "cpu"))
+    chosen = None
+    if auto:
+        from compress.export_gguf.kauto import choose_types, fake_quantize
+        from compress.quant.sensitivity import measure_sensitivities
+
+        costs = measure_sensitivities(source, windows, lambda layer: candidate_types(layer.in_features), fake_quantize,
+                                      selection, device, settings.get("progress", True))
+        by_layer, reached = choose_types(costs, settings["bpw"], list(stacks.values()))
+        for key, members in stacks.items():
+            types[f"{key}.weight"] = by_layer[members[0]]
+        chosen = {"bpw": settings["bpw"], "reached": round(reached, 4)}
+    block_types = [types[f"{key}.weight"] for key in stacks]
     with tempfile.TemporaryDirectory(prefix=".kquants-", dir=out.parent) as scratch:
         fitted: dict[str, Path] = {}
 
@@ -140,7 +169,8 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
 
         run_layerwise(source, windows, fit_layer, selection, device, lambda *_: None,
                       desc=f"{method} {file_type}", show_progress=settings.get("progress", True))
-        writer, vocab = start_file(folder, config, layout, K_FILE_ENUMS[file_type])
+        enum = K_FILE_ENUMS[max(set(block_types), key=block_types.count)] if auto else K_FILE_ENUMS[file_type]
+        writer, vocab = start_file(folder, config, layout, enum)
         # Every tensor's place and size is written first, then its data one tensor at a time (read from the scratch
         # folder, or made then): the file is never held in memory.
         entries = []
@@ -174,5 +204,9 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
         writer.close()
     return {"type": file_type, "architecture": config["architectures"][0],
             "gguf_architecture": gguf.MODEL_ARCH_NAMES[layout.arch], "method": method,
-            "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre,
+            "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre, "auto": chosen,
+            # tensors whose rows hold no K blocks, in the blocks of 32 llama.cpp falls back to
+            "fallbacks": {names(hf): kind for hf, kind in types.items() if kind in LEGACY_FORMATS},
+            "block_bits_per_weight": round(type_bits_per_weight({f"{k}.weight": t for k, t in zip(stacks, block_types)},
+                                                                shapes), 4),
             "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())}}

@@ -10,7 +10,7 @@ from pathlib import Path
 from compress.errors import UserError
 from compress.formats import PACKED_METHODS, activations_refusal
 from compress.export_gguf.blocks import BLOCK_TYPES
-from compress.export_gguf.kexport import check_k_request
+from compress.export_gguf.kexport import AUTO, check_k_request
 from compress.export_gguf.kmix import K_FILE_TYPES
 from compress.output import atomic_file, refuse_existing_file, refuse_source_overlap
 
@@ -39,9 +39,12 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     from compress.export_gguf.writer import check_widths, export_checkpoint
     from compress.models import resolve
 
-    if type_name not in (*BLOCK_TYPES, *K_FILE_TYPES, "f16"):
+    if type_name not in (*BLOCK_TYPES, *K_FILE_TYPES, AUTO, "f16"):
         raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)}, "
-                        f"{', '.join(K_FILE_TYPES)} or f16")
+                        f"{', '.join(K_FILE_TYPES)}, auto (with --bpw) or f16")
+    if (type_name == AUTO) != ("bpw" in (quantize_settings or {})):
+        raise UserError("--type auto chooses each tensor's type under a size budget: give both --type auto and "
+                        "--bpw B (bits per weight of the blocks' linear layers, e.g. 4.9)")
     settings = dict(quantize_settings or {})
     asked = [k for k in settings if k != "progress"]
     if asked and method is None:
@@ -52,7 +55,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     qcfg = config.get("quantization_config") or {}
     layout_for(config, model)
     w8a8 = activations_refusal(qcfg, "llama.cpp's weight blocks", EXPORT_FIX)
-    if type_name in K_FILE_TYPES:
+    if type_name in (*K_FILE_TYPES, AUTO):
         check_k_request(config, model, method, bool(qcfg))
         unused = [k for k in ("out", "resume") if k in settings]
         if unused:
@@ -80,7 +83,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         refuse_source_overlap(target, folder)
         refuse_existing_file(target, force)
     quantized = None
-    if type_name in K_FILE_TYPES:
+    if type_name in (*K_FILE_TYPES, AUTO):
         from compress.export_gguf.kexport import export_kquants
 
         target = target or default_output(folder, type_name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -21,13 +22,16 @@ from gguf.quants import quantize
 
 from compress.errors import UserError
 from compress.output import WRITER
-from compress.export_gguf.blocks import BLOCK_TYPES, BlockType, encode
+from compress.export_gguf.blocks import BLOCK, BLOCK_TYPES, BlockType, encode
 from compress.export_gguf.layouts import Layout, layout_for
 from compress.export_gguf.vocab import add_vocabulary, read_vocabulary
 from compress.quant.primitives import QuantizedWeight
 
 FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}
+GGML_BLOCK_BYTES = {gguf.GGMLQuantizationType.Q8_0: 34, gguf.GGMLQuantizationType.Q4_0: 18,
+                    gguf.GGMLQuantizationType.Q4_1: 20}
+"""Bytes of one block of 32 weights in the legacy types a float matrix is rounded into."""
 GGML_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
@@ -104,35 +108,6 @@ FLOAT32_MATRICES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 """Routers stay float32, as llama.cpp's converter keeps them (they are small, and pick the experts)."""
 
 
-class ExpertStacks:
-    """Each block's expert layers, gathered by kind and stacked in expert order ([experts, rows, ...]): the
-    packed blocks of quantized experts, or the float matrices of float ones (a mix of both is refused)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, dict[int, np.ndarray]] = {}
-        self.packed: dict[str, bool] = {}
-
-    def add(self, layer: str, array: np.ndarray, packed: bool) -> bool:
-        """Keep ``array`` if ``layer`` is an expert's; False (nothing kept) for any other layer."""
-        match = EXPERT_LAYER.match(layer)
-        if match is None:
-            return False
-        stacked = f"{match['experts']}.{match['kind']}"
-        if self.packed.setdefault(stacked, packed) != packed:
-            raise UserError(f"{stacked}: some experts are quantized and some are not; llama.cpp holds a block's "
-                            "experts in one tensor of one type: quantize all of them (or export the float model with "
-                            "--type f16)")
-        self.parts.setdefault(stacked, {})[int(match["index"])] = array
-        return True
-
-    def stacked(self):
-        """(name of the stacked layer, [experts, ...] array, whether it holds packed blocks), in the order met."""
-        for name, parts in self.parts.items():
-            if sorted(parts) != list(range(len(parts))):
-                raise UserError(f"{name}: experts {sorted(parts)} do not run from 0 without a gap")
-            yield name, np.stack([parts[e] for e in range(len(parts))]), self.packed[name]
-
-
 def _block_count(config: dict) -> int:
     return config.get("num_hidden_layers") or config.get("n_layer") or config["n_layers"]
 
@@ -151,81 +126,191 @@ def start_file(folder: Path, config: dict, layout: Layout, file_type: gguf.Llama
     return writer, vocab
 
 
-def finish_file(writer: gguf.GGUFWriter, out: Path) -> None:
+def write_streamed(writer: gguf.GGUFWriter, out: Path, entries: list) -> None:
+    """Every tensor's place and size first, then its data one tensor at a time: ``entries`` are (GGUF name, shape,
+    numpy dtype, bytes, ggml type or None, a function that makes the data), so the file is never held in memory."""
+    for target, dims, dtype, nbytes, kind, _ in entries:
+        writer.add_tensor_info(target, dims, np.dtype(dtype), nbytes,
+                               raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()) if kind else None)
     writer.write_header_to_file(path=out)
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for *_, make in entries:
+        writer.write_tensor_data(np.ascontiguousarray(make()))
     writer.close()
+
+
+def export_float(folder: Path, out: Path) -> dict:
+    """``folder``'s float model as float16 (norms and routers float32), read and written one tensor at a time from
+    its shards: what llama.cpp's own quantizer takes, whatever the model's size."""
+    from compress.lazy import LazyModel
+    from compress.shards import ShardReader
+
+    config = json.loads((folder / "config.json").read_text())
+    layout = layout_for(config, str(folder))
+    writer, vocab = start_file(folder, config, layout, FILE_TYPES["f16"])
+    lazy = LazyModel(folder, torch.float32, reader=ShardReader(folder))  # a meta skeleton: experts one layer each
+    names = _Names(layout, config)
+    tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
+    shapes = {key: tuple(value.shape) for key, value in lazy.model.state_dict().items()}
+    stacks: dict[str, list[str]] = {}
+    entries, counts = [], {"blocks": 0, "float16": 0, "float32": 0}
+    for key, dims in shapes.items():
+        module_name, _, kind = key.rpartition(".")
+        if kind not in ("weight", "bias") or (tied and module_name == "lm_head"):
+            continue  # llama.cpp reads the embedding when the file has no output tensor
+        match = EXPERT_LAYER.match(module_name)
+        if match and kind == "weight":
+            stacks.setdefault(f"{match['experts']}.{match['kind']}", []).append(key)
+            continue
+        target = names(key)
+        as_float32 = len(dims) == 1 or target.endswith(FLOAT32_MATRICES)
+        dtype = np.float32 if as_float32 else np.float16
+        entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
+                        lambda key=key, dtype=dtype: _float_tensor(lazy, key, dtype, layout, config)))
+        counts["float32" if as_float32 else "float16"] += 1
+    for stacked, members in stacks.items():
+        dims = (len(members), *shapes[members[0]])
+        entries.append((names(f"{stacked}.weight"), dims, np.float16, int(np.prod(dims)) * 2, None,
+                        lambda members=members: np.stack([_numpy(lazy.read(m), np.float16) for m in members])))
+        counts["float16"] += 1
+    for target, tensor in layout.extra_tensors(config).items():
+        data = _numpy(tensor, np.float32)
+        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
+        counts["float32"] += 1
+    write_streamed(writer, out, entries)
+    return {"type": "f16", "architecture": config["architectures"][0], "gguf_architecture":
+            gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": {}, "pre_tokenizer": vocab.pre}
+
+
+def _float_param(lazy, name: str, layout: Layout, config: dict, dtype) -> np.ndarray:
+    """One float tensor of a model opened lazily, as the file holds it (read, then given back)."""
+    module_name, _, attr = name.rpartition(".")
+    read = lazy.materialize_names([name])
+    tensor = getattr(lazy.model.get_submodule(module_name), attr).detach()
+    order = layout.row_order(module_name, tensor.shape[0], config)
+    if order is not None:
+        tensor = tensor[order]
+    if layout.norm_offset and name.endswith("norm.weight"):
+        tensor = tensor + layout.norm_offset
+    data = _numpy(tensor, dtype)
+    lazy.release_names(read.names)
+    return data
+
+
+def _float_tensor(lazy, key: str, dtype, layout: Layout, config: dict) -> np.ndarray:
+    """One float tensor as the file holds it: in the rows' GGUF order, Gemma's norms with their offset."""
+    tensor = lazy.read(key)
+    order = layout.row_order(key.rpartition(".")[0], tensor.shape[0], config)
+    if order is not None:
+        tensor = tensor[order]
+    if layout.norm_offset and key.endswith("norm.weight"):
+        tensor = tensor.float() + layout.norm_offset
+    return _numpy(tensor, dtype)
 
 
 def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool = False) -> dict:
     """Write ``folder`` to the file ``out`` (the caller renames it into place): a GPTQ checkpoint of ours whose
-    grid fits ``type_name`` with its codes, or (``f16``) a float model in float16, the input llama.cpp's own
-    quantizer takes. Returns a record of what
-    was written. ``keep_float`` writes the embedding and a float head in float16 instead of llama.cpp's types."""
-    from compress.checkpoint import load_quantized
-    from compress.models import load_model
+    grid fits ``type_name`` with its codes, or (``f16``) a float model in float16 (``export_float``), the input
+    llama.cpp's own quantizer takes. Both stream: each layer is read, encoded and written one at a time (a block's
+    experts of one kind together). Returns a record of what was written. ``keep_float`` writes the embedding and a
+    float head in float16 instead of llama.cpp's types."""
+    from compress.checkpoint import open_quantized
     from compress.moe import unfuse_experts
     from compress.quant.linear import QuantLinear
 
+    if type_name == "f16":
+        return export_float(folder, out)
     config = json.loads((folder / "config.json").read_text())
     layout = layout_for(config, str(folder))
-    block_type: BlockType | None = BLOCK_TYPES.get(type_name)
+    block_type: BlockType = BLOCK_TYPES[type_name]
     writer, vocab = start_file(folder, config, layout, FILE_TYPES[type_name])
-    model = load_model(folder)[0] if block_type is None else load_quantized(folder, torch.float32)[0]
-    unfuse_experts(model)  # a float model's fused experts as one layer each, as a quantized model has them
+    lazy = open_quantized(folder, torch.float32)
+    model = lazy.model
+    unfuse_experts(model)  # experts one layer each (our checkpoints store them so; a fused module is split)
     names = _Names(layout, config)
     counts = {"blocks": 0, "float16": 0, "float32": 0}
     rounded: dict[str, str] = {}  # float matrices written in a block type by ggml's rounding
     quantized: set[str] = set()
-    experts = ExpertStacks()
+    entries: list = []
+    stacks: dict[str, tuple[list[str], bool]] = {}  # a block's experts of one kind: (members, packed)
+
+    def stack(member: str, packed: bool) -> bool:
+        match = EXPERT_LAYER.match(member)
+        if match is None:
+            return False
+        key = f"{match['experts']}.{match['kind']}"
+        members, was_packed = stacks.setdefault(key, ([], packed))
+        if was_packed != packed:
+            raise UserError(f"{key}: some experts are quantized and some are not; llama.cpp holds a block's "
+                            "experts in one tensor of one type: quantize all of them (or export the float model with "
+                            "--type f16)")
+        members.append(member)
+        return True
+
+    def packed_blocks(module_name: str) -> np.ndarray:
+        module = model.get_submodule(module_name)
+        read = lazy.materialize(module, module_name)
+        qw = module.quantized_weight()
+        order = layout.row_order(module_name, qw.codes.shape[0], config)
+        blocks = encode(qw if order is None else reorder_rows(qw, order), block_type, module_name)
+        lazy.release_names(read.names)
+        return blocks
+
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quantized.add(module_name)
-            qw = module.quantized_weight()
-            order = layout.row_order(module_name, qw.codes.shape[0], config)
-            if order is not None:
-                qw = reorder_rows(qw, order)
-            blocks = encode(qw, block_type, module_name)
-            if not experts.add(module_name, blocks, packed=True):
-                writer.add_tensor(names(f"{module_name}.weight"), blocks, raw_dtype=GGML_TYPES[type_name])
+            if not stack(module_name, packed=True):
+                rows, nbytes = module.out_features, module.in_features // BLOCK * block_type.bytes_per_block
+                entries.append((names(f"{module_name}.weight"), (rows, nbytes), np.uint8, rows * nbytes, type_name,
+                                lambda name=module_name: packed_blocks(name)))
                 counts["blocks"] += 1
     tied = config.get("tie_word_embeddings", False) and not layout.writes_tied_output
-    for param_name, param in model.state_dict().items():
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for param_name, dims in shapes.items():
         module_name, _, kind = param_name.rpartition(".")
         if kind not in ("weight", "bias") or (module_name in quantized and kind == "weight"):
-            continue  # the packed layers' tensors (.qweight, ...) were written above as blocks
+            continue  # the packed layers' tensors (.qweight, ...) are written as blocks
         if tied and module_name == "lm_head":
             continue  # llama.cpp reads the embedding when the file has no output tensor
-        order = layout.row_order(module_name, param.shape[0], config)
-        if order is not None:
-            param = param[order]
-        if kind == "weight" and experts.add(module_name, _numpy(param, np.float16), packed=False):
+        if kind == "weight" and stack(module_name, packed=False):
             continue
         target = names(param_name)
-        ggml_type = float_matrix_type(target, type_name, tied, keep_float) if param.dim() == 2 else None
-        if param.dim() == 1 or target.endswith(FLOAT32_MATRICES):
-            if layout.norm_offset and param_name.endswith("norm.weight"):
-                param = param + layout.norm_offset
-            writer.add_tensor(target, _numpy(param, np.float32))
+        ggml_type = float_matrix_type(target, type_name, tied, keep_float) if len(dims) == 2 else None
+        read = partial(_float_param, lazy, param_name, layout, config)
+        if len(dims) == 1 or target.endswith(FLOAT32_MATRICES):
+            entries.append((target, dims, np.float32, int(np.prod(dims)) * 4, None, lambda read=read: read(np.float32)))
             counts["float32"] += 1
         elif ggml_type is not None:
             # ggml's reference rounding (the gguf package's quantizer), as llama.cpp's quantizer rounds them.
-            writer.add_tensor(target, quantize(_numpy(param, np.float32), ggml_type), raw_dtype=ggml_type)
+            nbytes = dims[1] // BLOCK * GGML_BLOCK_BYTES[ggml_type]
+            entries.append((target, (dims[0], nbytes), np.uint8, dims[0] * nbytes, ggml_type.name.lower(),
+                            lambda read=read, ggml_type=ggml_type: quantize(read(np.float32), ggml_type)))
             rounded[target.removesuffix(".weight")] = ggml_type.name.lower()
         else:
-            writer.add_tensor(target, _numpy(param, np.float16))
+            entries.append((target, dims, np.float16, int(np.prod(dims)) * 2, None, lambda read=read: read(np.float16)))
             counts["float16"] += 1
-    for layer, stack, packed in experts.stacked():
+    for key, (members, packed) in stacks.items():
+        if sorted(int(EXPERT_LAYER.match(m)["index"]) for m in members) != list(range(len(members))):
+            raise UserError(f"{key}: experts {sorted(members)} do not run from 0 without a gap")
+        members = sorted(members, key=lambda m: int(EXPERT_LAYER.match(m)["index"]))
         if packed:
-            writer.add_tensor(names(f"{layer}.weight"), stack, raw_dtype=GGML_TYPES[type_name])
+            module = model.get_submodule(members[0])
+            rows, nbytes = module.out_features, module.in_features // BLOCK * block_type.bytes_per_block
+            entries.append((names(f"{key}.weight"), (len(members), rows, nbytes), np.uint8,
+                            len(members) * rows * nbytes, type_name,
+                            lambda members=members: np.stack([packed_blocks(m) for m in members])))
             counts["blocks"] += 1
         else:
-            writer.add_tensor(names(f"{layer}.weight"), stack)
+            dims = (len(members), *shapes[f"{members[0]}.weight"])
+            entries.append((names(f"{key}.weight"), dims, np.float16, int(np.prod(dims)) * 2, None,
+                            lambda members=members: np.stack([_float_param(lazy, f"{m}.weight", layout, config,
+                                                                           np.float16) for m in members])))
             counts["float16"] += 1
     for target, tensor in layout.extra_tensors(config).items():
-        writer.add_tensor(target, _numpy(tensor, np.float32))
+        data = _numpy(tensor, np.float32)
+        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
         counts["float32"] += 1
-    finish_file(writer, out)
+    write_streamed(writer, out, entries)
     return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
             gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": rounded, "pre_tokenizer": vocab.pre}

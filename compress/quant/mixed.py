@@ -102,9 +102,9 @@ def fuse(costs: list[LayerCost], units: list[list[str]]) -> list[LayerCost]:
             fused.append(members[0])
             continue
         options = set.intersection(*(set(m.losses) for m in members))
-        fused.append(LayerCost("+".join(unit), (sum(m.shape[0] for m in members), members[0].shape[1]),
-                               {o: sum(m.losses[o] for m in members) for o in options},
-                               tuple(shape for m in members for shape in m.shapes)))
+        fused.append(type(members[0])("+".join(unit), (sum(m.shape[0] for m in members), members[0].shape[1]),
+                                      {o: sum(m.losses[o] for m in members) for o in options},
+                                      tuple(shape for m in members for shape in m.shapes)))
     return fused
 
 

@@ -28,7 +28,7 @@ from compress.quant.head import (check_reproducible, head_and_embedding, head_fi
 from compress.quant.mixed import LayerOption, average_bits, choose_options, fuse, fused_units, unfuse
 from compress.quant.progress import QuantizeProgress
 from compress.quant.request import QuantizeRequest
-from compress.quant.sensitivity import measure_sensitivities
+from compress.quant.sensitivity import grid_option, measure_sensitivities
 from compress.run_skeleton import Loaded, RunOutput, open_for_run, run_output
 from compress.runtime import environment, peak_rss_bytes
 from compress.writer import CheckpointWriter
@@ -94,8 +94,8 @@ def mixed_precision(request: QuantizeRequest, cfg: WeightQuantConfig, run: Loade
     options = mixed_options(cfg, allowed_bits)
     request.say(f"measuring each layer's sensitivity to {', '.join(o.label for o in options)} ...")
     try:
-        costs = measure_sensitivities(run.source, run.windows, options, cfg.sym, request.selection, run.device,
-                                      request.progress, spill_folder, request.activation_budget)
+        costs = measure_sensitivities(run.source, run.windows, options, grid_option(cfg.sym), request.selection,
+                                      run.device, request.progress, spill_folder, request.activation_budget)
     finally:
         if spill_folder is not None:
             shutil.rmtree(spill_folder, ignore_errors=True)

@@ -116,9 +116,59 @@ def test_a_mixture_of_experts_is_written_with_its_experts_stacked(arch, tmp_path
     model = load_model(source)[0]
     experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     assert tensors["blk.0.ffn_down_exps.weight"].shape.tolist()[-1] == experts
-    assert record["tensor_types"]["q8_0"] > 0  # rows of 64: Q6_K falls back to Q8_0
+    assert record["tensor_types"]["q8_0"] > 0  # rows of 64: Q6_K falls back to Q8_0, and the record says where
+    assert record["fallbacks"]["blk.0.ffn_down_exps.weight"] == "q8_0"
     ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77]
     theirs, _ = llama_cpp_logits(tmp_path / "m.gguf", ids)
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
     assert relative_error(theirs, expected) < 0.05  # 1.9% and 2.7% seen; the experts reversed: 41% and 107%
+
+
+def test_auto_types_at_q4_k_ms_size_are_closer_to_the_float_model(k_llama, data_dir):
+    """--type auto --bpw at our Q4_K_M file's own bits per weight: the types chosen from measured sensitivities fit
+    the budget, and llama.cpp's logits are closer to the float model's than with llama.cpp's fixed mix."""
+    from compress.data import load_text, tokenize
+    from compress.tiny import tiny_tokenizer
+
+    folder, _ = k_llama
+    settings = {"calib": "sst2:train", "nsamples": 16, "seqlen": 64, "progress": False, "device": "cpu"}
+    fixed = export_gguf(str(folder / "float"), "q4_k_m", str(folder / "fixed.gguf"), method="gptq",
+                        quantize_settings=settings)
+    auto = export_gguf(str(folder / "float"), "auto", str(folder / "auto.gguf"), method="gptq",
+                       quantize_settings={**settings, "bpw": fixed["block_bits_per_weight"]})
+    assert auto["block_bits_per_weight"] <= fixed["block_bits_per_weight"] and auto["bytes"] <= fixed["bytes"]
+    assert len({kind for kind in auto["tensor_types"] if kind.startswith("q")}) >= 3  # a mix, not one type
+    text, _ = load_text("wikitext2:test")
+    ids = tokenize(tiny_tokenizer(), text[:3000])[:60].tolist()
+    # Seen: auto 0.00051 against the fixed mix's 0.00084 at 4.776 against 4.787 bits per weight.
+    assert kl_to_float(folder, folder / "auto.gguf", ids) < 0.9 * kl_to_float(folder, folder / "fixed.gguf", ids)
+
+
+def test_auto_needs_a_budget_and_a_budget_needs_auto(k_llama, tmp_path, capsys):
+    folder, _ = k_llama
+    for args in (["--type", "auto", "--method", "rtn"], ["--type", "q4_k_m", "--method", "rtn", "--bpw", "4.5"],
+                 ["--type", "auto", "--method", "rtn", "--bpw", "1.5"]):
+        assert main(["export-gguf", str(folder / "float"), *args, "--out", str(tmp_path / "x.gguf"),
+                     "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert ("--bpw" in err) and err.count("\n") == 1, err
+        assert not (tmp_path / "x.gguf").exists()
+
+
+def test_transformers_gguf_reader_gives_llama_cpps_logits_for_a_k_file(k_llama, tmp_path):
+    """A second reader of our K blocks: transformers dequantizes the file itself (through the gguf package) and its
+    float model gives llama.cpp's logits, within llama.cpp's int8 activations."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.export_gguf.llama_cpp_run import relative_error
+
+    folder, _ = k_llama
+    gguf = tmp_path / "q4_k_m.gguf"
+    export_gguf(str(folder / "float"), "q4_k_m", str(gguf), method="rtn", quantize_settings={"progress": False})
+    ids = [5, 17, 99, 200, 301, 44, 7, 8, 400, 3, 12, 77]
+    theirs, _ = llama_cpp_logits(gguf, ids)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        transformers_logits = model(torch.tensor([ids])).logits[0]
+    assert relative_error(theirs, transformers_logits) < 0.02
