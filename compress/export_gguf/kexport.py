@@ -83,7 +83,7 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
     from compress.blocks import BlockSource
     from compress.data import calibration_windows_of_text, load_calibration_text
     from compress.driver import run_layerwise
-    from compress.export_gguf.writer import _Names, start_file
+    from compress.export_gguf.writer import _Names, extra_entries, start_file, write_streamed
     from compress.lazy import LazyModel
     from compress.runtime import resolve_device
     from compress.select import ModuleSelection, block_linears
@@ -188,20 +188,9 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
                 dtype = np.float32 if as_float32 else np.float16
                 entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
                                 lambda hf=hf, dtype=dtype: _float(hf, dtype, lazy, layout, config)))
-        for target, tensor in layout.extra_tensors(config).items():
-            data = tensor.float().numpy()
-            entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
-        for target, dims, dtype, nbytes, kind, _ in entries:
-            writer.add_tensor_info(target, dims, np.dtype(dtype), nbytes,
-                                   raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()) if kind else None)
-        writer.write_header_to_file(path=out)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        counts = Counter()
-        for target, dims, dtype, nbytes, kind, make in entries:
-            writer.write_tensor_data(np.ascontiguousarray(make()))
-            counts[kind or np.dtype(dtype).name.replace("float", "f")] += 1
-        writer.close()
+        entries += extra_entries(layout, config)
+        write_streamed(writer, out, entries)
+        counts = Counter(kind or np.dtype(dtype).name.replace("float", "f") for _, _, dtype, _, kind, _ in entries)
     return {"type": file_type, "architecture": config["architectures"][0],
             "gguf_architecture": gguf.MODEL_ARCH_NAMES[layout.arch], "method": method,
             "tensor_types": dict(sorted(counts.items())), "pre_tokenizer": vocab.pre, "auto": chosen,

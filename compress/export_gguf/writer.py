@@ -140,6 +140,15 @@ def write_streamed(writer: gguf.GGUFWriter, out: Path, entries: list) -> None:
     writer.close()
 
 
+def extra_entries(layout: Layout, config: dict) -> list:
+    """``write_streamed`` entries for the tensors llama.cpp reads that the model holds as no parameter (float32)."""
+    entries = []
+    for target, tensor in layout.extra_tensors(config).items():
+        data = _numpy(tensor, np.float32)
+        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
+    return entries
+
+
 def export_float(folder: Path, out: Path) -> dict:
     """``folder``'s float model as float16 (norms and routers float32), read and written one tensor at a time from
     its shards: what llama.cpp's own quantizer takes, whatever the model's size."""
@@ -174,10 +183,8 @@ def export_float(folder: Path, out: Path) -> dict:
         entries.append((names(f"{stacked}.weight"), dims, np.float16, int(np.prod(dims)) * 2, None,
                         lambda members=members: np.stack([_numpy(lazy.read(m), np.float16) for m in members])))
         counts["float16"] += 1
-    for target, tensor in layout.extra_tensors(config).items():
-        data = _numpy(tensor, np.float32)
-        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
-        counts["float32"] += 1
+    entries += extra_entries(layout, config)
+    counts["float32"] += len(layout.extra_tensors(config))
     write_streamed(writer, out, entries)
     return {"type": "f16", "architecture": config["architectures"][0], "gguf_architecture":
             gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": {}, "pre_tokenizer": vocab.pre}
@@ -307,10 +314,8 @@ def export_checkpoint(folder: Path, out: Path, type_name: str, keep_float: bool 
                             lambda members=members: np.stack([_float_param(lazy, f"{m}.weight", layout, config,
                                                                            np.float16) for m in members])))
             counts["float16"] += 1
-    for target, tensor in layout.extra_tensors(config).items():
-        data = _numpy(tensor, np.float32)
-        entries.append((target, data.shape, np.float32, data.nbytes, None, lambda data=data: data))
-        counts["float32"] += 1
+    entries += extra_entries(layout, config)
+    counts["float32"] += len(layout.extra_tensors(config))
     write_streamed(writer, out, entries)
     return {"type": type_name, "architecture": config["architectures"][0], "gguf_architecture":
             gguf.MODEL_ARCH_NAMES[layout.arch], "tensors": counts, "rounded": rounded, "pre_tokenizer": vocab.pre}
