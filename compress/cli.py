@@ -447,11 +447,13 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
     record = export_gguf(args.model, args.type_name, args.out, args.force, args.method, settings, args.keep_float)
     if "tensor_types" in record:  # a K file: fitted on the way, no checkpoint
         kinds = ", ".join(f"{count} {kind}" for kind, count in record["tensor_types"].items())
-        print(f"exported {args.model} to GGUF {record['type']} ({record['method']}, the types llama.cpp's quantizer "
-              f"gives this file type): {kinds}")
+        chosen = (f"types chosen under {record['auto']['bpw']:g} bits per weight, {record['auto']['reached']:g} "
+                  "reached" if record["auto"] else "the types llama.cpp's quantizer gives this file type")
+        print(f"exported {args.model} to GGUF {record['type']} ({record['method']}, {chosen}): {kinds}")
         if record["fallbacks"]:
+            name, kind = next(iter(record["fallbacks"].items()))
             print(f"  {len(record['fallbacks'])} tensors have rows that hold no K blocks (not a multiple of 256 "
-                  f"weights) and take llama.cpp's fallbacks, e.g. {next(iter(record['fallbacks'].items()))}")
+                  f"weights) and take llama.cpp's fallbacks, e.g. {name} in {kind}")
         print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
         print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
         return 0
