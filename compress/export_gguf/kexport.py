@@ -25,7 +25,7 @@ from compress.export_gguf.kmix import K_FILE_TYPES, MixRules, ModelShape, is_qua
 from compress.export_gguf.kquants import KFORMATS, LEGACY_FORMATS, dequantize, encode, fit_gptq, fit_weighted
 from compress.export_gguf.kauto import type_bits_per_weight
 from compress.export_gguf.layouts import layout_for
-from compress.export_gguf.writer import EXPERT_LAYER, FLOAT32_MATRICES
+from compress.export_gguf.writer import EXPERT_LAYER, FLOAT32_MATRICES, _float_tensor
 
 FORMATS = {**KFORMATS, **LEGACY_FORMATS}
 K_METHODS = ("gptq", "rtn")
@@ -61,17 +61,6 @@ def _quantized(hf: str, fmt, members: list[str], fitted: dict[str, Path], lazy, 
     tensor = lazy.read(hf).float()
     order = layout.row_order(name, tensor.shape[0], config)
     return encode(fit_weighted(tensor if order is None else tensor[order], fmt))
-
-
-def _float(hf: str, dtype, lazy, layout, config: dict) -> np.ndarray:
-    """A tensor kept in float (norms with Gemma's offset, a q/k bias in the rows' GGUF order)."""
-    tensor = lazy.read(hf).float()
-    order = layout.row_order(hf.rpartition(".")[0], tensor.shape[0], config)
-    if order is not None:
-        tensor = tensor[order]
-    if layout.norm_offset and hf.endswith("norm.weight"):
-        tensor = tensor + layout.norm_offset
-    return tensor.numpy().astype(dtype)
 
 
 def export_kquants(folder: Path, out: Path, file_type: str, method: str, settings: dict,
@@ -187,7 +176,7 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
                 as_float32 = len(dims) == 1 or target.endswith(FLOAT32_MATRICES)
                 dtype = np.float32 if as_float32 else np.float16
                 entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
-                                lambda hf=hf, dtype=dtype: _float(hf, dtype, lazy, layout, config)))
+                                lambda hf=hf, dtype=dtype: _float_tensor(lazy, hf, dtype, layout, config)))
         entries += extra_entries(layout, config)
         write_streamed(writer, out, entries)
         counts = Counter(kind or np.dtype(dtype).name.replace("float", "f") for _, _, dtype, _, kind, _ in entries)
