@@ -254,7 +254,7 @@ def _fp8_tensors_only(folder, out):
 
 
 @pytest.mark.parametrize("kind", ["fp8 tensors only", "fp8 with scales"])
-@pytest.mark.parametrize("command", ["bench", "export-onnx", "export-gguf", "distill", "load_model"])
+@pytest.mark.parametrize("command", ["bench", "export-onnx", "export-gguf", "export-gguf-k", "distill", "load_model"])
 def test_every_path_that_reads_weights_refuses_undescribed_quantized_tensors(kind, command, tmp_path, capsys,
                                                                                calib_file):
     """Cast as floats, FP8 values without their scales are silent garbage: bench's dense path, export-onnx, the
@@ -284,7 +284,9 @@ def test_every_path_that_reads_weights_refuses_undescribed_quantized_tensors(kin
         args = {"bench": ["bench", str(source), "--eval", str(calib_file), "--seqlen", "16", "--windows", "1",
                           "--no-speed", "--device", "cpu"],
                 "export-onnx": ["export-onnx", str(source), "--out", str(tmp_path / "out")],
-                "export-gguf": ["export-gguf", str(source), "--type", "f16", "--out", str(tmp_path / "out.gguf")]}
+                "export-gguf": ["export-gguf", str(source), "--type", "f16", "--out", str(tmp_path / "out.gguf")],
+                "export-gguf-k": ["export-gguf", str(source), "--type", "q4_k_m", "--method", "rtn",
+                                  "--out", str(tmp_path / "out.gguf")]}
         code = main(args[command])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err

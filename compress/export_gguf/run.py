@@ -37,7 +37,8 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     float16 with ``keep_float``."""
     from compress.export_gguf.layouts import layout_for
     from compress.export_gguf.writer import check_widths, export_checkpoint
-    from compress.models import resolve
+    from compress.models import FLOAT_READER_FIX, refuse_quantized_source, resolve
+    from compress.shards import ShardReader
 
     if type_name not in (*BLOCK_TYPES, *K_FILE_TYPES, AUTO, "f16"):
         raise UserError(f"unknown GGUF type '{type_name}': choose one of {', '.join(BLOCK_TYPES)}, "
@@ -57,6 +58,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
     w8a8 = activations_refusal(qcfg, "llama.cpp's weight blocks", EXPORT_FIX)
     if type_name in (*K_FILE_TYPES, AUTO):
         check_k_request(config, model, method, bool(qcfg))
+        refuse_quantized_source(model, ShardReader(folder), FLOAT_READER_FIX)
         unused = [k for k in ("out", "resume") if k in settings]
         if unused:
             raise UserError(f"{', '.join('--' + {'out': 'checkpoint'}.get(k, k) for k in unused)}: a K file is "
@@ -67,6 +69,8 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
         if method:
             raise UserError("--method quantizes on the way to q4_0, q4_1 or q8_0; f16 writes the float model as it is")
+        # FP8 tensors or packed codes without a quantization_config would be cast as floats: garbage, silently.
+        refuse_quantized_source(model, ShardReader(folder), FLOAT_READER_FIX)
     elif method is not None:
         if qcfg:
             raise UserError(f"{model} is already quantized: drop --method to write its own codes")
