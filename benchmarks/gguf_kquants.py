@@ -29,10 +29,14 @@ TARGETS = {"q4_k_m": 0.85, "q3_k_m": 0.85, "q2_k": 0.85, "q5_k_m": 1.0, "q6_k": 
 QUANTIZE = """
 import sys, llama_cpp
 from pathlib import Path
+from compress.export_gguf.imatrix import llama_cpp_imatrix, read_imatrix
 source, target, kind, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + kind.upper())
 params.nthread = threads
+if len(sys.argv) > 5:  # an imatrix file, handed over as llama-quantize --imatrix does
+    array, buffers = llama_cpp_imatrix(read_imatrix(Path(sys.argv[5])))
+    params.imatrix = array
 partial = target.with_name("." + target.name + ".partial")
 assert llama_cpp.llama_model_quantize(source.encode(), str(partial).encode(), params) == 0
 partial.rename(target)
@@ -97,7 +101,9 @@ def main() -> int:
         for method in ("gptq", "rtn"):
             gguf = work / f"ours-{method}-{kind}.gguf"
             if not gguf.exists():
-                flags = ["--nsamples", str(args.nsamples)] if method == "gptq" else []
+                # the GPTQ pass also writes its calibration statistics as llama.cpp's importance matrix
+                flags = ["--nsamples", str(args.nsamples), "--imatrix-out", str(work / f"imatrix-{kind}.gguf"),
+                         "--force"] if method == "gptq" else []
                 timed([*cli, "export-gguf", args.model, "--type", kind, "--method", method, *flags, "--out", str(gguf),
                        "--no-progress"], work / f"{gguf.stem}.seconds")
             measure(f"ours {method} {kind}", str(gguf), tool=f"ours {method}", type=kind,
@@ -108,6 +114,12 @@ def main() -> int:
                   work / f"{theirs.stem}.seconds")
         measure(f"llama.cpp {kind}", str(theirs), tool="llama.cpp", type=kind,
                 seconds=float((work / f"{theirs.stem}.seconds").read_text()))
+        weighted = work / f"llama.cpp-imatrix-{kind}.gguf"
+        if not weighted.exists():
+            timed([sys.executable, "-c", QUANTIZE, str(f16), str(weighted), kind, str(args.threads),
+                   str(work / f"imatrix-{kind}.gguf")], work / f"{weighted.stem}.seconds")
+        measure(f"llama.cpp {kind} + our imatrix", str(weighted), tool="llama.cpp + imatrix", type=kind,
+                seconds=float((work / f"{weighted.stem}.seconds").read_text()))
         if kind == "q4_k_m":  # --type auto at our Q4_K_M file's own bits per weight
             auto = work / "ours-gptq-auto.gguf"
             budget = block_bits_per_weight(work / "ours-gptq-q4_k_m.gguf")
@@ -132,7 +144,9 @@ def markdown(args, rows: list[dict]) -> str:
              "CPU, 2 threads. CUDA was not measured.", "",
              f"- Ours: `compress export-gguf {args.model} --type T --method gptq` ({args.nsamples} x 512 calibration "
              "windows) or `--method rtn` (no data), each tensor in the type llama.cpp's quantizer gives it. "
-             "llama.cpp's own: `llama_model_quantize` of our f16 file, default settings, no importance matrix.",
+             "llama.cpp's own: `llama_model_quantize` of our f16 file, default settings, no importance matrix; "
+             "`+ our imatrix`: the same with the importance matrix our GPTQ pass wrote (`--imatrix-out`), as "
+             "`llama-quantize --imatrix` hands it over.",
              f"- Every row is one `compress bench` run on the first {args.eval_windows} WikiText-2 test windows of 512 "
              "tokens (BOS first where the tokenizer puts one); GGUF files run in llama.cpp; KL(float || row) per token "
              "on the float model's top-256 tokens plus the rest as one bucket.", "",
@@ -146,21 +160,24 @@ def markdown(args, rows: list[dict]) -> str:
                      f"{100 * r['top1']:.1f}% | {size} | {decode} | {made} |")
     by = {(r.get("tool"), r.get("type")): r for r in rows}
     lines += ["", "## Targets (issue 35)", "", "| type | ours (GPTQ) KL | llama.cpp KL | ratio | target | size "
-              "difference | met |", "|---|---|---|---|---|---|---|"]
+              "difference | met | llama.cpp + our imatrix KL | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for kind in args.types.split(","):
         ours, theirs = by.get(("ours gptq", kind)), by.get(("llama.cpp", kind))
+        weighted = by.get(("llama.cpp + imatrix", kind))
         if ours and theirs:
             ratio = ours["kl_mean"] / theirs["kl_mean"]
             size = ours["file_bytes"] / theirs["file_bytes"] - 1
             met = ratio <= TARGETS.get(kind, 1.0) and abs(size) <= 0.01
+            beside = f"{weighted['kl_mean']:.4f} | {ours['kl_mean'] / weighted['kl_mean']:.2f}" if weighted else "- | -"
             lines.append(f"| {kind} | {ours['kl_mean']:.4f} | {theirs['kl_mean']:.4f} | {ratio:.2f} | "
-                         f"<= {TARGETS.get(kind, 1.0)} | {100 * size:+.2f}% | {'yes' if met else 'no'} |")
+                         f"<= {TARGETS.get(kind, 1.0)} | {100 * size:+.2f}% | {'yes' if met else 'no'} | {beside} |")
     auto, fixed = by.get(("ours gptq", "auto")), by.get(("ours gptq", "q4_k_m"))
     if auto and fixed:
         ratio = auto["kl_mean"] / fixed["kl_mean"]
         lines.append(f"| auto at our Q4_K_M's {auto['budget']:.3f} bits/weight (reached {auto['reached']:.3f}) | "
                      f"{auto['kl_mean']:.4f} | our Q4_K_M {fixed['kl_mean']:.4f} | {ratio:.2f} | < 1 | "
-                     f"{100 * (auto['file_bytes'] / fixed['file_bytes'] - 1):+.2f}% | {'yes' if ratio < 1 else 'no'} |")
+                     f"{100 * (auto['file_bytes'] / fixed['file_bytes'] - 1):+.2f}% | {'yes' if ratio < 1 else 'no'} "
+                     "| - | - |")
     return "\n".join(lines) + "\n"
 
 

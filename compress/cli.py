@@ -415,6 +415,10 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpw", type=float, default=S,
                    help="with --type auto: bits per weight of the blocks' linear layers as stored; each one's K type "
                         "is chosen under it from its measured sensitivity (Q4_K_M's mix stores about 4.9)")
+    p.add_argument("--imatrix-out", dest="imatrix_out", default=S,
+                   help="with a K type and --method gptq (or --type auto): also write the calibration statistics "
+                        "(each layer's input mean squares) as llama.cpp's importance matrix, for llama-quantize "
+                        "--imatrix")
     p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
                    "or rtn (the checkpoint is kept, see --checkpoint); K types: gptq (calibrated codes on the "
                    "format's grids) or rtn (the grids fitted to the weights), no checkpoint")
@@ -456,6 +460,9 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
                   f"weights) and take llama.cpp's fallbacks, e.g. {name} in {kind}")
         print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
         print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
+        if record["imatrix"]:
+            print(f"  imatrix {record['imatrix']['file']}  ({record['imatrix']['entries']} tensors' input statistics: "
+                  "llama-quantize --imatrix takes it)")
         return 0
     counts = record["tensors"]
     if "checkpoint" in record:

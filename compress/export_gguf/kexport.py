@@ -64,14 +64,17 @@ def _quantized(hf: str, fmt, members: list[str], fitted: dict[str, Path], lazy, 
 
 
 def export_kquants(folder: Path, out: Path, file_type: str, method: str, settings: dict,
-                   keep_float: bool = False) -> dict:
+                   keep_float: bool = False, imatrix_out: Path | None = None) -> dict:
     """Write the float model in ``folder`` to ``out`` (the caller renames it into place) as ``file_type``;
-    ``keep_float`` leaves the embedding and head in float16."""
+    ``keep_float`` leaves the embedding and head in float16; ``imatrix_out`` gets the calibration pass's
+    statistics in llama.cpp's imatrix format (a calibrated run only: gptq, or auto)."""
     from transformers import AutoTokenizer
 
     from compress.blocks import BlockSource
     from compress.data import calibration_windows_of_text, load_calibration_text
-    from compress.driver import run_layerwise
+    from compress.driver import DriverReport, run_layerwise
+    from compress.export_gguf.imatrix import Imatrix, entry_from_hessian, stacked, write_imatrix
+    from compress.output import WRITER
     from compress.export_gguf.writer import _Names, extra_entries, start_file, write_streamed
     from compress.lazy import LazyModel
     from compress.runtime import resolve_device
@@ -145,9 +148,16 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
         fitted: dict[str, Path] = {}
 
         stacked_as = {member: key for key, members in stacks.items() for member in members}
+        report = DriverReport()
+        tokens = sum(int(w.numel()) for w in windows) if windows is not None else 0
+        statistics = {}
 
         def fit_layer(name: str, layer: torch.nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
             fmt = FORMATS[types[f"{stacked_as[name]}.weight"]]
+            if imatrix_out is not None:
+                # an expert no token reached often enough has no Hessian: a count of 0 (llama.cpp reads 1s)
+                statistics[name] = entry_from_hessian(hessian, report.experts.get(name, {}).get("tokens", tokens)) \
+                    if hessian is not None else entry_from_hessian(torch.zeros(layer.in_features, layer.in_features), 0)
             weight = layer.weight.data.float().cpu()
             blocks = fit_gptq(weight, hessian.cpu(), fmt) if hessian is not None else fit_weighted(weight, fmt)
             data = encode(blocks)
@@ -157,7 +167,12 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
             return dequantize(blocks).to(layer.weight.dtype)
 
         run_layerwise(source, windows, fit_layer, selection, device, lambda *_: None,
-                      desc=f"{method} {file_type}", show_progress=settings.get("progress", True))
+                      desc=f"{method} {file_type}", show_progress=settings.get("progress", True), report=report)
+        if imatrix_out is not None:
+            entries = {names(f"{key}.weight"): stacked([statistics[m] for m in members])
+                       for key, members in stacks.items()}
+            write_imatrix(imatrix_out, Imatrix(entries, [f"{record.source}:{record.split} ({record.origin})"], len(windows), int(windows[0].numel())),
+                          WRITER)
         enum = K_FILE_ENUMS[max(set(block_types), key=block_types.count)] if auto else K_FILE_ENUMS[file_type]
         writer, vocab = start_file(folder, config, layout, enum)
         # Every tensor's place and size is written first, then its data one tensor at a time (read from the scratch
@@ -187,4 +202,5 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
             "fallbacks": {names(hf): kind for hf, kind in types.items() if kind in LEGACY_FORMATS},
             "block_bits_per_weight": round(type_bits_per_weight({f"{k}.weight": t for k, t in zip(stacks, block_types)},
                                                                 shapes), 4),
-            "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())}}
+            "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())},
+            "imatrix": None if imatrix_out is None else {"entries": len(stacks)}}

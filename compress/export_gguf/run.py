@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from compress.errors import UserError
@@ -28,6 +29,15 @@ def _quantize_flags(type_name: str) -> str:
     return f"--bits {block.bits} --group-size 32 {'--sym' if block.sym else '--asym'} --no-act-order"
 
 
+@contextmanager
+def _maybe_atomic_file(target: Path | None, force: bool, source: Path):
+    if target is None:
+        yield None
+        return
+    with atomic_file(target, force=force, source=source) as partial:
+        yield partial
+
+
 def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, force: bool = False,
                 method: str | None = None, quantize_settings: dict | None = None, keep_float: bool = False) -> dict:
     """Write ``model`` as a GGUF file of ``type_name``. A GPTQ-format checkpoint of ours is written with its
@@ -47,6 +57,7 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         raise UserError("--type auto chooses each tensor's type under a size budget: give both --type auto and "
                         "--bpw B (bits per weight of the blocks' linear layers, e.g. 4.9)")
     settings = dict(quantize_settings or {})
+    imatrix_out = settings.pop("imatrix_out", None)
     asked = [k for k in settings if k != "progress"]
     if asked and method is None:
         raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in asked)} set how a float model is "
@@ -64,6 +75,12 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
             raise UserError(f"{', '.join('--' + {'out': 'checkpoint'}.get(k, k) for k in unused)}: a K file is "
                             "fitted in one pass and keeps no checkpoint; leave it out")
         check_widths(folder, model)
+        if imatrix_out is not None and method != "gptq" and type_name != AUTO:
+            raise UserError("--imatrix-out writes the statistics of a calibrated run, and --method rtn reads no "
+                            "calibration data: use --method gptq (or --type auto)")
+    elif imatrix_out is not None:
+        raise UserError("--imatrix-out writes the calibration statistics of a K file's pass: use a K type "
+                        "(e.g. --type q4_k_m --method gptq)")
     elif type_name == "f16":
         if qcfg:
             raise UserError(f"{model} is already quantized: f16 writes a float model (its float original)")
@@ -91,10 +108,20 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
         from compress.export_gguf.kexport import export_kquants
 
         target = target or default_output(folder, type_name)
+        imatrix_target = Path(imatrix_out) if imatrix_out is not None else None
+        if imatrix_target is not None:
+            if imatrix_target.resolve() == target.resolve():
+                raise UserError(f"--imatrix-out {imatrix_target} is the GGUF file itself: name another file, "
+                                f"e.g. {target.with_suffix('.imatrix.gguf')}")
+            refuse_source_overlap(imatrix_target, folder)
+            refuse_existing_file(imatrix_target, force)
         started = time.perf_counter()
-        with atomic_file(target, force=force, source=folder) as partial:
-            record = export_kquants(folder, partial, type_name, method, settings, keep_float)
+        with atomic_file(target, force=force, source=folder) as partial, \
+                _maybe_atomic_file(imatrix_target, force, folder) as imatrix_partial:
+            record = export_kquants(folder, partial, type_name, method, settings, keep_float, imatrix_partial)
         record.update(file=str(target), bytes=target.stat().st_size, seconds=round(time.perf_counter() - started, 3))
+        if imatrix_target is not None:
+            record["imatrix"]["file"] = str(imatrix_target)
         return record
     if method is not None:
         from compress.api import QuantizeRequest, quantize, takes_option
