@@ -51,7 +51,8 @@ def gptq_quantization_config(cfg: WeightQuantConfig, method: str, version: str, 
         "group_size": cfg.group_size,
         "sym": cfg.sym,
         "desc_act": bool(getattr(cfg, "act_order", False)),
-        "static_groups": bool(getattr(cfg, "static_groups", False)),
+        # group-aware order keeps each group its own contiguous columns too: the trivial group index
+        "static_groups": bool(getattr(cfg, "static_groups", False) or getattr(cfg, "group_aware", False)),
         # Loaders require 0 < damp_percent < 1 even where it played no part (RTN: see meta.method).
         "damp_percent": getattr(cfg, "damp_percent", 0.01),
         "true_sequential": True,

@@ -186,6 +186,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-static-groups", dest="static_groups", action="store_const", const=False, default=S,
                    help="GPTQ with --act-order: make each group's grid as its columns come, in act order (a group "
                         "order that only --format gptq holds)")
+    p.add_argument("--group-aware", dest="group_aware", action="store_const", const=True, default=S,
+                   help="GPTQ: act order by whole groups, the group with the most important column first "
+                        "(GPTQModel's act_group_aware): each group's grid chosen as it comes up from the updated "
+                        f"weights, groups stay contiguous (default: {by_method('group_aware', on_off)})")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help=f"GPTQ dampening, a fraction of the Hessian's "
                    f"mean diagonal (default: {by_method('damp_percent')})")
     p.add_argument("--quant-type", dest="quant_type", default=S, choices=["nf4", "fp4"],

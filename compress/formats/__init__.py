@@ -67,7 +67,8 @@ them."""
 def group_order(cfg) -> bool:
     """GPTQ's act order by groups (each group's grid made as its columns come up: a group index, no contiguous
     groups), not the static kind."""
-    return bool(getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False))
+    return bool(getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False)
+                and not getattr(cfg, "group_aware", False))
 
 
 @dataclass(frozen=True)

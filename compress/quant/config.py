@@ -109,6 +109,11 @@ class GPTQConfig(WeightQuantConfig):
     """With act_order: fix each group's grid from the original weights before any update, so every group stays
     a run of contiguous columns (compressed-tensors' "weight" act order, which vLLM loads; groups made in act
     order need a group index that only the GPTQ format holds)."""
+    group_aware: bool = False
+    """With act_order: visit whole groups, the group with the most important column first and each group's
+    columns by importance (group-aware reordering, GAR: GPTQModel's act_group_aware), so each group's grid is
+    chosen when it comes up from the weights as updated so far and groups stay contiguous columns (static_groups
+    does not apply)."""
     block_size: int = 128
     """Columns updated together (lazy batch updates); changes speed, not results."""
     awq: bool = False
@@ -117,6 +122,9 @@ class GPTQConfig(WeightQuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hessian_settings(self.damp_percent, self.block_size)
+        if self.group_aware and not self.act_order:
+            raise UserError("--group-aware orders the columns by importance group by group, an act order: drop "
+                            "--no-act-order")
         if self.awq and self.act_bits is not None:
             raise UserError("--awq and --act-bits fold different channel scales into the same producers: choose one")
 

@@ -91,6 +91,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float, order: to
     return upper_triangular_inverse(upper)
 
 
+def group_aware_order(diagonal: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering (GAR): whole groups of contiguous columns, the group whose most important column
+    (largest Hessian diagonal) is largest first (ties in column order), each group's columns by decreasing
+    importance; a partial last group comes last. Returns the columns in quantization order."""
+    cols = diagonal.numel()
+    full = cols - cols % group_size
+    grouped = diagonal[:full].view(-1, group_size)
+    within = torch.argsort(grouped, dim=1, descending=True, stable=True)
+    groups = torch.argsort(grouped.max(dim=1).values, descending=True, stable=True)
+    starts = torch.arange(0, full, group_size, device=diagonal.device)[:, None]
+    tail = full + torch.argsort(diagonal[full:], descending=True, stable=True)
+    return torch.cat([(within + starts)[groups].reshape(-1), tail])
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] given the input Hessian [in, in].
 
@@ -110,14 +124,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     diagonal[dead] = 1
     wt[dead] = 0
 
+    group_aware = cfg.act_order and cfg.group_aware
     static_grids: list[QuantGrid] | None = None
-    if cfg.static_groups and cfg.act_order:  # without act order every group is its own columns anyway
+    # without act order every group is its own columns anyway; group-aware order visits them whole
+    if cfg.static_groups and cfg.act_order and not group_aware:
         static_grids = [choose_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym, cfg.scale_search,
                                     diagonal[g:g + group_size]) for g in range(0, cols, group_size)]
 
     perm = torch.arange(cols, device=wt.device)
     if cfg.act_order:
-        perm = torch.argsort(diagonal, descending=True)
+        perm = group_aware_order(diagonal, group_size) if group_aware else torch.argsort(diagonal, descending=True)
         wt = wt[perm]
     importance = diagonal[perm]  # per quantization position: what a weighted grid search weighs by
     inv_perm = torch.argsort(perm)
@@ -159,11 +175,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     codes = codes[inv_perm].t().to(torch.int32)
     # Group index of each original column: its position in quantization order // group size
     # (identity without act-order; its original group with static groups).
-    if static_grids is not None or not cfg.act_order:
+    if static_grids is not None or not cfg.act_order or group_aware:
         g_idx = torch.arange(cols, device=wt.device) // group_size
     else:
         g_idx = inv_perm // group_size
     chosen = static_grids if static_grids is not None else grids
+    if group_aware:  # made in visiting order: the k-th group visited is the columns starting at perm[k * size]
+        visited = [int(perm[k * group_size]) // group_size for k in range(len(grids))]
+        chosen = [grids[k] for k in sorted(range(len(grids)), key=visited.__getitem__)]
     scale = torch.stack([g.scale for g in chosen])
     zero = torch.stack([g.zero for g in chosen])
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_idx.to(torch.int32), bits=cfg.bits,

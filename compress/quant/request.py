@@ -10,7 +10,8 @@ from compress.quant.config import W8A8_WEIGHTS, WeightQuantConfig
 from compress.registry import config_fields, get_method
 from compress.settings import RunSettings, method_option_values
 
-METHOD_OPTIONS = ("bits", "group_size", "sym", "scale_search", "act_order", "static_groups", "damp_percent", "awq",
+METHOD_OPTIONS = ("bits", "group_size", "sym", "scale_search", "act_order", "static_groups", "group_aware",
+                  "damp_percent", "awq",
                   "act_bits", "smoothing_strength", "quant_type", "double_quant", "int8_threshold")
 """Request settings that belong to some methods' configs: None means "not asked for" (the method's own default,
 from its config dataclass); asking a method for one its config does not have is an error, not a silent no-op."""
@@ -49,6 +50,8 @@ class QuantizeRequest(RunSettings):
     """GPTQ: quantize columns by decreasing Hessian diagonal (desc_act); None: the method's default (on, as in
     auto-gptq: measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4)."""
     static_groups: bool | None = None
+    group_aware: bool | None = None
+    """GPTQ: act order by whole groups (GAR), each group's grid chosen as it comes up; None: the default (off)."""
     damp_percent: float | None = None
     awq: bool | None = None
     """gptq: fold AWQ's activation-aware channel scales into each block first."""

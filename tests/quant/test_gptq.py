@@ -18,12 +18,14 @@ def output_mse(x, w, qw) -> float:
 
 @pytest.mark.parametrize("bits,group_size", [(8, -1), (4, 32), (4, -1), (3, 64), (2, 32)])
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
-def test_gptq_output_error_below_rtn(bits, group_size, sym, act_order, static_groups):
+@pytest.mark.parametrize("act_order,static_groups,group_aware", [(False, False, False), (True, False, False),
+                                                                 (True, True, False), (True, True, True)])
+def test_gptq_output_error_below_rtn(bits, group_size, sym, act_order, static_groups, group_aware):
     x = correlated_inputs(96)
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
     h = 2 * x.t() @ x / x.shape[0]
-    gptq = gptq_quantize(w, h, GPTQConfig(bits, group_size, sym, act_order=act_order, static_groups=static_groups))
+    gptq = gptq_quantize(w, h, GPTQConfig(bits, group_size, sym, act_order=act_order, static_groups=static_groups,
+                                          group_aware=group_aware))
     rtn = rtn_quantize(w, RTNConfig(bits, group_size, sym))
     assert output_mse(x, w, gptq) < 0.85 * output_mse(x, w, rtn)
 
@@ -48,6 +50,35 @@ def test_static_groups_keep_contiguous_g_idx():
     qw = gptq_quantize(torch.randn(32, 64), 2 * x.t() @ x / x.shape[0], GPTQConfig(4, 32, act_order=True,
                                                                                   static_groups=True))
     assert qw.g_idx.tolist() == [0] * 32 + [1] * 32
+
+
+def test_group_aware_order_visits_whole_groups_most_important_first():
+    from compress.quant.gptq import group_aware_order
+
+    diagonal = torch.tensor([1.0, 5.0, 2.0, 9.0, 3.0, 0.5, 4.0, 8.0, 7.0, 6.0])
+    # groups of 4: [1 5 2 9] (max 9), [3 .5 4 8] (max 8), then the partial [7 6]
+    assert group_aware_order(diagonal, 4).tolist() == [3, 1, 2, 0, 7, 6, 4, 5, 8, 9]
+    # ties between groups keep the columns' order
+    assert group_aware_order(torch.ones(6), 3).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_group_aware_groups_are_contiguous_and_beat_static_grids_where_groups_differ():
+    """A group with outlier inputs comes first and every grid is fitted to the weights as updated: the output
+    error falls below static groups' (grids fixed from the original weights), and each grid stays its group's."""
+    x = correlated_inputs(128)
+    x[:, 64:96] *= 6  # the third group's inputs matter most
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    h = 2 * x.t() @ x / x.shape[0]
+    aware = gptq_quantize(w, h, GPTQConfig(3, 32, act_order=True, group_aware=True))
+    static = gptq_quantize(w, h, GPTQConfig(3, 32, act_order=True, static_groups=True))
+    assert aware.g_idx.tolist() == [g for g in range(4) for _ in range(32)]
+    assert output_mse(x, w, aware) < 0.95 * output_mse(x, w, static)
+    assert torch.all((aware.codes >= 0) & (aware.codes <= 7))
+
+
+def test_group_aware_is_an_act_order():
+    with pytest.raises(UserError, match="--group-aware"):
+        GPTQConfig(4, 128, act_order=False, group_aware=True)
 
 
 def test_dead_inputs_get_zero_weight():

@@ -49,3 +49,26 @@ def test_same_layer_error_as_gptqmodel(act_order, bits):
         ours_err = output_error(layer.weight.data, ours, hessian)
         theirs_err = output_error(layer.weight.data, theirs, hessian)
         assert ours_err <= 1.02 * theirs_err, f"{name}: ours {ours_err:.4e} vs GPTQModel {theirs_err:.4e}"
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_group_aware_order_has_the_layer_error_of_gptqmodels(bits):
+    """--group-aware against GPTQModel's act_group_aware (GAR), both with min/max grids: the same order of whole
+    groups, so the same output error."""
+    from gptqmodel import QuantizeConfig
+
+    model, _ = load_model(resolve("tiny-llama").path)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calibration_ids(16, 64))
+    linears = block_linears(blocks[0], ModuleSelection())
+    for name in ("self_attn.q_proj", "mlp.gate_proj"):
+        layer = linears[name]
+        hessian = collect_hessian(blocks[0], linears, [name], inputs)
+        ours = gptq_quantize(layer.weight.data, hessian, GPTQConfig(bits, 32, sym=True, scale_search="none",
+                                                                    act_order=True, group_aware=True)).dequantize()
+        qcfg = QuantizeConfig(bits=bits, group_size=32, sym=True, desc_act=False, damp_percent=0.01,
+                              act_group_aware=True, mse=0.0, device="cpu")
+        theirs = peer_quantize(layer, blocks[0], inputs, qcfg)
+        ours_err = output_error(layer.weight.data, ours, hessian)
+        theirs_err = output_error(layer.weight.data, theirs, hessian)
+        assert ours_err <= 1.02 * theirs_err, f"{name}: ours {ours_err:.4e} vs GPTQModel {theirs_err:.4e}"
