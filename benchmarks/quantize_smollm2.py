@@ -63,6 +63,7 @@ RUNS = [
     RunSpec("gptq-w4g128-classic", "ours", "gptq", 4, 128, CLASSIC, "the default before: symmetric min/max"),
     RunSpec("gptq-w4g128-asym", "ours", "gptq", 4, 128, {"sym": False, "scale_search": "none"}),
     RunSpec("gptq-w4g128", "ours", "gptq", 4, 128, note="defaults"),
+    RunSpec("gptq-w4g128-gar", "ours", "gptq", 4, 128, {"group_aware": True}, "defaults + group-aware act order"),
     RunSpec("gptqmodel-w4g128-classic", "gptqmodel", "gptq", 4, 128, GPTQMODEL_CLASSIC),
     RunSpec("gptqmodel-w4g128-best", "gptqmodel", "gptq", 4, 128, GPTQMODEL_BEST),
     RunSpec("awq-w4g128", "ours", "awq", 4, 128, {"sym": False, "scale_search": "weighted"}),
@@ -72,6 +73,7 @@ RUNS = [
     RunSpec("rtn-w3g128-asym-weighted", "ours", "rtn", 3, 128, {"sym": False, "scale_search": "weighted"}),
     RunSpec("gptq-w3g128-classic", "ours", "gptq", 3, 128, CLASSIC, "the default before: symmetric min/max"),
     RunSpec("gptq-w3g128", "ours", "gptq", 3, 128, note="defaults"),
+    RunSpec("gptq-w3g128-gar", "ours", "gptq", 3, 128, {"group_aware": True}, "defaults + group-aware act order"),
     RunSpec("gptq-awq-w3g128", "ours", "gptq", 3, 128, {"awq": True}),
     RunSpec("gptqmodel-w3g128-best", "gptqmodel", "gptq", 3, 128, GPTQMODEL_BEST),
 ]

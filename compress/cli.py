@@ -408,7 +408,7 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    help="q4_0 (4-bit symmetric, group 32), q4_1 (4-bit asymmetric, group 32) or q8_0 (8-bit "
                         "symmetric, group 32) from our checkpoints; a K file type (q2_k, q3_k_s, q3_k_m, q3_k_l, "
                         "q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k: llama.cpp's mix of types) fitted from a float model "
-                        "with --method gptq or rtn; or f16 from a float model (what llama.cpp's own quantizer "
+                        "with --method gptq, awq or rtn; or f16 from a float model (what llama.cpp's own quantizer "
                         "takes); default q4_0")
     p.add_argument("--out", help="output file (default out/<checkpoint>-<type>.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing GGUF file that compress-workbench wrote (never another file)")
@@ -420,12 +420,13 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    help="with --type auto: bits per weight of the blocks' linear layers as stored; each one's K type "
                         "is chosen under it from its measured sensitivity (Q4_K_M's mix stores about 4.9)")
     p.add_argument("--imatrix-out", dest="imatrix_out", default=S,
-                   help="with a K type and --method gptq (or --type auto): also write the calibration statistics "
+                   help="with a K type and --method gptq or awq (or --type auto): also write the calibration statistics "
                         "(each layer's input mean squares) as llama.cpp's importance matrix, for llama-quantize "
                         "--imatrix")
     p.add_argument("--method", help="quantize a float model on the way, with the grid the type needs: gptq, awq "
                    "or rtn (the checkpoint is kept, see --checkpoint); K types: gptq (calibrated codes on the "
-                   "format's grids) or rtn (the grids fitted to the weights), no checkpoint")
+                   "format's grids), awq (AWQ's channel scales folded in, then the grids weighted by the inputs) or "
+                   "rtn (the grids fitted to the weights), no checkpoint")
     p.add_argument("--checkpoint", dest="out_checkpoint", default=S,
                    help="with --method: folder of the quantized checkpoint (default out/<model>-<method>-<tag>)")
     p.add_argument("--calib", default=S, help=f"with --method: calibration text: auto (default), "
@@ -462,6 +463,9 @@ def _export_gguf_run(args: argparse.Namespace) -> int:
             name, kind = next(iter(record["fallbacks"].items()))
             print(f"  {len(record['fallbacks'])} tensors have rows that hold no K blocks (not a multiple of 256 "
                   f"weights) and take llama.cpp's fallbacks, e.g. {name} in {kind}")
+        if record["awq"]:
+            print(f"  awq    {record['awq']['scaled']} groups of layers scaled, {record['awq']['unscaled']} left as "
+                  "they were (no producer to fold into, experts, or no scaling beat plain rounding)")
         print(f"  size   {human_bytes(record['bytes'])}, {record['seconds']:.1f} s")
         print(f"  saved  {record['file']}  (llama.cpp runs it as it is)")
         if record["imatrix"]:

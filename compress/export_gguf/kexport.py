@@ -1,10 +1,11 @@
-"""`compress export-gguf MODEL --type q4_k_m --method gptq|rtn`: a float model into one of llama.cpp's K file types.
+"""`compress export-gguf MODEL --type q4_k_m --method gptq|awq|rtn`: a float model into one of llama.cpp's K file types.
 
 Each tensor gets the type llama.cpp's own quantizer would give it in that file (``kmix``). The blocks stream through
 the shared driver (compress.driver: one block in memory at a time) and each linear layer is fitted into its type
 as it comes: with ``gptq``, the format's grids are chosen first for the least output error on the calibration
 inputs and GPTQ's error propagation then picks the codes on them; with ``rtn``, the grids are chosen on the weights
-alone (``kquants``). Every later layer is calibrated on the quantized layers before it. The fitted blocks wait in a
+alone (``kquants``); with ``awq``, AWQ's channel scales (searched with each layer rounded into its own type) are
+folded into the block first and the grids then chosen weighted by the inputs' mean squares. Every later layer is calibrated on the quantized layers before it. The fitted blocks wait in a
 temporary folder until the file is written; the embedding and head take their types by the same weighted fit, the
 norms float32, anything else float16, as in the files llama.cpp makes.
 """
@@ -28,7 +29,7 @@ from compress.export_gguf.layouts import layout_for
 from compress.export_gguf.writer import EXPERT_LAYER, FLOAT32_MATRICES, _float_tensor
 
 FORMATS = {**KFORMATS, **LEGACY_FORMATS}
-K_METHODS = ("gptq", "rtn")
+K_METHODS = ("gptq", "awq", "rtn")
 AUTO = "auto"
 """--type auto --bpw B: each block linear's type chosen under the budget (compress.export_gguf.kauto)."""
 K_FILE_ENUMS = {name: getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}") for name in K_FILE_TYPES}
@@ -43,11 +44,12 @@ def check_k_request(config: dict, where: str, method: str | None, quantized: boo
     """One-line errors, before any work, for what a K file cannot be made from."""
     if quantized:
         raise UserError(f"{where} is already quantized: K types are fitted from the float model (point at its float "
-                        "original and add --method gptq or rtn)")
+                        "original and add --method gptq, awq or rtn)")
     if method is None:
-        raise UserError("K types are fitted from the float model on the way: add --method gptq (calibrated) or rtn")
+        raise UserError("K types are fitted from the float model on the way: add --method gptq (calibrated), awq "
+                        "(calibrated) or rtn")
     if method not in K_METHODS:
-        raise UserError(f"--method {method} does not make K blocks yet: choose {' or '.join(K_METHODS)}")
+        raise UserError(f"--method {method} does not make K blocks: choose gptq, awq or rtn")
 
 
 def _quantized(hf: str, fmt, members: list[str], fitted: dict[str, Path], lazy, layout, config: dict) -> np.ndarray:
@@ -126,7 +128,7 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
             raise UserError(f"--bpw {settings['bpw']:g} is below {floor:.3f}, what the smallest types store: "
                             "raise it")
     windows = None
-    if method == "gptq" or auto:
+    if method in ("gptq", "awq") or auto:
         text, record = load_calibration_text(settings.get("calib", "auto"))
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
         windows, _ = calibration_windows_of_text(tokenizer, text, record, settings.get("nsamples", 128),
@@ -152,6 +154,26 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
         tokens = sum(int(w.numel()) for w in windows) if windows is not None else 0
         statistics = {}
 
+        folded: dict[str, Path] = {}  # float tensors of a block that AWQ scaled (its norms, a producer's bias)
+        scalings = []
+
+        def prepare_awq(block_name, block, linears, groups, inputs, experts) -> None:
+            from compress.export_gguf.kauto import fake_quantize
+            from compress.quant.awq import awq_prepare_block
+
+            def rounded(name: str, weight: torch.Tensor) -> torch.Tensor:
+                return fake_quantize(weight, types[f"{stacked_as[f'{block_name}.{name}']}.weight"])
+
+            scalings.extend(awq_prepare_block(block_name, block, linears, groups, inputs, 4, 32, False, skip=experts,
+                                              fake_quantize=rounded))
+
+        def keep_folded(block_name: str, block: torch.nn.Module) -> None:
+            for name, param in block.named_parameters():
+                key = f"{block_name}.{name}"
+                if key in others_set:
+                    folded[key] = Path(scratch) / f"float-{len(folded)}.npy"
+                    np.save(folded[key], param.detach().float().cpu().numpy())
+
         def fit_layer(name: str, layer: torch.nn.Linear, hessian: torch.Tensor | None) -> torch.Tensor:
             fmt = FORMATS[types[f"{stacked_as[name]}.weight"]]
             if imatrix_out is not None:
@@ -159,15 +181,23 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
                 statistics[name] = entry_from_hessian(hessian, report.experts.get(name, {}).get("tokens", tokens)) \
                     if hessian is not None else entry_from_hessian(torch.zeros(layer.in_features, layer.in_features), 0)
             weight = layer.weight.data.float().cpu()
-            blocks = fit_gptq(weight, hessian.cpu(), fmt) if hessian is not None else fit_weighted(weight, fmt)
+            if hessian is None:
+                blocks = fit_weighted(weight, fmt)
+            elif method == "awq":  # the scales are folded: round on grids weighted by the inputs' mean squares
+                blocks = fit_weighted(weight, fmt, torch.diagonal(hessian).cpu())
+            else:
+                blocks = fit_gptq(weight, hessian.cpu(), fmt)
             data = encode(blocks)
             order = layout.row_order(name, data.shape[0], config)
             fitted[name] = Path(scratch) / f"{len(fitted)}.npy"
             np.save(fitted[name], data if order is None else data[order.numpy()])
             return dequantize(blocks).to(layer.weight.dtype)
 
-        run_layerwise(source, windows, fit_layer, selection, device, lambda *_: None,
-                      desc=f"{method} {file_type}", show_progress=settings.get("progress", True), report=report)
+        awq = method == "awq"
+        others_set = set(others)
+        run_layerwise(source, windows, fit_layer, selection, device, keep_folded if awq else lambda *_: None,
+                      desc=f"{method} {file_type}", show_progress=settings.get("progress", True), report=report,
+                      prepare_block=prepare_awq if awq else None)
         if imatrix_out is not None:
             entries = {names(f"{key}.weight"): stacked([statistics[m] for m in members])
                        for key, members in stacks.items()}
@@ -191,7 +221,9 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
                 as_float32 = len(dims) == 1 or target.endswith(FLOAT32_MATRICES)
                 dtype = np.float32 if as_float32 else np.float16
                 entries.append((target, dims, dtype, int(np.prod(dims)) * np.dtype(dtype).itemsize, None,
-                                lambda hf=hf, dtype=dtype: _float_tensor(lazy, hf, dtype, layout, config)))
+                                lambda hf=hf, dtype=dtype: _float_tensor(
+                                    lazy, hf, dtype, layout, config,
+                                    torch.from_numpy(np.load(folded[hf])) if hf in folded else None)))
         entries += extra_entries(layout, config)
         write_streamed(writer, out, entries)
         counts = Counter(kind or np.dtype(dtype).name.replace("float", "f") for _, _, dtype, _, kind, _ in entries)
@@ -203,4 +235,6 @@ def export_kquants(folder: Path, out: Path, file_type: str, method: str, setting
             "block_bits_per_weight": round(type_bits_per_weight({f"{k}.weight": t for k, t in zip(stacks, block_types)},
                                                                 shapes), 4),
             "calibration": None if windows is None else {"windows": len(windows), "seqlen": int(windows[0].numel())},
-            "imatrix": None if imatrix_out is None else {"entries": len(stacks)}}
+            "imatrix": None if imatrix_out is None else {"entries": len(stacks)},
+            "awq": None if method != "awq" else {"scaled": sum(s.ratio is not None for s in scalings),
+                                                 "unscaled": sum(s.ratio is None for s in scalings)}}

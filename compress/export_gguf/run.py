@@ -75,9 +75,9 @@ def export_gguf(model: str, type_name: str = "q4_0", out: str | None = None, for
             raise UserError(f"{', '.join('--' + {'out': 'checkpoint'}.get(k, k) for k in unused)}: a K file is "
                             "fitted in one pass and keeps no checkpoint; leave it out")
         check_widths(folder, model)
-        if imatrix_out is not None and method != "gptq" and type_name != AUTO:
+        if imatrix_out is not None and method == "rtn" and type_name != AUTO:
             raise UserError("--imatrix-out writes the statistics of a calibrated run, and --method rtn reads no "
-                            "calibration data: use --method gptq (or --type auto)")
+                            "calibration data: use --method gptq or awq (or --type auto)")
     elif imatrix_out is not None:
         raise UserError("--imatrix-out writes the calibration statistics of a K file's pass: use a K type "
                         "(e.g. --type q4_k_m --method gptq)")

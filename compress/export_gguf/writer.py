@@ -205,9 +205,10 @@ def _float_param(lazy, name: str, layout: Layout, config: dict, dtype) -> np.nda
     return data
 
 
-def _float_tensor(lazy, key: str, dtype, layout: Layout, config: dict) -> np.ndarray:
-    """One float tensor as the file holds it: in the rows' GGUF order, Gemma's norms with their offset."""
-    tensor = lazy.read(key)
+def _float_tensor(lazy, key: str, dtype, layout: Layout, config: dict, tensor: torch.Tensor | None = None) -> np.ndarray:
+    """One float tensor as the file holds it: in the rows' GGUF order, Gemma's norms with their offset; ``tensor``
+    its values where they are not the checkpoint's (a norm AWQ folded scales into)."""
+    tensor = lazy.read(key) if tensor is None else tensor
     order = layout.row_order(key.rpartition(".")[0], tensor.shape[0], config)
     if order is not None:
         tensor = tensor[order]

@@ -265,12 +265,13 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], quantized: list[t
 
 Choice = tuple[float | None, torch.Tensor | None, float | None, float | None]
 """(ratio, scales or None for none, the group's loss unscaled, its loss scaled), as ``search_ratio`` gives them."""
+Chooser = Callable[[list[str], list[torch.Tensor], "GroupInputs"], Choice]
+"""Picks a group's scales from its layers' names (in the block), weights and inputs."""
 
 
 @torch.no_grad()
 def fold_groups(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
-                inputs: BlockInputs, choose: Callable[[list[torch.Tensor], GroupInputs], Choice],
-                skip: set[str] = frozenset()) -> list[GroupScaling]:
+                inputs: BlockInputs, choose: Chooser, skip: set[str] = frozenset()) -> list[GroupScaling]:
     """For each group of ``block`` in call order, before any layer is quantized: find its producer, let ``choose``
     pick channel scales from the group's weights and inputs, and fold them. Groups without an exact producer, or
     holding a layer of ``skip`` (experts: each sees its own tokens), are left alone. What AWQ and SmoothQuant share;
@@ -289,7 +290,7 @@ def fold_groups(block_name: str, block: nn.Module, linears: dict[str, nn.Linear]
             records.append(GroupScaling(qualified, None, None, unscaled_because=NO_PRODUCER))
             continue
         seen = group_inputs(block, layers[0], inputs)
-        ratio, scales, plain, best = choose([layer.weight.data for layer in layers], seen)
+        ratio, scales, plain, best = choose(group, [layer.weight.data for layer in layers], seen)
         if scales is not None:
             fold(block.get_submodule(producer.name), layers, scales, producer)
         records.append(GroupScaling(qualified, f"{block_name}.{producer.name}", ratio, plain, best, producer.fold_note,
@@ -300,19 +301,23 @@ def fold_groups(block_name: str, block: nn.Module, linears: dict[str, nn.Linear]
 
 def awq_prepare_block(block_name: str, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
                       inputs: BlockInputs, bits: int, group_size: int, sym: bool, skip: set[str] = frozenset(),
-                      n_grid: int = N_GRID) -> list[GroupScaling]:
-    """Search and fold AWQ scales for each group of ``block``."""
-    def choose(weights: list[torch.Tensor], seen: GroupInputs) -> Choice:
+                      n_grid: int = N_GRID,
+                      fake_quantize: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> list[GroupScaling]:
+    """Search and fold AWQ scales for each group of ``block``; ``fake_quantize(name, weight)`` rounds a layer as it
+    will be stored (default: round-to-nearest on the ``bits``/``group_size``/``sym`` grid)."""
+    quantize = fake_quantize or (lambda _name, w: fake_quantize_weight(w, bits, group_size, sym))
+
+    def choose(names: list[str], weights: list[torch.Tensor], seen: GroupInputs) -> Choice:
         device = weights[0].device
         x = seen.sample.to(device)
 
         def loss(scales: torch.Tensor | None) -> float:
             quantized = []
-            for w in weights:
+            for name, w in zip(names, weights):
                 if scales is None:
-                    quantized.append(fake_quantize_weight(w, bits, group_size, sym))
+                    quantized.append(quantize(name, w))
                 else:
-                    quantized.append(fake_quantize_weight(w.float() * scales, bits, group_size, sym) / scales)
+                    quantized.append(quantize(name, w.float() * scales) / scales)
             return output_error(x, weights, quantized)
 
         return search_ratio(loss, seen.abs_mean.to(device), weight_mean(weights, group_size).to(device), n_grid)

@@ -53,7 +53,7 @@ def smooth_block(block_name: str, block: nn.Module, linears: dict[str, nn.Linear
                  n_grid: int = N_GRID) -> list[GroupScaling]:
     """Choose and fold the smoothing scales of each group of ``block`` (compress.quant.awq.fold_groups); ``ratio`` in
     each record is the alpha folded (None: not smoothed)."""
-    def choose(weights: list[torch.Tensor], seen: GroupInputs) -> Choice:
+    def choose(_names: list[str], weights: list[torch.Tensor], seen: GroupInputs) -> Choice:
         device = weights[0].device
         x_max, w_max = seen.abs_max.to(device), weight_max(weights).to(device)
         if cfg.smoothing_strength is not None:
