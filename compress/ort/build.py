@@ -6,6 +6,9 @@ Weights: ``float`` keeps the float MatMuls; ``int8`` is ONNX Runtime's dynamic q
 embedding Gather included; see INT8_FORMAT for why the weights are uint8); ``packed`` (the default for our GPTQ/RTN checkpoints) puts the
 checkpoint's own 4- and 8-bit codes into MatMulNBits nodes and, for a tied 8-bit head, the
 embedding into a GatherBlockQuantized node: the same integers as the PyTorch checkpoint.
+
+The graph is traced on a skeleton without weights and every weight (or packed layer) written by itself
+(compress.ort.stream): memory holds one tensor at a time, besides the embedding and head.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +27,9 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.formats import PACKED_METHODS, activations_refusal
-from compress.ort.export import DATA_FILE, MODEL_FILE, export_decoder, linear_nodes
-from compress.ort.packing import nbits_operands
+from compress.ort.export import DATA_FILE, MODEL_FILE, linear_nodes
+from compress.ort.packing import NBitsOperands, nbits_operands
+from compress.ort.stream import ExternalData, save, trace, weightless, write_weights
 
 WEIGHTS = ("auto", "float", "int8", "packed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -60,29 +66,90 @@ def _require_onnx() -> None:
         raise UserError(f"ONNX export needs {', '.join(missing)}: pip install 'compress-workbench[onnx]'")
 
 
-def _dense_copy(model) -> tuple[dict, dict]:
-    """Replace packed layers by float ones for tracing; ({layer: (QuantizedWeight, group size)},
-    {embedding name: head name} for tied embeddings)."""
+@dataclass
+class _Skeleton:
+    """The model to trace (its weights on meta until written) and where each weight's values come from."""
+
+    model: nn.Module
+    tokenizer: object
+    lazy: object
+    packed: dict
+    """Packed layer name -> its QuantLinear (outside the model, whose tree holds a float Linear there)."""
+    tied: dict
+    """Embedding name -> the packed head it reads its rows from."""
+
+    @contextmanager
+    def _holding(self, name: str):
+        """The packed layer back in the model's tree with its tensors read, for as long as it is worked on."""
+        from compress.runtime import return_freed_memory
+        from compress.select import set_submodule
+
+        layer, dense = self.packed[name], self.model.get_submodule(name)
+        set_submodule(self.model, name, layer)
+        read = self.lazy.materialize(layer, name)
+        try:
+            yield layer
+        finally:
+            self.lazy.release_names(read.names)
+            set_submodule(self.model, name, dense)
+            return_freed_memory()
+
+    def operands(self, name: str):
+        with self._holding(name) as layer:
+            return nbits_operands(layer.quantized_weight(), layer.group_size), layer.in_features
+
+    def value(self, memory_name: str) -> torch.Tensor:
+        """One weight as the model computes with it: read from the checkpoint, a packed layer's dequantized."""
+        module, _, attr = memory_name.rpartition(".")
+        owner = self.tied.get(module, module)
+        if attr == "weight" and owner in self.packed:
+            with self._holding(owner) as layer:
+                return layer.quantized_weight().dequantize()
+        return self.lazy.read(memory_name)
+
+
+def _open_skeleton(path: Path, quantized: bool, trust_remote_code: bool) -> _Skeleton:
+    """The model with every weight on meta (packed layers as float Linears, a tied embedding as the embedding
+    module it was), then weightless (compress.ort.stream), and the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from compress.checkpoint import open_quantized
+    from compress.models import FLOAT_READER_FIX, check_checkpoint, refuse_quantized_source
+    from compress.lazy import LazyModel
     from compress.quant.head import QuantEmbedding, module_name
     from compress.quant.linear import QuantLinear
     from compress.select import set_submodule
+    from compress.shards import ShardReader
 
     packed, tied = {}, {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantEmbedding):
-            tied[name] = module_name(model, module.source)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            packed[name] = (module.quantized_weight(), module.group_size)
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantized_weight().float()
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            set_submodule(model, name, dense)
-    for name, head in tied.items():
-        weight = model.get_submodule(head).weight
-        set_submodule(model, name, nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight.detach().clone()))
-    return packed, tied
+    if quantized:
+        lazy = open_quantized(path, torch.float32)
+        model = lazy.model
+        embeddings = {name: m for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                packed[name] = module
+                with torch.device("meta"):
+                    set_submodule(model, name, nn.Linear(module.in_features, module.out_features,
+                                                         bias=module.bias is not None))
+        for name, embedding in embeddings.items():
+            tied[name] = module_name(model, embedding.source) if embedding.source in model.modules() else \
+                next(n for n, layer in packed.items() if layer is embedding.source)
+            original = embedding._lookup[0] if embedding._lookup else None
+            with torch.device("meta"):
+                set_submodule(model, name, original if original is not None else
+                              nn.Embedding(embedding.num_embeddings, embedding.embedding_dim))
+        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    else:
+        check_checkpoint(path, trust_remote_code)
+        reader = ShardReader(path)
+        refuse_quantized_source(str(path), reader, FLOAT_READER_FIX)
+        lazy = LazyModel(path, torch.float32, trust_remote_code, unfuse=False, reader=reader)
+        model = lazy.model
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    weightless(model)
+    model.eval()
+    return _Skeleton(model, tokenizer, lazy, packed, tied)
 
 
 def _drop_unused_initializers(graph) -> None:
@@ -103,59 +170,69 @@ def _gemm_bias(node) -> str | None:
     return node.input[2] if len(node.input) > 2 and node.input[2] else None
 
 
-def pack_graph(proto, packed: dict, tied: dict, accuracy_level: int = 4) -> Counter:
-    """Swap the MatMuls of packed layers for MatMulNBits (and tied 8-bit embeddings' Gathers for
-    GatherBlockQuantized) in ``proto``, in place; counts of what was swapped."""
-    from onnx import helper, numpy_helper
+def _add_in_memory(graph, name: str, array: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(array, name))
+
+
+def pack_graph(proto, names: list[str], operands_of: Callable[[str], tuple[NBitsOperands, int]], tied: dict,
+               accuracy_level: int = 4, add: Callable[[object, str, np.ndarray], None] = _add_in_memory) -> Counter:
+    """Swap the MatMuls of the packed layers ``names`` for MatMulNBits (and tied 8-bit embeddings' Gathers for
+    GatherBlockQuantized) in ``proto``, in place; ``operands_of(name)`` gives a layer's operands and input width
+    (asked once per layer, one at a time), ``add`` puts an initializer into the graph (streamed: straight into the
+    data file). Returns counts of what was swapped."""
+    from onnx import helper
 
     graph = proto.graph
     nodes = linear_nodes(graph)
     counts = Counter()
     replacements: dict[str, list] = {}  # first output of a replaced node -> the nodes in its place
-    operands = {}
-    for name, (qw, group_size) in packed.items():
+    heads = set(tied.values())
+    head_operands = {}  # a tied head's small operands, which its embedding's Gather reads too
+    for name in names:
         node = nodes.get(name)
         if node is None:
             raise UserError(f"the exported graph has no MatMul for {name}: this architecture cannot be packed")
-        ops = operands[name] = nbits_operands(qw, group_size)
+        ops, in_features = operands_of(name)
         prefix = f"packed.{name}"
         source, inserted = node.input[0], []
         if ops.permutation is not None:  # act-order: bring each group's columns together
-            graph.initializer.append(numpy_helper.from_array(ops.permutation, f"{prefix}.permutation"))
+            add(graph, f"{prefix}.permutation", ops.permutation)
             inserted.append(helper.make_node("Gather", [source, f"{prefix}.permutation"], [f"{prefix}.input"],
                                              axis=-1, name=f"{prefix}.gather"))
             source = f"{prefix}.input"
-        graph.initializer.extend([numpy_helper.from_array(ops.weight, f"{prefix}.weight"),
-                                  numpy_helper.from_array(ops.scales, f"{prefix}.scales"),
-                                  numpy_helper.from_array(ops.zero_points, f"{prefix}.zero_points")])
-        out_features, in_features = qw.codes.shape
+        for part in ("weight", "scales", "zero_points"):
+            add(graph, f"{prefix}.{part}", getattr(ops, part))
+        out_features, bits, block_size = ops.weight.shape[0], ops.bits, ops.block_size
+        if name in heads:
+            head_operands[name] = (ops.bits, ops.weight.shape, ops.scales, ops.zero_points)
+        del ops
         bias = _gemm_bias(node)
         product = [f"{prefix}.product"] if bias else list(node.output)
         inserted.append(helper.make_node("MatMulNBits", [source, f"{prefix}.weight", f"{prefix}.scales",
                                                          f"{prefix}.zero_points"], product,
-                                         domain="com.microsoft", K=in_features, N=out_features, bits=ops.bits,
-                                         block_size=ops.block_size, accuracy_level=accuracy_level,
+                                         domain="com.microsoft", K=in_features, N=out_features, bits=bits,
+                                         block_size=block_size, accuracy_level=accuracy_level,
                                          name=f"{prefix}.matmul"))
         if bias:
             inserted.append(helper.make_node("Add", [product[0], bias], list(node.output), name=f"{prefix}.bias"))
         replacements[node.output[0]] = inserted
-        counts[f"MatMulNBits ({ops.bits}-bit)"] += 1
+        counts[f"MatMulNBits ({bits}-bit)"] += 1
     for embedding, head in tied.items():
-        ops = operands[head]
-        if ops.bits != 8:
+        bits, (n, blocks, block), scales, zero_points = head_operands[head]
+        if bits != 8:
             continue  # a 4-bit head's codes are nibble-packed for MatMulNBits: the embedding keeps its float Gather
         data = f"model.{embedding}.weight"
         gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] == data), None)
         if gather is None:
             continue
-        n, blocks, block = ops.weight.shape
         prefix = f"packed.{embedding}"
         # The rows are the head's MatMulNBits weight itself ([vocab, blocks, block] 8-bit codes), shared:
         # only the small scales and zero points take the shape GatherBlockQuantized wants.
-        graph.initializer.extend([
-            numpy_helper.from_array(ops.scales.reshape(n, blocks, 1), f"{prefix}.scales"),
-            numpy_helper.from_array(ops.zero_points.reshape(n, blocks, 1), f"{prefix}.zero_points"),
-            numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.shape")])
+        add(graph, f"{prefix}.scales", scales.reshape(n, blocks, 1))
+        add(graph, f"{prefix}.zero_points", zero_points.reshape(n, blocks, 1))
+        add(graph, f"{prefix}.shape", np.array([0, 0, -1], dtype=np.int64))
         replacements[gather.output[0]] = [
             helper.make_node("GatherBlockQuantized", [f"packed.{head}.weight", gather.input[1], f"{prefix}.scales",
                                                       f"{prefix}.zero_points"], [f"{prefix}.blocks"],
@@ -215,15 +292,13 @@ def _int8_dynamic(folder: Path) -> Counter:
 def export_onnx(request: OnnxExportRequest) -> dict:
     """Export; returns the manifest written beside the model."""
     _require_onnx()
-    import onnx
-
     from compress import __version__
     from compress.fingerprint import source_hash
-    from compress.checkpoint import MANIFEST_NAME, load_quantized
+    from compress.checkpoint import MANIFEST_NAME
     from compress.output import atomic_folder, refuse_existing, refuse_source_overlap
     from transformers import AutoConfig
 
-    from compress.models import is_causal_lm, load_model, resolve, weight_bytes_on_disk
+    from compress.models import is_causal_lm, resolve, weight_bytes_on_disk
 
     if request.accuracy_level not in ACCURACY_LEVELS:
         raise UserError(f"--accuracy-level {request.accuracy_level}: choose one of "
@@ -259,29 +334,29 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     refuse_source_overlap(out, resolved.path)
     refuse_existing(out, request.force)
     started = time.perf_counter()
-    if qcfg is not None:
-        model, tokenizer = load_quantized(resolved.path, torch.float32)
-        packed, tied = _dense_copy(model)
-        unpackable = {n: qw.bits for n, (qw, _) in packed.items() if qw.bits not in (4, 8)}
-        if unpackable and weights == "packed":
-            raise UserError(f"MatMulNBits here runs 4- and 8-bit weights; {len(unpackable)} layer(s) have "
-                            f"{sorted(set(unpackable.values()))} bits: use --weights float")
-    else:
-        model, tokenizer = load_model(resolved.path, torch.float32, request.trust_remote_code)
-        packed, tied = {}, {}
-    model.eval()
+    opened = _open_skeleton(resolved.path, qcfg is not None, request.trust_remote_code)
+    unpackable = {n: layer.bits for n, layer in opened.packed.items() if layer.bits not in (4, 8)}
+    if unpackable and weights == "packed":
+        raise UserError(f"MatMulNBits here runs 4- and 8-bit weights; {len(unpackable)} layer(s) have "
+                        f"{sorted(set(unpackable.values()))} bits: use --weights float")
+    model, tokenizer = opened.model, opened.tokenizer
     with atomic_folder(out, force=request.force, source=resolved.path) as tmp:
-        layers, kv_heads, head_dim = export_decoder(model, tmp)
+        # Traced on a skeleton without weights, then written one tensor (or packed layer) at a time.
+        traced = trace(model, tmp)
+        layers, kv_heads, head_dim = traced.cache
+        data = ExternalData(tmp)
+        try:
+            nodes = Counter()
+            if weights == "packed":
+                nodes = pack_graph(traced.proto, list(opened.packed), opened.operands, opened.tied,
+                                   request.accuracy_level, data.add)
+            write_weights(traced, data, opened.value)
+        finally:
+            data.close()
+        save(traced.proto, tmp)
+        del traced
         if weights == "int8":
             nodes = _int8_dynamic(tmp)
-        elif weights == "packed":
-            proto = onnx.load(str(tmp / MODEL_FILE))
-            nodes = pack_graph(proto, packed, tied, request.accuracy_level)
-            (tmp / DATA_FILE).unlink()
-            onnx.save(proto, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=DATA_FILE, size_threshold=1024)
-        else:
-            nodes = Counter()
         model.config.quantization_config = None
         del model.config.quantization_config
         model.config.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""Export a causal LM to ONNX with its KV cache as plain inputs and outputs.
+"""A causal LM as an ONNX graph with its KV cache as plain inputs and outputs (traced in compress.ort.stream).
 
 The graph takes ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq] and, per layer,
 ``past.{i}.key`` / ``past.{i}.value`` [batch, kv heads, past, head dim] (past may be 0), and returns
@@ -14,12 +14,10 @@ metadata; :func:`linear_nodes` reads it back, which is how packed weights are pu
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from compress.errors import UserError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -55,30 +53,6 @@ def cache_shape(model: nn.Module) -> tuple[int, int, int]:
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     return past, [name.replace("past.", "present.", 1) for name in past]
-
-
-def export_decoder(model: nn.Module, folder: Path) -> tuple[int, int, int]:
-    """Write ``folder/model.onnx`` (+ ``model.onnx.data``) for ``model`` (float, eval mode); returns
-    the cache shape (layers, kv heads, head dim) the runtime feeds."""
-    layers, kv_heads, head_dim = cache_shape(model)
-    past_names, present_names = io_names(layers)
-    batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
-    dtype = next(model.parameters()).dtype
-    ids = torch.randint(0, min(model.config.vocab_size, 100), (2, 5))
-    past = tuple(torch.zeros(2, kv_heads, 3, head_dim, dtype=dtype) for _ in range(2 * layers))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    path = Path(folder) / MODEL_FILE
-    try:
-        torch.onnx.export(
-            _DecoderWithCache(model).eval(), (ids, mask, *past), str(path), dynamo=True, opset_version=OPSET,
-            input_names=["input_ids", "attention_mask", *past_names], output_names=["logits", *present_names],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-                            "past": tuple({0: batch, 2: past_len} for _ in past)},
-            external_data=True, verbose=False)
-    except Exception as exc:  # the exporter's errors are pages long; its summary names what failed
-        raise UserError(f"{type(model).__name__} could not be exported to ONNX ({_export_failure(exc)}): its forward "
-                        "does not trace with torch.export; run it with the torch backends instead")
-    return layers, kv_heads, head_dim
 
 
 def _export_failure(exc: Exception) -> str:
