@@ -173,15 +173,23 @@ def base_reference(request: BenchRequest, device: torch.device, windows, tokeniz
     cached = cached_reference(path, windows, request.top_k)
     if cached is not None:
         return cached, dataclasses.replace(info, cached=True)
-    base = load_for_bench(request.base, dtype, device, request.trust_remote_code)
-    try:
-        _, reference = score_windows(base.model, windows, device, request.batch_size, make_reference_k=request.top_k,
-                                     show_progress=request.progress, desc="base reference")
-    finally:
-        del base
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    from compress.bench.streamed import can_stream, streamed_reference
+
+    if can_stream(resolved.path, request.trust_remote_code):
+        # block by block: a float base never sits whole in memory beside (or before) the measured model
+        reference = streamed_reference(resolved.path, dtype, device, windows, request.top_k,
+                                       request.trust_remote_code, request.progress)
+    else:
+        base = load_for_bench(request.base, dtype, device, request.trust_remote_code)
+        try:
+            _, reference = score_windows(base.model, windows, device, request.batch_size,
+                                         make_reference_k=request.top_k, show_progress=request.progress,
+                                         desc="base reference")
+        finally:
+            del base
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     reference.meta = to_plain(info) | {"windows_sha256": windows_digest(windows)}
     reference.save(path)
     return reference, dataclasses.replace(info, cached=False)
