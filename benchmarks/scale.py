@@ -8,7 +8,10 @@ float16 weights written here tensor by tensor, never held whole):
 2. rtn:       `compress quantize SRC --method rtn --bits 4 --group-size 128` (streaming, the default);
 3. rtn-mem:   the same with --in-memory (where float32 fits in memory: not for 7B);
 4. gptq:      `compress quantize SRC --bits 4 --group-size 128 --nsamples 16 --seqlen 512` (streaming);
-5. bench-*:   `compress bench OUT --windows 4 --seqlen 256 --no-speed` on the RTN and GPTQ outputs.
+5. bench-*:   `compress bench OUT --windows 4 --seqlen 256 --no-speed` on the RTN and GPTQ outputs; bench-base the
+              RTN output with `--base SRC` (the float reference made block by block);
+6. onnx:      `compress export-onnx` of the RTN output (its codes in MatMulNBits, written layer by layer);
+7. gguf-*:    `compress export-gguf SRC --type f16` and `--type q4_k_m --method rtn` (both streamed).
 
 Each step runs in its own process, whose peak RSS is read from /proc at its exit.
 
@@ -159,17 +162,27 @@ def quantize_step(source: Path, out: Path, log: Path, extra: list[str]) -> dict:
     return result
 
 
-def bench_step(model: Path, out: Path, log: Path) -> dict:
+def bench_step(model: Path, out: Path, log: Path, extra: list[str] = ()) -> dict:
     measured = run_measured("compress.cli", ["bench", str(model), "--windows", "4", "--seqlen", "256", "--no-speed",
-                                             "--device", "cpu", "--no-progress", "--out", str(out)], log)
+                                             "--device", "cpu", "--no-progress", "--out", str(out), *extra], log)
     from compress.bench.result import BenchResult
 
     result = BenchResult.read(out)
     # The benchmark resets the kernel's peak counter before loading (and again before timing): its own
     # figure covers load + scoring, the process's VmHWM at exit only what followed the last reset.
     measured["peak_rss_bytes"] = max(measured["peak_rss_bytes"] or 0, result.memory.peak_bytes)
-    return measured | {"perplexity": result.accuracy.perplexity.perplexity, "kernel": result.model.kernel,
-                       "backend": result.model.backend}
+    found = measured | {"perplexity": result.accuracy.perplexity.perplexity, "kernel": result.model.kernel,
+                        "backend": result.model.backend}
+    if result.accuracy.agreement is not None:
+        found["kl_mean"] = result.accuracy.agreement.kl_mean
+    return found
+
+
+def export_step(args: list[str], output: Path, log: Path) -> dict:
+    """`compress export-onnx` or `export-gguf` in its own process: peak RSS, seconds and what it wrote."""
+    measured = run_measured("compress.cli", [*args, "--force"], log)
+    files = [output] if output.is_file() else [p for p in output.rglob("*") if p.is_file()]
+    return measured | {"output_bytes": sum(p.stat().st_size for p in files)}
 
 
 def sources(sizes: list[str], work: Path) -> dict[str, Path]:
@@ -188,7 +201,8 @@ def sources(sizes: list[str], work: Path) -> dict[str, Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="smollm2,1.1b,7b")
-    parser.add_argument("--steps", default="io,rtn,rtn-mem,gptq,bench-rtn,bench-gptq")
+    parser.add_argument("--steps", default="io,rtn,rtn-mem,gptq,bench-rtn,bench-gptq,bench-base,onnx,gguf-f16,"
+                                           "gguf-q4_k_m")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "compress-workbench" / "scale")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
     parser.add_argument("--child-io", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -238,8 +252,21 @@ def main() -> int:
                 entry[step] = quantize_step(source, out / "gptq", log, ["--method", "gptq", "--calib", "sst2",
                                                                         "--nsamples", "16", "--seqlen", "512",
                                                                         "--no-progress"])
+            elif step == "bench-base":  # the RTN output against its float source, the reference made block by block
+                entry[step] = bench_step(out / "rtn", out / f"{step}.json", log, ["--base", str(source)])
             elif step.startswith("bench-"):
                 entry[step] = bench_step(out / step.removeprefix("bench-"), out / f"{step}.json", log)
+            elif step == "onnx":  # the RTN output's codes in MatMulNBits, written layer by layer
+                entry[step] = export_step(["export-onnx", str(out / "rtn"), "--out", str(out / "onnx")],
+                                          out / "onnx", log)
+                shutil.rmtree(out / "onnx", ignore_errors=True)
+            elif step.startswith("gguf-"):  # gguf-f16, gguf-q4_k_m (fitted on the way, no data)
+                kind = step.removeprefix("gguf-")
+                method = [] if kind == "f16" else ["--method", "rtn", "--no-progress"]
+                target = out / f"{step}.gguf"
+                entry[step] = export_step(["export-gguf", str(source), "--type", kind, *method, "--out", str(target)],
+                                          target, log)
+                target.unlink(missing_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")
             print(f"  {size} {step}: {json.dumps({k: v for k, v in entry[step].items() if k != 'blocks'})}",
                   file=sys.stderr, flush=True)
@@ -255,8 +282,9 @@ def _gib(value) -> str:
 
 
 TARGETS = [("7b", "rtn", 6), ("7b", "gptq", 6), ("7b", "bench-rtn", 6), ("7b", "bench-gptq", 6),
+           ("7b", "bench-base", 6), ("7b", "onnx", 6), ("7b", "gguf-f16", 6), ("7b", "gguf-q4_k_m", 6),
            ("1.1b", "rtn", 2.5), ("1.1b", "bench-rtn", 2.5)]
-"""(size, step, GiB): the peak resident memory each step must stay within (issue 13)."""
+"""(size, step, GiB): the peak resident memory each step must stay within (issues 13 and 34)."""
 
 
 def target_lines(results: dict) -> list[str]:
@@ -275,7 +303,8 @@ def write_report(results: dict, out: Path) -> None:
     rows = []
     for size, entry in results.get("sizes", {}).items():
         source = entry["source"]
-        for step in ("io", "rtn", "rtn-mem", "gptq", "bench-rtn", "bench-gptq"):
+        for step in ("io", "rtn", "rtn-mem", "gptq", "bench-rtn", "bench-gptq", "bench-base", "onnx", "gguf-f16",
+                     "gguf-q4_k_m"):
             r = entry.get(step)
             if r is None:
                 continue
@@ -287,6 +316,10 @@ def write_report(results: dict, out: Path) -> None:
             flat = (f"{_gib(r['rss_after_block_2'])} -> {_gib(r['rss_after_last_block'])}"
                     if "rss_after_last_block" in r else "")
             note = f"ppl {r['perplexity']:.1f}; {r['kernel']}" if "perplexity" in r else ""
+            if "kl_mean" in r:
+                note += f"; KL to the float source {r['kl_mean']:.4f} (its reference made block by block)"
+            if "output_bytes" in r and step in ("onnx", "gguf-f16", "gguf-q4_k_m"):
+                note = f"wrote {r['output_bytes'] / 1e9:.2f} GB"
             if step == "io":
                 note = (f"read + write of every tensor: {r['io_seconds']:.1f} s, "
                         f"{source['bytes'] / r['io_seconds'] / 1e9:.2f} GB/s")
@@ -314,7 +347,8 @@ def write_report(results: dict, out: Path) -> None:
         "",
         *target_lines(results),
         "",
-        "Each row is its own process (`compress quantize` or `compress bench`, run by the benchmark); `io` is the "
+        "Each row is its own process (`compress quantize`, `bench`, `export-onnx` or `export-gguf`, run by the "
+        "benchmark); `io` is the "
         "floor of just reading and writing every tensor of the source shards.",
         "",
         "| size | step | peak RSS GiB | seconds | s/block median (min-max) | RSS GiB after block 2 -> last | notes |",
