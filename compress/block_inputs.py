@@ -7,8 +7,9 @@ them calls back into the driver."""
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -131,6 +132,28 @@ def _model_call_failed(exc: Exception) -> bool:
     return not (isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
+_HOOK_STORES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextmanager
+def stood_in(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]) -> Iterator[None]:
+    """Each block's forward replaced by ``forward_of(index)`` for the duration, without the blocks' own hooks
+    (what observes a block must see it run, not a stand-in); everything restored after."""
+    saved = [{name: getattr(block, name) for name in _HOOK_STORES} for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = forward_of(index)
+        for name in _HOOK_STORES:
+            setattr(block, name, type(saved[index][name])())
+    try:
+        yield
+    finally:
+        for block, hooks in zip(blocks, saved):
+            del block.forward
+            for name, store in hooks.items():
+                setattr(block, name, store)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor],
                          device: torch.device | None = None,
@@ -195,28 +218,16 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
             return (h, *sample[1:]) if isinstance(sample, tuple) else h
         return forward
 
-    # The stand-ins run without the blocks' own hooks: what observes a block must see it run, not this.
-    hook_stores = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                   "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-    saved_hooks = [{name: getattr(block, name) for name in hook_stores} for block in blocks]
-    for index, block in enumerate(blocks):
-        block.forward = stand_in(index)
-        for name in hook_stores:
-            setattr(block, name, type(saved_hooks[index][name])())
     try:
-        for window in windows:
-            run(window)
+        with stood_in(blocks, stand_in):
+            for window in windows:
+                run(window)
     except Exception as exc:
         if not _model_call_failed(exc):
             raise  # a full disk while spilling, memory, our own checks: not a sign of an untraceable model
         raise UserError(f"{type(model).__name__}: the inputs of each block could not be traced through the "
                         f"model's forward ({type(exc).__name__}: {exc}); the block-by-block driver cannot "
                         "calibrate this architecture correctly") from exc
-    finally:
-        for block, hooks in zip(blocks, saved_hooks):
-            del block.forward
-            for name, store in hooks.items():
-                setattr(block, name, store)
     if any(len(calls) != len(windows) for calls in per_block):
         counts = sorted({len(calls) for calls in per_block})
         raise UserError(f"{type(model).__name__}: its blocks were called {counts} times for {len(windows)} windows, "

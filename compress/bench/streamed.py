@@ -10,17 +10,12 @@ windows' hidden states, and the embedding and head while the logits are made.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from compress.bench.agreement import Reference, reference_rows
-
-_HOOK_STORES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
 
 def can_stream(path: Path, trust_remote_code: bool = False) -> bool:
     """A float checkpoint folder whose every tensor the model's modules hold as stored (no conversion on load)."""
@@ -34,8 +29,7 @@ def can_stream(path: Path, trust_remote_code: bool = False) -> bool:
     return LazyModel(path, torch.float32, trust_remote_code).covers_checkpoint()  # experts one linear each
 
 
-@contextmanager
-def _standing_in(blocks, sample, final: list[torch.Tensor]):
+def _stand_ins(blocks, sample, final: list[torch.Tensor]):
     """Every block a pass-through returning what a block returns (``sample``'s form), the last one the stored
     output of the window being run (in order)."""
     from compress.block_inputs import _split_hidden
@@ -49,19 +43,7 @@ def _standing_in(blocks, sample, final: list[torch.Tensor]):
                 hidden = next(handed).to(hidden.device)
             return (hidden, *sample[1:]) if isinstance(sample, tuple) else hidden
         return forward
-
-    saved = [{name: getattr(block, name) for name in _HOOK_STORES} for block in blocks]
-    for index, block in enumerate(blocks):
-        block.forward = stand_in(index)
-        for name in _HOOK_STORES:
-            setattr(block, name, type(saved[index][name])())
-    try:
-        yield
-    finally:
-        for block, hooks in zip(blocks, saved):
-            del block.forward
-            for name, store in hooks.items():
-                setattr(block, name, store)
+    return stand_in
 
 
 @torch.no_grad()
@@ -69,7 +51,7 @@ def streamed_reference(path: Path, dtype: torch.dtype, device: torch.device, win
                        trust_remote_code: bool = False, show_progress: bool = False) -> Reference:
     """The top-``top_k`` log-probabilities of the float model in ``path`` on ``windows`` (as ``score_windows``
     makes them from the whole model), computed one block at a time."""
-    from compress.block_inputs import capture_block_inputs
+    from compress.block_inputs import capture_block_inputs, stood_in
     from compress.blocks import BlockSource
     from compress.driver import _first_block_output
     from compress.lazy import LazyModel
@@ -100,7 +82,7 @@ def streamed_reference(path: Path, dtype: torch.dtype, device: torch.device, win
         outside = [name for name in model.state_dict(keep_vars=True) if not name.startswith(source.prefix + ".")]
         lazy.materialize_names(outside, device)
         rows = []
-        with _standing_in(blocks, seen["sample"], list(inputs.hidden)):
+        with stood_in(blocks, _stand_ins(blocks, seen["sample"], list(inputs.hidden))):
             for window in windows:
                 logits = model(window.unsqueeze(0).to(device), use_cache=False).logits[0]
                 rows.append(reference_rows(torch.log_softmax(logits.float(), dim=-1), top_k))
