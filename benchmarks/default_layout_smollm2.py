@@ -28,11 +28,13 @@ from common import ROOT, offline_defaults, timed_main  # noqa: E402
 offline_defaults()
 
 ROWS = {
-    "A-g128-group": (["--format", "gptq", "--group-size", "128", "--no-static-groups"],
+    "A-g128-group": (["--format", "gptq", "--group-size", "128", "--no-static-groups", "--no-group-aware"],
                      "the default before: g128, act order by groups, GPTQ format"),
-    "B-default": ([], "the default now: g64, act order with static groups, compressed-tensors"),
+    "B-default": ([], "the default now: g64, group-aware act order, compressed-tensors"),
+    "B-g64-static": (["--no-group-aware", "--static-groups"],
+                     "the default before that: g64, act order with static groups, compressed-tensors"),
     "C-g64-noact": (["--no-act-order"], "g64, no act order, compressed-tensors"),
-    "D-g64-group": (["--format", "gptq", "--group-size", "64", "--no-static-groups"],
+    "D-g64-group": (["--format", "gptq", "--group-size", "64", "--no-static-groups", "--no-group-aware"],
                     "g64, act order by groups, GPTQ format"),
 }
 BENCH = ["--base", "smollm2-135m", "--windows", "40", "--seqlen", "512", "--no-speed", "--backend", "dequant",
@@ -64,6 +66,7 @@ def main() -> int:
                      "format": manifest["format"]["name"], "engines": manifest["format"]["engines"],
                      "group_size": manifest["config"]["group_size"], "act_order": manifest["config"]["act_order"],
                      "static_groups": manifest["config"]["static_groups"],
+                     "group_aware": manifest["config"].get("group_aware", False),
                      "weight_mib": round(result["memory"]["weight_bytes"] / 2**20, 2),
                      "perplexity": round(result["accuracy"]["perplexity"]["perplexity"], 3),
                      "kl_mean": round(agreement["kl_mean"], 4), "top1": round(agreement["top1_agreement"], 4),
@@ -78,8 +81,10 @@ def main() -> int:
              "| row | flags | format | group | act order | weights MiB | perplexity | KL | top-1 | vLLM loads it |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        order = "static groups" if row["act_order"] and row["static_groups"] else \
-            "by groups (g_idx)" if row["act_order"] else "off"
+        order = ("whole groups (GAR)" + (", static grids" if row["static_groups"] else "")
+                 if row["act_order"] and row["group_aware"] else
+                 "static groups" if row["act_order"] and row["static_groups"] else
+                 "by groups (g_idx)" if row["act_order"] else "off")
         lines.append(f"| {row['name']} | `{row['flags']}` | {row['format']} | {row['group_size']} | {order} | "
                      f"{row['weight_mib']} | {row['perplexity']} | {row['kl_mean']} | {100 * row['top1']:.2f}% | "
                      f"{'yes' if 'vLLM' in row['engines'] else 'no'} |")

@@ -51,6 +51,7 @@ class RunSpec:
 
 
 CLASSIC = {"sym": True, "scale_search": "none"}  # what every run did before issue 14 (symmetric min/max grids)
+GPTQ_CLASSIC = CLASSIC | {"group_aware": False, "static_groups": True}  # ... with act order column by column
 GPTQMODEL_CLASSIC = {"sym": True, "desc_act": True, "act_group_aware": False, "mse": 0.0}
 GPTQMODEL_BEST = {"sym": False, "desc_act": False, "act_group_aware": True, "mse": 2.4}
 
@@ -60,10 +61,13 @@ RUNS = [
     RunSpec("gptq-w8", "ours", "gptq", 8, -1, note="defaults"),
     RunSpec("rtn-w4g128", "ours", "rtn", 4, 128, CLASSIC, "classic: symmetric min/max"),
     RunSpec("rtn-w4g128-asym-weighted", "ours", "rtn", 4, 128, {"sym": False, "scale_search": "weighted"}),
-    RunSpec("gptq-w4g128-classic", "ours", "gptq", 4, 128, CLASSIC, "the default before: symmetric min/max"),
+    RunSpec("gptq-w4g128-classic", "ours", "gptq", 4, 128, GPTQ_CLASSIC, "the default before: symmetric min/max"),
     RunSpec("gptq-w4g128-asym", "ours", "gptq", 4, 128, {"sym": False, "scale_search": "none"}),
     RunSpec("gptq-w4g128", "ours", "gptq", 4, 128, note="defaults"),
-    RunSpec("gptq-w4g128-gar", "ours", "gptq", 4, 128, {"group_aware": True}, "defaults + group-aware act order"),
+    RunSpec("gptq-w4g128-static", "ours", "gptq", 4, 128, {"group_aware": False, "static_groups": True},
+            "the default before: act order column by column, static groups"),
+    RunSpec("gptq-w4g128-gar-static", "ours", "gptq", 4, 128, {"group_aware": True, "static_groups": True},
+            "group-aware order, each grid fixed from the original weights"),
     RunSpec("gptqmodel-w4g128-classic", "gptqmodel", "gptq", 4, 128, GPTQMODEL_CLASSIC),
     RunSpec("gptqmodel-w4g128-best", "gptqmodel", "gptq", 4, 128, GPTQMODEL_BEST),
     RunSpec("awq-w4g128", "ours", "awq", 4, 128, {"sym": False, "scale_search": "weighted"}),
@@ -71,9 +75,10 @@ RUNS = [
     RunSpec("gptq-mixed-avg4.25", "ours", "gptq", 4, 128, {"avg_bits": 4.25}),
     RunSpec("bnb-nf4", "bnb", "bnb", 4, 64, {"quant_type": "nf4", "double_quant": True}),
     RunSpec("rtn-w3g128-asym-weighted", "ours", "rtn", 3, 128, {"sym": False, "scale_search": "weighted"}),
-    RunSpec("gptq-w3g128-classic", "ours", "gptq", 3, 128, CLASSIC, "the default before: symmetric min/max"),
+    RunSpec("gptq-w3g128-classic", "ours", "gptq", 3, 128, GPTQ_CLASSIC, "the default before: symmetric min/max"),
     RunSpec("gptq-w3g128", "ours", "gptq", 3, 128, note="defaults"),
-    RunSpec("gptq-w3g128-gar", "ours", "gptq", 3, 128, {"group_aware": True}, "defaults + group-aware act order"),
+    RunSpec("gptq-w3g128-static", "ours", "gptq", 3, 128, {"group_aware": False, "static_groups": True},
+            "the default before: act order column by column, static groups"),
     RunSpec("gptq-awq-w3g128", "ours", "gptq", 3, 128, {"awq": True}),
     RunSpec("gptqmodel-w3g128-best", "gptqmodel", "gptq", 3, 128, GPTQMODEL_BEST),
 ]

@@ -180,16 +180,18 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                         f"{by_method('act_order', on_off)})")
     p.add_argument("--no-act-order", dest="act_order", action="store_const", const=False, default=S,
                    help="GPTQ: quantize columns in their natural order")
-    p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
-                   help=f"GPTQ with --act-order: fix group grids before any update, so groups stay contiguous "
-                        f"columns (default: {by_method('static_groups', on_off)})")
-    p.add_argument("--no-static-groups", dest="static_groups", action="store_const", const=False, default=S,
-                   help="GPTQ with --act-order: make each group's grid as its columns come, in act order (a group "
-                        "order that only --format gptq holds)")
     p.add_argument("--group-aware", dest="group_aware", action="store_const", const=True, default=S,
-                   help="GPTQ: act order by whole groups, the group with the most important column first "
-                        "(GPTQModel's act_group_aware): each group's grid chosen as it comes up from the updated "
-                        f"weights, groups stay contiguous (default: {by_method('group_aware', on_off)})")
+                   help="GPTQ with --act-order: visit whole groups, the group with the most important column first "
+                        "(GPTQModel's act_group_aware): groups stay contiguous columns and each group's grid is "
+                        f"chosen as it comes up from the updated weights (default: {by_method('group_aware', on_off)})")
+    p.add_argument("--no-group-aware", dest="group_aware", action="store_const", const=False, default=S,
+                   help="GPTQ with --act-order: plain act order, column by column (groups stay contiguous only with "
+                        "--static-groups; otherwise a group order that only --format gptq holds)")
+    p.add_argument("--static-groups", dest="static_groups", action="store_const", const=True, default=S,
+                   help=f"GPTQ with --act-order: fix group grids from the original weights before any update "
+                        f"(default: {by_method('static_groups', on_off)})")
+    p.add_argument("--no-static-groups", dest="static_groups", action="store_const", const=False, default=S,
+                   help="GPTQ with --act-order: make each group's grid as its columns come up")
     p.add_argument("--damp-percent", dest="damp_percent", type=float, default=S, help=f"GPTQ dampening, a fraction of the Hessian's "
                    f"mean diagonal (default: {by_method('damp_percent')})")
     p.add_argument("--quant-type", dest="quant_type", default=S, choices=["nf4", "fp4"],

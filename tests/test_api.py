@@ -86,7 +86,7 @@ def test_bit_widths_and_options_round_trip(bits, group_size, sym, act_order, tmp
 @pytest.mark.parametrize("sym", [True, False])
 def test_the_gptq_format_writes_v1_for_symmetric_and_v2_for_asymmetric_grids(sym, tmp_path, calib_file):
     result = quantize(request("llama", "gptq", tmp_path / "q", calib_file, sym=sym, format="gptq",
-                              static_groups=False))
+                              static_groups=False, group_aware=False))
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
     assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (4, 32, sym, True)

@@ -53,7 +53,7 @@ def check_grid(qw: QuantizedWeight, block_type: BlockType, name: str) -> None:
         raise UserError(f"{name} has {in_features} input columns, not a multiple of 32: ggml blocks cannot hold it")
     if not torch.equal(qw.g_idx.long().cpu(), default_g_idx(in_features, BLOCK).long()):
         raise UserError(f"{name}'s groups are not 32 consecutive columns each (group size or act-order): "
-                        f"quantize with {flags} (or --static-groups)")
+                        f"quantize with {flags}")
     middle = 2 ** (block_type.bits - 1)
     if block_type.sym and not bool((qw.zero == middle).all()):
         raise UserError(f"{name} has asymmetric zero points; {block_type.name} is symmetric: quantize with {flags}, "

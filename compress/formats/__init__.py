@@ -141,8 +141,8 @@ class CheckpointFormat:
         if not self.contiguous_groups:
             return None
         if group_order(cfg):
-            return ("it stores groups of contiguous columns, so act order needs static groups (drop "
-                    "--no-static-groups, or use --no-act-order)")
+            return ("it stores groups of contiguous columns, so act order needs whole groups (drop "
+                    "--no-group-aware, or add --static-groups, or use --no-act-order)")
         misfit = first_misfit(cfg.group_size, widths)
         if misfit is not None:
             fits = ", ".join(map(str, fitting_group_sizes(widths)))

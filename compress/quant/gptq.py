@@ -126,8 +126,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
 
     group_aware = cfg.act_order and cfg.group_aware
     static_grids: list[QuantGrid] | None = None
-    # without act order every group is its own columns anyway; group-aware order visits them whole
-    if cfg.static_groups and cfg.act_order and not group_aware:
+    if cfg.static_groups and cfg.act_order:  # without act order every group is its own columns anyway
         static_grids = [choose_grid(wt[g:g + group_size].t(), cfg.bits, cfg.sym, cfg.scale_search,
                                     diagonal[g:g + group_size]) for g in range(0, cols, group_size)]
 
@@ -180,7 +179,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     else:
         g_idx = inv_perm // group_size
     chosen = static_grids if static_grids is not None else grids
-    if group_aware:  # made in visiting order: the k-th group visited is the columns starting at perm[k * size]
+    if group_aware and static_grids is None:  # made in visiting order: the k-th group starts at perm[k * size]
         visited = [int(perm[k * group_size]) // group_size for k in range(len(grids))]
         chosen = [grids[k] for k in sorted(range(len(grids)), key=visited.__getitem__)]
     scale = torch.stack([g.scale for g in chosen])

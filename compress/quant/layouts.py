@@ -95,7 +95,7 @@ class CompressedTensorsLayout:
         out_features, in_features = qw.codes.shape
         if not torch.equal(qw.g_idx.long().cpu(), default_g_idx(in_features, group_size).long()):
             raise ValueError("compressed-tensors stores groups of contiguous columns: quantize without a group "
-                             "order (static groups or no act order)")
+                             "order (group-aware or static groups, or no act order)")
         if sym and not bool((qw.zero == 2 ** (qw.bits - 1)).all()):
             raise ValueError("a symmetric compressed-tensors layer needs every zero point at 2**(bits-1)")
         tensors = {"weight_packed": pack_rows(qw.codes.t().contiguous(), qw.bits).t().contiguous(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.errors import UserError
 from compress.quant.config import W8A8_WEIGHTS, WeightQuantConfig
 from compress.registry import config_fields, get_method
 from compress.settings import RunSettings, method_option_values
@@ -51,7 +52,7 @@ class QuantizeRequest(RunSettings):
     auto-gptq: measured on SmolLM2 with out-of-domain calibration text it decides whether GPTQ beats RTN at W4)."""
     static_groups: bool | None = None
     group_aware: bool | None = None
-    """GPTQ: act order by whole groups (GAR), each group's grid chosen as it comes up; None: the default (off)."""
+    """GPTQ: act order by whole groups (GAR), each group's grid chosen as it comes up; None: the default (on)."""
     damp_percent: float | None = None
     awq: bool | None = None
     """gptq: fold AWQ's activation-aware channel scales into each block first."""
@@ -80,6 +81,10 @@ class QuantizeRequest(RunSettings):
         method = get_method(self.method)
         # A setting left at None takes the method's own default (its config dataclass holds them).
         values = method_option_values(self, METHOD_OPTIONS, method, methods_taking)
+        if self.act_order is False and (self.group_aware or self.static_groups):
+            flag = "--group-aware" if self.group_aware else "--static-groups"
+            raise UserError(f"{flag} shapes the act order's groups, and --no-act-order quantizes the columns in "
+                            f"their natural order, where every group is its own columns: drop one of them")
         if values.get("act_bits") is not None:  # W8A8 fixes the weights' settings: they need not be spelled out
             values = W8A8_WEIGHTS | values
         return method, method.config_cls(**values)

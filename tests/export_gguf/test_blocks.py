@@ -47,7 +47,7 @@ def test_blocks_dequantize_to_our_weights(kind, method):
 def test_act_order_groups_and_other_grids_are_refused_with_the_flags_that_fit():
     w = weight()
     x = torch.randn(512, w.shape[1], generator=torch.Generator().manual_seed(1))
-    act = gptq_quantize(w, 2 * x.t() @ x / 512, GPTQConfig(4, 32, sym=True, act_order=True, static_groups=False))
+    act = gptq_quantize(w, 2 * x.t() @ x / 512, GPTQConfig(4, 32, sym=True, act_order=True, static_groups=False, group_aware=False))
     with pytest.raises(UserError, match="--group-size 32 --sym --no-act-order"):
         encode(act, BLOCK_TYPES["q4_0"])
     with pytest.raises(UserError, match="asymmetric zero points"):

@@ -85,7 +85,7 @@ def test_llama_cpp_runs_the_file_with_our_logits_and_token_ids(kind, tmp_path):
 def test_bad_requests_are_one_line_errors(args, message, tmp_path, capsys, calib_file):
     paths = {"q": lambda: checkpoint(tmp_path, "q4_1"), "opt": lambda: checkpoint(tmp_path, "q4_0", arch="opt"),
              "act": lambda: checkpoint(tmp_path, "q4_1", method="gptq", calib=str(calib_file), nsamples=4, seqlen=32,
-                                     static_groups=False, format="gptq")}
+                                     static_groups=False, group_aware=False, format="gptq")}
     resolved = [str(paths[a[1:-1]]()) if a.startswith("{") else a for a in args]
     assert main(["export-gguf", *resolved, "--out", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err

@@ -148,7 +148,7 @@ def test_the_default_steps_its_group_size_down_until_it_divides_every_width():
 
 @pytest.mark.parametrize("cfg, asked_group, why", [
     (RTNConfig(bits=3), False, "holds 2, 4, 8-bit weights, not 3-bit ones"),
-    (GPTQConfig(static_groups=False), False, "act order needs static groups"),
+    (GPTQConfig(static_groups=False, group_aware=False), False, "act order needs whole groups"),
     (GPTQConfig(group_size=128), True, "--group-size 128 does not divide the 576 input features of "
                                         "model.layers.0.self_attn.q_proj, and vLLM needs groups that divide every "
                                         "width (choose 32, 48, 64, 96, 192 or -1)"),
@@ -173,7 +173,7 @@ def test_cli_refusals_are_one_line(tmp_path, capsys, calib_file):
 
 def test_gptq_format_with_a_group_order_reloads(tmp_path, calib_file):
     """--format gptq still holds what only it can: act order by groups (a g_idx), partial last groups."""
-    result = quantized("llama", tmp_path, calib_file, format="gptq", static_groups=False)
+    result = quantized("llama", tmp_path, calib_file, format="gptq", static_groups=False, group_aware=False)
     qcfg = json.loads((result.folder / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq" and qcfg["desc_act"] is True
     assert "vLLM" not in result.manifest["format"]["engines"] and "GPTQModel" in result.manifest["format"]["engines"]

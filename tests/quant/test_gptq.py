@@ -19,7 +19,8 @@ def output_mse(x, w, qw) -> float:
 @pytest.mark.parametrize("bits,group_size", [(8, -1), (4, 32), (4, -1), (3, 64), (2, 32)])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order,static_groups,group_aware", [(False, False, False), (True, False, False),
-                                                                 (True, True, False), (True, True, True)])
+                                                                 (True, True, False), (True, False, True),
+                                                                 (True, True, True)])
 def test_gptq_output_error_below_rtn(bits, group_size, sym, act_order, static_groups, group_aware):
     x = correlated_inputs(96)
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
@@ -34,7 +35,7 @@ def test_partial_last_group_and_act_order_g_idx():
     x = correlated_inputs(96)
     w = torch.randn(32, 96)
     h = 2 * x.t() @ x / x.shape[0]
-    qw = gptq_quantize(w, h, GPTQConfig(4, 64, act_order=True, static_groups=False))
+    qw = gptq_quantize(w, h, GPTQConfig(4, 64, act_order=True, static_groups=False, group_aware=False))
     assert qw.scale.shape == (2, 32)  # 96 columns at group 64 -> groups of 64 and 32
     counts = torch.bincount(qw.g_idx.long())
     assert sorted(counts.tolist()) == [32, 64]
@@ -48,7 +49,7 @@ def test_partial_last_group_and_act_order_g_idx():
 def test_static_groups_keep_contiguous_g_idx():
     x = correlated_inputs(64)
     qw = gptq_quantize(torch.randn(32, 64), 2 * x.t() @ x / x.shape[0], GPTQConfig(4, 32, act_order=True,
-                                                                                  static_groups=True))
+                                                                                  static_groups=True, group_aware=False))
     assert qw.g_idx.tolist() == [0] * 32 + [1] * 32
 
 
@@ -70,15 +71,18 @@ def test_group_aware_groups_are_contiguous_and_beat_static_grids_where_groups_di
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
     h = 2 * x.t() @ x / x.shape[0]
     aware = gptq_quantize(w, h, GPTQConfig(3, 32, act_order=True, group_aware=True))
-    static = gptq_quantize(w, h, GPTQConfig(3, 32, act_order=True, static_groups=True))
+    static = gptq_quantize(w, h, GPTQConfig(3, 32, act_order=True, static_groups=True, group_aware=False))
     assert aware.g_idx.tolist() == [g for g in range(4) for _ in range(32)]
     assert output_mse(x, w, aware) < 0.95 * output_mse(x, w, static)
     assert torch.all((aware.codes >= 0) & (aware.codes <= 7))
 
 
-def test_group_aware_is_an_act_order():
-    with pytest.raises(UserError, match="--group-aware"):
-        GPTQConfig(4, 128, act_order=False, group_aware=True)
+@pytest.mark.parametrize("flag", ["group_aware", "static_groups"])
+def test_group_flags_are_refused_without_act_order(flag):
+    from compress.quant.request import QuantizeRequest
+
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} shapes the act order's groups"):
+        QuantizeRequest(model="tiny-llama", act_order=False, **{flag: True}).method_config()
 
 
 def test_dead_inputs_get_zero_weight():
