@@ -116,7 +116,7 @@ def _open_skeleton(path: Path, quantized: bool, trust_remote_code: bool) -> _Ske
     from compress.checkpoint import open_quantized
     from compress.models import FLOAT_READER_FIX, check_checkpoint, refuse_quantized_source
     from compress.lazy import LazyModel
-    from compress.quant.head import QuantEmbedding, module_name
+    from compress.quant.head import QuantEmbedding
     from compress.quant.linear import QuantLinear
     from compress.select import set_submodule
     from compress.shards import ShardReader
@@ -133,8 +133,8 @@ def _open_skeleton(path: Path, quantized: bool, trust_remote_code: bool) -> _Ske
                     set_submodule(model, name, nn.Linear(module.in_features, module.out_features,
                                                          bias=module.bias is not None))
         for name, embedding in embeddings.items():
-            tied[name] = module_name(model, embedding.source) if embedding.source in model.modules() else \
-                next(n for n, layer in packed.items() if layer is embedding.source)
+            # its head is out of the model's tree by now (a float Linear stands there): found among the packed
+            tied[name] = next(n for n, layer in packed.items() if layer is embedding.source)
             original = embedding._lookup[0] if embedding._lookup else None
             with torch.device("meta"):
                 set_submodule(model, name, original if original is not None else
